@@ -1,0 +1,3 @@
+from contiguouskv.cli import main
+
+raise SystemExit(main())

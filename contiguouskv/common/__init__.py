@@ -1,0 +1,1 @@
+"""Small helpers shared by both servers: config loading, logging, server lifecycle."""

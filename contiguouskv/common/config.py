@@ -1,0 +1,97 @@
+"""Config loading: one frozen dataclass per process, resolved flags > env (``CKV_*``) > file.
+
+A service declares its config as a frozen dataclass whose fields have defaults and whose
+``__post_init__`` validates them. :func:`load_config` builds it once in ``main()``; the instance is
+then passed down through constructors. Nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+ENV_PREFIX = "CKV_"
+
+
+class ConfigError(ValueError):
+    """A config value is missing, malformed or out of range; the message names the field."""
+
+
+def _coerce(name: str, raw: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("", "none")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, raw, inner[0])
+    if origin in (tuple, list):
+        items = raw.split(",") if isinstance(raw, str) else list(raw)
+        items = [i.strip() for i in items if not isinstance(i, str) or i.strip()]
+        elem = args[0] if args else str
+        return tuple(_coerce(name, i, elem) for i in items)
+    try:
+        if hint is bool:
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if hint in (int, float, str):
+            return hint(raw)
+        if hint is Path:
+            return Path(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: cannot read {raw!r} as {getattr(hint, '__name__', hint)}") from exc
+    return raw
+
+
+def load_config(
+    cls: type[T],
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    file: str | Path | None = None,
+) -> T:
+    """Build ``cls`` from flags (highest), then ``CKV_<FIELD>`` env vars, then a JSON file.
+
+    ``flags`` values that are ``None`` count as not given. Unknown keys in the file are an error.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    values: dict[str, Any] = {}
+    if file is not None:
+        data = json.loads(Path(file).read_text())
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {file}: expected a JSON object")
+        unknown = set(data) - fields
+        if unknown:
+            raise ConfigError(f"config file {file}: unknown keys {sorted(unknown)}")
+        values.update(data)
+    env = os.environ if env is None else env
+    for name in fields:
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            values[name] = env[key]
+    for name, value in (flags or {}).items():
+        if name in fields and value is not None:
+            values[name] = value
+    coerced = {name: _coerce(name, value, hints[name]) for name, value in values.items()}
+    try:
+        return cls(**coerced)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(str(exc)) from exc
