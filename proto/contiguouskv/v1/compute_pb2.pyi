@@ -132,11 +132,11 @@ class ReprefillRequest(_message.Message):
     policy: _builtins.str
     """Selection policy: "recompute" or "full" (more to come); empty = "full"."""
     budget: _builtins.float
-    """Fraction of the prefix KV to load, in (0, 1]; 0 = 1.0."""
+    """Fraction of the prefix KV to load, in (0, 1]; unset = 1.0."""
     max_new_tokens: _builtins.int
     """Greedy tokens to generate after the first one (Reprefill returns them all at once)."""
     period: _builtins.int
-    """Layers per period and per sub-period; 0 = defaults."""
+    """Layers per period and per sub-period; unset = the server's defaults."""
     sub_period: _builtins.int
     @_builtins.property
     def token_ids(self) -> Global___TokenIds: ...
@@ -147,17 +147,30 @@ class ReprefillRequest(_message.Message):
         text: _builtins.str = ...,
         token_ids: Global___TokenIds | None = ...,
         policy: _builtins.str = ...,
-        budget: _builtins.float = ...,
+        budget: _builtins.float | None = ...,
         max_new_tokens: _builtins.int = ...,
-        period: _builtins.int = ...,
-        sub_period: _builtins.int = ...,
+        period: _builtins.int | None = ...,
+        sub_period: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["query", b"query", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_period", b"_period", "_sub_period", b"_sub_period", "budget", b"budget", "period", b"period", "query", b"query", "sub_period", b"sub_period", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "max_new_tokens", b"max_new_tokens", "period", b"period", "policy", b"policy", "prefix_id", b"prefix_id", "query", b"query", "sub_period", b"sub_period", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_period", b"_period", "_sub_period", b"_sub_period", "budget", b"budget", "max_new_tokens", b"max_new_tokens", "period", b"period", "policy", b"policy", "prefix_id", b"prefix_id", "query", b"query", "sub_period", b"sub_period", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__budget: _TypeAlias = _typing.Literal["budget"]  # noqa: Y015
+    _WhichOneofArgType__budget: _TypeAlias = _typing.Literal["_budget", b"_budget"]  # noqa: Y015
+    _WhichOneofReturnType__period: _TypeAlias = _typing.Literal["period"]  # noqa: Y015
+    _WhichOneofArgType__period: _TypeAlias = _typing.Literal["_period", b"_period"]  # noqa: Y015
+    _WhichOneofReturnType__sub_period: _TypeAlias = _typing.Literal["sub_period"]  # noqa: Y015
+    _WhichOneofArgType__sub_period: _TypeAlias = _typing.Literal["_sub_period", b"_sub_period"]  # noqa: Y015
     _WhichOneofReturnType_query: _TypeAlias = _typing.Literal["text", "token_ids"]  # noqa: Y015
     _WhichOneofArgType_query: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__budget) -> _WhichOneofReturnType__budget | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__period) -> _WhichOneofReturnType__period | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__sub_period) -> _WhichOneofReturnType__sub_period | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_query) -> _WhichOneofReturnType_query | None: ...
 
 Global___ReprefillRequest: _TypeAlias = ReprefillRequest  # noqa: Y015
@@ -315,30 +328,33 @@ Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
 @_typing.final
 class GenerateResponse(_message.Message):
-    """GenerateResponse is one generated token; the first message also carries the Re-Prefill result."""
+    """GenerateResponse is one token (index 0 is the Re-Prefill's first token), sent as soon as it is
+    computed; a final message with summary set carries the request's timings and byte counts.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     INDEX_FIELD_NUMBER: _builtins.int
     TOKEN_ID_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
-    FIRST_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     token_id: _builtins.int
     text: _builtins.str
+    """Text of this token, decoded in the context of the tokens before it."""
     @_builtins.property
-    def first(self) -> Global___ReprefillResponse: ...
+    def summary(self) -> Global___ReprefillResponse: ...
     def __init__(
         self,
         *,
         index: _builtins.int = ...,
         token_id: _builtins.int = ...,
         text: _builtins.str = ...,
-        first: Global___ReprefillResponse | None = ...,
+        summary: Global___ReprefillResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["first", b"first"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "index", b"index", "text", b"text", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "summary", b"summary", "text", b"text", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

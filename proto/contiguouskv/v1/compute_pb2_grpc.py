@@ -76,7 +76,7 @@ class ComputeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """Generate runs Reprefill and then streams max_new_tokens greedy tokens, one message each.
+        """Generate runs Reprefill and streams the first token and then up to max_new_tokens greedy tokens.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

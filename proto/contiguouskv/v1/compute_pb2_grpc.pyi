@@ -42,7 +42,7 @@ class ComputeServiceStub:
     Reprefill: _grpc.UnaryUnaryMultiCallable[_compute_pb2.ReprefillRequest, _compute_pb2.ReprefillResponse]
     """Reprefill loads the prefix KV by a policy, computes the query and returns the first token."""
     Generate: _grpc.UnaryStreamMultiCallable[_compute_pb2.GenerateRequest, _compute_pb2.GenerateResponse]
-    """Generate runs Reprefill and then streams max_new_tokens greedy tokens, one message each."""
+    """Generate runs Reprefill and streams the first token and then up to max_new_tokens greedy tokens."""
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_compute_pb2.GetModelInfoRequest, _compute_pb2.GetModelInfoResponse]
     """GetModelInfo describes the served model."""
 
@@ -56,7 +56,7 @@ class ComputeServiceAsyncStub(ComputeServiceStub):
     Reprefill: _aio.UnaryUnaryMultiCallable[_compute_pb2.ReprefillRequest, _compute_pb2.ReprefillResponse]  # type: ignore[assignment]
     """Reprefill loads the prefix KV by a policy, computes the query and returns the first token."""
     Generate: _aio.UnaryStreamMultiCallable[_compute_pb2.GenerateRequest, _compute_pb2.GenerateResponse]  # type: ignore[assignment]
-    """Generate runs Reprefill and then streams max_new_tokens greedy tokens, one message each."""
+    """Generate runs Reprefill and streams the first token and then up to max_new_tokens greedy tokens."""
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_compute_pb2.GetModelInfoRequest, _compute_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """GetModelInfo describes the served model."""
 
@@ -85,7 +85,7 @@ class ComputeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _compute_pb2.GenerateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_compute_pb2.GenerateResponse], _abc.AsyncIterator[_compute_pb2.GenerateResponse]]:
-        """Generate runs Reprefill and then streams max_new_tokens greedy tokens, one message each."""
+        """Generate runs Reprefill and streams the first token and then up to max_new_tokens greedy tokens."""
 
     @_abc_1.abstractmethod
     def GetModelInfo(

@@ -1,0 +1,73 @@
+"""Conversion between SDK types and the wire, and gRPC errors to SDK errors. Internal."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from contiguouskv.client.errors import ERRORS_BY_STATUS, ContiguousKVError
+from contiguouskv.client.types import (
+    GeneratedToken, LayerTiming, ModelInfo, RegisteredPrefix, ReprefillResult, Timings,
+)
+from contiguouskv.v1 import compute_pb2
+
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+def to_error(err: grpc.RpcError, address: str) -> ContiguousKVError:
+    code = err.code() if hasattr(err, "code") else None
+    status = code.name if code is not None else "UNKNOWN"
+    details = err.details() if hasattr(err, "details") else str(err)
+    if status == "UNAVAILABLE":
+        details = f"{details} (is a compute server running at {address}? start one with " \
+                  f"`contiguouskv serve compute --model MODEL --cache HOST:PORT --port N`)"
+    cls = ERRORS_BY_STATUS.get(status, ContiguousKVError)
+    return cls(details or "", status)
+
+
+def register_request(text: str | None, token_ids: Sequence[int] | None) -> compute_pb2.RegisterPrefixRequest:
+    if (text is None) == (token_ids is None):
+        raise ValueError("give exactly one of text or token_ids")
+    if text is not None:
+        return compute_pb2.RegisterPrefixRequest(text=text)
+    return compute_pb2.RegisterPrefixRequest(token_ids=compute_pb2.TokenIds(ids=list(token_ids or ())))
+
+
+def reprefill_request(prefix_id: str, query: str | Sequence[int], policy: str, budget: float | None,
+                      max_new_tokens: int, period: int | None, sub_period: int | None) -> compute_pb2.ReprefillRequest:
+    req = compute_pb2.ReprefillRequest(prefix_id=prefix_id, policy=policy, max_new_tokens=max_new_tokens)
+    if isinstance(query, str):
+        req.text = query
+    else:
+        req.token_ids.ids.extend(query)
+    if budget is not None:
+        req.budget = budget
+    if period is not None:
+        req.period = period
+    if sub_period is not None:
+        req.sub_period = sub_period
+    return req
+
+
+def registered(r: compute_pb2.RegisterPrefixResponse) -> RegisteredPrefix:
+    return RegisteredPrefix(r.prefix_id, r.num_tokens, r.num_chunks, r.chunk_size, r.already_registered,
+                            r.bytes_stored, r.prefill_ms, r.store_ms)
+
+
+def result(r: compute_pb2.ReprefillResponse) -> ReprefillResult:
+    t = r.timings
+    timings = Timings(t.ttft_ms, t.fetch_wait_ms, t.compute_ms, t.fetch_ms, t.total_ms,
+                      tuple(LayerTiming(x.layer, x.wait_ms, x.compute_ms) for x in t.layers))
+    return ReprefillResult(r.token_id, r.text, r.policy, r.budget, timings, r.bytes_fetched, r.prefix_tokens,
+                           r.query_tokens, tuple(r.generated_ids), r.generated_text, r.chunks_loaded, r.num_chunks)
+
+
+def token(r: compute_pb2.GenerateResponse) -> GeneratedToken:
+    return GeneratedToken(r.index, r.token_id, r.text)
+
+
+def model_info(r: compute_pb2.GetModelInfoResponse) -> ModelInfo:
+    return ModelInfo(r.name, r.fingerprint, r.num_layers, r.num_kv_heads, r.head_dim, r.num_attention_heads,
+                     r.hidden_size, r.vocab_size, r.max_position_embeddings, r.has_tokenizer, r.dtype, r.device,
+                     r.chunk_size, tuple(r.policies))

@@ -1,0 +1,88 @@
+"""Typed results of the SDK (frozen dataclasses, no protobuf)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RegisteredPrefix:
+    """A prefix stored on the cache tier; ``prefix_id`` names it in later queries."""
+
+    prefix_id: str
+    num_tokens: int
+    num_chunks: int
+    chunk_size: int
+    already_registered: bool
+    bytes_stored: int
+    prefill_ms: float
+    store_ms: float
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    layer: int
+    wait_ms: float
+    compute_ms: float
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Server-side timings in milliseconds; ``ttft_ms`` is request start to first token."""
+
+    ttft_ms: float
+    fetch_wait_ms: float
+    compute_ms: float
+    fetch_ms: float
+    total_ms: float
+    layers: tuple[LayerTiming, ...]
+
+
+@dataclass(frozen=True)
+class ReprefillResult:
+    """The first token of prefix + query (and any further greedy tokens), and what it cost."""
+
+    token_id: int
+    text: str
+    policy: str
+    budget: float
+    timings: Timings
+    bytes_fetched: int
+    prefix_tokens: int
+    query_tokens: int
+    generated_ids: tuple[int, ...]
+    generated_text: str
+    chunks_loaded: int
+    num_chunks: int
+
+    @property
+    def answer(self) -> str:
+        """First token's text followed by the generated continuation."""
+        return self.text + self.generated_text
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    """One streamed token; ``index`` 0 is the Re-Prefill's first token."""
+
+    index: int
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    fingerprint: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    num_attention_heads: int
+    hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    has_tokenizer: bool
+    dtype: str
+    device: str
+    chunk_size: int
+    policies: tuple[str, ...]

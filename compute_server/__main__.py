@@ -1,0 +1,3 @@
+from contiguouskv.compute_server.server import main
+
+raise SystemExit(main())

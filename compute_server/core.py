@@ -1,0 +1,215 @@
+"""The compute server's request logic, without gRPC: register prefixes and run Re-Prefill.
+
+Runs on the server's event loop; model work goes to a single compute thread so requests never run
+two forward passes at once, and fetch traffic keeps flowing while a layer computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from contiguouskv.compute_server.cache_client import CacheClient
+from contiguouskv.compute_server.config import ComputeServerConfig
+from contiguouskv.compute_server.engine import Engine, QueryOutcome
+from contiguouskv.compute_server.errors import FailedPrecondition, InvalidArgument, NotFound
+from contiguouskv.compute_server.layout import ContiguousLayout
+from contiguouskv.compute_server.loader import KVLoader
+from contiguouskv.compute_server.packing import dtype_name, iter_region_payloads, unpack_tokens
+from contiguouskv.compute_server.policies import POLICY_NAMES, make_policy
+
+PREFIX_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def prefix_id_for(fingerprint: str, token_ids: list[int]) -> str:
+    """Content hash of (model fingerprint, tokens): the prefix's id on every cache shard."""
+    h = hashlib.sha256(fingerprint.encode() + b"\0")
+    h.update(b",".join(str(t).encode() for t in token_ids))
+    return h.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class ReprefillArgs:
+    """A decoded Re-Prefill request; ``query`` is text or token ids."""
+
+    prefix_id: str
+    query: str | list[int]
+    policy: str = "full"
+    budget: float | None = None
+    max_new_tokens: int = 0
+    period: int | None = None
+    sub_period: int | None = None
+
+
+@dataclass
+class ReprefillResult:
+    token_id: int
+    text: str
+    policy: str
+    budget: float
+    prefix_tokens: int
+    query_tokens: int
+    bytes_fetched: int
+    ttft_s: float
+    fetch_s: float
+    outcome: QueryOutcome
+    num_chunks: int
+    chunks_loaded: int
+    generated_text: str = ""
+    layer_bytes: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    prefix_id: str
+    num_tokens: int
+    num_chunks: int
+    chunk_size: int
+    already_registered: bool
+    bytes_stored: int
+    prefill_s: float
+    store_s: float
+
+
+class ComputeCore:
+    """Registers prefixes and answers queries for one loaded model."""
+
+    def __init__(self, config: ComputeServerConfig, model: "object", runner: "object", cache: CacheClient) -> None:
+        self.config = config
+        self.model = model
+        self.runner = runner
+        self.cache = cache
+        self.engine = Engine(runner, prefill_block=config.prefill_block, importance_window=config.importance_window)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.kv_dtype = dtype_name(runner.dtype)  # type: ignore[attr-defined]
+
+    @property
+    def layout_name(self) -> str:
+        return f"contiguous-c{self.config.chunk_size}-g{self.config.group_size}"
+
+    # --- tokens ----------------------------------------------------------------------------------
+    def tokens(self, value: str | list[int], field_name: str) -> list[int]:
+        """Token ids of text or of given ids, validated against the vocabulary."""
+        m = self.model
+        if isinstance(value, str):
+            if m.tokenizer is None:  # type: ignore[attr-defined]
+                raise InvalidArgument(f"{field_name}: model {m.name} has no tokenizer; send token ids")  # type: ignore[attr-defined]
+            ids = list(m.tokenizer.encode(value, add_special_tokens=False))  # type: ignore[attr-defined]
+        else:
+            ids = list(value)
+        if not ids:
+            raise InvalidArgument(f"{field_name}: empty")
+        bad = [t for t in ids if not 0 <= t < m.vocab_size]  # type: ignore[attr-defined]
+        if bad:
+            raise InvalidArgument(f"{field_name}: token id {bad[0]} outside the vocabulary [0, {m.vocab_size})")  # type: ignore[attr-defined]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        tok = self.model.tokenizer  # type: ignore[attr-defined]
+        return tok.decode(ids) if tok is not None else ""
+
+    async def _compute(self, fn: Callable[..., object], *args: object) -> object:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # --- register --------------------------------------------------------------------------------
+    async def register(self, prefix: str | list[int]) -> RegisterResult:
+        ids = self.tokens(prefix, "prefix")
+        limit = min(self.config.max_prefix_tokens, self.model.max_position_embeddings - 1)  # type: ignore[attr-defined]
+        if len(ids) > limit:
+            raise InvalidArgument(f"prefix: {len(ids)} tokens, more than the limit of {limit}")
+        m = self.model
+        layout = ContiguousLayout(len(ids), m.num_layers, m.num_kv_heads, m.head_dim, self.kv_dtype,  # type: ignore[attr-defined]
+                                  self.config.chunk_size, self.config.group_size)
+        prefix_id = prefix_id_for(m.fingerprint, ids)  # type: ignore[attr-defined]
+        if await self.cache.get_manifest(prefix_id, layout.name) is not None:
+            return RegisterResult(prefix_id, len(ids), layout.num_chunks, layout.chunk_size, True, 0, 0.0, 0.0)
+        t0 = time.perf_counter()
+        kv = await self._compute(self.engine.prefill_prefix, ids, layout)
+        payloads = await self._compute(lambda: list(iter_region_payloads(
+            layout, kv.keys, kv.values, kv.importance, ids, self.config.fetch_batch_bytes)))  # type: ignore[attr-defined]
+        t1 = time.perf_counter()
+        metadata = layout.to_metadata(model_fingerprint=m.fingerprint, model_name=m.name)  # type: ignore[attr-defined]
+        reply = await self.cache.put_prefix(prefix_id, layout.name, layout.regions(), metadata, payloads)  # type: ignore[arg-type]
+        t2 = time.perf_counter()
+        return RegisterResult(prefix_id, len(ids), layout.num_chunks, layout.chunk_size,
+                              reply.already_committed, reply.bytes_written, t1 - t0, t2 - t1)
+
+    # --- reprefill -------------------------------------------------------------------------------
+    def _validate(self, args: ReprefillArgs) -> tuple[str, float, int, int]:
+        if not PREFIX_ID.match(args.prefix_id):
+            raise InvalidArgument(f"prefix_id: {args.prefix_id[:80]!r} is not 32 lowercase hex digits")
+        policy = args.policy or "full"
+        if policy not in POLICY_NAMES:
+            raise InvalidArgument(f"policy: unknown {policy[:40]!r}; choose one of {', '.join(POLICY_NAMES)}")
+        budget = 1.0 if args.budget is None else args.budget
+        if not (math.isfinite(budget) and 0.0 < budget <= 1.0):
+            raise InvalidArgument(f"budget: {budget} is outside (0, 1]")
+        if not 0 <= args.max_new_tokens <= self.config.max_new_tokens:
+            raise InvalidArgument(f"max_new_tokens: {args.max_new_tokens} is outside [0, {self.config.max_new_tokens}]")
+        period = self.config.default_period if args.period is None else args.period
+        sub = min(period, self.config.default_sub_period) if args.sub_period is None else args.sub_period
+        if period < 1 or sub < 1 or sub > period:
+            raise InvalidArgument(f"period/sub_period: need 1 <= sub_period <= period, got {sub} and {period}")
+        return policy, budget, period, sub
+
+    async def _manifest_layout(self, prefix_id: str) -> ContiguousLayout:
+        manifest = await self.cache.get_manifest(prefix_id, self.layout_name)
+        if manifest is None:
+            raise NotFound(f"prefix_id: {prefix_id} is not registered (layout {self.layout_name})")
+        layout, extra = ContiguousLayout.from_metadata(manifest.metadata)
+        if extra.get("model_fingerprint") != self.model.fingerprint:  # type: ignore[attr-defined]
+            raise FailedPrecondition(
+                f"prefix_id: {prefix_id} was stored for model {extra.get('model_name')!r} "
+                f"(fingerprint {str(extra.get('model_fingerprint'))[:12]}), this server runs "
+                f"{self.model.name!r} (fingerprint {self.model.fingerprint[:12]})")  # type: ignore[attr-defined]
+        return layout
+
+    async def reprefill(self, args: ReprefillArgs, on_token: Callable[[int], None] | None = None) -> ReprefillResult:
+        """Load prefix KV by the request's policy, compute the query, return the first token."""
+        start = time.perf_counter()
+        policy_name, budget, period, sub = self._validate(args)
+        query = self.tokens(args.query, "query")
+        if len(query) > self.config.max_query_tokens:
+            raise InvalidArgument(f"query: {len(query)} tokens, more than the limit of {self.config.max_query_tokens}")
+        layout = await self._manifest_layout(args.prefix_id)
+        total = layout.num_tokens + len(query) + args.max_new_tokens
+        if total > self.model.max_position_embeddings:  # type: ignore[attr-defined]
+            raise InvalidArgument(f"query: prefix ({layout.num_tokens}) + query ({len(query)}) + max_new_tokens "
+                                  f"({args.max_new_tokens}) exceed the model's {self.model.max_position_embeddings} positions")  # type: ignore[attr-defined]
+        loop = asyncio.get_running_loop()
+        stream = await self.cache.open_stream(args.prefix_id, layout.name, self.config.fetch_batch_bytes)
+        loader = KVLoader(layout, stream, loop)
+        receiver = asyncio.create_task(loader.receive())
+        eos = self.model.eos_token_ids  # type: ignore[attr-defined]
+        try:
+            if policy_name == "recompute":
+                prefix_ids = unpack_tokens((await loader.fetch_region("tokens", [0]))[0])
+                outcome = await self._compute(self.engine.recompute, prefix_ids, query, args.max_new_tokens, eos, on_token)
+                chunks_loaded = 0
+            else:
+                policy = make_policy(policy_name, loader, period, sub)
+                await policy.start()
+                outcome = await self._compute(self.engine.answer, query, layout.num_tokens, policy,
+                                              args.max_new_tokens, eos, on_token)
+                chunks_loaded = policy.chunks_loaded
+                budget = 1.0
+        finally:
+            receiver.cancel()
+            await stream.close()
+        assert isinstance(outcome, QueryOutcome)
+        fetch_s = (loader.last_arrival_at or 0.0) - (loader.first_request_at or 0.0)
+        return ReprefillResult(
+            token_id=outcome.token_id, text=self.decode([outcome.token_id]), policy=policy_name, budget=budget,
+            prefix_tokens=layout.num_tokens, query_tokens=len(query), bytes_fetched=loader.bytes_received,
+            ttft_s=time.perf_counter() - start - outcome.decode_s, fetch_s=max(0.0, fetch_s), outcome=outcome,
+            num_chunks=layout.num_chunks, chunks_loaded=chunks_loaded,
+            generated_text=self.decode(outcome.generated_ids))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,154 @@
+"""Re-Prefill computation on the compute thread: prefix prefill, query over prefix KV, decoding.
+
+Everything here is synchronous and runs on the compute server's single compute thread. Prefix KV
+comes from a :class:`PrefixKVSource` (a policy's view of the loader), which blocks until that
+layer's records have arrived, so a layer starts the moment its own records are in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from contiguouskv.compute_server.layout import ContiguousLayout
+from contiguouskv.compute_server.scoring import window_importance
+
+
+TokenCallback = Callable[[int, int], None]
+"""Called on the compute thread with (index, token id) as each token is computed; index 0 = first."""
+
+
+class PrefixKVSource(Protocol):
+    """Supplies each layer's prefix K/V; called in layer order on the compute thread."""
+
+    def kv_for_layer(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefix K and V for ``layer`` ([kv_heads, s, d] each), given the query's q [heads, T, d]."""
+        ...
+
+
+@dataclass
+class LayerTiming:
+    layer: int
+    wait_s: float
+    compute_s: float
+
+
+@dataclass
+class QueryOutcome:
+    """What one Re-Prefill computed: the first token and the greedy continuation."""
+
+    token_id: int
+    generated_ids: list[int] = field(default_factory=list)
+    layers: list[LayerTiming] = field(default_factory=list)
+    first_token_s: float = 0.0
+    wait_s: float = 0.0
+    compute_s: float = 0.0
+    decode_s: float = 0.0
+
+
+@dataclass
+class PrefixKV:
+    """A prefilled prefix: per-layer K/V [kv_heads, n, d] and static chunk importance [L, m]."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    importance: torch.Tensor
+
+
+class Engine:
+    """Runs prefills and queries with a :class:`ModelRunner`; owns no I/O."""
+
+    def __init__(self, runner: "object", *, prefill_block: int, importance_window: int) -> None:
+        self.runner = runner
+        self._block = prefill_block
+        self._window = importance_window
+
+    @property
+    def _r(self) -> "object":
+        return self.runner
+
+    def prefill_prefix(self, token_ids: list[int], layout: ContiguousLayout) -> PrefixKV:
+        """Full prefill of the prefix; K/V in the storage dtype on the CPU, plus static importance."""
+        r = self.runner
+        w = min(self._window, len(token_ids))
+        result = r.prefill(torch.tensor(token_ids), block_size=self._block, keep_last_queries=w)  # type: ignore[attr-defined]
+        scale = float(getattr(r, "scaling", layout.head_dim ** -0.5))
+        importance = torch.stack([
+            window_importance(layout, q, k, scale) for q, k in zip(result.last_queries, result.keys)
+        ])  # [L, m]
+        keys = [k.cpu() for k in result.keys]
+        values = [v.cpu() for v in result.values]
+        return PrefixKV(keys, values, importance)
+
+    def answer(self, query_ids: list[int], num_prefix: int, source: PrefixKVSource,
+               max_new_tokens: int, eos_ids: tuple[int, ...], on_token: TokenCallback | None = None) -> QueryOutcome:
+        """First token of prefix + query, prefix KV from ``source``; then greedy decoding."""
+        r = self.runner
+        start = time.perf_counter()
+        device = r.device  # type: ignore[attr-defined]
+        positions = torch.arange(num_prefix, num_prefix + len(query_ids), device=device)
+        hidden = r.embed(torch.tensor(query_ids, device=device))  # type: ignore[attr-defined]
+        out = QueryOutcome(token_id=-1)
+        cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for layer in range(r.num_layers):  # type: ignore[attr-defined]
+            t0 = time.perf_counter()
+            q, k, v = r.project(layer, hidden, positions)  # type: ignore[attr-defined]
+            t1 = time.perf_counter()
+            pk, pv = source.kv_for_layer(layer, q)
+            t2 = time.perf_counter()
+            keys = torch.cat([pk.to(device=device, dtype=k.dtype), k], dim=1)  # [kv_heads, s + T, d]
+            values = torch.cat([pv.to(device=device, dtype=v.dtype), v], dim=1)
+            hidden = r.finish(layer, hidden, r.attend(q, keys, values, pk.shape[1]))  # type: ignore[attr-defined]
+            if max_new_tokens:
+                cache.append((keys, values))
+            t3 = time.perf_counter()
+            out.layers.append(LayerTiming(layer, t2 - t1, (t1 - t0) + (t3 - t2)))
+        out.token_id = int(r.logits(hidden[-1:])[0].argmax())  # type: ignore[attr-defined]
+        out.first_token_s = time.perf_counter() - start
+        out.wait_s = sum(t.wait_s for t in out.layers)
+        out.compute_s = out.first_token_s - out.wait_s
+        self._continue(out, cache, num_prefix + len(query_ids), max_new_tokens, eos_ids, on_token)
+        return out
+
+    def recompute(self, prefix_ids: list[int], query_ids: list[int], max_new_tokens: int,
+                  eos_ids: tuple[int, ...], on_token: TokenCallback | None = None) -> QueryOutcome:
+        """Full prefill of prefix + query (no stored KV used)."""
+        r = self.runner
+        start = time.perf_counter()
+        result = r.prefill(torch.tensor(prefix_ids + query_ids), block_size=self._block)  # type: ignore[attr-defined]
+        out = QueryOutcome(token_id=int(result.logits.argmax()))
+        out.first_token_s = out.compute_s = time.perf_counter() - start
+        cache = list(zip(result.keys, result.values)) if max_new_tokens else []
+        self._continue(out, cache, len(prefix_ids) + len(query_ids), max_new_tokens, eos_ids, on_token)
+        return out
+
+    def _continue(self, out: QueryOutcome, cache: list[tuple[torch.Tensor, torch.Tensor]], position: int,
+                  steps: int, eos_ids: tuple[int, ...], on_token: TokenCallback | None) -> None:
+        start = time.perf_counter()
+        if on_token is not None:
+            on_token(0, out.token_id)
+        out.generated_ids = self._decode(out.token_id, cache, position, steps, eos_ids, on_token)
+        out.decode_s = time.perf_counter() - start
+
+    def _decode(self, token: int, cache: list[tuple[torch.Tensor, torch.Tensor]], position: int,
+                steps: int, eos_ids: tuple[int, ...], on_token: TokenCallback | None) -> list[int]:
+        r = self.runner
+        out: list[int] = []
+        device = r.device  # type: ignore[attr-defined]
+        for step in range(steps):
+            if token in eos_ids:
+                break
+            hidden = r.embed(torch.tensor([token], device=device))  # type: ignore[attr-defined]
+            pos = torch.tensor([position + step], device=device)
+            for layer, (keys, values) in enumerate(cache):
+                hidden, k, v = r.run_layer(layer, hidden, pos, keys, values)  # type: ignore[attr-defined]
+                cache[layer] = (torch.cat([keys, k], dim=1), torch.cat([values, v], dim=1))
+            token = int(r.logits(hidden[-1:])[0].argmax())  # type: ignore[attr-defined]
+            out.append(token)
+            if on_token is not None:
+                on_token(len(out), token)
+        return out

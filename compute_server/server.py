@@ -1,0 +1,87 @@
+"""Compute server process: flags -> config, load the model, serve ComputeService until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import grpc
+
+from contiguouskv.common.config import load_config
+from contiguouskv.common.serving import ServerLifecycle, channel_options, run_async
+from contiguouskv.compute_server.cache_client import CacheClient
+from contiguouskv.compute_server.config import ComputeServerConfig
+from contiguouskv.compute_server.core import ComputeCore
+from contiguouskv.compute_server.servicer import ComputeServicer
+from contiguouskv.v1 import compute_pb2, compute_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="random:<preset>, qwen2.5-coder-0.5b-instruct, smollm2-135m-instruct, "
+                        "or a Hugging Face model folder (env CKV_MODEL)")
+    parser.add_argument("--cache", help="cache server address(es) HOST:PORT[,HOST:PORT...] (env CKV_CACHE)")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind; 0 picks a free one (default 0)")
+    parser.add_argument("--port-file", help="write the bound port to this file once serving")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), help="compute device (default auto)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"),
+                        help="compute and KV dtype (default auto: bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--model-cache-dir", help="where converted models are kept (default ~/.cache/contiguouskv)")
+    parser.add_argument("--chunk-size", type=int, help="tokens per ContiguousChunk at registration (default 16)")
+    parser.add_argument("--config", help="JSON file with any of the above (flags win, then CKV_* env)")
+
+
+def config_from_args(args: argparse.Namespace) -> ComputeServerConfig:
+    flags = {k: getattr(args, k, None) for k in
+             ("model", "cache", "host", "port", "port_file", "device", "dtype", "model_cache_dir", "chunk_size")}
+    return load_config(ComputeServerConfig, flags, file=getattr(args, "config", None))
+
+
+def _resolve_device(config: ComputeServerConfig) -> tuple[str, str]:
+    import torch
+
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return device, dtype
+
+
+async def serve(config: ComputeServerConfig) -> int:
+    from contiguouskv.compute_server.models import load_model
+    from contiguouskv.compute_server.packing import TORCH_DTYPES
+    from contiguouskv.compute_server.runner import ModelRunner
+
+    device, dtype = _resolve_device(config)
+    log.info("loading model %s on %s (%s)", config.model, device, dtype)
+    model = load_model(config.model, cache_dir=config.resolved_cache_dir(), dtype=TORCH_DTYPES[dtype], device=device)
+    cache = CacheClient(config.cache, config.max_message_bytes, config.rpc_timeout_s)
+    core = ComputeCore(config, model, ModelRunner(model), cache)
+    server = grpc.aio.server(options=channel_options(config.max_message_bytes))
+    compute_pb2_grpc.add_ComputeServiceServicer_to_server(ComputeServicer(core, device), server)
+    lifecycle = ServerLifecycle(server, [compute_pb2.DESCRIPTOR.services_by_name["ComputeService"].full_name])
+    try:
+        await lifecycle.start(config.host, config.port, config.port_file, f"compute server ({model.name})")
+        await lifecycle.wait_and_drain(config.grace_seconds)
+    finally:
+        await cache.close()
+        core.close()
+    return 0
+
+
+def run(config: ComputeServerConfig) -> int:
+    return run_async(serve(config))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from contiguouskv.common.logs import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m contiguouskv.compute_server")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    return run(config_from_args(args))

@@ -1,0 +1,137 @@
+"""Thin gRPC adapter over :class:`ComputeCore`: decode, call, encode, map errors in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+
+from contiguouskv.compute_server.core import ComputeCore, RegisterResult, ReprefillArgs, ReprefillResult
+from contiguouskv.compute_server.errors import ComputeError
+from contiguouskv.compute_server.policies import POLICY_NAMES
+from contiguouskv.v1 import compute_pb2, compute_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _status(context: grpc.aio.ServicerContext) -> Iterator[None]:
+    """Turn the project's errors into the status the caller sees; log the unexpected."""
+    try:
+        yield
+    except ComputeError as err:
+        raise _Abort(getattr(grpc.StatusCode, err.code, grpc.StatusCode.INTERNAL), str(err)) from err
+    except ValueError as err:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+async def _guard(context: grpc.aio.ServicerContext, coro: "asyncio.Future[object] | object") -> object:
+    try:
+        with _status(context):
+            return await coro  # type: ignore[misc]
+    except _Abort as abort:
+        await context.abort(abort.code, abort.message)
+    except Exception:
+        log.exception("request failed")
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the compute server's log)")
+    raise AssertionError("unreachable")
+
+
+def _args(request: compute_pb2.ReprefillRequest) -> ReprefillArgs:
+    which = request.WhichOneof("query")
+    query: str | list[int] = list(request.token_ids.ids) if which == "token_ids" else request.text
+    return ReprefillArgs(
+        prefix_id=request.prefix_id, query=query, policy=request.policy,
+        budget=request.budget if request.HasField("budget") else None,
+        max_new_tokens=request.max_new_tokens,
+        period=request.period if request.HasField("period") else None,
+        sub_period=request.sub_period if request.HasField("sub_period") else None)
+
+
+def _reply(result: ReprefillResult) -> compute_pb2.ReprefillResponse:
+    o = result.outcome
+    layers = [compute_pb2.LayerTiming(layer=t.layer, wait_ms=t.wait_s * 1e3, compute_ms=t.compute_s * 1e3)
+              for t in o.layers]
+    timings = compute_pb2.Timings(ttft_ms=result.ttft_s * 1e3, fetch_wait_ms=o.wait_s * 1e3,
+                                  compute_ms=o.compute_s * 1e3, fetch_ms=result.fetch_s * 1e3,
+                                  total_ms=(result.ttft_s + o.decode_s) * 1e3, layers=layers)
+    return compute_pb2.ReprefillResponse(
+        token_id=result.token_id, text=result.text, policy=result.policy, budget=result.budget,
+        timings=timings, bytes_fetched=result.bytes_fetched, prefix_tokens=result.prefix_tokens,
+        query_tokens=result.query_tokens, generated_ids=o.generated_ids, generated_text=result.generated_text,
+        chunks_loaded=result.chunks_loaded, num_chunks=result.num_chunks)
+
+
+class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
+    """ComputeService over a :class:`ComputeCore`."""
+
+    def __init__(self, core: ComputeCore, device: str) -> None:
+        self._core = core
+        self._device = device
+
+    async def RegisterPrefix(self, request: compute_pb2.RegisterPrefixRequest,  # noqa: N802
+                             context: grpc.aio.ServicerContext) -> compute_pb2.RegisterPrefixResponse:
+        which = request.WhichOneof("prefix")
+        if which is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prefix: give text or token_ids")
+        prefix: str | list[int] = request.text if which == "text" else list(request.token_ids.ids)
+        r = await _guard(context, self._core.register(prefix))
+        assert isinstance(r, RegisterResult)
+        return compute_pb2.RegisterPrefixResponse(
+            prefix_id=r.prefix_id, num_tokens=r.num_tokens, num_chunks=r.num_chunks, chunk_size=r.chunk_size,
+            already_registered=r.already_registered, bytes_stored=r.bytes_stored,
+            prefill_ms=r.prefill_s * 1e3, store_ms=r.store_s * 1e3)
+
+    async def Reprefill(self, request: compute_pb2.ReprefillRequest,  # noqa: N802
+                        context: grpc.aio.ServicerContext) -> compute_pb2.ReprefillResponse:
+        result = await _guard(context, self._core.reprefill(_args(request)))
+        assert isinstance(result, ReprefillResult)
+        return _reply(result)
+
+    async def Generate(self, request: compute_pb2.GenerateRequest,  # noqa: N802
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[compute_pb2.GenerateResponse]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+
+        def on_token(index: int, token: int) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (index, token))
+
+        task = asyncio.ensure_future(_guard(context, self._core.reprefill(_args(request.request), on_token)))
+        ids: list[int] = []
+        try:
+            while not (task.done() and queue.empty()):
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    continue
+                index, token = getter.result()
+                before = self._core.decode(ids)
+                ids.append(token)
+                yield compute_pb2.GenerateResponse(index=index, token_id=token,
+                                                   text=self._core.decode(ids)[len(before):])
+            result = await task
+        finally:
+            task.cancel()
+        assert isinstance(result, ReprefillResult)
+        yield compute_pb2.GenerateResponse(index=len(ids), summary=_reply(result))
+
+    async def GetModelInfo(self, request: compute_pb2.GetModelInfoRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext) -> compute_pb2.GetModelInfoResponse:
+        m = self._core.model
+        return compute_pb2.GetModelInfoResponse(
+            name=m.name, fingerprint=m.fingerprint, num_layers=m.num_layers, num_kv_heads=m.num_kv_heads,  # type: ignore[attr-defined]
+            head_dim=m.head_dim, num_attention_heads=m.num_attention_heads, hidden_size=m.hidden_size,  # type: ignore[attr-defined]
+            vocab_size=m.vocab_size, max_position_embeddings=m.max_position_embeddings,  # type: ignore[attr-defined]
+            has_tokenizer=m.tokenizer is not None, dtype=self._core.kv_dtype, device=self._device,  # type: ignore[attr-defined]
+            chunk_size=self._core.config.chunk_size, policies=list(POLICY_NAMES))

@@ -1,0 +1,128 @@
+"""The ``contiguouskv`` command: serve, register, query, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from contiguouskv.common.logs import setup_logging
+
+
+def _token_ids(raw: str) -> list[int]:
+    try:
+        return [int(t) for t in raw.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--token-ids: expected comma-separated integers, got {raw[:40]!r}") from None
+
+
+def _add_input(parser: argparse.ArgumentParser, what: str, with_file: bool) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--text", help=f"the {what} as text (tokenised by the server)")
+    if with_file:
+        group.add_argument("--file", type=Path, help=f"read the {what} text from this file")
+    group.add_argument("--token-ids", type=_token_ids, help=f"the {what} as comma-separated token ids")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="contiguouskv", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a server").add_subparsers(dest="service", required=True)
+    from contiguouskv.cache_server.server import add_arguments as cache_args
+    from contiguouskv.compute_server.server import add_arguments as compute_args
+
+    cache_args(serve.add_parser("cache", help="storage node: serves prefix KV records from disk"))
+    compute_args(serve.add_parser("compute", help="model server: registers prefixes, runs Re-Prefill"))
+
+    reg = sub.add_parser("register", help="prefill a prefix once and store its KV")
+    reg.add_argument("--server", required=True, help="compute server HOST:PORT")
+    _add_input(reg, "prefix", with_file=True)
+    reg.add_argument("--json", action="store_true", help="print one JSON object")
+    reg.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
+
+    query = sub.add_parser("query", help="Re-Prefill: first token (and more) of prefix + query")
+    query.add_argument("--server", required=True, help="compute server HOST:PORT")
+    query.add_argument("--prefix", required=True, help="prefix id printed by `register`")
+    _add_input(query, "query", with_file=False)
+    query.add_argument("--policy", default="full", help="recompute | full (default full)")
+    query.add_argument("--budget", type=float, help="fraction of the prefix KV to load, in (0, 1]")
+    query.add_argument("--max-new-tokens", type=int, default=0, help="greedy tokens after the first")
+    query.add_argument("--json", action="store_true", help="print one JSON object")
+    query.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
+
+    demo = sub.add_parser("demo", help="start both servers, register essays with the real Qwen model, ask questions")
+    demo.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="model (default the real Qwen)")
+    demo.add_argument("--essays", type=int, default=3, help="how many essays form the prefix (default 3)")
+    demo.add_argument("--workdir", type=Path, help="keep the store and server logs here")
+    return parser
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
+    from contiguouskv.client import ContiguousKVClient
+
+    text = args.file.read_text() if args.file else args.text
+    with ContiguousKVClient(args.server, timeout=args.timeout) as client:
+        r = client.register(text, token_ids=args.token_ids) if text is not None else \
+            client.register(token_ids=args.token_ids)
+    if args.json:
+        print(json.dumps(asdict(r)))
+    else:
+        state = "already registered" if r.already_registered else f"stored {r.bytes_stored / 2**20:.1f} MiB"
+        print(f"{r.prefix_id}  {r.num_tokens} tokens, {r.num_chunks} chunks of {r.chunk_size}, {state}")
+    return 0
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from contiguouskv.client import ContiguousKVClient
+
+    query = args.text if args.text is not None else args.token_ids
+    with ContiguousKVClient(args.server, timeout=args.timeout) as client:
+        r = client.reprefill(args.prefix, query, policy=args.policy, budget=args.budget,
+                             max_new_tokens=args.max_new_tokens)
+    if args.json:
+        out = asdict(r)
+        out.update(ttft_ms=r.timings.ttft_ms, answer=r.answer)
+        print(json.dumps(out))
+    else:
+        print(r.answer)
+        print(f"[{r.policy}] ttft {r.timings.ttft_ms:.1f} ms (fetch wait {r.timings.fetch_wait_ms:.1f} ms, "
+              f"compute {r.timings.compute_ms:.1f} ms), {r.bytes_fetched / 2**20:.2f} MiB fetched", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    from contiguouskv.client import ContiguousKVError
+
+    try:
+        if args.command == "serve":
+            if args.service == "cache":
+                from contiguouskv.cache_server import server as cache
+
+                return cache.run(cache.config_from_args(args))
+            from contiguouskv.compute_server import server as compute
+
+            return compute.run(compute.config_from_args(args))
+        if args.command == "register":
+            return _cmd_register(args)
+        if args.command == "query":
+            return _cmd_query(args)
+        from contiguouskv.demo import run_demo
+
+        return run_demo(args.model, args.essays, args.workdir)
+    except ContiguousKVError as err:
+        print(f"error: {err.status}: {err.details}", file=sys.stderr)
+        return 1
+    except ValueError as err:  # config errors name their field
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

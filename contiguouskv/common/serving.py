@@ -1,0 +1,74 @@
+"""Server lifecycle shared by both services: options, health, reflection, port file, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Iterable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+def write_port_file(path: Path, port: int) -> None:
+    """Write the bound port atomically so a reader never sees a partial file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{port}\n")
+    os.replace(tmp, path)
+
+
+class ServerLifecycle:
+    """Health + reflection for ``service_names``; start, then wait for SIGTERM/SIGINT and drain."""
+
+    def __init__(self, server: grpc.aio.Server, service_names: Iterable[str]) -> None:
+        self.server = server
+        self.health = health.aio.HealthServicer()
+        self.names = list(service_names)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection([*self.names, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server)
+        self._stop = asyncio.Event()
+
+    async def start(self, host: str, port: int, port_file: Path | None, what: str) -> int:
+        bound = self.server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot bind {host}:{port}")
+        await self.server.start()
+        for name in ["", *self.names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if port_file is not None:
+            write_port_file(port_file, bound)
+        log.info("%s listening on %s:%d", what, host, bound)
+        return bound
+
+    async def wait_and_drain(self, grace_seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self._stop.wait()
+        log.info("draining: not serving new requests, %.1fs grace for in-flight ones", grace_seconds)
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_seconds)
+        log.info("stopped")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+
+def run_async(main: "asyncio.Future[int] | object") -> int:
+    """Run a coroutine under uvloop when it is installed, else asyncio."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; kept for odd platforms
+        return asyncio.run(main)  # type: ignore[arg-type]
+    return uvloop.run(main)  # type: ignore[arg-type]
