@@ -35,8 +35,10 @@ def register_request(text: str | None, token_ids: Sequence[int] | None) -> compu
 
 
 def reprefill_request(prefix_id: str, query: str | Sequence[int], policy: str, budget: float | None,
-                      max_new_tokens: int, period: int | None, sub_period: int | None) -> compute_pb2.ReprefillRequest:
-    req = compute_pb2.ReprefillRequest(prefix_id=prefix_id, policy=policy, max_new_tokens=max_new_tokens)
+                      max_new_tokens: int, period: int | None, sub_period: int | None,
+                      return_logits: bool = False) -> compute_pb2.ReprefillRequest:
+    req = compute_pb2.ReprefillRequest(prefix_id=prefix_id, policy=policy, max_new_tokens=max_new_tokens,
+                                       return_logits=return_logits)
     if isinstance(query, str):
         req.text = query
     else:
@@ -60,7 +62,8 @@ def result(r: compute_pb2.ReprefillResponse) -> ReprefillResult:
     timings = Timings(t.ttft_ms, t.fetch_wait_ms, t.compute_ms, t.fetch_ms, t.total_ms,
                       tuple(LayerTiming(x.layer, x.wait_ms, x.compute_ms) for x in t.layers))
     return ReprefillResult(r.token_id, r.text, r.policy, r.budget, timings, r.bytes_fetched, r.prefix_tokens,
-                           r.query_tokens, tuple(r.generated_ids), r.generated_text, r.chunks_loaded, r.num_chunks)
+                           r.query_tokens, tuple(r.generated_ids), r.generated_text, r.chunks_loaded, r.num_chunks,
+                           tuple(r.logits))
 
 
 def token(r: compute_pb2.GenerateResponse) -> GeneratedToken:

@@ -41,8 +41,10 @@ class AsyncContiguousKVClient:
 
     async def reprefill(self, prefix_id: str, query: str | Sequence[int], *, policy: str = "full",
                         budget: float | None = None, max_new_tokens: int = 0, period: int | None = None,
-                        sub_period: int | None = None, timeout: float | None = None) -> ReprefillResult:
-        request = _wire.reprefill_request(prefix_id, query, policy, budget, max_new_tokens, period, sub_period)
+                        sub_period: int | None = None, return_logits: bool = False,
+                  timeout: float | None = None) -> ReprefillResult:
+        request = _wire.reprefill_request(prefix_id, query, policy, budget, max_new_tokens, period, sub_period,
+                                          return_logits)
         try:
             return _wire.result(await self._stub.Reprefill(request, timeout=timeout or self.timeout))
         except grpc.RpcError as err:

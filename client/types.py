@@ -54,6 +54,8 @@ class ReprefillResult:
     generated_text: str
     chunks_loaded: int
     num_chunks: int
+    logits: tuple[float, ...] = ()
+    """Last-position logits, only when the request asked for them (``return_logits=True``)."""
 
     @property
     def answer(self) -> str:

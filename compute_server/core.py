@@ -45,6 +45,7 @@ class ReprefillArgs:
     max_new_tokens: int = 0
     period: int | None = None
     sub_period: int | None = None
+    return_logits: bool = False
 
 
 @dataclass

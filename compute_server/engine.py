@@ -48,6 +48,7 @@ class QueryOutcome:
     wait_s: float = 0.0
     compute_s: float = 0.0
     decode_s: float = 0.0
+    logits: torch.Tensor | None = None  # float32 [vocab] at the last query position
 
 
 @dataclass
@@ -107,7 +108,8 @@ class Engine:
                 cache.append((keys, values))
             t3 = time.perf_counter()
             out.layers.append(LayerTiming(layer, t2 - t1, (t1 - t0) + (t3 - t2)))
-        out.token_id = int(r.logits(hidden[-1:])[0].argmax())  # type: ignore[attr-defined]
+        out.logits = r.logits(hidden[-1:])[0].float().cpu()  # type: ignore[attr-defined]
+        out.token_id = int(out.logits.argmax())
         out.first_token_s = time.perf_counter() - start
         out.wait_s = sum(t.wait_s for t in out.layers)
         out.compute_s = out.first_token_s - out.wait_s
@@ -120,7 +122,8 @@ class Engine:
         r = self.runner
         start = time.perf_counter()
         result = r.prefill(torch.tensor(prefix_ids + query_ids), block_size=self._block)  # type: ignore[attr-defined]
-        out = QueryOutcome(token_id=int(result.logits.argmax()))
+        logits = result.logits.reshape(-1).float().cpu()
+        out = QueryOutcome(token_id=int(logits.argmax()), logits=logits)
         out.first_token_s = out.compute_s = time.perf_counter() - start
         cache = list(zip(result.keys, result.values)) if max_new_tokens else []
         self._continue(out, cache, len(prefix_ids) + len(query_ids), max_new_tokens, eos_ids, on_token)

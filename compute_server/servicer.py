@@ -55,10 +55,11 @@ def _args(request: compute_pb2.ReprefillRequest) -> ReprefillArgs:
         budget=request.budget if request.HasField("budget") else None,
         max_new_tokens=request.max_new_tokens,
         period=request.period if request.HasField("period") else None,
-        sub_period=request.sub_period if request.HasField("sub_period") else None)
+        sub_period=request.sub_period if request.HasField("sub_period") else None,
+        return_logits=request.return_logits)
 
 
-def _reply(result: ReprefillResult) -> compute_pb2.ReprefillResponse:
+def _reply(result: ReprefillResult, with_logits: bool = False) -> compute_pb2.ReprefillResponse:
     o = result.outcome
     layers = [compute_pb2.LayerTiming(layer=t.layer, wait_ms=t.wait_s * 1e3, compute_ms=t.compute_s * 1e3)
               for t in o.layers]
@@ -69,7 +70,8 @@ def _reply(result: ReprefillResult) -> compute_pb2.ReprefillResponse:
         token_id=result.token_id, text=result.text, policy=result.policy, budget=result.budget,
         timings=timings, bytes_fetched=result.bytes_fetched, prefix_tokens=result.prefix_tokens,
         query_tokens=result.query_tokens, generated_ids=o.generated_ids, generated_text=result.generated_text,
-        chunks_loaded=result.chunks_loaded, num_chunks=result.num_chunks)
+        chunks_loaded=result.chunks_loaded, num_chunks=result.num_chunks,
+        logits=o.logits.tolist() if with_logits and o.logits is not None else [])
 
 
 class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
@@ -96,7 +98,7 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
                         context: grpc.aio.ServicerContext) -> compute_pb2.ReprefillResponse:
         result = await _guard(context, self._core.reprefill(_args(request)))
         assert isinstance(result, ReprefillResult)
-        return _reply(result)
+        return _reply(result, request.return_logits)
 
     async def Generate(self, request: compute_pb2.GenerateRequest,  # noqa: N802
                        context: grpc.aio.ServicerContext) -> AsyncIterator[compute_pb2.GenerateResponse]:

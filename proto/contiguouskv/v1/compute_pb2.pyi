@@ -127,6 +127,7 @@ class ReprefillRequest(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
     PERIOD_FIELD_NUMBER: _builtins.int
     SUB_PERIOD_FIELD_NUMBER: _builtins.int
+    RETURN_LOGITS_FIELD_NUMBER: _builtins.int
     prefix_id: _builtins.str
     text: _builtins.str
     policy: _builtins.str
@@ -138,6 +139,8 @@ class ReprefillRequest(_message.Message):
     period: _builtins.int
     """Layers per period and per sub-period; unset = the server's defaults."""
     sub_period: _builtins.int
+    return_logits: _builtins.bool
+    """Return the float32 logits of the last query position (for evaluation and tests)."""
     @_builtins.property
     def token_ids(self) -> Global___TokenIds: ...
     def __init__(
@@ -151,10 +154,11 @@ class ReprefillRequest(_message.Message):
         max_new_tokens: _builtins.int = ...,
         period: _builtins.int | None = ...,
         sub_period: _builtins.int | None = ...,
+        return_logits: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_period", b"_period", "_sub_period", b"_sub_period", "budget", b"budget", "period", b"period", "query", b"query", "sub_period", b"sub_period", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_period", b"_period", "_sub_period", b"_sub_period", "budget", b"budget", "max_new_tokens", b"max_new_tokens", "period", b"period", "policy", b"policy", "prefix_id", b"prefix_id", "query", b"query", "sub_period", b"sub_period", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_period", b"_period", "_sub_period", b"_sub_period", "budget", b"budget", "max_new_tokens", b"max_new_tokens", "period", b"period", "policy", b"policy", "prefix_id", b"prefix_id", "query", b"query", "return_logits", b"return_logits", "sub_period", b"sub_period", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__budget: _TypeAlias = _typing.Literal["budget"]  # noqa: Y015
     _WhichOneofArgType__budget: _TypeAlias = _typing.Literal["_budget", b"_budget"]  # noqa: Y015
@@ -264,6 +268,7 @@ class ReprefillResponse(_message.Message):
     GENERATED_TEXT_FIELD_NUMBER: _builtins.int
     CHUNKS_LOADED_FIELD_NUMBER: _builtins.int
     NUM_CHUNKS_FIELD_NUMBER: _builtins.int
+    LOGITS_FIELD_NUMBER: _builtins.int
     token_id: _builtins.int
     text: _builtins.str
     policy: _builtins.str
@@ -280,6 +285,10 @@ class ReprefillResponse(_message.Message):
     def generated_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Generated tokens after the first (max_new_tokens of them, fewer at end of sequence)."""
 
+    @_builtins.property
+    def logits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Logits of the last query position, when return_logits was set."""
+
     def __init__(
         self,
         *,
@@ -295,10 +304,11 @@ class ReprefillResponse(_message.Message):
         generated_text: _builtins.str = ...,
         chunks_loaded: _builtins.int = ...,
         num_chunks: _builtins.int = ...,
+        logits: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "bytes_fetched", b"bytes_fetched", "chunks_loaded", b"chunks_loaded", "generated_ids", b"generated_ids", "generated_text", b"generated_text", "num_chunks", b"num_chunks", "policy", b"policy", "prefix_tokens", b"prefix_tokens", "query_tokens", b"query_tokens", "text", b"text", "timings", b"timings", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "bytes_fetched", b"bytes_fetched", "chunks_loaded", b"chunks_loaded", "generated_ids", b"generated_ids", "generated_text", b"generated_text", "logits", b"logits", "num_chunks", b"num_chunks", "policy", b"policy", "prefix_tokens", b"prefix_tokens", "query_tokens", b"query_tokens", "text", b"text", "timings", b"timings", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

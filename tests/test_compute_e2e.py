@@ -1,0 +1,137 @@
+"""End to end through real servers: a cache server and compute servers as separate processes.
+
+The correctness anchor lives here: `full` and `recompute` reproduce the model's own Hugging Face
+forward pass over prefix + query (same greedy token, last-position logits within 1e-3 relative).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from contiguouskv import launch
+from contiguouskv.client import (
+    ContiguousKVClient, FailedPreconditionError, InvalidArgumentError, NotFoundError,
+)
+from contiguouskv.compute_server.models import load_model
+
+TINY = "random:tiny"
+SMOL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launch.ServiceProcess]:
+    with launch.cache_server(tmp_path_factory.mktemp("store")) as proc:
+        yield proc
+
+
+def _compute(model: str, cache: launch.ServiceProcess) -> Iterator[ContiguousKVClient]:
+    with launch.compute_server(model, cache.address, "--device", "cpu", "--dtype", "float32") as proc:
+        with ContiguousKVClient(proc.address, timeout=300) as client:
+            yield client
+
+
+@pytest.fixture(scope="module")
+def tiny(cache: launch.ServiceProcess) -> Iterator[ContiguousKVClient]:
+    yield from _compute(TINY, cache)
+
+
+@pytest.fixture(scope="module")
+def smol(cache: launch.ServiceProcess) -> Iterator[ContiguousKVClient]:
+    yield from _compute(SMOL, cache)
+
+
+def _reference(model: str, ids: list[int]) -> torch.Tensor:
+    loaded = load_model(model, cache_dir=Path.home() / ".cache" / "contiguouskv")
+    with torch.inference_mode():
+        return loaded.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+
+
+def _ids(n: int, vocab: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(vocab) for _ in range(n)]
+
+
+def _check_anchor(client: ContiguousKVClient, model: str, prefix: list[int], query: list[int]) -> None:
+    ref = _reference(model, prefix + query)
+    reg = client.register(token_ids=prefix)
+    assert reg.num_tokens == len(prefix) and reg.num_chunks == -(-len(prefix) // 16)
+    for policy in ("full", "recompute"):
+        r = client.reprefill(reg.prefix_id, query, policy=policy, return_logits=True)
+        got = torch.tensor(r.logits)
+        rel = float((got - ref).abs().max() / ref.abs().max())
+        assert r.token_id == int(ref.argmax()), (policy, r.token_id, int(ref.argmax()))
+        assert rel < 1e-3, (policy, rel)
+        assert r.prefix_tokens == len(prefix) and r.query_tokens == len(query)
+    full = client.reprefill(reg.prefix_id, query, policy="full")
+    # `full` reads every kv record of every layer: 2 (K, V) x layers x chunks x kv_heads x 16 x head_dim x 4 B.
+    info = client.model_info()
+    expected = 2 * info.num_layers * reg.num_chunks * info.num_kv_heads * 16 * info.head_dim * 4
+    assert full.bytes_fetched == expected
+    assert len(full.timings.layers) == info.num_layers
+
+
+@pytest.mark.parametrize("prefix_len,query_len", [(37, 1), (203, 117)])
+def test_anchor_random_preset(tiny: ContiguousKVClient, prefix_len: int, query_len: int) -> None:
+    _check_anchor(tiny, TINY, _ids(prefix_len, 512, prefix_len), _ids(query_len, 512, query_len + 1))
+
+
+@pytest.mark.parametrize("prefix_len,query_len", [(45, 1), (181, 103)])
+def test_anchor_smollm2(smol: ContiguousKVClient, prefix_len: int, query_len: int) -> None:
+    _check_anchor(smol, SMOL, _ids(prefix_len, 49152, prefix_len), _ids(query_len, 49152, query_len + 7))
+
+
+def test_text_prefix_and_generation_agree(smol: ContiguousKVClient) -> None:
+    reg = smol.register("The capital of France is Paris. The capital of Italy is Rome. " * 6)
+    again = smol.register("The capital of France is Paris. The capital of Italy is Rome. " * 6)
+    assert again.prefix_id == reg.prefix_id and again.already_registered and not reg.already_registered
+    query = " The capital of France is"
+    full = smol.reprefill(reg.prefix_id, query, policy="full", max_new_tokens=6)
+    recompute = smol.reprefill(reg.prefix_id, query, policy="recompute", max_new_tokens=6)
+    assert full.token_id == recompute.token_id
+    assert full.generated_ids == recompute.generated_ids and len(full.generated_ids) >= 1
+    assert "Paris" in full.answer
+    streamed = list(smol.generate(reg.prefix_id, query, max_new_tokens=6))
+    assert [t.token_id for t in streamed] == [full.token_id, *full.generated_ids]
+    assert [t.index for t in streamed] == list(range(len(streamed)))
+    assert "".join(t.text for t in streamed) == full.answer
+
+
+def test_bad_input_gets_clear_statuses(tiny: ContiguousKVClient) -> None:
+    reg = tiny.register(token_ids=_ids(40, 512, 3))
+    pid = reg.prefix_id
+    with pytest.raises(NotFoundError, match="not registered"):
+        tiny.reprefill("0" * 32, [1, 2])
+    cases = [
+        (dict(prefix_id=pid, query=[]), "query"),
+        (dict(prefix_id=pid, query=[1], budget=0.0), "budget"),
+        (dict(prefix_id=pid, query=[1], budget=1.5), "budget"),
+        (dict(prefix_id=pid, query=[1], budget=-0.1), "budget"),
+        (dict(prefix_id=pid, query=[1], policy="magic"), "policy"),
+        (dict(prefix_id="../etc/passwd", query=[1]), "prefix_id"),
+        (dict(prefix_id=pid.upper(), query=[1]), "prefix_id"),
+        (dict(prefix_id=pid, query=[1] * 5000), "query"),
+        (dict(prefix_id=pid, query=[600]), "query"),
+        (dict(prefix_id=pid, query="text without a tokenizer"), "tokenizer"),
+        (dict(prefix_id=pid, query=[1], period=2, sub_period=3), "sub_period"),
+    ]
+    for kwargs, field in cases:
+        with pytest.raises(InvalidArgumentError, match=field):
+            tiny.reprefill(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="prefix"):
+        tiny.register(token_ids=[1] * 5000)  # the tiny preset has 4096 positions
+    with pytest.raises(InvalidArgumentError, match="prefix"):
+        tiny.register(token_ids=[])
+    # still serving, and the stored prefix still answers
+    assert tiny.reprefill(pid, [1, 2, 3]).prefix_tokens == 40
+
+
+def test_prefix_of_another_model_is_a_failed_precondition(tiny: ContiguousKVClient, smol: ContiguousKVClient) -> None:
+    reg = tiny.register(token_ids=_ids(50, 512, 11))
+    with pytest.raises(FailedPreconditionError, match="stored for model"):
+        smol.reprefill(reg.prefix_id, [1, 2, 3])
+    assert smol.model_info().name == SMOL

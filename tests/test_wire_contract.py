@@ -1,0 +1,43 @@
+"""The proto files are the source of truth: lint-clean, and the committed stubs match a fresh run."""
+
+from __future__ import annotations
+
+import filecmp
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STUBS = ROOT / "proto" / "contiguouskv" / "v1"
+
+
+def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
+    subprocess.run(["bash", str(ROOT / "scripts" / "gen_protos.sh"), str(tmp_path)], check=True,
+                   capture_output=True, cwd=ROOT)
+    fresh = tmp_path / "contiguouskv" / "v1"
+    generated = sorted(p.name for p in fresh.iterdir() if p.suffix in (".py", ".pyi"))
+    assert len(generated) == 8
+    _, mismatch, missing = filecmp.cmpfiles(STUBS, fresh, generated, shallow=False)
+    assert not mismatch and not missing, f"stale stubs {mismatch + missing}: run scripts/gen_protos.sh"
+
+
+def test_buf_lint_is_clean() -> None:
+    buf = shutil.which("buf", path=str(Path(sys.executable).parent)) or shutil.which("buf")
+    assert buf, "buf (pip package buf-bin, in the dev extra) is not installed"
+    result = subprocess.run([buf, "lint"], cwd=ROOT / "proto", capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_storage_node_and_sdk_never_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "import contiguouskv.cache_server.server, contiguouskv.cache_server.service\n"
+        "import contiguouskv.client\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')"
+        " or m.startswith('contiguouskv.compute_server'))\n"
+        "print(bad)\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
