@@ -12,7 +12,7 @@ region           records            one record holds
 ``idkeys/L{l}``  m                  K of one chunk at layer l, ``[kv_heads, c, head_dim]``
 ``digest/L{l}``  1                  mean key per chunk and KV head, float32 ``[m, kv_heads, d]``
 ``stats``        1                  static chunk importance, float32 ``[L, m]``
-``tokens``       1                  the prefix token ids, uint32 ``[n]``
+``tokens``       1                  the prefix token ids, int32 ``[n]``
 ===============  =================  ==========================================================
 
 The last chunk may hold fewer than ``c`` tokens; its records are zero-padded to full size. Because
