@@ -31,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-cache-dir", help="where converted models are kept (default ~/.cache/contiguouskv)")
     parser.add_argument("--chunk-size", type=int, help="tokens per ContiguousChunk at registration (default 16)")
     parser.add_argument("--config", help="JSON file with any of the above (flags win, then CKV_* env)")
+    # Also accepted after the subcommand; the top-level CLI owns the defaults.
+    parser.add_argument("--log-level", default=argparse.SUPPRESS, help="logging level (INFO)")
+    parser.add_argument("--log-format", choices=("text", "json"), default=argparse.SUPPRESS,
+                        help="log line format (text)")
 
 
 def config_from_args(args: argparse.Namespace) -> ComputeServerConfig:
@@ -83,5 +87,5 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m contiguouskv.compute_server")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    setup_logging()
+    setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_format", "text"))
     return run(config_from_args(args))
