@@ -1,0 +1,65 @@
+"""Config of the cache server: one frozen dataclass, validated at construction.
+
+Built once by :func:`contiguouskv.cache_server.server.config_from_args` (flags > env ``CKV_*`` >
+JSON file) and passed down through constructors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+MIN_MESSAGE_BYTES = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CacheServerConfig:
+    """Settings of one cache server process.
+
+    ``root`` holds every stored object. ``port`` 0 binds any free port; the bound port is written to
+    ``port_file`` when given. ``max_batch_bytes`` caps the payload of one Fetch response;
+    ``max_store_bytes`` caps the bytes of all data files (0 = unlimited). ``read_threads`` is the
+    size of the disk read pool. ``direct_io`` asks for O_DIRECT reads where the filesystem allows.
+    ``max_message_bytes`` raises gRPC's send and receive message limits.
+    """
+
+    root: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    port_file: Path | None = None
+    max_batch_bytes: int = 1 << 20
+    max_store_bytes: int = 0
+    read_threads: int = 8
+    grace_seconds: float = 5.0
+    direct_io: bool = True
+    max_message_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        if not str(self.root):
+            raise ValueError("root: must name a directory")
+        if not self.host:
+            raise ValueError("host: must not be empty")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: {self.port} is outside 0..65535")
+        if self.max_batch_bytes < 1:
+            raise ValueError(f"max_batch_bytes: {self.max_batch_bytes} must be at least 1")
+        if self.max_store_bytes < 0:
+            raise ValueError(f"max_store_bytes: {self.max_store_bytes} must be >= 0 (0 = unlimited)")
+        if self.read_threads < 1:
+            raise ValueError(f"read_threads: {self.read_threads} must be at least 1")
+        if self.grace_seconds < 0:
+            raise ValueError(f"grace_seconds: {self.grace_seconds} must be >= 0")
+        if self.max_message_bytes < MIN_MESSAGE_BYTES:
+            raise ValueError(
+                f"max_message_bytes: {self.max_message_bytes} must be at least {MIN_MESSAGE_BYTES}"
+            )
+        if self.max_batch_bytes > self.max_message_bytes // 2:
+            raise ValueError(
+                f"max_batch_bytes: {self.max_batch_bytes} must be at most half of "
+                f"max_message_bytes ({self.max_message_bytes})"
+            )
+
+    @property
+    def max_record_bytes(self) -> int:
+        """Largest record size accepted at PutPrefix: one record must fit in one response."""
+        return self.max_message_bytes // 2

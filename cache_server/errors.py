@@ -1,0 +1,34 @@
+"""Errors of the cache server's plain classes.
+
+The store, writer, reader and fetch session raise only these. Each class names the gRPC status it
+becomes; the mapping to ``grpc.StatusCode`` lives in one place, :mod:`.service`.
+"""
+
+from __future__ import annotations
+
+
+class CacheError(Exception):
+    """Base class of every error the cache server reports to a caller; the message is for humans."""
+
+
+class InvalidArgument(CacheError, ValueError):
+    """A request is malformed: a bad key, region, index, tag, or a stream out of order.
+
+    Also a ``ValueError``, so value objects (keys) raise it on construction.
+    """
+
+
+class NotFound(CacheError):
+    """No committed object has the requested key."""
+
+
+class ResourceExhausted(CacheError):
+    """The store's byte limit or the disk is full; nothing half-written stays visible."""
+
+
+class DataLoss(CacheError):
+    """Stored bytes do not match their checksum (or the file is shorter than its manifest)."""
+
+
+class FailedPrecondition(CacheError):
+    """The request conflicts with what is stored (e.g. a committed object with other regions)."""
