@@ -1,0 +1,139 @@
+"""Running the cache server: flags, config, the grpc.aio server, health, graceful shutdown.
+
+``python -m contiguouskv.cache_server --root DIR --port 0 --port-file F`` (or the ``contiguouskv``
+CLI, through :func:`add_arguments`, :func:`config_from_args` and :func:`run`) starts a server
+that writes its bound port to ``F`` once it accepts calls, and on SIGTERM or SIGINT reports
+NOT_SERVING, lets in-flight calls finish for ``grace_seconds`` and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from contiguouskv.cache_server.config import CacheServerConfig
+from contiguouskv.cache_server.service import CacheServicer
+from contiguouskv.cache_server.store import RecordStore
+from contiguouskv.common.config import ConfigError, load_config
+from contiguouskv.common.logs import setup_logging
+from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the cache server's flags to ``parser``; flags left out read as ``None`` (not given)."""
+    parser.add_argument("--root", type=Path, help="directory of stored objects (required)")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind; 0 = any free port (default 0)")
+    parser.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    parser.add_argument("--max-batch-bytes", type=int, help="payload cap of a Fetch response")
+    parser.add_argument("--max-store-bytes", type=int, help="cap of stored bytes; 0 = unlimited")
+    parser.add_argument("--config", type=Path, help="JSON file of config fields")
+    # SUPPRESS: as a subcommand, an absent flag must not overwrite the parent parser's value.
+    parser.add_argument("--log-level", default=argparse.SUPPRESS, help="logging level (INFO)")
+    parser.add_argument("--log-format", choices=("text", "json"), default=argparse.SUPPRESS,
+                        help="log line format (text)")
+
+
+def config_from_args(args: argparse.Namespace) -> CacheServerConfig:
+    """Resolve the config from flags > ``CKV_*`` env > ``--config`` file; ``ConfigError`` if bad."""
+    flags = {
+        name: getattr(args, name, None)
+        for name in ("root", "host", "port", "port_file", "max_batch_bytes", "max_store_bytes")
+    }
+    return load_config(CacheServerConfig, flags=flags, file=args.config)
+
+
+def _write_port_file(path: Path, port: int) -> None:
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp.write_text(f"{port}\n")
+    os.replace(temp, path)
+
+
+async def serve(
+    config: CacheServerConfig, ready: Callable[[int], None] | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain for ``grace_seconds`` and return.
+
+    ``ready`` is called with the bound port once the server accepts calls (after the port file
+    is written).
+    """
+    config.root.mkdir(parents=True, exist_ok=True)
+    store = await asyncio.to_thread(RecordStore, config)
+    options = [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+    ]
+    server = grpc.aio.server(options=options)
+    with ThreadPoolExecutor(config.read_threads, thread_name_prefix="ckv-read") as read_pool:
+        servicer = CacheServicer(store, read_pool, config.max_batch_bytes)
+        cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if port == 0:
+            raise OSError(f"cannot bind {config.host}:{config.port}")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await server.start()
+        for service in ("", SERVICE_NAME):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if config.port_file is not None:
+            _write_port_file(config.port_file, port)
+        logger.info("cache server listening on %s:%d", config.host, port)
+        if ready is not None:
+            ready(port)
+        try:
+            await stop.wait()
+        finally:
+            logger.info("cache server stopping (grace %.1fs)", config.grace_seconds)
+            await health_servicer.enter_graceful_shutdown()
+            await server.stop(config.grace_seconds)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+    logger.info("cache server stopped")
+
+
+def run(config: CacheServerConfig) -> int:
+    """Run :func:`serve` on uvloop (plain asyncio where uvloop is missing); return 0."""
+    try:
+        import uvloop
+    except ImportError:  # uvloop is not built for every platform
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m contiguouskv.cache_server``; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m contiguouskv.cache_server", description="ContiguousKV cache server"
+    )
+    add_arguments(parser)
+    parser.set_defaults(log_level="INFO", log_format="text")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return run(config)
