@@ -152,8 +152,8 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                     raise InvalidArgument(f"PutPrefix: unexpected {kind!r} message after the header")
             raise InvalidArgument("PutPrefix: the stream ended without a commit")
         finally:
-            if writer is not None:
-                self._store.abort(writer)  # quick (close + unlink); also runs on cancellation
+            if writer is not None:  # failed or cancelled: shielded, the temp file always goes
+                await asyncio.shield(asyncio.to_thread(self._store.abort, writer))
 
     @_rpc
     async def GetManifest(

@@ -4,7 +4,8 @@ An :class:`ObjectWriter` is made by :meth:`RecordStore.begin_put`, fed with :met
 ended by :meth:`RecordStore.commit` (which calls :meth:`finish` and publishes the object) or
 :meth:`RecordStore.abort`. Until then nothing of it is visible. A writer for a key that is already
 committed validates what it is fed but writes nothing (``discard``). One writer is used by one
-caller at a time.
+caller at a time; :meth:`discard_files` may come from another thread (a cancelled call) and waits
+for a running :meth:`write` or :meth:`finish`, so a descriptor is never closed under them.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import array
 import errno
 import logging
 import os
+import threading
 import time
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
-from contiguouskv.cache_server.errors import InvalidArgument, ResourceExhausted
+from contiguouskv.cache_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from contiguouskv.cache_server.keys import ObjectKey
 from contiguouskv.cache_server.manifest import Manifest, RegionLayout, data_size, pack_checksums
 
@@ -58,6 +60,8 @@ class ObjectWriter:
         self.temp_path = temp_path
         self.bytes_written = 0
         self._fd = fd
+        self._lock = threading.Lock()  # guards _fd, _ended and the bookkeeping below
+        self._ended = False
         self._seen = {name: bytearray(r.num_records) for name, r in regions.items()}
         self._crcs = {
             name: array.array(CRC_TYPECODE, bytes(4 * r.num_records)) for name, r in regions.items()
@@ -93,6 +97,11 @@ class ObjectWriter:
         of the record size, records past the region's end, or a record already sent; and
         ``ResourceExhausted`` when the disk is full. Returns the bytes written to disk.
         """
+        with self._lock:
+            self._check_not_ended()
+            return self._write(region, first_record, data)
+
+    def _write(self, region: str, first_record: int, data: bytes) -> int:
         layout = self.regions.get(region)
         if layout is None:
             raise InvalidArgument(f"data.region: {region!r} is not in the header of {self.key}")
@@ -134,9 +143,10 @@ class ObjectWriter:
                 out[i * stride : i * stride + size] = view[i * size : (i + 1) * size]
         offset = layout.record_offset(first)
         try:
-            done = 0
-            while done < len(out):
-                done += os.pwrite(self._fd, out[done:], offset + done)
+            with memoryview(out) as buffer:
+                done = 0
+                while done < len(buffer):
+                    done += os.pwrite(self._fd, buffer[done:], offset + done)
         except OSError as exc:
             if is_disk_full(exc):
                 raise disk_full_error(self.key, exc) from exc
@@ -149,21 +159,11 @@ class ObjectWriter:
         Raises ``InvalidArgument`` naming the first missing record, ``ResourceExhausted`` when the
         flush hits a full disk. The caller (the store) publishes the result or aborts.
         """
-        for name, seen in self._seen.items():
-            missing = seen.find(0)
-            if missing >= 0:
-                raise InvalidArgument(
-                    f"commit: record {missing} of region {name!r} was never sent "
-                    f"({seen.count(0)} of {len(seen)} missing)"
-                )
-        if self._fd is not None:
-            try:
-                os.fsync(self._fd)
-            except OSError as exc:
-                if is_disk_full(exc):
-                    raise disk_full_error(self.key, exc) from exc
-                raise
-            self._close_fd()
+        with self._lock:
+            self._check_not_ended()
+            self._check_complete()
+            self._sync_and_close()
+            self._ended = True
         return Manifest(
             key=self.key,
             regions=self.regions,
@@ -172,9 +172,35 @@ class ObjectWriter:
             committed_at=time.time(),
         )
 
-    def discard_files(self) -> None:
-        """Close and remove the temp file, if any; safe to call more than once."""
+    def _check_not_ended(self) -> None:
+        if self._ended:
+            raise FailedPrecondition(f"the put of {self.key} has already ended")
+
+    def _check_complete(self) -> None:
+        for name, seen in self._seen.items():
+            missing = seen.find(0)
+            if missing >= 0:
+                raise InvalidArgument(
+                    f"commit: record {missing} of region {name!r} was never sent "
+                    f"({seen.count(0)} of {len(seen)} missing)"
+                )
+
+    def _sync_and_close(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(self.key, exc) from exc
+            raise
         self._close_fd()
+
+    def discard_files(self) -> None:
+        """End the writer, close and remove its temp file, if any; safe to call more than once."""
+        with self._lock:
+            self._ended = True
+            self._close_fd()
         if self.temp_path is not None:
             try:
                 self.temp_path.unlink(missing_ok=True)

@@ -241,6 +241,28 @@ async def test_malformed_put_leaves_nothing(stub: cache_pb2_grpc.CacheServiceStu
     assert not (await put(stub, good)).already_committed  # and the server keeps serving
 
 
+async def test_cancelled_put_leaves_nothing(stub: cache_pb2_grpc.CacheServiceStub,
+                                            server: CacheProc) -> None:
+    header, data0, *_ = put_requests("put-cancel", "l", records_of([("a", 64, 4096)]), chunk=8)
+    call = stub.PutPrefix(timeout=30)
+    await call.write(header)
+    await call.write(data0)
+    prefix_dir = server.root / "objects" / "put-cancel"
+    for _ in range(100):  # the temp file exists while the put is open
+        if prefix_dir.exists() and any(prefix_dir.iterdir()):
+            break
+        await asyncio.sleep(0.02)
+    assert any(prefix_dir.iterdir())
+    call.cancel()
+    for _ in range(100):
+        if not any(prefix_dir.iterdir()):
+            break
+        await asyncio.sleep(0.02)
+    assert list(prefix_dir.iterdir()) == []
+    listed = await stub.ListPrefixes(pb.ListPrefixesRequest(prefix_id="put-cancel"))
+    assert list(listed.manifests) == []
+
+
 async def test_list_delete_and_stats(stub: cache_pb2_grpc.CacheServiceStub) -> None:
     before = await stub.GetStats(pb.GetStatsRequest())
     for layout in ("x", "y"):
