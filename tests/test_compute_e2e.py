@@ -135,3 +135,21 @@ def test_prefix_of_another_model_is_a_failed_precondition(tiny: ContiguousKVClie
     with pytest.raises(FailedPreconditionError, match="stored for model"):
         smol.reprefill(reg.prefix_id, [1, 2, 3])
     assert smol.model_info().name == SMOL
+
+
+async def test_async_client_matches_sync(tiny: ContiguousKVClient) -> None:
+    from contiguouskv.client import AsyncContiguousKVClient
+
+    prefix = _ids(70, 512, 21)
+    sync_reg = tiny.register(token_ids=prefix)
+    expected = tiny.reprefill(sync_reg.prefix_id, [7, 8, 9], max_new_tokens=3)
+    async with AsyncContiguousKVClient(tiny.address, timeout=120) as client:
+        reg = await client.register(token_ids=prefix)
+        assert reg.prefix_id == sync_reg.prefix_id and reg.already_registered
+        got = await client.reprefill(reg.prefix_id, [7, 8, 9], max_new_tokens=3)
+        assert (got.token_id, got.generated_ids) == (expected.token_id, expected.generated_ids)
+        streamed = [t.token_id async for t in client.generate(reg.prefix_id, [7, 8, 9], max_new_tokens=3)]
+        assert streamed == [expected.token_id, *expected.generated_ids]
+        with pytest.raises(NotFoundError):
+            await client.reprefill("a" * 32, [1])
+        assert (await client.model_info()).num_layers == tiny.model_info().num_layers
