@@ -63,32 +63,37 @@ def _write_port_file(path: Path, port: int) -> None:
     os.replace(temp, path)
 
 
-async def serve(
-    config: CacheServerConfig, ready: Callable[[int], None] | None = None
-) -> None:
-    """Serve until SIGTERM or SIGINT, then drain for ``grace_seconds`` and return.
-
-    ``ready`` is called with the bound port once the server accepts calls (after the port file
-    is written).
-    """
-    config.root.mkdir(parents=True, exist_ok=True)
-    store = await asyncio.to_thread(RecordStore, config)
+def _build_server(
+    config: CacheServerConfig, store: RecordStore, read_pool: ThreadPoolExecutor
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """The gRPC server with the cache, health and reflection services, bound; and its port."""
     options = [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
     ]
     server = grpc.aio.server(options=options)
+    servicer = CacheServicer(store, read_pool, config.max_batch_bytes)
+    cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    return server, health_servicer, port
+
+
+async def serve(config: CacheServerConfig, ready: Callable[[int], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain for ``grace_seconds`` and return.
+
+    ``ready`` is called with the bound port once the server accepts calls (after the port file
+    is written). Health reports SERVING for "" and the cache service until the drain starts.
+    """
+    store = await asyncio.to_thread(RecordStore, config)
     with ThreadPoolExecutor(config.read_threads, thread_name_prefix="ckv-read") as read_pool:
-        servicer = CacheServicer(store, read_pool, config.max_batch_bytes)
-        cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server)
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
-        if port == 0:
-            raise OSError(f"cannot bind {config.host}:{config.port}")
+        server, health_servicer, port = _build_server(config, store, read_pool)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
