@@ -83,7 +83,8 @@ class ModelRunner:
     def project(
         self, layer: int, hidden: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Input norm, q/k/v projections, RoPE at ``positions`` ``[T]``: q ``[H,T,d]``, k, v ``[kvH,T,d]``."""
+        """Input norm, q/k/v projections (+ q/k norm if the model has them), RoPE at ``positions``
+        ``[T]``. Returns contiguous q ``[H, T, d]``, k and v ``[kvH, T, d]``; q and k post-RoPE."""
         attention = self._decoder.layers[layer].self_attn
         x = self._decoder.layers[layer].input_layernorm(hidden)
         tokens = x.shape[0]
@@ -93,8 +94,8 @@ class ModelRunner:
         if self._has_qk_norm:
             q, k = attention.q_norm(q), attention.k_norm(k)
         cos, sin = self._rotary(hidden, positions)  # [T, d] each
-        q = _rotate(q.transpose(0, 1), cos, sin)  # [H, T, d]
-        k = _rotate(k.transpose(0, 1), cos, sin)  # [kvH, T, d]
+        q = _rotate(q.transpose(0, 1), cos, sin).contiguous()  # [H, T, d]
+        k = _rotate(k.transpose(0, 1), cos, sin).contiguous()  # [kvH, T, d]
         return q, k, v.transpose(0, 1).contiguous()  # v: [kvH, T, d]
 
     @torch.inference_mode()
@@ -198,7 +199,8 @@ class ModelRunner:
         return cos[0], sin[0]
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
-        """SDPA of the last ``R`` of ``k``'s rows: q ``[H, R, d]``, k/v ``[kvH or H, S', d]``."""
+        """SDPA for q ``[H, R, d]`` over k/v ``[kvH or H, S', d]``, whose last ``R`` keys are the
+        rows' own: row ``i`` sees keys ``0 .. S'-R+i``. Returns ``[H, R, d]``."""
         rows, seen = q.shape[1], k.shape[1]
         # 4-D inputs: with 3-D ones the CPU dispatcher falls back to the (3x slower) math kernel.
         q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # [1, heads, tokens, d]

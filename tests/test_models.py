@@ -50,6 +50,16 @@ def test_preset_loads_are_deterministic(tmp_path: Path) -> None:
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
+def test_preset_weights_ignore_global_rng_state() -> None:
+    """Weights are a pure function of the preset, so every process builds the same ones."""
+    torch.manual_seed(1)
+    a = build_preset_model(get_preset("tiny")).state_dict()
+    torch.manual_seed(2)
+    torch.rand(1000)
+    b = build_preset_model(get_preset("tiny")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_preset_fingerprints_differ() -> None:
     fingerprints = {preset_fingerprint(p) for p in PRESETS.values()}
     assert len(fingerprints) == len(PRESETS)

@@ -151,3 +151,21 @@ def test_bfloat16_runner_tracks_hf(tmp_path: Path) -> None:
     assert prefix.keys[0].dtype == torch.bfloat16
     got = _query_over_prefix(r, ids[50:], prefix.keys, prefix.values, 50)
     assert _relative(got, _reference(loaded, ids)) < 5e-2
+
+
+def test_qwen3_folder_with_qk_norm_matches_hf(tmp_path: Path) -> None:
+    """A local-folder Qwen3 model: exercises q_norm/k_norm and loading by path."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, initializer_range=0.2, max_position_embeddings=1024,
+    )
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(config).save_pretrained(tmp_path / "qwen3")
+    loaded = load_model(str(tmp_path / "qwen3"), cache_dir=tmp_path)
+    r = ModelRunner(loaded)
+    ids = _ids(70, 300, seed=4)
+    prefix = r.prefill(ids[:45], block_size=16)
+    got = _query_over_prefix(r, ids[45:], prefix.keys, prefix.values, 45)
+    assert _relative(got, _reference(loaded, ids)) < 1e-3
