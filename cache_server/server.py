@@ -11,21 +11,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
-import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from contiguouskv.cache_server.config import CacheServerConfig
 from contiguouskv.cache_server.service import CacheServicer
 from contiguouskv.cache_server.store import RecordStore
 from contiguouskv.common.config import ConfigError, load_config
 from contiguouskv.common.logs import setup_logging
+from contiguouskv.common.serving import ServerLifecycle, channel_options, run_async
 from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -57,32 +54,13 @@ def config_from_args(args: argparse.Namespace) -> CacheServerConfig:
     return load_config(CacheServerConfig, flags=flags, file=args.config)
 
 
-def _write_port_file(path: Path, port: int) -> None:
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(f"{port}\n")
-    os.replace(temp, path)
-
-
-def _build_server(
-    config: CacheServerConfig, store: RecordStore, read_pool: ThreadPoolExecutor
-) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    """The gRPC server with the cache, health and reflection services, bound; and its port."""
-    options = [
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-    ]
-    server = grpc.aio.server(options=options)
+def _build_server(config: CacheServerConfig, store: RecordStore,
+                  read_pool: ThreadPoolExecutor) -> ServerLifecycle:
+    """The gRPC server with the cache, health and reflection services."""
+    server = grpc.aio.server(options=channel_options(config.max_message_bytes))
     servicer = CacheServicer(store, read_pool, config.max_batch_bytes)
     cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"cannot bind {config.host}:{config.port}")
-    return server, health_servicer, port
+    return ServerLifecycle(server, [SERVICE_NAME])
 
 
 async def serve(config: CacheServerConfig, ready: Callable[[int], None] | None = None) -> None:
@@ -93,38 +71,16 @@ async def serve(config: CacheServerConfig, ready: Callable[[int], None] | None =
     """
     store = await asyncio.to_thread(RecordStore, config)
     with ThreadPoolExecutor(config.read_threads, thread_name_prefix="ckv-read") as read_pool:
-        server, health_servicer, port = _build_server(config, store, read_pool)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        await server.start()
-        for service in ("", SERVICE_NAME):
-            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        if config.port_file is not None:
-            _write_port_file(config.port_file, port)
-        logger.info("cache server listening on %s:%d", config.host, port)
+        lifecycle = _build_server(config, store, read_pool)
+        port = await lifecycle.start(config.host, config.port, config.port_file, "cache server")
         if ready is not None:
             ready(port)
-        try:
-            await stop.wait()
-        finally:
-            logger.info("cache server stopping (grace %.1fs)", config.grace_seconds)
-            await health_servicer.enter_graceful_shutdown()
-            await server.stop(config.grace_seconds)
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(signum)
-    logger.info("cache server stopped")
+        await lifecycle.wait_and_drain(config.grace_seconds)
 
 
 def run(config: CacheServerConfig) -> int:
     """Run :func:`serve` on uvloop (plain asyncio where uvloop is missing); return 0."""
-    try:
-        import uvloop
-    except ImportError:  # uvloop is not built for every platform
-        asyncio.run(serve(config))
-    else:
-        uvloop.run(serve(config))
+    run_async(serve(config))
     return 0
 
 

@@ -23,7 +23,7 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 def write_port_file(path: Path, port: int) -> None:
     """Write the bound port atomically so a reader never sees a partial file."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(f"{port}\n")
     os.replace(tmp, path)
 
@@ -36,10 +36,12 @@ class ServerLifecycle:
         self.health = health.aio.HealthServicer()
         self.names = list(service_names)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection([*self.names, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server)
+        reflection.enable_server_reflection([*self.names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         self._stop = asyncio.Event()
+        self._what = "server"
 
     async def start(self, host: str, port: int, port_file: Path | None, what: str) -> int:
+        self._what = what
         bound = self.server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
             raise OSError(f"cannot bind {host}:{port}")
@@ -52,14 +54,20 @@ class ServerLifecycle:
         return bound
 
     async def wait_and_drain(self, grace_seconds: float) -> None:
+        """Block until SIGTERM/SIGINT (or :meth:`request_stop`); then NOT_SERVING and a graceful stop."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        await self._stop.wait()
-        log.info("draining: not serving new requests, %.1fs grace for in-flight ones", grace_seconds)
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_seconds)
-        log.info("stopped")
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("%s draining: not serving new requests, %.1fs grace for in-flight ones",
+                     self._what, grace_seconds)
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(grace_seconds)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        log.info("%s stopped", self._what)
 
     def request_stop(self) -> None:
         self._stop.set()
