@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,15 @@ from contiguouskv.compute_server.models import LoadedModel, default_cache_dir, l
 from contiguouskv.compute_server.runner import ModelRunner
 
 MODELS = ["random:tiny", "smollm2-135m-instruct"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """Small tensors: one thread is as fast, and immune to OpenMP stalls (10x seen) on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=MODELS)
