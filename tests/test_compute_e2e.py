@@ -153,3 +153,22 @@ async def test_async_client_matches_sync(tiny: ContiguousKVClient) -> None:
         with pytest.raises(NotFoundError):
             await client.reprefill("a" * 32, [1])
         assert (await client.model_info()).num_layers == tiny.model_info().num_layers
+
+
+def test_compute_health_reflection_and_graceful_stop(cache: launch.ServiceProcess) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    proc = launch.compute_server(TINY, cache.address, "--dtype", "float32")
+    proc.wait_ready()
+    with grpc.insecure_channel(proc.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "contiguouskv.v1.ComputeService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answers = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in answers[0].list_services_response.service}
+        assert "contiguouskv.v1.ComputeService" in names
+    assert proc.stop() == 0
