@@ -10,11 +10,8 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 def default_cache_dir() -> Path:
-    """Where converted models live: ``$XDG_CACHE_HOME/contiguouskv`` or ``~/.cache/contiguouskv``."""
-    import os
-
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "contiguouskv"
+    """``~/.cache/contiguouskv``: where converted models live unless ``model_cache_dir`` says otherwise."""
+    return Path.home() / ".cache" / "contiguouskv"
 
 
 @dataclass(frozen=True)

@@ -113,11 +113,6 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
-def default_cache_dir() -> Path:
-    """``~/.cache/contiguouskv``: where converted models live unless told otherwise."""
-    return Path.home() / ".cache" / "contiguouskv"
-
-
 def valid_model_names() -> list[str]:
     """Every name ``load_model`` accepts besides a local folder path."""
     return [RANDOM_PREFIX + p for p in sorted(PRESETS)] + sorted(GGUF_SOURCES)

@@ -17,6 +17,7 @@ from contiguouskv import launch
 from contiguouskv.client import (
     ContiguousKVClient, FailedPreconditionError, InvalidArgumentError, NotFoundError,
 )
+from contiguouskv.compute_server.config import default_cache_dir
 from contiguouskv.compute_server.models import load_model
 
 TINY = "random:tiny"
@@ -46,7 +47,7 @@ def smol(cache: launch.ServiceProcess) -> Iterator[ContiguousKVClient]:
 
 
 def _reference(model: str, ids: list[int]) -> torch.Tensor:
-    loaded = load_model(model, cache_dir=Path.home() / ".cache" / "contiguouskv")
+    loaded = load_model(model, cache_dir=default_cache_dir())
     with torch.inference_mode():
         return loaded.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import GPT2Config, MistralConfig, Qwen2Config
 
+from contiguouskv.compute_server.config import default_cache_dir
 from contiguouskv.compute_server import models
 from contiguouskv.compute_server.models import (
     GGUF_SOURCES,
@@ -45,7 +46,7 @@ def _one_torch_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def cache_dir() -> Path:
     """Shared across runs so the SmolLM2 conversion happens once per machine."""
-    return Path(os.environ.get("CKV_TEST_CACHE_DIR") or models.default_cache_dir())
+    return Path(os.environ.get("CKV_TEST_CACHE_DIR") or default_cache_dir())
 
 
 # --- presets -------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from contiguouskv.compute_server import runner as runner_module
-from contiguouskv.compute_server.models import LoadedModel, default_cache_dir, load_model
+from contiguouskv.compute_server.config import default_cache_dir
+from contiguouskv.compute_server.models import LoadedModel, load_model
 from contiguouskv.compute_server.runner import ModelRunner
 
 MODELS = ["random:tiny", "smollm2-135m-instruct"]
