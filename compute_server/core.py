@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from contiguouskv.compute_server.cache_client import CacheClient
 from contiguouskv.compute_server.config import ComputeServerConfig
@@ -21,10 +22,13 @@ from contiguouskv.compute_server.engine import Engine, QueryOutcome
 from contiguouskv.compute_server.errors import FailedPrecondition, InvalidArgument, NotFound
 from contiguouskv.compute_server.layout import ContiguousLayout
 from contiguouskv.compute_server.loader import KVLoader
+from contiguouskv.compute_server.models import LoadedModel
 from contiguouskv.compute_server.packing import dtype_name, iter_region_payloads, unpack_tokens
 from contiguouskv.compute_server.policies import POLICY_NAMES, make_policy
+from contiguouskv.compute_server.runner import ModelRunner
 
 PREFIX_ID = re.compile(r"^[0-9a-f]{32}$")
+T = TypeVar("T")
 
 
 def prefix_id_for(fingerprint: str, token_ids: list[int]) -> str:
@@ -81,14 +85,14 @@ class RegisterResult:
 class ComputeCore:
     """Registers prefixes and answers queries for one loaded model."""
 
-    def __init__(self, config: ComputeServerConfig, model: "object", runner: "object", cache: CacheClient) -> None:
+    def __init__(self, config: ComputeServerConfig, model: LoadedModel, runner: ModelRunner, cache: CacheClient) -> None:
         self.config = config
         self.model = model
         self.runner = runner
         self.cache = cache
         self.engine = Engine(runner, prefill_block=config.prefill_block, importance_window=config.importance_window)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
-        self.kv_dtype = dtype_name(runner.dtype)  # type: ignore[attr-defined]
+        self.kv_dtype = dtype_name(runner.dtype)
 
     @property
     def layout_name(self) -> str:
@@ -99,44 +103,45 @@ class ComputeCore:
         """Token ids of text or of given ids, validated against the vocabulary."""
         m = self.model
         if isinstance(value, str):
-            if m.tokenizer is None:  # type: ignore[attr-defined]
-                raise InvalidArgument(f"{field_name}: model {m.name} has no tokenizer; send token ids")  # type: ignore[attr-defined]
-            ids = list(m.tokenizer.encode(value, add_special_tokens=False))  # type: ignore[attr-defined]
+            if m.tokenizer is None:
+                raise InvalidArgument(f"{field_name}: model {m.name} has no tokenizer; send token ids")
+            ids = list(m.tokenizer.encode(value, add_special_tokens=False))
         else:
             ids = list(value)
         if not ids:
             raise InvalidArgument(f"{field_name}: empty")
-        bad = [t for t in ids if not 0 <= t < m.vocab_size]  # type: ignore[attr-defined]
+        bad = [t for t in ids if not 0 <= t < m.vocab_size]
         if bad:
-            raise InvalidArgument(f"{field_name}: token id {bad[0]} outside the vocabulary [0, {m.vocab_size})")  # type: ignore[attr-defined]
+            raise InvalidArgument(f"{field_name}: token id {bad[0]} outside the vocabulary [0, {m.vocab_size})")
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        tok = self.model.tokenizer  # type: ignore[attr-defined]
+        tok = self.model.tokenizer
         return tok.decode(ids) if tok is not None else ""
 
-    async def _compute(self, fn: Callable[..., object], *args: object) -> object:
+    async def _compute(self, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn`` on the single compute thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # --- register --------------------------------------------------------------------------------
     async def register(self, prefix: str | list[int]) -> RegisterResult:
         ids = self.tokens(prefix, "prefix")
-        limit = min(self.config.max_prefix_tokens, self.model.max_position_embeddings - 1)  # type: ignore[attr-defined]
+        limit = min(self.config.max_prefix_tokens, self.model.max_position_embeddings - 1)
         if len(ids) > limit:
             raise InvalidArgument(f"prefix: {len(ids)} tokens, more than the limit of {limit}")
         m = self.model
-        layout = ContiguousLayout(len(ids), m.num_layers, m.num_kv_heads, m.head_dim, self.kv_dtype,  # type: ignore[attr-defined]
+        layout = ContiguousLayout(len(ids), m.num_layers, m.num_kv_heads, m.head_dim, self.kv_dtype,
                                   self.config.chunk_size, self.config.group_size)
-        prefix_id = prefix_id_for(m.fingerprint, ids)  # type: ignore[attr-defined]
+        prefix_id = prefix_id_for(m.fingerprint, ids)
         if await self.cache.get_manifest(prefix_id, layout.name) is not None:
             return RegisterResult(prefix_id, len(ids), layout.num_chunks, layout.chunk_size, True, 0, 0.0, 0.0)
         t0 = time.perf_counter()
         kv = await self._compute(self.engine.prefill_prefix, ids, layout)
         payloads = await self._compute(lambda: list(iter_region_payloads(
-            layout, kv.keys, kv.values, kv.importance, ids, self.config.fetch_batch_bytes)))  # type: ignore[attr-defined]
+            layout, kv.keys, kv.values, kv.importance, ids, self.config.fetch_batch_bytes)))
         t1 = time.perf_counter()
-        metadata = layout.to_metadata(model_fingerprint=m.fingerprint, model_name=m.name)  # type: ignore[attr-defined]
-        reply = await self.cache.put_prefix(prefix_id, layout.name, layout.regions(), metadata, payloads)  # type: ignore[arg-type]
+        metadata = layout.to_metadata(model_fingerprint=m.fingerprint, model_name=m.name)
+        reply = await self.cache.put_prefix(prefix_id, layout.name, layout.regions(), metadata, payloads)
         t2 = time.perf_counter()
         return RegisterResult(prefix_id, len(ids), layout.num_chunks, layout.chunk_size,
                               reply.already_committed, reply.bytes_written, t1 - t0, t2 - t1)
@@ -164,11 +169,11 @@ class ComputeCore:
         if manifest is None:
             raise NotFound(f"prefix_id: {prefix_id} is not registered (layout {self.layout_name})")
         layout, extra = ContiguousLayout.from_metadata(manifest.metadata)
-        if extra.get("model_fingerprint") != self.model.fingerprint:  # type: ignore[attr-defined]
+        if extra.get("model_fingerprint") != self.model.fingerprint:
             raise FailedPrecondition(
                 f"prefix_id: {prefix_id} was stored for model {extra.get('model_name')!r} "
                 f"(fingerprint {str(extra.get('model_fingerprint'))[:12]}), this server runs "
-                f"{self.model.name!r} (fingerprint {self.model.fingerprint[:12]})")  # type: ignore[attr-defined]
+                f"{self.model.name!r} (fingerprint {self.model.fingerprint[:12]})")
         return layout
 
     async def reprefill(self, args: ReprefillArgs, on_token: Callable[[int], None] | None = None) -> ReprefillResult:
@@ -180,14 +185,14 @@ class ComputeCore:
             raise InvalidArgument(f"query: {len(query)} tokens, more than the limit of {self.config.max_query_tokens}")
         layout = await self._manifest_layout(args.prefix_id)
         total = layout.num_tokens + len(query) + args.max_new_tokens
-        if total > self.model.max_position_embeddings:  # type: ignore[attr-defined]
+        if total > self.model.max_position_embeddings:
             raise InvalidArgument(f"query: prefix ({layout.num_tokens}) + query ({len(query)}) + max_new_tokens "
-                                  f"({args.max_new_tokens}) exceed the model's {self.model.max_position_embeddings} positions")  # type: ignore[attr-defined]
+                                  f"({args.max_new_tokens}) exceed the model's {self.model.max_position_embeddings} positions")
         loop = asyncio.get_running_loop()
         stream = await self.cache.open_stream(args.prefix_id, layout.name, self.config.fetch_batch_bytes)
         loader = KVLoader(layout, stream, loop)
         receiver = asyncio.create_task(loader.receive())
-        eos = self.model.eos_token_ids  # type: ignore[attr-defined]
+        eos = self.model.eos_token_ids
         try:
             if policy_name == "recompute":
                 prefix_ids = unpack_tokens((await loader.fetch_region("tokens", [0]))[0])
@@ -203,7 +208,6 @@ class ComputeCore:
         finally:
             receiver.cancel()
             await stream.close()
-        assert isinstance(outcome, QueryOutcome)
         fetch_s = (loader.last_arrival_at or 0.0) - (loader.first_request_at or 0.0)
         return ReprefillResult(
             token_id=outcome.token_id, text=self.decode([outcome.token_id]), policy=policy_name, budget=budget,

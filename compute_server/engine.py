@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from contiguouskv.compute_server.layout import ContiguousLayout
+from contiguouskv.compute_server.runner import ModelRunner
 from contiguouskv.compute_server.scoring import window_importance
 
 
@@ -63,21 +64,17 @@ class PrefixKV:
 class Engine:
     """Runs prefills and queries with a :class:`ModelRunner`; owns no I/O."""
 
-    def __init__(self, runner: "object", *, prefill_block: int, importance_window: int) -> None:
+    def __init__(self, runner: ModelRunner, *, prefill_block: int, importance_window: int) -> None:
         self.runner = runner
         self._block = prefill_block
         self._window = importance_window
-
-    @property
-    def _r(self) -> "object":
-        return self.runner
 
     def prefill_prefix(self, token_ids: list[int], layout: ContiguousLayout) -> PrefixKV:
         """Full prefill of the prefix; K/V in the storage dtype on the CPU, plus static importance."""
         r = self.runner
         w = min(self._window, len(token_ids))
-        result = r.prefill(torch.tensor(token_ids), block_size=self._block, keep_last_queries=w)  # type: ignore[attr-defined]
-        scale = float(getattr(r, "scaling", layout.head_dim ** -0.5))
+        result = r.prefill(torch.tensor(token_ids), block_size=self._block, keep_last_queries=w)
+        scale = r.scaling
         importance = torch.stack([
             window_importance(layout, q, k, scale) for q, k in zip(result.last_queries, result.keys)
         ])  # [L, m]
@@ -90,25 +87,25 @@ class Engine:
         """First token of prefix + query, prefix KV from ``source``; then greedy decoding."""
         r = self.runner
         start = time.perf_counter()
-        device = r.device  # type: ignore[attr-defined]
+        device = r.device
         positions = torch.arange(num_prefix, num_prefix + len(query_ids), device=device)
-        hidden = r.embed(torch.tensor(query_ids, device=device))  # type: ignore[attr-defined]
+        hidden = r.embed(torch.tensor(query_ids, device=device))
         out = QueryOutcome(token_id=-1)
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for layer in range(r.num_layers):  # type: ignore[attr-defined]
+        for layer in range(r.num_layers):
             t0 = time.perf_counter()
-            q, k, v = r.project(layer, hidden, positions)  # type: ignore[attr-defined]
+            q, k, v = r.project(layer, hidden, positions)
             t1 = time.perf_counter()
             pk, pv = source.kv_for_layer(layer, q)
             t2 = time.perf_counter()
             keys = torch.cat([pk.to(device=device, dtype=k.dtype), k], dim=1)  # [kv_heads, s + T, d]
             values = torch.cat([pv.to(device=device, dtype=v.dtype), v], dim=1)
-            hidden = r.finish(layer, hidden, r.attend(q, keys, values, pk.shape[1]))  # type: ignore[attr-defined]
+            hidden = r.finish(layer, hidden, r.attend(q, keys, values, pk.shape[1]))
             if max_new_tokens:
                 cache.append((keys, values))
             t3 = time.perf_counter()
             out.layers.append(LayerTiming(layer, t2 - t1, (t1 - t0) + (t3 - t2)))
-        out.logits = r.logits(hidden[-1:])[0].float().cpu()  # type: ignore[attr-defined]
+        out.logits = r.logits(hidden[-1:])[0].float().cpu()
         out.token_id = int(out.logits.argmax())
         out.first_token_s = time.perf_counter() - start
         out.wait_s = sum(t.wait_s for t in out.layers)
@@ -121,7 +118,7 @@ class Engine:
         """Full prefill of prefix + query (no stored KV used)."""
         r = self.runner
         start = time.perf_counter()
-        result = r.prefill(torch.tensor(prefix_ids + query_ids), block_size=self._block)  # type: ignore[attr-defined]
+        result = r.prefill(torch.tensor(prefix_ids + query_ids), block_size=self._block)
         logits = result.logits.reshape(-1).float().cpu()
         out = QueryOutcome(token_id=int(logits.argmax()), logits=logits)
         out.first_token_s = out.compute_s = time.perf_counter() - start
@@ -141,16 +138,16 @@ class Engine:
                 steps: int, eos_ids: tuple[int, ...], on_token: TokenCallback | None) -> list[int]:
         r = self.runner
         out: list[int] = []
-        device = r.device  # type: ignore[attr-defined]
+        device = r.device
         for step in range(steps):
             if token in eos_ids:
                 break
-            hidden = r.embed(torch.tensor([token], device=device))  # type: ignore[attr-defined]
+            hidden = r.embed(torch.tensor([token], device=device))
             pos = torch.tensor([position + step], device=device)
             for layer, (keys, values) in enumerate(cache):
-                hidden, k, v = r.run_layer(layer, hidden, pos, keys, values)  # type: ignore[attr-defined]
+                hidden, k, v = r.run_layer(layer, hidden, pos, keys, values)
                 cache[layer] = (torch.cat([keys, k], dim=1), torch.cat([values, v], dim=1))
-            token = int(r.logits(hidden[-1:])[0].argmax())  # type: ignore[attr-defined]
+            token = int(r.logits(hidden[-1:])[0].argmax())
             out.append(token)
             if on_token is not None:
                 on_token(len(out), token)

@@ -37,7 +37,7 @@ class KVLoader:
         self._blob_parts: dict[int, list[bytes]] = {}
         self._tags = itertools.count(1)
         self._error: BaseException | None = None
-        self._pending: list[Future[None]] = []
+        self._pending: list[Future[list[int]]] = []
         self.bytes_received = 0
         self.first_request_at: float | None = None
         self.last_arrival_at: float | None = None

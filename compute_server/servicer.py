@@ -132,8 +132,8 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
                            context: grpc.aio.ServicerContext) -> compute_pb2.GetModelInfoResponse:
         m = self._core.model
         return compute_pb2.GetModelInfoResponse(
-            name=m.name, fingerprint=m.fingerprint, num_layers=m.num_layers, num_kv_heads=m.num_kv_heads,  # type: ignore[attr-defined]
-            head_dim=m.head_dim, num_attention_heads=m.num_attention_heads, hidden_size=m.hidden_size,  # type: ignore[attr-defined]
-            vocab_size=m.vocab_size, max_position_embeddings=m.max_position_embeddings,  # type: ignore[attr-defined]
-            has_tokenizer=m.tokenizer is not None, dtype=self._core.kv_dtype, device=self._device,  # type: ignore[attr-defined]
+            name=m.name, fingerprint=m.fingerprint, num_layers=m.num_layers, num_kv_heads=m.num_kv_heads,
+            head_dim=m.head_dim, num_attention_heads=m.num_attention_heads, hidden_size=m.hidden_size,
+            vocab_size=m.vocab_size, max_position_embeddings=m.max_position_embeddings,
+            has_tokenizer=m.tokenizer is not None, dtype=self._core.kv_dtype, device=self._device,
             chunk_size=self._core.config.chunk_size, policies=list(POLICY_NAMES))
