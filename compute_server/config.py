@@ -36,7 +36,7 @@ class ComputeServerConfig:
     max_query_tokens: int = 4096
     max_new_tokens: int = 512
     fetch_batch_bytes: int = 1 << 20
-    rpc_timeout_s: float = 120.0
+    rpc_timeout_s: float = 600.0
     grace_seconds: float = 5.0
     max_message_bytes: int = 64 << 20
 

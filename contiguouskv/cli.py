@@ -89,7 +89,8 @@ def _cmd_query(args: argparse.Namespace) -> int:
         out.update(ttft_ms=r.timings.ttft_ms, answer=r.answer)
         print(json.dumps(out))
     else:
-        print(r.answer)
+        # Models without a tokenizer answer in token ids only.
+        print(r.answer if r.answer else "token ids: " + ",".join(map(str, [r.token_id, *r.generated_ids])))
         print(f"[{r.policy}] ttft {r.timings.ttft_ms:.1f} ms (fetch wait {r.timings.fetch_wait_ms:.1f} ms, "
               f"compute {r.timings.compute_ms:.1f} ms), {r.bytes_fetched / 2**20:.2f} MiB fetched", file=sys.stderr)
     return 0

@@ -107,6 +107,10 @@ def test_bad_input_gets_clear_statuses(tiny: ContiguousKVClient) -> None:
     pid = reg.prefix_id
     with pytest.raises(NotFoundError, match="not registered"):
         tiny.reprefill("0" * 32, [1, 2])
+    with pytest.raises(NotFoundError, match="not registered"):
+        list(tiny.generate("0" * 32, [1, 2], max_new_tokens=2))
+    with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
+        list(tiny.generate(pid, [1, 2], max_new_tokens=10_000))
     cases = [
         (dict(prefix_id=pid, query=[]), "query"),
         (dict(prefix_id=pid, query=[1], budget=0.0), "budget"),
