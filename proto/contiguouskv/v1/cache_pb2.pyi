@@ -400,6 +400,8 @@ class FetchResponse(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
     CANCELLED_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     tag: _builtins.int
     region: _builtins.str
     data: _builtins.bytes
@@ -408,6 +410,9 @@ class FetchResponse(_message.Message):
     """True on the last batch of a request (including a request cut short by cancel)."""
     cancelled: _builtins.bool
     """True when the rest of the request was cancelled."""
+    error_code: _builtins.int
+    """Non-zero (a google.rpc.Code) when this request failed; the stream stays open for others."""
+    error_message: _builtins.str
     @_builtins.property
     def indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Record indices of this batch, in the order of the payloads in data."""
@@ -421,10 +426,12 @@ class FetchResponse(_message.Message):
         data: _builtins.bytes = ...,
         done: _builtins.bool = ...,
         cancelled: _builtins.bool = ...,
+        error_code: _builtins.int = ...,
+        error_message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "data", b"data", "done", b"done", "indices", b"indices", "region", b"region", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "data", b"data", "done", b"done", "error_code", b"error_code", "error_message", b"error_message", "indices", b"indices", "region", b"region", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -579,3 +586,87 @@ class GetStatsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatsResponse: _TypeAlias = GetStatsResponse  # noqa: Y015
+
+@_typing.final
+class RecordScores(_message.Message):
+    """RecordScores are per-record observations of one region: accumulated attention mass and the
+    fraction of the record's tokens found important (both >= 0; important_fraction in [0, 1]).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    INDICES_FIELD_NUMBER: _builtins.int
+    ATTENTION_FIELD_NUMBER: _builtins.int
+    IMPORTANT_FRACTION_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    @_builtins.property
+    def indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def attention(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def important_fraction(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        indices: _abc.Iterable[_builtins.int] | None = ...,
+        attention: _abc.Iterable[_builtins.float] | None = ...,
+        important_fraction: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention", b"attention", "important_fraction", b"important_fraction", "indices", b"indices", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordScores: _TypeAlias = RecordScores  # noqa: Y015
+
+@_typing.final
+class ReportAttentionRequest(_message.Message):
+    """ReportAttentionRequest carries one request's observations for one object."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREFIX_ID_FIELD_NUMBER: _builtins.int
+    LAYOUT_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    prefix_id: _builtins.str
+    layout: _builtins.str
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordScores]: ...
+    def __init__(
+        self,
+        *,
+        prefix_id: _builtins.str = ...,
+        layout: _builtins.str = ...,
+        records: _abc.Iterable[Global___RecordScores] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout", "prefix_id", b"prefix_id", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportAttentionRequest: _TypeAlias = ReportAttentionRequest  # noqa: Y015
+
+@_typing.final
+class ReportAttentionResponse(_message.Message):
+    """ReportAttentionResponse says how many records were updated."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_UPDATED_FIELD_NUMBER: _builtins.int
+    records_updated: _builtins.int
+    def __init__(
+        self,
+        *,
+        records_updated: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records_updated", b"records_updated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportAttentionResponse: _TypeAlias = ReportAttentionResponse  # noqa: Y015

@@ -65,6 +65,11 @@ class CacheServiceStub:
                 request_serializer=contiguouskv_dot_v1_dot_cache__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=contiguouskv_dot_v1_dot_cache__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.ReportAttention = channel.unary_unary(
+                '/contiguouskv.v1.CacheService/ReportAttention',
+                request_serializer=contiguouskv_dot_v1_dot_cache__pb2.ReportAttentionRequest.SerializeToString,
+                response_deserializer=contiguouskv_dot_v1_dot_cache__pb2.ReportAttentionResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer:
@@ -116,6 +121,13 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportAttention(self, request, context):
+        """ReportAttention feeds the DRAM cache policy with what a request observed about its records.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +160,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=contiguouskv_dot_v1_dot_cache__pb2.GetStatsRequest.FromString,
                     response_serializer=contiguouskv_dot_v1_dot_cache__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'ReportAttention': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportAttention,
+                    request_deserializer=contiguouskv_dot_v1_dot_cache__pb2.ReportAttentionRequest.FromString,
+                    response_serializer=contiguouskv_dot_v1_dot_cache__pb2.ReportAttentionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +330,33 @@ class CacheService:
             '/contiguouskv.v1.CacheService/GetStats',
             contiguouskv_dot_v1_dot_cache__pb2.GetStatsRequest.SerializeToString,
             contiguouskv_dot_v1_dot_cache__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportAttention(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/contiguouskv.v1.CacheService/ReportAttention',
+            contiguouskv_dot_v1_dot_cache__pb2.ReportAttentionRequest.SerializeToString,
+            contiguouskv_dot_v1_dot_cache__pb2.ReportAttentionResponse.FromString,
             options,
             channel_credentials,
             insecure,

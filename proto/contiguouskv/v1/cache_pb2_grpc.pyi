@@ -56,6 +56,8 @@ class CacheServiceStub:
     """ListPrefixes lists committed objects."""
     GetStats: _grpc.UnaryUnaryMultiCallable[_cache_pb2.GetStatsRequest, _cache_pb2.GetStatsResponse]
     """GetStats returns store and reader counters."""
+    ReportAttention: _grpc.UnaryUnaryMultiCallable[_cache_pb2.ReportAttentionRequest, _cache_pb2.ReportAttentionResponse]
+    """ReportAttention feeds the DRAM cache policy with what a request observed about its records."""
 
 @_typing.type_check_only
 class CacheServiceAsyncStub(CacheServiceStub):
@@ -79,6 +81,8 @@ class CacheServiceAsyncStub(CacheServiceStub):
     """ListPrefixes lists committed objects."""
     GetStats: _aio.UnaryUnaryMultiCallable[_cache_pb2.GetStatsRequest, _cache_pb2.GetStatsResponse]  # type: ignore[assignment]
     """GetStats returns store and reader counters."""
+    ReportAttention: _aio.UnaryUnaryMultiCallable[_cache_pb2.ReportAttentionRequest, _cache_pb2.ReportAttentionResponse]  # type: ignore[assignment]
+    """ReportAttention feeds the DRAM cache policy with what a request observed about its records."""
 
 class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
     """CacheService serves records of committed prefixes from disk (and a DRAM cache)."""
@@ -135,5 +139,13 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cache_pb2.GetStatsResponse, _abc.Awaitable[_cache_pb2.GetStatsResponse]]:
         """GetStats returns store and reader counters."""
+
+    @_abc_1.abstractmethod
+    def ReportAttention(
+        self,
+        request: _cache_pb2.ReportAttentionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_pb2.ReportAttentionResponse, _abc.Awaitable[_cache_pb2.ReportAttentionResponse]]:
+        """ReportAttention feeds the DRAM cache policy with what a request observed about its records."""
 
 def add_CacheServiceServicer_to_server(servicer: CacheServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
