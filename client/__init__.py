@@ -13,12 +13,12 @@ from contiguouskv.client.errors import (
 )
 from contiguouskv.client.sync import ContiguousKVClient
 from contiguouskv.client.types import (
-    GeneratedToken, LayerTiming, ModelInfo, RegisteredPrefix, ReprefillResult, Timings,
+    GeneratedToken, LayerTiming, ModelInfo, PeriodSelection, RegisteredPrefix, ReprefillResult, Timings,
 )
 
 __all__ = [
     "AsyncContiguousKVClient", "ContiguousKVClient", "ContiguousKVError", "DataLossError",
     "DeadlineExceededError", "FailedPreconditionError", "GeneratedToken", "InternalError",
-    "InvalidArgumentError", "LayerTiming", "ModelInfo", "NotFoundError", "RegisteredPrefix",
+    "InvalidArgumentError", "LayerTiming", "ModelInfo", "NotFoundError", "PeriodSelection", "RegisteredPrefix",
     "ReprefillResult", "ResourceExhaustedError", "Timings", "UnavailableError",
 ]

@@ -8,7 +8,7 @@ import grpc
 
 from contiguouskv.client.errors import ERRORS_BY_STATUS, ContiguousKVError
 from contiguouskv.client.types import (
-    GeneratedToken, LayerTiming, ModelInfo, RegisteredPrefix, ReprefillResult, Timings,
+    GeneratedToken, LayerTiming, ModelInfo, PeriodSelection, RegisteredPrefix, ReprefillResult, Timings,
 )
 from contiguouskv.v1 import compute_pb2
 
@@ -36,9 +36,9 @@ def register_request(text: str | None, token_ids: Sequence[int] | None) -> compu
 
 def reprefill_request(prefix_id: str, query: str | Sequence[int], policy: str, budget: float | None,
                       max_new_tokens: int, period: int | None, sub_period: int | None,
-                      return_logits: bool = False) -> compute_pb2.ReprefillRequest:
+                      return_logits: bool = False, evaluate_recall: bool = False) -> compute_pb2.ReprefillRequest:
     req = compute_pb2.ReprefillRequest(prefix_id=prefix_id, policy=policy, max_new_tokens=max_new_tokens,
-                                       return_logits=return_logits)
+                                       return_logits=return_logits, evaluate_recall=evaluate_recall)
     if isinstance(query, str):
         req.text = query
     else:
@@ -60,10 +60,13 @@ def registered(r: compute_pb2.RegisterPrefixResponse) -> RegisteredPrefix:
 def result(r: compute_pb2.ReprefillResponse) -> ReprefillResult:
     t = r.timings
     timings = Timings(t.ttft_ms, t.fetch_wait_ms, t.compute_ms, t.fetch_ms, t.total_ms,
-                      tuple(LayerTiming(x.layer, x.wait_ms, x.compute_ms) for x in t.layers))
+                      tuple(LayerTiming(x.layer, x.wait_ms, x.compute_ms, x.bytes) for x in t.layers))
+    periods = tuple(PeriodSelection(p.period, p.first_layer, p.num_layers, tuple(p.chunks), p.predicted,
+                                    p.predicted_hits, p.recall) for p in r.periods)
     return ReprefillResult(r.token_id, r.text, r.policy, r.budget, timings, r.bytes_fetched, r.prefix_tokens,
                            r.query_tokens, tuple(r.generated_ids), r.generated_text, r.chunks_loaded, r.num_chunks,
-                           tuple(r.logits))
+                           tuple(r.logits), periods, r.prediction_hit_rate, r.recall, r.bytes_identification,
+                           r.bytes_kv, r.bytes_wasted)
 
 
 def token(r: compute_pb2.GenerateResponse) -> GeneratedToken:

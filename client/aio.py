@@ -41,10 +41,10 @@ class AsyncContiguousKVClient:
 
     async def reprefill(self, prefix_id: str, query: str | Sequence[int], *, policy: str = "full",
                         budget: float | None = None, max_new_tokens: int = 0, period: int | None = None,
-                        sub_period: int | None = None, return_logits: bool = False,
+                        sub_period: int | None = None, return_logits: bool = False, evaluate_recall: bool = False,
                   timeout: float | None = None) -> ReprefillResult:
         request = _wire.reprefill_request(prefix_id, query, policy, budget, max_new_tokens, period, sub_period,
-                                          return_logits)
+                                          return_logits, evaluate_recall)
         try:
             return _wire.result(await self._stub.Reprefill(request, timeout=timeout or self.timeout))
         except grpc.RpcError as err:

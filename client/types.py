@@ -24,6 +24,20 @@ class LayerTiming:
     layer: int
     wait_ms: float
     compute_ms: float
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class PeriodSelection:
+    """Chunks one period of layers attended to, and how well the shipped-ahead prediction did."""
+
+    period: int
+    first_layer: int
+    num_layers: int
+    chunks: tuple[int, ...]
+    predicted: int
+    predicted_hits: int
+    recall: float
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,13 @@ class ReprefillResult:
     num_chunks: int
     logits: tuple[float, ...] = ()
     """Last-position logits, only when the request asked for them (``return_logits=True``)."""
+    periods: tuple[PeriodSelection, ...] = ()
+    prediction_hit_rate: float = 1.0
+    recall: float = -1.0
+    """contiguous+ with ``evaluate_recall``: mean recall of the exact top-k; else -1."""
+    bytes_identification: int = 0
+    bytes_kv: int = 0
+    bytes_wasted: int = 0
 
     @property
     def answer(self) -> str:

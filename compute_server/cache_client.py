@@ -7,6 +7,7 @@ of its id over the configured addresses, so adding a shard moves only the prefix
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 
 import grpc
@@ -14,6 +15,8 @@ import grpc
 from contiguouskv.compute_server.errors import ComputeError
 from contiguouskv.compute_server.layout import Region
 from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 
 def rendezvous_order(key: str, addresses: Sequence[str]) -> list[str]:
@@ -116,6 +119,18 @@ class CacheClient:
             return await self._stubs[address].PutPrefix(requests(), timeout=self._timeout)
         except grpc.aio.AioRpcError as err:
             raise cache_error(address, err) from err
+
+    async def report_attention(self, prefix_id: str, layout: str, scores: Sequence[object]) -> None:
+        """Send one request's per-record observations; failures are logged, never raised."""
+        request = cache_pb2.ReportAttentionRequest(prefix_id=prefix_id, layout=layout, records=[
+            cache_pb2.RecordScores(region=s.region, indices=s.indices, attention=s.attention,  # type: ignore[attr-defined]
+                                   important_fraction=s.important_fraction)  # type: ignore[attr-defined]
+            for s in scores])
+        address = self.owner(prefix_id)
+        try:
+            await self._stubs[address].ReportAttention(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as err:
+            log.debug("attention report to %s failed: %s %s", address, err.code(), err.details())
 
     async def open_stream(self, prefix_id: str, layout: str, batch_bytes: int) -> RecordStream:
         address = self.owner(prefix_id)

@@ -13,7 +13,7 @@ import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 from contiguouskv.compute_server.cache_client import CacheClient
@@ -24,7 +24,8 @@ from contiguouskv.compute_server.layout import ContiguousLayout
 from contiguouskv.compute_server.loader import KVLoader
 from contiguouskv.compute_server.models import LoadedModel
 from contiguouskv.compute_server.packing import dtype_name, iter_region_payloads, unpack_tokens
-from contiguouskv.compute_server.policies import POLICY_NAMES, make_policy
+from contiguouskv.compute_server.feedback import attention_report
+from contiguouskv.compute_server.policies import POLICY_NAMES, PeriodSelection, Policy, make_policy
 from contiguouskv.compute_server.runner import ModelRunner
 
 PREFIX_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -50,6 +51,7 @@ class ReprefillArgs:
     period: int | None = None
     sub_period: int | None = None
     return_logits: bool = False
+    evaluate_recall: bool = False
 
 
 @dataclass
@@ -65,9 +67,35 @@ class ReprefillResult:
     fetch_s: float
     outcome: QueryOutcome
     num_chunks: int
-    chunks_loaded: int
-    generated_text: str = ""
-    layer_bytes: list[int] = field(default_factory=list)
+    generated_text: str
+    usage: "LoadUsage"
+    bytes_kv_record: int
+
+
+@dataclass(frozen=True)
+class LoadUsage:
+    """What a request read and selected; see ReprefillResponse in compute.proto."""
+
+    periods: tuple[PeriodSelection, ...]
+    layer_chunks: tuple[int, ...]
+    prediction_hit_rate: float
+    recall: float
+    bytes_identification: int
+    bytes_kv: int
+    bytes_wasted: int
+
+    @classmethod
+    def of(cls, loader: KVLoader, policy: Policy | None) -> "LoadUsage":
+        lay = loader.layout
+        layers = range(lay.num_layers)
+        counts = tuple(len(policy.chunks_at(l)) for l in layers) if policy is not None else tuple(0 for _ in layers)
+        used = sum(counts) * lay.kv_record_size
+        periods = tuple(policy.periods) if policy is not None else ()
+        recalls = [p.recall for p in periods if p.recall >= 0]
+        return cls(periods, counts, policy.prediction_hit_rate if policy is not None else 1.0,
+                   sum(recalls) / len(recalls) if recalls else -1.0,
+                   loader.bytes_by_category.get("ident", 0), loader.bytes_by_category.get("kv", 0),
+                   max(0, loader.kv_records_received * lay.kv_record_size - used))
 
 
 @dataclass(frozen=True)
@@ -93,6 +121,7 @@ class ComputeCore:
         self.engine = Engine(runner, prefill_block=config.prefill_block, importance_window=config.importance_window)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.kv_dtype = dtype_name(runner.dtype)
+        self._reports: set[asyncio.Task[None]] = set()
 
     @property
     def layout_name(self) -> str:
@@ -188,33 +217,40 @@ class ComputeCore:
         if total > self.model.max_position_embeddings:
             raise InvalidArgument(f"query: prefix ({layout.num_tokens}) + query ({len(query)}) + max_new_tokens "
                                   f"({args.max_new_tokens}) exceed the model's {self.model.max_position_embeddings} positions")
-        loop = asyncio.get_running_loop()
         stream = await self.cache.open_stream(args.prefix_id, layout.name, self.config.fetch_batch_bytes)
-        loader = KVLoader(layout, stream, loop)
-        receiver = asyncio.create_task(loader.receive())
+        loader = KVLoader(layout, stream, asyncio.get_running_loop())
+        io = asyncio.create_task(loader.run())
         eos = self.model.eos_token_ids
+        policy: Policy | None = None
         try:
             if policy_name == "recompute":
-                prefix_ids = unpack_tokens((await loader.fetch_region("tokens", [0]))[0])
+                tokens = loader.start_blob("tokens", [0])
+                prefix_ids = unpack_tokens((await asyncio.wrap_future(tokens))[0])
                 outcome = await self._compute(self.engine.recompute, prefix_ids, query, args.max_new_tokens, eos, on_token)
-                chunks_loaded = 0
             else:
-                policy = make_policy(policy_name, loader, period, sub)
+                policy = make_policy(policy_name, loader, self.runner, budget, period, sub, args.evaluate_recall)
                 await policy.start()
                 outcome = await self._compute(self.engine.answer, query, layout.num_tokens, policy,
                                               args.max_new_tokens, eos, on_token)
-                chunks_loaded = policy.chunks_loaded
-                budget = 1.0
         finally:
-            receiver.cancel()
+            io.cancel()
             await stream.close()
+        if policy is not None and policy.periods:
+            self._report(args.prefix_id, layout, policy)
         fetch_s = (loader.last_arrival_at or 0.0) - (loader.first_request_at or 0.0)
         return ReprefillResult(
-            token_id=outcome.token_id, text=self.decode([outcome.token_id]), policy=policy_name, budget=budget,
+            token_id=outcome.token_id, text=self.decode([outcome.token_id]), policy=policy_name,
+            budget=budget if policy_name.startswith("contiguous") else 1.0,
             prefix_tokens=layout.num_tokens, query_tokens=len(query), bytes_fetched=loader.bytes_received,
             ttft_s=time.perf_counter() - start - outcome.decode_s, fetch_s=max(0.0, fetch_s), outcome=outcome,
-            num_chunks=layout.num_chunks, chunks_loaded=chunks_loaded,
-            generated_text=self.decode(outcome.generated_ids))
+            num_chunks=layout.num_chunks, generated_text=self.decode(outcome.generated_ids),
+            usage=LoadUsage.of(loader, policy), bytes_kv_record=layout.kv_record_size)
+
+    def _report(self, prefix_id: str, layout: ContiguousLayout, policy: Policy) -> None:
+        """Send the observed chunk attention to the cache server, off the request's path."""
+        task = asyncio.create_task(self.cache.report_attention(prefix_id, layout.name, attention_report(layout, policy)))
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

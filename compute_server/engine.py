@@ -24,10 +24,15 @@ TokenCallback = Callable[[int, int], None]
 
 
 class PrefixKVSource(Protocol):
-    """Supplies each layer's prefix K/V; called in layer order on the compute thread."""
+    """Supplies each layer's prefix K/V; both methods are called in layer order on the compute thread."""
 
-    def kv_for_layer(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefix K and V for ``layer`` ([kv_heads, s, d] each), given the query's q [heads, T, d]."""
+    def before_layer(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> None:
+        """Sees the hidden state [T, D] entering ``layer`` (a chance to look ahead); must not block long."""
+        ...
+
+    def kv_for_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Prefix K and V for ``layer`` ([kv_heads, s, d] each) given the query's q [heads, T, d] and
+        k [kv_heads, T, d] at that layer, and the seconds spent blocked waiting for records."""
         ...
 
 
@@ -94,17 +99,15 @@ class Engine:
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         for layer in range(r.num_layers):
             t0 = time.perf_counter()
+            source.before_layer(layer, hidden, positions)
             q, k, v = r.project(layer, hidden, positions)
-            t1 = time.perf_counter()
-            pk, pv = source.kv_for_layer(layer, q)
-            t2 = time.perf_counter()
+            pk, pv, wait = source.kv_for_layer(layer, q, k)
             keys = torch.cat([pk.to(device=device, dtype=k.dtype), k], dim=1)  # [kv_heads, s + T, d]
             values = torch.cat([pv.to(device=device, dtype=v.dtype), v], dim=1)
             hidden = r.finish(layer, hidden, r.attend(q, keys, values, pk.shape[1]))
             if max_new_tokens:
                 cache.append((keys, values))
-            t3 = time.perf_counter()
-            out.layers.append(LayerTiming(layer, t2 - t1, (t1 - t0) + (t3 - t2)))
+            out.layers.append(LayerTiming(layer, wait, time.perf_counter() - t0 - wait))
         out.logits = r.logits(hidden[-1:])[0].float().cpu()
         out.token_id = int(out.logits.argmax())
         out.first_token_s = time.perf_counter() - start

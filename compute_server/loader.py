@@ -1,10 +1,11 @@
 """Layer-wise loading of prefix KV from a Fetch stream, as start/wait pairs.
 
-The receiver runs on the event loop: every arriving kv record becomes a (K, V) view over the
-received bytes, filed under (layer, chunk). The compute thread calls :meth:`KVLoader.wait_for_layer`
-with the chunks that layer attends to; it blocks only until those records are in, then gathers them.
-``start_load`` may be called from the compute thread (it hands the request to the event loop), so a
-policy can ask for more records as soon as it knows it needs them.
+One writer task on the event loop sends requests in the order they were started (from the loop or
+from the compute thread). The receiver files every arriving kv record as a (K, V) view over the
+received bytes under (layer, chunk) and wakes waiters. The compute thread calls
+:meth:`KVLoader.wait_for_layer` with the chunks that layer attends to and blocks only until those
+records are in. Records of other regions (identification keys, digests, stats, tokens) are
+collected per request and handed over as a future.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 
+import grpc
 import torch
 
 from contiguouskv.compute_server.cache_client import RecordStream
@@ -23,9 +26,18 @@ from contiguouskv.compute_server.errors import ComputeError
 from contiguouskv.compute_server.layout import ContiguousLayout
 from contiguouskv.compute_server.packing import unpack_kv_record
 
+STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+@dataclass
+class _Blob:
+    future: "Future[list[bytes]]"
+    category: str
+    parts: list[bytes] = field(default_factory=list)
+
 
 class KVLoader:
-    """Collects kv records of one prefix; ``start_load``/``wait_for_layer`` per layer."""
+    """Collects records of one prefix; ``start_load``/``wait_for_layer`` per layer."""
 
     def __init__(self, layout: ContiguousLayout, stream: RecordStream, loop: asyncio.AbstractEventLoop) -> None:
         self.layout = layout
@@ -33,97 +45,141 @@ class KVLoader:
         self._loop = loop
         self._cond = threading.Condition()
         self._arrived: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._blobs: dict[int, asyncio.Future[list[bytes]]] = {}
-        self._blob_parts: dict[int, list[bytes]] = {}
+        self._blobs: dict[int, _Blob] = {}
         self._tags = itertools.count(1)
+        self._outbox: asyncio.Queue[object] = asyncio.Queue()
         self._error: BaseException | None = None
-        self._pending: list[Future[list[int]]] = []
-        self.bytes_received = 0
+        self.bytes_by_category: dict[str, int] = {}
+        self.kv_records_received = 0
         self.first_request_at: float | None = None
         self.last_arrival_at: float | None = None
 
-    # --- event loop side -----------------------------------------------------------------------
-    async def request_kv(self, chunks: Sequence[int], layers: range, priority: int = 0) -> list[int]:
-        """Ask for the kv records of ``chunks`` at ``layers``; returns the tags used."""
+    @property
+    def bytes_received(self) -> int:
+        return sum(self.bytes_by_category.values())
+
+    # --- starting requests (any thread) --------------------------------------------------------
+    def start_load(self, chunks: Sequence[int], layers: range, priority: int = 0) -> list[int]:
+        """Ask for the kv records of ``chunks`` at ``layers`` in one request per region; returns tags."""
         tags = []
-        if self.first_request_at is None:
-            self.first_request_at = time.perf_counter()
         for region, indices in self.layout.kv_requests(list(chunks), layers).items():
             tag = next(self._tags)
             tags.append(tag)
-            await self._stream.read(tag, region, indices, priority)
+            self._send(("read", tag, region, indices, priority))
         return tags
 
-    async def fetch_region(self, region: str, indices: Sequence[int], priority: int = -1) -> list[bytes]:
-        """Whole records of a non-kv region (tokens, stats, ...), in the order asked."""
+    def start_load_per_chunk(self, chunks: Sequence[int], layers: range, priority: int = 0) -> dict[int, list[int]]:
+        """Like :meth:`start_load` but one request per chunk, so each can be cancelled alone."""
+        return {chunk: self.start_load([chunk], layers, priority) for chunk in sorted(set(chunks))}
+
+    def start_blob(self, region: str, indices: Sequence[int], priority: int = -1,
+                   category: str = "meta") -> "Future[list[bytes]]":
+        """Ask for whole records of a non-kv region; the future yields them in the order asked."""
         tag = next(self._tags)
-        future: asyncio.Future[list[bytes]] = self._loop.create_future()
-        self._blobs[tag] = future
-        self._blob_parts[tag] = []
+        future: Future[list[bytes]] = Future()
+        with self._cond:
+            self._blobs[tag] = _Blob(future, category)
+        self._send(("read", tag, region, list(indices), priority))
+        return future
+
+    def cancel(self, tags: Sequence[int]) -> None:
+        """Drop the not-yet-served parts of these requests (records already sent still arrive)."""
+        if tags:
+            self._send(("cancel", list(tags)))
+
+    def _send(self, item: object) -> None:
         if self.first_request_at is None:
             self.first_request_at = time.perf_counter()
-        await self._stream.read(tag, region, indices, priority)
-        return await future
+        self._loop.call_soon_threadsafe(self._outbox.put_nowait, item)
 
-    async def receive(self) -> None:
-        """Run until the stream ends; files every record; wakes waiters; records the first error."""
+    # --- event loop side -----------------------------------------------------------------------
+    async def run(self) -> None:
+        """Send queued requests and receive records until cancelled or the stream fails."""
+        writer = asyncio.create_task(self._write_loop())
         try:
             async for message in self._stream.responses():
                 self._on_message(message)
+        except asyncio.CancelledError:
+            raise
         except BaseException as exc:  # noqa: BLE001 - any failure must wake the compute thread
             self._fail(exc if isinstance(exc, ComputeError) else ComputeError(f"fetch stream failed: {exc!r}"))
-            if not isinstance(exc, (ComputeError, asyncio.CancelledError)):
-                raise
+        finally:
+            writer.cancel()
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                item = await self._outbox.get()
+                if item[0] == "read":  # type: ignore[index]
+                    _, tag, region, indices, priority = item  # type: ignore[misc]
+                    await self._stream.read(tag, region, indices, priority)
+                else:
+                    await self._stream.cancel(item[1])  # type: ignore[index]
+        except ComputeError as exc:
+            self._fail(exc)
 
     def _on_message(self, message: object) -> None:
-        data = message.data  # type: ignore[attr-defined]
-        self.bytes_received += len(data)
-        self.last_arrival_at = time.perf_counter()
-        tag = message.tag  # type: ignore[attr-defined]
-        if tag in self._blobs:
-            self._on_blob(tag, message)
+        m = message
+        if m.error_code:  # type: ignore[attr-defined]
+            code = STATUS_NAMES.get(m.error_code, "INTERNAL")  # type: ignore[attr-defined]
+            self._fail(ComputeError(f"cache server {self._stream.address}: {m.error_message}", code=code))  # type: ignore[attr-defined]
             return
-        group = int(message.region.split("G", 1)[1])  # type: ignore[attr-defined]
+        data = m.data  # type: ignore[attr-defined]
+        self.last_arrival_at = time.perf_counter()
+        blob = self._blobs.get(m.tag)  # type: ignore[attr-defined]
+        if blob is not None:
+            self._on_blob(m.tag, blob, m)  # type: ignore[attr-defined]
+            return
+        if not m.indices:  # type: ignore[attr-defined]
+            return  # an empty "done"/"cancelled" marker
+        self.bytes_by_category["kv"] = self.bytes_by_category.get("kv", 0) + len(data)
+        group = int(m.region.split("G", 1)[1])  # type: ignore[attr-defined]
         size = self.layout.kv_record_size
         view = memoryview(data)
         with self._cond:
-            for i, index in enumerate(message.indices):  # type: ignore[attr-defined]
+            for i, index in enumerate(m.indices):  # type: ignore[attr-defined]
                 chunk, layer = self.layout.kv_record_owner(group, index)
-                k, v = unpack_kv_record(self.layout, view[i * size : (i + 1) * size])
-                self._arrived.setdefault(layer, {})[chunk] = (k, v)
+                self._arrived.setdefault(layer, {})[chunk] = unpack_kv_record(self.layout, view[i * size : (i + 1) * size])
+            self.kv_records_received += len(m.indices)  # type: ignore[attr-defined]
             self._cond.notify_all()
 
-    def _on_blob(self, tag: int, message: object) -> None:
-        parts = self._blob_parts[tag]
-        size = len(message.data) // max(1, len(message.indices))  # type: ignore[attr-defined]
-        parts += [message.data[i * size : (i + 1) * size] for i in range(len(message.indices))]  # type: ignore[attr-defined]
-        if message.done:  # type: ignore[attr-defined]
-            future = self._blobs.pop(tag)
-            self._blob_parts.pop(tag)
-            if not future.done():
-                future.set_result(parts)
+    def _on_blob(self, tag: int, blob: _Blob, m: object) -> None:
+        count = len(m.indices)  # type: ignore[attr-defined]
+        data = m.data  # type: ignore[attr-defined]
+        self.bytes_by_category[blob.category] = self.bytes_by_category.get(blob.category, 0) + len(data)
+        size = len(data) // max(1, count)
+        blob.parts += [data[i * size : (i + 1) * size] for i in range(count)]
+        if m.done:  # type: ignore[attr-defined]
+            with self._cond:
+                self._blobs.pop(tag, None)
+            if not blob.future.done():
+                blob.future.set_result(blob.parts)
 
     def _fail(self, exc: BaseException) -> None:
         with self._cond:
-            self._error = exc
+            if self._error is None:
+                self._error = exc
+            blobs = list(self._blobs.values())
+            self._blobs.clear()
             self._cond.notify_all()
-        for future in self._blobs.values():
-            if not future.done():
-                future.set_exception(exc)
-        self._blobs.clear()
+        for blob in blobs:
+            if not blob.future.done():
+                blob.future.set_exception(exc)
 
     # --- compute thread side -------------------------------------------------------------------
-    def start_load(self, chunks: Sequence[int], layers: range, priority: int = 0) -> None:
-        """Ask for records from any thread; does not block."""
-        self._pending.append(asyncio.run_coroutine_threadsafe(self.request_kv(chunks, layers, priority), self._loop))
+    def wait_blob(self, future: "Future[list[bytes]]") -> tuple[list[bytes], float]:
+        """Block for a blob request; returns its records and the seconds spent waiting."""
+        start = time.perf_counter()
+        return future.result(), time.perf_counter() - start
 
-    def wait_for_layer(self, layer: int, chunks: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def wait_for_layer(self, layer: int, chunks: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Block until every record of ``chunks`` at ``layer`` has arrived.
 
-        Returns K and V of those chunks' real tokens, each [kv_heads, tokens, head_dim], chunks in
-        the order given. Raises the stream's error if it failed.
+        Returns K and V of those chunks' real tokens ([kv_heads, tokens, head_dim] each, chunks
+        ascending) and the seconds spent blocked. Raises the stream's error if it failed.
         """
         want = sorted(set(chunks))
+        start = time.perf_counter()
         with self._cond:
             while True:
                 if self._error is not None:
@@ -132,20 +188,14 @@ class KVLoader:
                 if all(c in have for c in want):
                     parts = [have[c] for c in want]
                     break
-                self._cond.wait(timeout=1.0)
-                self._raise_failed_requests()
+                self._cond.wait()
+        waited = time.perf_counter() - start
         keys = torch.cat([k for k, _ in parts], dim=1)  # [kv_heads, len(want) * c, head_dim]
         values = torch.cat([v for _, v in parts], dim=1)
-        real = self.layout.tokens_in(want)
-        # Only the prefix's last chunk is partial; it sorts last when present.
-        return keys[:, :real], values[:, :real]
+        real = self.layout.tokens_in(want)  # only the prefix's last chunk is partial; it sorts last
+        return keys[:, :real], values[:, :real], waited
 
     def release_layer(self, layer: int) -> None:
         """Drop the arrived records of a finished layer so their bytes can be freed."""
         with self._cond:
             self._arrived.pop(layer, None)
-
-    def _raise_failed_requests(self) -> None:
-        for future in self._pending:
-            if future.done() and future.exception() is not None:
-                raise ComputeError(f"fetch request failed: {future.exception()}", code="UNAVAILABLE")

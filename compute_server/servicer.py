@@ -56,13 +56,17 @@ def _args(request: compute_pb2.ReprefillRequest) -> ReprefillArgs:
         max_new_tokens=request.max_new_tokens,
         period=request.period if request.HasField("period") else None,
         sub_period=request.sub_period if request.HasField("sub_period") else None,
-        return_logits=request.return_logits)
+        return_logits=request.return_logits, evaluate_recall=request.evaluate_recall)
 
 
 def _reply(result: ReprefillResult, with_logits: bool = False) -> compute_pb2.ReprefillResponse:
-    o = result.outcome
-    layers = [compute_pb2.LayerTiming(layer=t.layer, wait_ms=t.wait_s * 1e3, compute_ms=t.compute_s * 1e3)
-              for t in o.layers]
+    o, u = result.outcome, result.usage
+    record = result.bytes_kv_record
+    layers = [compute_pb2.LayerTiming(layer=t.layer, wait_ms=t.wait_s * 1e3, compute_ms=t.compute_s * 1e3,
+                                      bytes=u.layer_chunks[t.layer] * record) for t in o.layers]
+    periods = [compute_pb2.PeriodSelection(period=p.period, first_layer=p.first_layer, num_layers=p.num_layers,
+                                           chunks=p.chunks, predicted=p.predicted, predicted_hits=p.predicted_hits,
+                                           recall=p.recall) for p in u.periods]
     timings = compute_pb2.Timings(ttft_ms=result.ttft_s * 1e3, fetch_wait_ms=o.wait_s * 1e3,
                                   compute_ms=o.compute_s * 1e3, fetch_ms=result.fetch_s * 1e3,
                                   total_ms=(result.ttft_s + o.decode_s) * 1e3, layers=layers)
@@ -70,8 +74,10 @@ def _reply(result: ReprefillResult, with_logits: bool = False) -> compute_pb2.Re
         token_id=result.token_id, text=result.text, policy=result.policy, budget=result.budget,
         timings=timings, bytes_fetched=result.bytes_fetched, prefix_tokens=result.prefix_tokens,
         query_tokens=result.query_tokens, generated_ids=o.generated_ids, generated_text=result.generated_text,
-        chunks_loaded=result.chunks_loaded, num_chunks=result.num_chunks,
-        logits=o.logits.tolist() if with_logits and o.logits is not None else [])
+        chunks_loaded=round(sum(u.layer_chunks) / max(1, len(u.layer_chunks))), num_chunks=result.num_chunks,
+        logits=o.logits.tolist() if with_logits and o.logits is not None else [],
+        periods=periods, prediction_hit_rate=u.prediction_hit_rate, recall=u.recall,
+        bytes_identification=u.bytes_identification, bytes_kv=u.bytes_kv, bytes_wasted=u.bytes_wasted)
 
 
 class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):

@@ -128,6 +128,7 @@ class ReprefillRequest(_message.Message):
     PERIOD_FIELD_NUMBER: _builtins.int
     SUB_PERIOD_FIELD_NUMBER: _builtins.int
     RETURN_LOGITS_FIELD_NUMBER: _builtins.int
+    EVALUATE_RECALL_FIELD_NUMBER: _builtins.int
     prefix_id: _builtins.str
     text: _builtins.str
     policy: _builtins.str
@@ -141,6 +142,10 @@ class ReprefillRequest(_message.Message):
     sub_period: _builtins.int
     return_logits: _builtins.bool
     """Return the float32 logits of the last query position (for evaluation and tests)."""
+    evaluate_recall: _builtins.bool
+    """contiguous+: also read the exact identification keys and report the recall of the exact top-k
+    (costs extra I/O; for evaluation, not serving).
+    """
     @_builtins.property
     def token_ids(self) -> Global___TokenIds: ...
     def __init__(
@@ -155,10 +160,11 @@ class ReprefillRequest(_message.Message):
         period: _builtins.int | None = ...,
         sub_period: _builtins.int | None = ...,
         return_logits: _builtins.bool = ...,
+        evaluate_recall: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_period", b"_period", "_sub_period", b"_sub_period", "budget", b"budget", "period", b"period", "query", b"query", "sub_period", b"sub_period", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_period", b"_period", "_sub_period", b"_sub_period", "budget", b"budget", "max_new_tokens", b"max_new_tokens", "period", b"period", "policy", b"policy", "prefix_id", b"prefix_id", "query", b"query", "return_logits", b"return_logits", "sub_period", b"sub_period", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_period", b"_period", "_sub_period", b"_sub_period", "budget", b"budget", "evaluate_recall", b"evaluate_recall", "max_new_tokens", b"max_new_tokens", "period", b"period", "policy", b"policy", "prefix_id", b"prefix_id", "query", b"query", "return_logits", b"return_logits", "sub_period", b"sub_period", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__budget: _TypeAlias = _typing.Literal["budget"]  # noqa: Y015
     _WhichOneofArgType__budget: _TypeAlias = _typing.Literal["_budget", b"_budget"]  # noqa: Y015
@@ -178,6 +184,50 @@ class ReprefillRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_query) -> _WhichOneofReturnType_query | None: ...
 
 Global___ReprefillRequest: _TypeAlias = ReprefillRequest  # noqa: Y015
+
+@_typing.final
+class PeriodSelection(_message.Message):
+    """PeriodSelection is what one period of layers attended to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERIOD_FIELD_NUMBER: _builtins.int
+    FIRST_LAYER_FIELD_NUMBER: _builtins.int
+    NUM_LAYERS_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    PREDICTED_FIELD_NUMBER: _builtins.int
+    PREDICTED_HITS_FIELD_NUMBER: _builtins.int
+    RECALL_FIELD_NUMBER: _builtins.int
+    period: _builtins.int
+    first_layer: _builtins.int
+    num_layers: _builtins.int
+    predicted: _builtins.int
+    """Chunks shipped ahead as the prediction, and how many of them were selected."""
+    predicted_hits: _builtins.int
+    recall: _builtins.float
+    """Recall of the exact top-k (contiguous+ with evaluate_recall), else -1."""
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Selected chunk indices, ascending."""
+
+    def __init__(
+        self,
+        *,
+        period: _builtins.int = ...,
+        first_layer: _builtins.int = ...,
+        num_layers: _builtins.int = ...,
+        chunks: _abc.Iterable[_builtins.int] | None = ...,
+        predicted: _builtins.int = ...,
+        predicted_hits: _builtins.int = ...,
+        recall: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "first_layer", b"first_layer", "num_layers", b"num_layers", "period", b"period", "predicted", b"predicted", "predicted_hits", b"predicted_hits", "recall", b"recall"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeriodSelection: _TypeAlias = PeriodSelection  # noqa: Y015
 
 @_typing.final
 class LayerTiming(_message.Message):
@@ -269,6 +319,12 @@ class ReprefillResponse(_message.Message):
     CHUNKS_LOADED_FIELD_NUMBER: _builtins.int
     NUM_CHUNKS_FIELD_NUMBER: _builtins.int
     LOGITS_FIELD_NUMBER: _builtins.int
+    PERIODS_FIELD_NUMBER: _builtins.int
+    PREDICTION_HIT_RATE_FIELD_NUMBER: _builtins.int
+    RECALL_FIELD_NUMBER: _builtins.int
+    BYTES_IDENTIFICATION_FIELD_NUMBER: _builtins.int
+    BYTES_KV_FIELD_NUMBER: _builtins.int
+    BYTES_WASTED_FIELD_NUMBER: _builtins.int
     token_id: _builtins.int
     text: _builtins.str
     policy: _builtins.str
@@ -279,6 +335,17 @@ class ReprefillResponse(_message.Message):
     generated_text: _builtins.str
     chunks_loaded: _builtins.int
     num_chunks: _builtins.int
+    prediction_hit_rate: _builtins.float
+    """Fraction of predicted chunks that the real selection kept (1 when nothing was predicted)."""
+    recall: _builtins.float
+    """Mean recall over periods (contiguous+ with evaluate_recall), else -1."""
+    bytes_identification: _builtins.int
+    """Bytes of identification data (keys or digests), of kv records, and of kv records fetched
+    but never used (cancelled predictions that had already been sent). bytes_fetched is their sum
+    plus small metadata (stats, tokens) and evaluation reads.
+    """
+    bytes_kv: _builtins.int
+    bytes_wasted: _builtins.int
     @_builtins.property
     def timings(self) -> Global___Timings: ...
     @_builtins.property
@@ -289,6 +356,8 @@ class ReprefillResponse(_message.Message):
     def logits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Logits of the last query position, when return_logits was set."""
 
+    @_builtins.property
+    def periods(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeriodSelection]: ...
     def __init__(
         self,
         *,
@@ -305,10 +374,16 @@ class ReprefillResponse(_message.Message):
         chunks_loaded: _builtins.int = ...,
         num_chunks: _builtins.int = ...,
         logits: _abc.Iterable[_builtins.float] | None = ...,
+        periods: _abc.Iterable[Global___PeriodSelection] | None = ...,
+        prediction_hit_rate: _builtins.float = ...,
+        recall: _builtins.float = ...,
+        bytes_identification: _builtins.int = ...,
+        bytes_kv: _builtins.int = ...,
+        bytes_wasted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "bytes_fetched", b"bytes_fetched", "chunks_loaded", b"chunks_loaded", "generated_ids", b"generated_ids", "generated_text", b"generated_text", "logits", b"logits", "num_chunks", b"num_chunks", "policy", b"policy", "prefix_tokens", b"prefix_tokens", "query_tokens", b"query_tokens", "text", b"text", "timings", b"timings", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "bytes_fetched", b"bytes_fetched", "bytes_identification", b"bytes_identification", "bytes_kv", b"bytes_kv", "bytes_wasted", b"bytes_wasted", "chunks_loaded", b"chunks_loaded", "generated_ids", b"generated_ids", "generated_text", b"generated_text", "logits", b"logits", "num_chunks", b"num_chunks", "periods", b"periods", "policy", b"policy", "prediction_hit_rate", b"prediction_hit_rate", "prefix_tokens", b"prefix_tokens", "query_tokens", b"query_tokens", "recall", b"recall", "text", b"text", "timings", b"timings", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,80 @@
+"""Chunk scoring and top-k selection for the `contiguous` policies (pure torch, no I/O).
+
+Scores follow DESIGN §4 and the paper: softmax attention of every query token over the prefix
+tokens, normalised together with the query's own causal keys, summed over query tokens and over all
+heads (query head h reads KV head h // (heads / kv_heads)), then summed per chunk.
+
+Shapes: q [heads, T, d] and k_self [kv_heads, T, d] are the query's post-RoPE projections at the
+scored layer; prefix keys are [kv_heads, n, d]; digests are float32 [m, kv_heads, d].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from contiguouskv.compute_server.layout import ContiguousLayout
+from contiguouskv.compute_server.scoring import per_chunk
+
+
+def _self_logits(q: torch.Tensor, k_self: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal logits of the query over its own keys: [heads, T, T] with -inf above the diagonal."""
+    groups = q.shape[0] // k_self.shape[0]
+    k = k_self.float().repeat_interleave(groups, dim=0)  # [heads, T, d]
+    logits = torch.matmul(q.float(), k.transpose(1, 2)) * scale  # [heads, T, T]
+    t = q.shape[1]
+    return logits.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+
+
+def _prefix_mass(prefix_logits: torch.Tensor, self_logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over [prefix ; self] per row, summed over heads and rows, prefix part only: [n or m]."""
+    norm = torch.logsumexp(torch.cat([prefix_logits, self_logits], dim=-1), dim=-1, keepdim=True)  # [H, T, 1]
+    return torch.exp(prefix_logits - norm).sum(dim=(0, 1))
+
+
+def exact_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.Tensor,
+                       prefix_keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-chunk attention mass [m] from all prefix keys of the layer (the paper's scoring)."""
+    heads, kv_heads = q.shape[0], prefix_keys.shape[0]
+    groups = heads // kv_heads
+    self_logits = _self_logits(q, k_self, scale)
+    token_mass = torch.zeros(prefix_keys.shape[1], dtype=torch.float32, device=q.device)
+    for g in range(kv_heads):  # one KV head at a time bounds memory to [groups, T, n]
+        qg = q[g * groups : (g + 1) * groups].float()
+        logits = torch.matmul(qg, prefix_keys[g].float().T) * scale  # [groups, T, n]
+        token_mass += _prefix_mass(logits, self_logits[g * groups : (g + 1) * groups])
+    return per_chunk(layout, token_mass.cpu())
+
+
+def digest_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.Tensor,
+                        digest: torch.Tensor, scale: float) -> torch.Tensor:
+    """Approximate per-chunk mass [m]: every key of chunk j taken as its mean key (the digest)."""
+    heads, kv_heads = q.shape[0], digest.shape[1]
+    groups = heads // kv_heads
+    counts = torch.tensor([e - s for s, e in map(layout.chunk_tokens, range(layout.num_chunks))],
+                          dtype=torch.float32, device=q.device)
+    mean_keys = digest.to(q.device).float().repeat_interleave(groups, dim=1).transpose(0, 1)  # [heads, m, d]
+    logits = torch.matmul(q.float(), mean_keys.transpose(1, 2)) * scale + torch.log(counts)  # [heads, T, m]
+    return _prefix_mass(logits, _self_logits(q, k_self, scale)).cpu()
+
+
+def budget_chunks(budget: float, num_chunks: int) -> int:
+    """How many chunks a budget keeps: ceil(budget x m), at least the sink and last chunk."""
+    return min(num_chunks, max(math.ceil(budget * num_chunks - 1e-9), min(2, num_chunks)))
+
+
+def select_top(scores: torch.Tensor, budget: float) -> list[int]:
+    """Top ceil(budget x m) chunks by score, always with the first and last; ties to the lower index.
+
+    Returns sorted chunk indices.
+    """
+    m = scores.shape[0]
+    k = budget_chunks(budget, m)
+    forced = sorted({0, m - 1})
+    rest = torch.ones(m, dtype=torch.bool)
+    rest[forced] = False
+    candidates = torch.nonzero(rest).flatten()
+    order = torch.sort(-scores[candidates].double(), stable=True).indices  # ties keep index order
+    picked = candidates[order[: max(0, k - len(forced))]].tolist()
+    return sorted(set(forced) | set(picked))
