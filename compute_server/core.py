@@ -120,6 +120,7 @@ class ComputeCore:
         self.cache = cache
         self.engine = Engine(runner, prefill_block=config.prefill_block, importance_window=config.importance_window)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self.kv_dtype = dtype_name(runner.dtype)
         self._reports: set[asyncio.Task[None]] = set()
 
@@ -218,7 +219,7 @@ class ComputeCore:
             raise InvalidArgument(f"query: prefix ({layout.num_tokens}) + query ({len(query)}) + max_new_tokens "
                                   f"({args.max_new_tokens}) exceed the model's {self.model.max_position_embeddings} positions")
         stream = await self.cache.open_stream(args.prefix_id, layout.name, self.config.fetch_batch_bytes)
-        loader = KVLoader(layout, stream, asyncio.get_running_loop())
+        loader = KVLoader(layout, stream, asyncio.get_running_loop(), self.runner.device, self._stager)
         io = asyncio.create_task(loader.run())
         eos = self.model.eos_token_ids
         policy: Policy | None = None
@@ -254,3 +255,4 @@ class ComputeCore:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._stager.shutdown(wait=False, cancel_futures=True)

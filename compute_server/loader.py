@@ -15,7 +15,7 @@ import itertools
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
 import grpc
@@ -37,14 +37,27 @@ class _Blob:
 
 
 class KVLoader:
-    """Collects records of one prefix; ``start_load``/``wait_for_layer`` per layer."""
+    """Collects records of one prefix; ``start_load``/``wait_for_layer`` per layer.
 
-    def __init__(self, layout: ContiguousLayout, stream: RecordStream, loop: asyncio.AbstractEventLoop) -> None:
+    When a policy announces a layer's chunk set early (:meth:`expect`), the layer's K/V are
+    assembled off the compute thread as soon as the last record arrives: gathered into one tensor
+    (pinned host memory on CUDA) and, on CUDA, copied to the device on a side stream with an event
+    the compute stream waits on. ``wait_for_layer`` then only picks up the staged tensors.
+    """
+
+    def __init__(self, layout: ContiguousLayout, stream: RecordStream, loop: asyncio.AbstractEventLoop,
+                 device: torch.device | str = "cpu", stager: Executor | None = None) -> None:
         self.layout = layout
         self._stream = stream
         self._loop = loop
+        self._device = torch.device(device)
+        self._stager = stager
         self._cond = threading.Condition()
         self._arrived: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._expected: dict[int, list[int]] = {}
+        self._staging: set[int] = set()
+        self._staged: dict[int, tuple[torch.Tensor, torch.Tensor, object]] = {}
+        self._pinned: list[torch.Tensor] = []  # host sources of in-flight device copies
         self._blobs: dict[int, _Blob] = {}
         self._tags = itertools.count(1)
         self._outbox: asyncio.Queue[object] = asyncio.Queue()
@@ -137,10 +150,14 @@ class KVLoader:
         size = self.layout.kv_record_size
         view = memoryview(data)
         with self._cond:
+            layers = set()
             for i, index in enumerate(m.indices):  # type: ignore[attr-defined]
                 chunk, layer = self.layout.kv_record_owner(group, index)
                 self._arrived.setdefault(layer, {})[chunk] = unpack_kv_record(self.layout, view[i * size : (i + 1) * size])
+                layers.add(layer)
             self.kv_records_received += len(m.indices)  # type: ignore[attr-defined]
+            for layer in layers:
+                self._maybe_stage(layer)
             self._cond.notify_all()
 
     def _on_blob(self, tag: int, blob: _Blob, m: object) -> None:
@@ -166,6 +183,48 @@ class KVLoader:
             if not blob.future.done():
                 blob.future.set_exception(exc)
 
+    # --- staging (off the compute thread) -------------------------------------------------------
+    def expect(self, layers: range, chunks: Sequence[int]) -> None:
+        """Announce the chunks these layers will attend to, so they are staged on arrival."""
+        with self._cond:
+            for layer in layers:
+                self._expected[layer] = sorted(set(chunks))
+                self._maybe_stage(layer)
+
+    def _maybe_stage(self, layer: int) -> None:
+        """Caller holds the lock. Stage ``layer`` once every expected record is in."""
+        want = self._expected.get(layer)
+        have = self._arrived.get(layer, {})
+        if self._stager is None or want is None or layer in self._staging or not all(c in have for c in want):
+            return
+        self._staging.add(layer)
+        self._stager.submit(self._stage, layer, want, [have[c] for c in want])
+
+    def _stage(self, layer: int, want: list[int], parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        try:
+            keys, values = self._gather(want, parts)
+            event = None
+            if self._device.type == "cuda":
+                with self._cond:
+                    self._pinned += [keys, values]
+                keys, values, event = _to_device(keys, values, self._device)
+        except BaseException as exc:  # noqa: BLE001 - surfaces in wait_for_layer
+            self._fail(ComputeError(f"staging layer {layer} failed: {exc!r}"))
+            return
+        with self._cond:
+            self._staged[layer] = (keys, values, event)
+            self._cond.notify_all()
+
+    def _gather(self, want: list[int], parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        real = self.layout.tokens_in(want)  # only the prefix's last chunk is partial; it sorts last
+        pin = self._device.type == "cuda"
+        shape = (self.layout.num_kv_heads, len(want) * self.layout.chunk_size, self.layout.head_dim)
+        keys = torch.empty(shape, dtype=parts[0][0].dtype, pin_memory=pin)  # [kv_heads, chunks * c, d]
+        values = torch.empty(shape, dtype=parts[0][1].dtype, pin_memory=pin)
+        torch.cat([k for k, _ in parts], dim=1, out=keys)
+        torch.cat([v for _, v in parts], dim=1, out=values)
+        return keys[:, :real], values[:, :real]
+
     # --- compute thread side -------------------------------------------------------------------
     def wait_blob(self, future: "Future[list[bytes]]") -> tuple[list[bytes], float]:
         """Block for a blob request; returns its records and the seconds spent waiting."""
@@ -179,23 +238,53 @@ class KVLoader:
         ascending) and the seconds spent blocked. Raises the stream's error if it failed.
         """
         want = sorted(set(chunks))
+        staged = self._expected.get(layer) == want and self._stager is not None
         start = time.perf_counter()
         with self._cond:
             while True:
                 if self._error is not None:
                     raise self._error
-                have = self._arrived.get(layer, {})
-                if all(c in have for c in want):
-                    parts = [have[c] for c in want]
-                    break
+                if staged:
+                    if layer in self._staged:
+                        keys, values, event = self._staged[layer]
+                        break
+                else:
+                    have = self._arrived.get(layer, {})
+                    if all(c in have for c in want):
+                        parts = [have[c] for c in want]
+                        break
                 self._cond.wait()
         waited = time.perf_counter() - start
-        keys = torch.cat([k for k, _ in parts], dim=1)  # [kv_heads, len(want) * c, head_dim]
-        values = torch.cat([v for _, v in parts], dim=1)
-        real = self.layout.tokens_in(want)  # only the prefix's last chunk is partial; it sorts last
-        return keys[:, :real], values[:, :real], waited
+        if not staged:
+            keys, values = self._gather(want, parts) if want else _empty_kv(self.layout)
+            return keys, values, waited
+        if event is not None:
+            torch.cuda.current_stream(self._device).wait_event(event)  # type: ignore[arg-type]
+        return keys, values, waited
 
     def release_layer(self, layer: int) -> None:
         """Drop the arrived records of a finished layer so their bytes can be freed."""
         with self._cond:
             self._arrived.pop(layer, None)
+            self._staged.pop(layer, None)
+            self._staging.discard(layer)
+
+
+def _empty_kv(layout: ContiguousLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (layout.num_kv_heads, 0, layout.head_dim)
+    return torch.empty(shape), torch.empty(shape)
+
+
+def _to_device(keys: torch.Tensor, values: torch.Tensor,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """Copy pinned K/V to the device on a side stream; returns them and the event marking the copy done."""
+    side = torch.cuda.Stream(device)
+    with torch.cuda.stream(side):
+        k = keys.to(device, non_blocking=True)
+        v = values.to(device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(side)
+    # the pinned sources stay referenced by the loader until the request ends
+    k.record_stream(torch.cuda.current_stream(device))
+    v.record_stream(torch.cuda.current_stream(device))
+    return k, v, event

@@ -89,6 +89,7 @@ class FullPolicy(Policy):
 
     async def start(self) -> None:
         chunks = range(self.layout.num_chunks)
+        self.loader.expect(range(self.layout.num_layers), chunks)
         for run in sub_periods(self.layout.num_layers, self.period, self.sub_period):
             self.loader.start_load(chunks, run, priority=2 * run.start)
 
@@ -148,11 +149,14 @@ class PeriodicPolicy(Policy):
         self.loader.cancel([t for c, tags in predicted.items() if c not in chosen for t in tags])
         self._selected[start] = chunks
         index = self.starts.index(start)
+        self.loader.expect(range(start, min(start + self.period, self.layout.num_layers)), chunks)
         layers = min(self.period, self.layout.num_layers - start)
         self.periods.append(PeriodSelection(index, start, layers, chunks, len(predicted),
                                             len(chosen & set(predicted)), recall, scores))
-        if index + 1 < len(self.starts):
-            self._predict(self.starts[index + 1], chunks)
+        self.periods.sort(key=lambda p: p.first_layer)
+        following = self.starts[index + 1] if index + 1 < len(self.starts) else None
+        if following is not None and following not in self._selected:  # p = 1 may speculate first
+            self._predict(following, chunks)
 
     def _wait_blob(self, future: object) -> list[bytes]:
         records, waited = self.loader.wait_blob(future)  # type: ignore[arg-type]

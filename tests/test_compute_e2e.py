@@ -61,8 +61,10 @@ def _check_anchor(client: ContiguousKVClient, model: str, prefix: list[int], que
     ref = _reference(model, prefix + query)
     reg = client.register(token_ids=prefix)
     assert reg.num_tokens == len(prefix) and reg.num_chunks == -(-len(prefix) // 16)
-    for policy in ("full", "recompute"):
-        r = client.reprefill(reg.prefix_id, query, policy=policy, return_logits=True)
+    for policy, period in (("full", None), ("recompute", None), ("contiguous", None), ("contiguous+", None),
+                           ("contiguous", 1), ("contiguous+", 3)):
+        r = client.reprefill(reg.prefix_id, query, policy=policy, budget=1.0, period=period,
+                             sub_period=1 if period else None, return_logits=True)
         got = torch.tensor(r.logits)
         rel = float((got - ref).abs().max() / ref.abs().max())
         assert r.token_id == int(ref.argmax()), (policy, r.token_id, int(ref.argmax()))

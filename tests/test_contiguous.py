@@ -1,0 +1,166 @@
+"""The `contiguous` policies against an independent, materialised reference.
+
+The reference runs the same algorithm with plain full attention matrices: at each period's first
+layer it takes softmax(q K^T) over [prefix ; query] (causal on the query part), sums the prefix
+columns over heads and query rows, per chunk, keeps the top ceil(budget x m) with the first and last
+chunk, and then attends only to the kept chunks' tokens. The served result must select the same
+chunks and give the same logits — so mispredicted chunks were fetched before use.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from contiguouskv import launch
+from contiguouskv.client import ContiguousKVClient, InvalidArgumentError
+from contiguouskv.compute_server.config import default_cache_dir
+from contiguouskv.compute_server.models import load_model
+from contiguouskv.compute_server.runner import ModelRunner
+
+MODEL = "random:tiny"
+C = 16
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ContiguousKVClient]:
+    with launch.cache_server(tmp_path_factory.mktemp("store")) as cache:
+        with launch.compute_server(MODEL, cache.address, "--dtype", "float32") as compute:
+            with ContiguousKVClient(compute.address, timeout=120) as c:
+                yield c
+
+
+@pytest.fixture(scope="module")
+def runner() -> ModelRunner:
+    return ModelRunner(load_model(MODEL, cache_dir=default_cache_dir()))
+
+
+def _top(scores: list[float], budget: float) -> list[int]:
+    m = len(scores)
+    k = min(m, max(math.ceil(budget * m - 1e-9), min(2, m)))
+    forced = {0, m - 1}
+    rest = sorted((j for j in range(m) if j not in forced), key=lambda j: (-scores[j], j))
+    return sorted(forced | set(rest[: max(0, k - len(forced))]))
+
+
+def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.repeat_interleave(heads // x.shape[0], dim=0)
+
+
+def _chunk_sums(token_mass: torch.Tensor, n: int) -> list[float]:
+    return [float(token_mass[s : min(s + C, n)].sum()) for s in range(0, n, C)]
+
+
+def reference(runner: ModelRunner, prefix: list[int], query: list[int], budget: float, period: int,
+              digest: bool) -> tuple[list[list[int]], torch.Tensor]:
+    """Selections per period and last-position logits, with materialised attention."""
+    with torch.inference_mode():
+        pre = runner.prefill(torch.tensor(prefix))
+        n, t, heads = len(prefix), len(query), runner.num_heads
+        pos = torch.arange(n, n + t)
+        causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+        hidden = runner.embed(torch.tensor(query))
+        selections: list[list[int]] = []
+        keep = torch.ones(n, dtype=torch.bool)
+        entering: list[torch.Tensor] = []
+        for layer in range(runner.num_layers):
+            entering.append(hidden)
+            q, k, v = runner.project(layer, hidden, pos)
+            if layer % period == 0:
+                qs, ks = (q, k)
+                if digest and layer > 0:  # contiguous+: scored from the hidden state entering layer - 1
+                    qs, ks, _ = runner.project(layer, entering[layer - 1], pos)
+                self_logits = (qs @ _expand(ks, heads).transpose(1, 2) * runner.scaling).masked_fill(causal, -torch.inf)
+                if digest:
+                    means = torch.stack([pre.keys[layer][:, s : min(s + C, n)].mean(dim=1) for s in range(0, n, C)], dim=1)
+                    counts = torch.tensor([min(s + C, n) - s for s in range(0, n, C)], dtype=torch.float32)
+                    pl = qs @ _expand(means, heads).transpose(1, 2) * runner.scaling + counts.log()
+                    probs = torch.softmax(torch.cat([pl, self_logits], dim=-1), dim=-1)
+                    scores = probs[:, :, : means.shape[1]].sum(dim=(0, 1)).tolist()
+                else:
+                    pl = qs @ _expand(pre.keys[layer], heads).transpose(1, 2) * runner.scaling
+                    probs = torch.softmax(torch.cat([pl, self_logits], dim=-1), dim=-1)
+                    scores = _chunk_sums(probs[:, :, :n].sum(dim=(0, 1)), n)
+                chosen = _top(scores, budget)
+                selections.append(chosen)
+                keep = torch.zeros(n, dtype=torch.bool)
+                for j in chosen:
+                    keep[j * C : min((j + 1) * C, n)] = True
+            keys = _expand(torch.cat([pre.keys[layer], k], dim=1), heads)
+            values = _expand(torch.cat([pre.values[layer], v], dim=1), heads)
+            logits = q @ keys.transpose(1, 2) * runner.scaling  # [H, T, n + T]
+            mask = torch.cat([~keep.expand(t, n), causal], dim=1)
+            out = torch.softmax(logits.masked_fill(mask, -torch.inf), dim=-1) @ values  # [H, T, d]
+            hidden = runner.finish(layer, hidden, out.transpose(0, 1).reshape(t, -1))
+        return selections, runner.logits(hidden[-1:])[0]
+
+
+CASES = [  # prefix tokens, query tokens, budget, period, sub_period, seed
+    (150, 12, 0.3, 2, 1, 1),
+    (203, 5, 0.2, 1, 1, 2),
+    (97, 30, 0.5, 4, 2, 3),
+    (260, 9, 0.1, 2, 2, 4),
+]
+
+
+@pytest.mark.parametrize("policy", ["contiguous", "contiguous+"])
+@pytest.mark.parametrize("n,t,budget,period,sub,seed", CASES)
+def test_selection_and_output_match_the_reference(client: ContiguousKVClient, runner: ModelRunner, policy: str,
+                                                  n: int, t: int, budget: float, period: int, sub: int,
+                                                  seed: int) -> None:
+    rng = random.Random(seed)
+    prefix = [rng.randrange(512) for _ in range(n)]
+    query = [rng.randrange(512) for _ in range(t)]
+    reg = client.register(token_ids=prefix)
+    got = client.reprefill(reg.prefix_id, query, policy=policy, budget=budget, period=period, sub_period=sub,
+                           return_logits=True)
+    selections, logits = reference(runner, prefix, query, budget, period, digest=policy == "contiguous+")
+    assert [list(p.chunks) for p in got.periods] == selections
+    assert [p.first_layer for p in got.periods] == list(range(0, runner.num_layers, period))
+    assert got.token_id == int(logits.argmax())
+    rel = float((torch.tensor(got.logits) - logits).abs().max() / logits.abs().max())
+    assert rel < 1e-3, rel
+    # exactly the selected records were used; the rest of what arrived was cancelled predictions
+    record = 2 * 2 * C * 16 * 4  # K+V x kv_heads x c x head_dim x float32 for the tiny preset
+    used = sum(len(p.chunks) * p.num_layers for p in got.periods) * record
+    assert got.bytes_kv == used + got.bytes_wasted
+    assert [lt.bytes for lt in got.timings.layers] == [
+        len(p.chunks) * record for p in got.periods for _ in range(p.num_layers)]
+    # predictions: period k+1 was predicted from period k's set. With p = 1, contiguous+ scores
+    # period 1 (at layer 0) before period 0 is known, so period 1 had nothing predicted.
+    unpredicted = {1} if policy == "contiguous+" and period == 1 else set()
+    assert got.periods[0].predicted == len(selections[0])  # the prior: as many chunks as the budget
+    for i, (prev, cur) in enumerate(zip(got.periods, got.periods[1:]), start=1):
+        assert cur.predicted == (0 if i in unpredicted else len(prev.chunks))
+        assert cur.predicted_hits == (0 if i in unpredicted else len(set(prev.chunks) & set(cur.chunks)))
+
+
+def test_same_input_same_output_and_cheaper_than_full(client: ContiguousKVClient) -> None:
+    rng = random.Random(9)
+    reg = client.register(token_ids=[rng.randrange(512) for _ in range(700)])
+    query = [rng.randrange(512) for _ in range(8)]
+    full = client.reprefill(reg.prefix_id, query, policy="full")
+    for policy in ("contiguous", "contiguous+"):
+        a = client.reprefill(reg.prefix_id, query, policy=policy, budget=0.1, period=2)
+        b = client.reprefill(reg.prefix_id, query, policy=policy, budget=0.1, period=2)
+        assert (a.token_id, a.periods, a.logits) == (b.token_id, b.periods, b.logits)
+        assert all(len(p.chunks) == math.ceil(0.1 * reg.num_chunks) for p in a.periods)
+        assert all(p.chunks[0] == 0 and p.chunks[-1] == reg.num_chunks - 1 for p in a.periods)
+        assert a.bytes_kv < full.bytes_kv / 5
+    plus = client.reprefill(reg.prefix_id, query, policy="contiguous+", budget=0.1, period=2, evaluate_recall=True)
+    assert 0.0 <= plus.recall <= 1.0 and all(0.0 <= p.recall <= 1.0 for p in plus.periods)
+    exact = client.reprefill(reg.prefix_id, query, policy="contiguous+", budget=1.0, evaluate_recall=True)
+    assert exact.recall == 1.0
+    plain = client.reprefill(reg.prefix_id, query, policy="contiguous", budget=0.1, period=2)
+    assert plain.recall == -1.0 and plain.bytes_identification > plus.bytes_identification
+
+
+def test_period_options_are_validated(client: ContiguousKVClient) -> None:
+    reg = client.register(token_ids=list(range(40)))
+    for kwargs in (dict(period=0), dict(period=2, sub_period=3), dict(sub_period=0)):
+        with pytest.raises(InvalidArgumentError, match="period"):
+            client.reprefill(reg.prefix_id, [1, 2], policy="contiguous", budget=0.5, **kwargs)  # type: ignore[arg-type]
