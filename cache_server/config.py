@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from contiguouskv.cache_server.cache_policy import DEFAULT_POLICY, POLICIES
+
 MIN_MESSAGE_BYTES = 1 << 20
 
 
@@ -20,7 +22,11 @@ class CacheServerConfig:
     ``port_file`` when given. ``max_batch_bytes`` caps the payload of one Fetch response;
     ``max_store_bytes`` caps the bytes of all data files (0 = unlimited). ``read_threads`` is the
     size of the disk read pool. ``direct_io`` asks for O_DIRECT reads where the filesystem allows.
-    ``max_message_bytes`` raises gRPC's send and receive message limits.
+    ``max_message_bytes`` raises gRPC's send and receive message limits. ``dram_cache_bytes`` is
+    the DRAM cache's budget (0 = no cache), kept by ``cache_policy`` (``attention``, ``lru``,
+    ``lfu``, ``impress``). ``max_inflight_bytes`` bounds the record bytes one Fetch stream holds
+    (being read or waiting for the client). ``metrics_port`` serves Prometheus metrics over
+    HTTP on ``host`` (``None`` = off, 0 = any free port, logged).
     """
 
     root: Path
@@ -29,10 +35,14 @@ class CacheServerConfig:
     port_file: Path | None = None
     max_batch_bytes: int = 1 << 20
     max_store_bytes: int = 0
-    read_threads: int = 8
+    read_threads: int = 16
     grace_seconds: float = 5.0
     direct_io: bool = True
     max_message_bytes: int = 64 << 20
+    dram_cache_bytes: int = 1 << 30
+    cache_policy: str = DEFAULT_POLICY
+    max_inflight_bytes: int = 16 << 20
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if not str(self.root):
@@ -53,6 +63,15 @@ class CacheServerConfig:
             raise ValueError(
                 f"max_message_bytes: {self.max_message_bytes} must be at least {MIN_MESSAGE_BYTES}"
             )
+        if self.dram_cache_bytes < 0:
+            raise ValueError(f"dram_cache_bytes: {self.dram_cache_bytes} must be >= 0 (0 = off)")
+        if self.cache_policy not in POLICIES:
+            raise ValueError(f"cache_policy: {self.cache_policy!r} is not one of {', '.join(POLICIES)}")
+        if self.max_inflight_bytes < self.max_batch_bytes:
+            raise ValueError(f"max_inflight_bytes: {self.max_inflight_bytes} must be at least "
+                             f"max_batch_bytes ({self.max_batch_bytes})")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port: {self.metrics_port} is outside 0..65535")
         if self.max_batch_bytes > self.max_message_bytes // 2:
             raise ValueError(
                 f"max_batch_bytes: {self.max_batch_bytes} must be at most half of "

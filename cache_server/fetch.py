@@ -7,11 +7,15 @@ batch already being read is not re-planned); each is cut into batches of consecu
 that request, in the order requested, holding at most ``max_batch_bytes`` of payload (at least one
 record) and at most ``max_read_bytes`` of disk reads (records are padded to 4 KiB on disk, so tiny
 records would otherwise make large reads). The last batch of a request has ``done``; a cancelled
-request gets one batch with ``done`` and ``cancelled`` and no records instead of the rest.
+request gets one batch with ``done`` and ``cancelled`` and no records instead of the rest; a
+request whose records cannot be read (a checksum mismatch: DATA_LOSS) gets one batch with ``done``
+and ``error_code`` instead of the rest, and the stream goes on with the other requests.
 
-Backpressure: :meth:`responses` starts at most ``read_ahead`` disk reads ahead of the batch it is
-yielding, and yields only when the consumer asks for the next batch; a consumer that awaits each
-gRPC write therefore bounds the memory of the stream.
+Several batches are read at once on the read pool (each batch one task, its coalesced runs read
+back to back), so the disk sees a deep queue. Backpressure: the payload bytes of batches being
+read plus the batch last yielded stay within ``max_inflight_bytes`` (one batch at least), and
+:meth:`responses` yields only when its consumer asks for the next batch; a consumer that awaits
+each gRPC write (which waits on HTTP/2 flow control) therefore bounds the stream's memory.
 """
 
 from __future__ import annotations
@@ -23,26 +27,19 @@ import heapq
 from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import Executor
 
-from contiguouskv.cache_server.errors import InvalidArgument
+from contiguouskv.cache_server.assemble import Batch, BatchAssembler
+from contiguouskv.cache_server.errors import CacheError, InvalidArgument
 from contiguouskv.cache_server.keys import check_region_name
 from contiguouskv.cache_server.manifest import RegionLayout
 from contiguouskv.cache_server.reader import ObjectReader
 from contiguouskv.cache_server.stats import Counters
 
-READ_AHEAD = 2
+MAX_BATCHES_IN_FLIGHT = 32
+DEFAULT_INFLIGHT_BYTES = 16 << 20
 DISK_BYTES_PER_PAYLOAD_BYTE = 4  # default cap of a batch's disk read, per byte of payload cap
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Batch:
-    """One response: records ``indices`` of ``region`` for request ``tag``, payloads in ``data``."""
-
-    tag: int
-    region: str
-    indices: Sequence[int]
-    data: bytes
-    done: bool
-    cancelled: bool = False
+MAX_INDICES_PER_READ = 1 << 20
+MAX_PENDING_INDICES = 1 << 22  # per stream, over requests not yet done
+INTERNAL = 13
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -51,67 +48,86 @@ class _Request:
     region: RegionLayout
     indices: list[int]
     planned: int = 0  # indices[:planned] are in batches already started
-    cancelled: bool = False
+    ended: bool = False  # cancelled or failed: nothing more is sent for it
 
 
 @dataclasses.dataclass(slots=True)
 class _InFlight:
     request: _Request
-    indices: list[int]
+    count: int
+    nbytes: int
     done: bool
-    data: asyncio.Future[bytes]
+    batch: asyncio.Future[Batch]
 
 
 class FetchSession:
     """Serves record requests on one opened object; see the module docstring for the contract.
 
-    ``reader`` is owned by the caller and must stay open until :meth:`responses` has finished.
-    Blocking reads run on ``executor``.
+    ``assembler`` builds batches from the object's reader (owned by the caller, open until
+    :meth:`responses` has finished) and the DRAM cache; its blocking work runs on ``executor``.
     """
 
     def __init__(
         self,
         reader: ObjectReader,
+        assembler: BatchAssembler,
         executor: Executor,
         counters: Counters,
         max_batch_bytes: int,
         max_read_bytes: int | None = None,
-        read_ahead: int = READ_AHEAD,
+        max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES,
+        max_batches: int = MAX_BATCHES_IN_FLIGHT,
     ) -> None:
         self._reader = reader
+        self._assembler = assembler
         self._executor = executor
         self._counters = counters
         self._max_batch_bytes = max_batch_bytes
         self._max_read_bytes = max_read_bytes or DISK_BYTES_PER_PAYLOAD_BYTE * max_batch_bytes
-        self._read_ahead = read_ahead
+        self._max_inflight_bytes = max_inflight_bytes
+        self._max_batches = max_batches
         self._queue: list[tuple[int, int, _Request]] = []  # heap of (priority, arrival, request)
         self._arrivals = 0
         self._active: dict[int, _Request] = {}  # tag -> request whose done batch is not out yet
+        self._pending_indices = 0
         self._notices: collections.deque[Batch] = collections.deque()
+        self._held = 0  # payload bytes of batches started and not yet taken by the consumer
         self._input_closed = False
         self._error: BaseException | None = None
         self._wakeup = asyncio.Event()
         counters.add(fetch_streams_total=1)
 
     def submit(self, tag: int, region: str, indices: Sequence[int], priority: int) -> None:
-        """Queue a request; ``InvalidArgument`` for a tag in use, a bad region or index."""
+        """Queue a request; ``InvalidArgument`` for a tag in use, a bad region or index, too many."""
         if tag in self._active:
             raise InvalidArgument(f"read.tag: {tag} is already used by a request not yet done")
+        if len(indices) > MAX_INDICES_PER_READ:
+            raise InvalidArgument(
+                f"read.indices: {len(indices)} indices in one read, more than {MAX_INDICES_PER_READ}")
+        if self._pending_indices + len(indices) > MAX_PENDING_INDICES:
+            raise InvalidArgument(
+                f"read.indices: more than {MAX_PENDING_INDICES} indices pending on one stream")
         check_region_name(region)
-        layout = self._reader.check(region, indices)
+        layout = self._reader.manifest.region(region)
+        if indices:
+            layout.check_index(min(indices))
+            layout.check_index(max(indices))
         request = _Request(tag, layout, list(indices))
         self._active[tag] = request
+        self._pending_indices += len(indices)
         heapq.heappush(self._queue, (priority, self._arrivals, request))
         self._arrivals += 1
+        self._counters.add(records_requested=len(indices),
+                           bytes_requested=len(indices) * layout.record_size)
         self._wakeup.set()
 
     def cancel(self, tags: Sequence[int]) -> None:
         """Drop the unserved rest of the requests with these tags; unknown or done tags are ignored."""
         for tag in tags:
-            request = self._active.pop(tag, None)
+            request = self._active.get(tag)
             if request is not None:
-                request.cancelled = True
-                self._notices.append(Batch(tag, request.region.name, (), b"", True, True))
+                self._end(request)
+                self._notices.append(Batch.notice(tag, request.region.name, cancelled=True))
         self._wakeup.set()
 
     def close_input(self) -> None:
@@ -125,11 +141,12 @@ class FetchSession:
         self._wakeup.set()
 
     async def responses(self) -> AsyncGenerator[Batch, None]:
-        """Batches in serving order; raises the error given to :meth:`fail` or met reading.
+        """Batches in serving order; raises the error given to :meth:`fail`.
 
         Close it (``contextlib.aclosing``) to stop early: reads not yet started are cancelled.
         """
         in_flight: collections.deque[_InFlight] = collections.deque()
+        self._counters.add(inflight_streams=1)
         try:
             while True:
                 if self._error is not None:
@@ -139,9 +156,11 @@ class FetchSession:
                     continue
                 self._start_reads(in_flight)
                 if in_flight:
-                    batch = await self._finish_read(in_flight.popleft())
+                    item = in_flight.popleft()
+                    batch = await self._finish_read(item)
                     if batch is not None:
                         yield batch
+                    self._release(item.nbytes)
                     continue
                 if self._input_closed:
                     return
@@ -149,23 +168,30 @@ class FetchSession:
                 await self._wakeup.wait()
         finally:
             for item in in_flight:
-                item.data.cancel()
+                item.batch.cancel()
+            self._release(self._held)
+            self._counters.add(inflight_streams=-1)
 
     def _start_reads(self, in_flight: collections.deque[_InFlight]) -> None:
         loop = asyncio.get_running_loop()
-        while len(in_flight) < self._read_ahead and self._queue:
+        while len(in_flight) < self._max_batches and self._queue:
             request = self._queue[0][2]
-            if request.cancelled:
+            if request.ended:
                 heapq.heappop(self._queue)
                 continue
             start, stop = request.planned, self._batch_end(request)
+            nbytes = (stop - start) * request.region.record_size
+            if in_flight and self._held + nbytes > self._max_inflight_bytes:
+                return
             request.planned = stop
             done = stop == len(request.indices)
             if done:
                 heapq.heappop(self._queue)
+            self._held += nbytes
+            self._counters.add(inflight_bytes=nbytes)
             indices = request.indices[start:stop]
-            data = loop.run_in_executor(self._executor, self._read, request.region.name, indices)
-            in_flight.append(_InFlight(request, indices, done, data))
+            future = loop.run_in_executor(self._executor, self._build, request, indices, done)
+            in_flight.append(_InFlight(request, len(indices), nbytes, done, future))
 
     def _batch_end(self, request: _Request) -> int:
         size, stride = request.region.record_size, request.region.stride
@@ -173,16 +199,38 @@ class FetchSession:
         by_disk = self._max_read_bytes // stride
         return min(len(request.indices), request.planned + max(1, min(by_payload, by_disk)))
 
-    def _read(self, region: str, indices: list[int]) -> bytes:
-        return b"".join(self._reader.read(region, indices))
+    def _build(self, request: _Request, indices: list[int], done: bool) -> Batch:
+        self._counters.add(inflight_reads=1)
+        try:
+            return self._assembler.build(request.tag, request.region, indices, done)
+        finally:
+            self._counters.add(inflight_reads=-1)
 
     async def _finish_read(self, item: _InFlight) -> Batch | None:
-        data = await item.data
         request = item.request
-        if request.cancelled:
-            return None  # its cancel notice went out instead
+        try:
+            batch = await item.batch
+        except (CacheError, OSError) as exc:
+            if request.ended:
+                return None
+            self._end(request)
+            self._counters.add(fetch_requests_failed=1)
+            code = exc.code if isinstance(exc, CacheError) else INTERNAL
+            return Batch.notice(request.tag, request.region.name, error_code=code,
+                                error_message=str(exc))
+        if request.ended:
+            return None  # its cancel or error notice went out instead
         if item.done:
-            del self._active[request.tag]
-        self._counters.add(bytes_served=len(data), records_served=len(item.indices))
-        return Batch(request.tag, request.region.name, item.indices, data, item.done)
+            self._end(request)
+        self._counters.add(bytes_served=len(batch.wire) - batch.data_offset,
+                           records_served=item.count)
+        return batch
 
+    def _end(self, request: _Request) -> None:
+        if self._active.pop(request.tag, None) is request:
+            request.ended = True
+            self._pending_indices -= len(request.indices)
+
+    def _release(self, nbytes: int) -> None:
+        self._held -= nbytes
+        self._counters.add(inflight_bytes=-nbytes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import time
 import zlib
 from collections.abc import Sequence
 
@@ -75,53 +76,65 @@ class ObjectReader:
     def read(self, region: str, indices: Sequence[int]) -> list[bytes]:
         """Payloads of ``indices`` of ``region`` in the order given, each ``record_size`` bytes.
 
-        Adjacent indices are read with one system call. Every payload is checked against its
-        CRC-32; a mismatch raises ``DataLoss`` (and counts in ``checksum_failures``). Raises
-        ``InvalidArgument`` for an unknown region or an index out of range.
+        A convenience over :meth:`read_verified` with a private buffer. Raises ``InvalidArgument``
+        for an unknown region or an index out of range, ``DataLoss`` on a checksum mismatch.
         """
         layout = self.check(region, indices)
         if not indices:
             return []
+        distinct = sorted(set(indices))
+        with memoryview(mmap.mmap(-1, len(distinct) * layout.stride)) as buffer:
+            views = self.read_verified(layout, distinct, buffer)
+            payloads = {index: bytes(view) for index, view in views.items()}
+        return [payloads[index] for index in indices]
+
+    def read_verified(self, layout: RegionLayout, indices: Sequence[int],
+                      buffer: memoryview) -> dict[int, memoryview]:
+        """Read distinct ``indices`` of ``layout`` into ``buffer``; views of their payloads.
+
+        ``buffer`` is page-aligned and holds ``len(indices) * stride`` bytes. Adjacent indices are
+        read with one system call. Every payload is checked against its CRC-32 (once, on the
+        view); a mismatch raises ``DataLoss`` and counts in ``checksum_failures``. The views stay
+        valid as long as ``buffer``'s memory does.
+        """
         self._acquire()
         try:
-            return self._read_checked(layout, indices)
+            return self._read_checked(layout, indices, buffer)
         finally:
             self._release()
 
-    def _read_checked(self, layout: RegionLayout, indices: Sequence[int]) -> list[bytes]:
+    def _read_checked(self, layout: RegionLayout, indices: Sequence[int],
+                      buffer: memoryview) -> dict[int, memoryview]:
         runs = coalesce(indices)
-        stride = layout.stride
-        buffer = mmap.mmap(-1, sum(count for _, count in runs) * stride)
-        try:
-            where: dict[int, int] = {}
-            position = 0
-            with memoryview(buffer) as view:
-                for first, count in runs:
-                    with view[position : position + count * stride] as part:
-                        self._read_exactly(part, layout.record_offset(first))
-                    for k in range(count):
-                        where[first + k] = position + k * stride
-                    position += count * stride
-            self._counters.add(bytes_read_from_disk=position)
-            payloads = {}
-            for index, start in where.items():
-                payload = buffer[start : start + layout.record_size]
-                if zlib.crc32(payload) != self.manifest.checksum(layout.name, index):
-                    self._counters.add(checksum_failures=1)
-                    raise DataLoss(
-                        f"checksum mismatch in object {self.manifest.key}, "
-                        f"region {layout.name!r}, record {index}"
-                    )
-                payloads[index] = payload
-            return [payloads[index] for index in indices]
-        finally:
-            buffer.close()
+        stride, size = layout.stride, layout.record_size
+        where: dict[int, int] = {}
+        position = 0
+        started = time.perf_counter()
+        for first, count in runs:
+            self._read_exactly(buffer[position : position + count * stride],
+                               layout.record_offset(first))
+            for k in range(count):
+                where[first + k] = position + k * stride
+            position += count * stride
+        self._counters.observe_read(time.perf_counter() - started)
+        self._counters.add(bytes_read_from_disk=position, disk_reads=len(runs),
+                           buffered_reads=0 if self.direct else len(runs))
+        views = {}
+        for index, start in where.items():
+            payload = buffer[start : start + size]
+            if zlib.crc32(payload) != self.manifest.checksum(layout.name, index):
+                self._counters.add(checksum_failures=1)
+                raise DataLoss(
+                    f"checksum mismatch in object {self.manifest.key}, "
+                    f"region {layout.name!r}, record {index}"
+                )
+            views[index] = payload
+        return views
 
     def _read_exactly(self, part: memoryview, offset: int) -> None:
         done = 0
         while done < len(part):
-            with part[done:] as rest:
-                got = os.preadv(self._fd, [rest], offset + done)
+            got = os.preadv(self._fd, [part[done:]], offset + done)
             if got == 0:
                 raise DataLoss(
                     f"data file of object {self.manifest.key} ends at {offset + done}, "

@@ -17,17 +17,17 @@ from pathlib import Path
 
 import grpc
 
+from contiguouskv.cache_server.cache_policy import DEFAULT_POLICY, POLICIES
 from contiguouskv.cache_server.config import CacheServerConfig
-from contiguouskv.cache_server.service import CacheServicer
+from contiguouskv.cache_server.dram_cache import DramCache
+from contiguouskv.cache_server.metrics import CacheCollector, start_metrics_server
+from contiguouskv.cache_server.service import SERVICE_NAME, CacheServicer, add_cache_service
 from contiguouskv.cache_server.store import RecordStore
 from contiguouskv.common.config import ConfigError, load_config
 from contiguouskv.common.logs import setup_logging
 from contiguouskv.common.serving import ServerLifecycle, channel_options, run_async
-from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
 
 logger = logging.getLogger(__name__)
-
-SERVICE_NAME = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving")
     parser.add_argument("--max-batch-bytes", type=int, help="payload cap of a Fetch response")
     parser.add_argument("--max-store-bytes", type=int, help="cap of stored bytes; 0 = unlimited")
+    parser.add_argument("--dram-cache-bytes", type=int, help="DRAM cache budget; 0 = no cache (1 GiB)")
+    parser.add_argument("--cache-policy", choices=sorted(POLICIES),
+                        help=f"DRAM cache eviction policy ({DEFAULT_POLICY})")
+    parser.add_argument("--max-inflight-bytes", type=int,
+                        help="record bytes one Fetch stream may hold (16 MiB)")
+    parser.add_argument("--read-threads", type=int, help="disk read threads (16)")
+    parser.add_argument("--metrics-port", type=int,
+                        help="serve Prometheus metrics on this port (0 = any free port; off if absent)")
     parser.add_argument("--config", type=Path, help="JSON file of config fields")
     # SUPPRESS: as a subcommand, an absent flag must not overwrite the parent parser's value.
     parser.add_argument("--log-level", default=argparse.SUPPRESS, help="logging level (INFO)")
@@ -49,17 +57,20 @@ def config_from_args(args: argparse.Namespace) -> CacheServerConfig:
     """Resolve the config from flags > ``CKV_*`` env > ``--config`` file; ``ConfigError`` if bad."""
     flags = {
         name: getattr(args, name, None)
-        for name in ("root", "host", "port", "port_file", "max_batch_bytes", "max_store_bytes")
+        for name in ("root", "host", "port", "port_file", "max_batch_bytes", "max_store_bytes",
+                     "dram_cache_bytes", "cache_policy", "max_inflight_bytes", "read_threads",
+                     "metrics_port")
     }
     return load_config(CacheServerConfig, flags=flags, file=args.config)
 
 
-def _build_server(config: CacheServerConfig, store: RecordStore,
+def _build_server(config: CacheServerConfig, store: RecordStore, cache: DramCache,
                   read_pool: ThreadPoolExecutor) -> ServerLifecycle:
     """The gRPC server with the cache, health and reflection services."""
     server = grpc.aio.server(options=channel_options(config.max_message_bytes))
-    servicer = CacheServicer(store, read_pool, config.max_batch_bytes)
-    cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server)
+    servicer = CacheServicer(store, read_pool, config.max_batch_bytes, cache,
+                             config.max_inflight_bytes)
+    add_cache_service(servicer, server)
     return ServerLifecycle(server, [SERVICE_NAME])
 
 
@@ -70,12 +81,24 @@ async def serve(config: CacheServerConfig, ready: Callable[[int], None] | None =
     is written). Health reports SERVING for "" and the cache service until the drain starts.
     """
     store = await asyncio.to_thread(RecordStore, config)
-    with ThreadPoolExecutor(config.read_threads, thread_name_prefix="ckv-read") as read_pool:
-        lifecycle = _build_server(config, store, read_pool)
-        port = await lifecycle.start(config.host, config.port, config.port_file, "cache server")
-        if ready is not None:
-            ready(port)
-        await lifecycle.wait_and_drain(config.grace_seconds)
+    cache = DramCache(config.dram_cache_bytes, config.cache_policy, store.counters)
+    logger.info("DRAM cache: %d bytes, policy %s; reads %s", config.dram_cache_bytes,
+                config.cache_policy, "O_DIRECT" if store.direct_io else "buffered (no O_DIRECT)")
+    metrics = None
+    if config.metrics_port is not None:
+        collector = CacheCollector(lambda: store.stats(cache), store.counters.latency)
+        metrics = start_metrics_server(config.host, config.metrics_port, collector)
+    try:
+        with ThreadPoolExecutor(config.read_threads, thread_name_prefix="ckv-read") as read_pool:
+            lifecycle = _build_server(config, store, cache, read_pool)
+            port = await lifecycle.start(config.host, config.port, config.port_file, "cache server")
+            if ready is not None:
+                ready(port)
+            await lifecycle.wait_and_drain(config.grace_seconds)
+    finally:
+        if metrics is not None:
+            metrics.shutdown()
+            metrics.server_close()
 
 
 def run(config: CacheServerConfig) -> int:

@@ -13,45 +13,39 @@ import contextlib
 import functools
 import inspect
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar, cast
 
 import grpc
 
-from contiguouskv.cache_server.errors import (
-    CacheError,
-    DataLoss,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
+from contiguouskv.cache_server.assemble import BatchAssembler
+from contiguouskv.cache_server.buffers import ReadBuffers
+from contiguouskv.cache_server.dram_cache import DramCache
+from contiguouskv.cache_server.errors import CacheError, InvalidArgument
+from contiguouskv.cache_server.fetch import (
+    DEFAULT_INFLIGHT_BYTES,
+    DISK_BYTES_PER_PAYLOAD_BYTE,
+    MAX_INDICES_PER_READ,
+    FetchSession,
 )
-from contiguouskv.cache_server.fetch import DISK_BYTES_PER_PAYLOAD_BYTE, Batch, FetchSession
 from contiguouskv.cache_server.keys import ObjectKey
 from contiguouskv.cache_server.manifest import Manifest
 from contiguouskv.cache_server.store import RecordStore
+from contiguouskv.cache_server.wire import serialize_fetch_response
 from contiguouskv.v1 import cache_pb2 as pb
-from contiguouskv.v1 import cache_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-STATUS_OF_ERROR: tuple[tuple[type[CacheError], grpc.StatusCode], ...] = (
-    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (DataLoss, grpc.StatusCode.DATA_LOSS),
-    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CacheService"].full_name
+STATUS_BY_CODE = {status.value[0]: status for status in grpc.StatusCode}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _status_of(error: CacheError) -> grpc.StatusCode:
-    for cls, code in STATUS_OF_ERROR:
-        if isinstance(error, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
+    return STATUS_BY_CODE.get(error.code, grpc.StatusCode.INTERNAL)
 
 
 async def _abort(context: grpc.aio.ServicerContext, rpc: str, error: CacheError) -> None:
@@ -99,28 +93,23 @@ def manifest_to_pb(manifest: Manifest, with_metadata: bool = True) -> pb.Manifes
     )
 
 
-def batch_to_pb(batch: Batch) -> pb.FetchResponse:
-    """Encode one Fetch batch."""
-    return pb.FetchResponse(
-        tag=batch.tag,
-        region=batch.region,
-        indices=batch.indices,
-        data=batch.data,
-        done=batch.done,
-        cancelled=batch.cancelled,
-    )
+class CacheServicer:
+    """``contiguouskv.v1.CacheService`` for ``grpc.aio`` over ``store`` and ``cache``.
 
-
-class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
-    """``contiguouskv.v1.CacheService`` for ``grpc.aio`` over ``store``; reads run on ``read_pool``.
-
-    ``max_batch_bytes`` is the server's cap (and default) for a Fetch response's payload.
+    Reads run on ``read_pool``. ``max_batch_bytes`` is the server's cap (and default) for a Fetch
+    response's payload; ``max_inflight_bytes`` bounds the record bytes one stream holds. Register
+    it with :func:`add_cache_service` (Fetch responses are prebuilt bytes, see :mod:`.wire`).
     """
 
-    def __init__(self, store: RecordStore, read_pool: Executor, max_batch_bytes: int) -> None:
+    def __init__(self, store: RecordStore, read_pool: Executor, max_batch_bytes: int,
+                 cache: DramCache | None = None,
+                 max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES) -> None:
         self._store = store
         self._read_pool = read_pool
         self._max_batch_bytes = max_batch_bytes
+        self._max_inflight_bytes = max(max_inflight_bytes, max_batch_bytes)
+        self._cache = cache or DramCache(0, counters=store.counters)
+        self._buffers = ReadBuffers(DISK_BYTES_PER_PAYLOAD_BYTE * max_batch_bytes)
 
     @_rpc
     async def PutPrefix(
@@ -175,18 +164,21 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         wanted = first.open.max_batch_bytes
         batch_bytes = min(wanted, self._max_batch_bytes) if wanted else self._max_batch_bytes
         with await asyncio.to_thread(self._store.open_object, key) as reader:
+            assembler = BatchAssembler(reader, self._cache, self._buffers, self._store.counters)
             session = FetchSession(
                 reader,
+                assembler,
                 self._read_pool,
                 self._store.counters,
                 max_batch_bytes=batch_bytes,
                 max_read_bytes=DISK_BYTES_PER_PAYLOAD_BYTE * self._max_batch_bytes,
+                max_inflight_bytes=self._max_inflight_bytes,
             )
             feeder = asyncio.create_task(_feed(request_iterator, session))
             try:
                 async with contextlib.aclosing(session.responses()) as batches:
                     async for batch in batches:
-                        yield batch_to_pb(batch)
+                        yield batch.wire
             finally:
                 feeder.cancel()
                 await asyncio.gather(feeder, return_exceptions=True)
@@ -196,6 +188,8 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self, request: pb.DeletePrefixRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeletePrefixResponse:
         result = await asyncio.to_thread(self._store.delete, request.prefix_id, request.layout)
+        for key in result.keys:
+            await asyncio.to_thread(self._cache.drop_object, key)
         return pb.DeletePrefixResponse(
             layouts_deleted=result.layouts_deleted, bytes_freed=result.bytes_freed
         )
@@ -213,17 +207,82 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     async def GetStats(
         self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetStatsResponse:
-        s = self._store.stats()
+        s = self._store.stats(self._cache)
+        counters = {name: s.values[name] for name in STATS_FIELDS}
         return pb.GetStatsResponse(
-            objects=s.objects,
-            stored_bytes=s.stored_bytes,
-            bytes_read_from_disk=s.bytes_read_from_disk,
-            bytes_served=s.bytes_served,
-            records_served=s.records_served,
-            fetch_streams_total=s.fetch_streams_total,
-            checksum_failures=s.checksum_failures,
-            direct_io=s.direct_io,
+            objects=s.objects, stored_bytes=s.stored_bytes, direct_io=s.direct_io,
+            dram_bytes=s.dram_bytes, dram_budget_bytes=s.dram_budget_bytes,
+            cache_policy=s.cache_policy, **counters,
         )
+
+    @_rpc
+    async def ReportAttention(
+        self, request: pb.ReportAttentionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReportAttentionResponse:
+        manifest = self._store.manifest(ObjectKey(request.prefix_id, request.layout))
+        updated = await asyncio.to_thread(self._report, manifest, request)
+        return pb.ReportAttentionResponse(records_updated=updated)
+
+    def _report(self, manifest: Manifest, request: pb.ReportAttentionRequest) -> int:
+        obj = (manifest.key, manifest.committed_at)
+        checked = [_checked_scores(manifest, scores) for scores in request.records]
+        if sum(len(c[1]) for c in checked) > MAX_INDICES_PER_READ:
+            raise InvalidArgument(f"records: more than {MAX_INDICES_PER_READ} records in one report")
+        return sum(self._cache.report(obj, *c) for c in checked)
+
+
+STATS_FIELDS = (
+    "bytes_read_from_disk", "bytes_served", "records_served", "fetch_streams_total",
+    "checksum_failures", "dram_hits", "dram_misses", "dram_evictions", "bytes_served_from_dram",
+    "records_requested", "bytes_requested", "bytes_requested_from_disk", "disk_reads",
+    "buffered_reads", "fetch_requests_failed", "inflight_streams", "inflight_reads",
+    "inflight_bytes",
+)
+
+
+def _checked_scores(
+    manifest: Manifest, scores: pb.RecordScores
+) -> tuple[str, list[int], list[float], list[float] | None]:
+    """One region's scores, validated (``InvalidArgument`` naming the bad field)."""
+    layout = manifest.region(scores.region)
+    indices, attention = list(scores.indices), list(scores.attention)
+    important = list(scores.important_fraction) or None
+    if len(attention) != len(indices):
+        raise InvalidArgument(f"records.attention: {len(attention)} values for {len(indices)} indices")
+    if important is not None and len(important) != len(indices):
+        raise InvalidArgument(
+            f"records.important_fraction: {len(important)} values for {len(indices)} indices")
+    if indices:
+        layout.check_index(max(indices))
+    if not all(0.0 <= a < math.inf for a in attention):
+        raise InvalidArgument("records.attention: values must be finite and >= 0")
+    if important is not None and not all(0.0 <= f <= 1.0 for f in important):
+        raise InvalidArgument("records.important_fraction: values must be in [0, 1]")
+    return layout.name, indices, attention, important
+
+
+def add_cache_service(servicer: CacheServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` on ``server``, with a raw-bytes response serializer for Fetch.
+
+    The handlers are built from the service descriptor, so they follow ``cache.proto``.
+    """
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["CacheService"].methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        serializer = (serialize_fetch_response if method.name == "Fetch"
+                      else response_cls.SerializeToString)
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(getattr(servicer, method.name),
+                                     request_deserializer=request_cls.FromString,
+                                     response_serializer=serializer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 async def _feed(request_iterator: AsyncIterator[pb.FetchRequest], session: FetchSession) -> None:

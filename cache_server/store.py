@@ -21,6 +21,7 @@ import threading
 from collections.abc import Iterable, Sequence
 
 from contiguouskv.cache_server.config import CacheServerConfig
+from contiguouskv.cache_server.dram_cache import DramCache
 from contiguouskv.cache_server.errors import FailedPrecondition, NotFound, ResourceExhausted
 from contiguouskv.cache_server.keys import OBJECTS_DIR, TEMP_PREFIX, ObjectKey, check_layout
 from contiguouskv.cache_server.keys import check_prefix_id, object_paths
@@ -48,6 +49,7 @@ class DeleteResult:
 
     layouts_deleted: int
     bytes_freed: int
+    keys: tuple[ObjectKey, ...] = ()
 
 
 class RecordStore:
@@ -271,11 +273,16 @@ class RecordStore:
                     directory.rmdir()
         if keys:
             logger.info("deleted %d objects of prefix %s (%d bytes)", len(keys), prefix_id, freed)
-        return DeleteResult(layouts_deleted=len(keys), bytes_freed=freed)
+        return DeleteResult(layouts_deleted=len(keys), bytes_freed=freed, keys=tuple(keys))
 
-    def stats(self) -> StatsSnapshot:
-        """Counters since start plus the current object count and stored bytes."""
+    def stats(self, cache: DramCache | None = None) -> StatsSnapshot:
+        """Counters since start plus the current object count, stored bytes and ``cache``'s fill."""
         with self._lock:
             objects, stored = len(self._index), self._stored_bytes
-        return StatsSnapshot(objects=objects, stored_bytes=stored, direct_io=self._direct_io,
-                             **self.counters.values())
+        return StatsSnapshot(
+            objects=objects, stored_bytes=stored, direct_io=self._direct_io,
+            dram_bytes=cache.used_bytes if cache else 0,
+            dram_budget_bytes=cache.budget_bytes if cache else 0,
+            cache_policy=cache.policy_name if cache else "",
+            values=self.counters.values(),
+        )

@@ -287,20 +287,30 @@ async def test_list_delete_and_stats(stub: cache_pb2_grpc.CacheServiceStub) -> N
     assert (await stub.GetStats(pb.GetStatsRequest())).objects == before.objects
 
 
-async def test_flipped_byte_on_disk_is_data_loss(stub: cache_pb2_grpc.CacheServiceStub,
-                                                 server: CacheProc) -> None:
-    records = records_of([("a", 3, 5000)])
+async def test_flipped_byte_on_disk_fails_only_that_request(
+        stub: cache_pb2_grpc.CacheServiceStub, server: CacheProc) -> None:
+    records = records_of([("a", 6, 5000)])
     await put(stub, put_requests("rot", "l", records))
     data_file = server.root / "objects" / "rot" / "l.data"
-    with open(data_file, "r+b") as f:
+    with open(data_file, "r+b") as f:  # flip one bit in the last payload byte of record 1
         f.seek(8192 + 4999)
         last = f.read(1)
         f.seek(8192 + 4999)
         f.write(bytes([last[0] ^ 1]))
-    ok = await fetch(stub, [open_("rot"), read(1, "a", [0, 2])])
-    assert b"".join(r.data for r in ok) == records["a"][0] + records["a"][2]
-    await expect_status(grpc.StatusCode.DATA_LOSS, fetch(stub, [open_("rot"), read(1, "a", [1])]),
-                        "record 1")
+    before = await stub.GetStats(pb.GetStatsRequest())
+    responses = await fetch(stub, [open_("rot", max_batch_bytes=5000), read(1, "a", [0, 2]),
+                                   read(2, "a", [3, 1, 4]), read(3, "a", [5])])
+    by_tag = {tag: [r for r in responses if r.tag == tag] for tag in (1, 2, 3)}
+    assert b"".join(r.data for r in by_tag[1]) == records["a"][0] + records["a"][2]
+    assert b"".join(r.data for r in by_tag[3]) == records["a"][5]
+    failed = by_tag[2]  # record 3 arrives, then the request fails at record 1: no wrong bytes
+    assert [list(r.indices) for r in failed] == [[3], []]
+    assert failed[0].data == records["a"][3] and failed[0].error_code == 0
+    assert failed[-1].done and failed[-1].error_code == grpc.StatusCode.DATA_LOSS.value[0]
+    assert "record 1" in failed[-1].error_message and not failed[-1].data
+    after = await stub.GetStats(pb.GetStatsRequest())
+    assert after.checksum_failures == before.checksum_failures + 1
+    assert after.fetch_requests_failed == before.fetch_requests_failed + 1
 
 
 async def test_health_and_reflection(server: CacheProc) -> None:
@@ -360,13 +370,13 @@ async def test_client_disconnect_leaks_no_task_or_file(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from contiguouskv.cache_server.config import CacheServerConfig
-    from contiguouskv.cache_server.service import CacheServicer
+    from contiguouskv.cache_server.service import CacheServicer, add_cache_service
     from contiguouskv.cache_server.store import RecordStore
 
     store = RecordStore(CacheServerConfig(root=tmp_path / "root"))
     server = grpc.aio.server()
     with ThreadPoolExecutor(2) as pool:
-        cache_pb2_grpc.add_CacheServiceServicer_to_server(CacheServicer(store, pool, 4096), server)
+        add_cache_service(CacheServicer(store, pool, 4096), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:

@@ -18,6 +18,9 @@ from contiguouskv.cache_server.errors import (
     NotFound,
     ResourceExhausted,
 )
+from contiguouskv.cache_server.assemble import BatchAssembler
+from contiguouskv.cache_server.buffers import ReadBuffers
+from contiguouskv.cache_server.dram_cache import DramCache
 from contiguouskv.cache_server.fetch import FetchSession
 from contiguouskv.cache_server.keys import ObjectKey, check_region_name, object_paths
 from contiguouskv.cache_server.manifest import stride_of
@@ -42,6 +45,11 @@ def put(store: RecordStore, key: ObjectKey, records: dict[str, list[bytes]], chu
         for first in order:
             writer.write(name, first, b"".join(recs[first : first + chunk]))
     return store.commit(writer)
+
+
+def assembler_of(store: RecordStore, reader, cache_bytes: int = 0) -> BatchAssembler:
+    return BatchAssembler(reader, DramCache(cache_bytes, counters=store.counters),
+                          ReadBuffers(1 << 20), store.counters)
 
 
 @pytest.fixture
@@ -225,7 +233,7 @@ async def test_fetch_session_orders_by_priority_then_arrival(store: RecordStore)
     records = make_records([("a", 10, 1000), ("b", 3, 5000)])
     put(store, key, records)
     with store.open_object(key) as reader, ThreadPoolExecutor(2) as pool:
-        session = FetchSession(reader, pool, store.counters, max_batch_bytes=3000,
+        session = FetchSession(reader, assembler_of(store, reader), pool, store.counters, max_batch_bytes=3000,
                                max_read_bytes=1 << 20)
         session.submit(1, "a", [9, 8, 7, 6, 5], priority=5)
         session.submit(2, "b", [2, 0], priority=0)
@@ -249,7 +257,7 @@ async def test_fetch_batches_of_tiny_records_are_capped_by_disk_bytes(store: Rec
     key = ObjectKey("p1", "l")
     put(store, key, make_records([("a", 10, 1000)]))
     with store.open_object(key) as reader, ThreadPoolExecutor(2) as pool:
-        session = FetchSession(reader, pool, store.counters, max_batch_bytes=3000,
+        session = FetchSession(reader, assembler_of(store, reader), pool, store.counters, max_batch_bytes=3000,
                                max_read_bytes=8192)
         session.submit(1, "a", list(range(5)), priority=0)
         session.close_input()
@@ -262,7 +270,7 @@ async def test_fetch_session_cancel_sends_one_cancelled_done(store: RecordStore)
     records = make_records([("a", 50, 4096)])
     put(store, key, records)
     with store.open_object(key) as reader, ThreadPoolExecutor(2) as pool:
-        session = FetchSession(reader, pool, store.counters, max_batch_bytes=4096)
+        session = FetchSession(reader, assembler_of(store, reader), pool, store.counters, max_batch_bytes=4096)
         session.submit(1, "a", list(range(50)), priority=0)
         session.submit(2, "a", [0, 1], priority=1)
         out = []
@@ -283,7 +291,7 @@ async def test_fetch_session_reads_ahead_boundedly(store: RecordStore) -> None:
     key = ObjectKey("p1", "l")
     put(store, key, make_records([("a", 64, 4096)]))
     with store.open_object(key) as reader, ThreadPoolExecutor(2) as pool:
-        session = FetchSession(reader, pool, store.counters, max_batch_bytes=4096, read_ahead=2)
+        session = FetchSession(reader, assembler_of(store, reader), pool, store.counters, max_batch_bytes=4096, max_batches=2)
         session.submit(1, "a", list(range(64)), priority=0)
         batches = session.responses()
         await anext(batches)

@@ -559,6 +559,22 @@ class GetStatsResponse(_message.Message):
     FETCH_STREAMS_TOTAL_FIELD_NUMBER: _builtins.int
     CHECKSUM_FAILURES_FIELD_NUMBER: _builtins.int
     DIRECT_IO_FIELD_NUMBER: _builtins.int
+    DRAM_HITS_FIELD_NUMBER: _builtins.int
+    DRAM_MISSES_FIELD_NUMBER: _builtins.int
+    DRAM_EVICTIONS_FIELD_NUMBER: _builtins.int
+    DRAM_BYTES_FIELD_NUMBER: _builtins.int
+    DRAM_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    CACHE_POLICY_FIELD_NUMBER: _builtins.int
+    BYTES_SERVED_FROM_DRAM_FIELD_NUMBER: _builtins.int
+    RECORDS_REQUESTED_FIELD_NUMBER: _builtins.int
+    BYTES_REQUESTED_FIELD_NUMBER: _builtins.int
+    BYTES_REQUESTED_FROM_DISK_FIELD_NUMBER: _builtins.int
+    DISK_READS_FIELD_NUMBER: _builtins.int
+    BUFFERED_READS_FIELD_NUMBER: _builtins.int
+    FETCH_REQUESTS_FAILED_FIELD_NUMBER: _builtins.int
+    INFLIGHT_STREAMS_FIELD_NUMBER: _builtins.int
+    INFLIGHT_READS_FIELD_NUMBER: _builtins.int
+    INFLIGHT_BYTES_FIELD_NUMBER: _builtins.int
     objects: _builtins.int
     stored_bytes: _builtins.int
     bytes_read_from_disk: _builtins.int
@@ -567,6 +583,31 @@ class GetStatsResponse(_message.Message):
     fetch_streams_total: _builtins.int
     checksum_failures: _builtins.int
     direct_io: _builtins.bool
+    dram_hits: _builtins.int
+    """DRAM cache: lookups served and missed, records evicted, bytes held, budget, policy name."""
+    dram_misses: _builtins.int
+    dram_evictions: _builtins.int
+    dram_bytes: _builtins.int
+    dram_budget_bytes: _builtins.int
+    cache_policy: _builtins.str
+    bytes_served_from_dram: _builtins.int
+    """Payload bytes served from the DRAM cache (the rest of bytes_served came from disk)."""
+    records_requested: _builtins.int
+    """Records asked for in Fetch reads, and their payload bytes."""
+    bytes_requested: _builtins.int
+    bytes_requested_from_disk: _builtins.int
+    """Payload bytes of asked records that were read from disk; bytes_read_from_disk divided by this
+    is the read amplification (1.0 when records are multiples of 4 KiB).
+    """
+    disk_reads: _builtins.int
+    """Coalesced disk reads, and how many of them went through the page cache (no O_DIRECT)."""
+    buffered_reads: _builtins.int
+    fetch_requests_failed: _builtins.int
+    """Fetch reads that failed alone (error_code set) while their stream went on."""
+    inflight_streams: _builtins.int
+    """Now: open Fetch streams, batch reads running, record bytes held by streams."""
+    inflight_reads: _builtins.int
+    inflight_bytes: _builtins.int
     def __init__(
         self,
         *,
@@ -578,10 +619,26 @@ class GetStatsResponse(_message.Message):
         fetch_streams_total: _builtins.int = ...,
         checksum_failures: _builtins.int = ...,
         direct_io: _builtins.bool = ...,
+        dram_hits: _builtins.int = ...,
+        dram_misses: _builtins.int = ...,
+        dram_evictions: _builtins.int = ...,
+        dram_bytes: _builtins.int = ...,
+        dram_budget_bytes: _builtins.int = ...,
+        cache_policy: _builtins.str = ...,
+        bytes_served_from_dram: _builtins.int = ...,
+        records_requested: _builtins.int = ...,
+        bytes_requested: _builtins.int = ...,
+        bytes_requested_from_disk: _builtins.int = ...,
+        disk_reads: _builtins.int = ...,
+        buffered_reads: _builtins.int = ...,
+        fetch_requests_failed: _builtins.int = ...,
+        inflight_streams: _builtins.int = ...,
+        inflight_reads: _builtins.int = ...,
+        inflight_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_read_from_disk", b"bytes_read_from_disk", "bytes_served", b"bytes_served", "checksum_failures", b"checksum_failures", "direct_io", b"direct_io", "fetch_streams_total", b"fetch_streams_total", "objects", b"objects", "records_served", b"records_served", "stored_bytes", b"stored_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffered_reads", b"buffered_reads", "bytes_read_from_disk", b"bytes_read_from_disk", "bytes_requested", b"bytes_requested", "bytes_requested_from_disk", b"bytes_requested_from_disk", "bytes_served", b"bytes_served", "bytes_served_from_dram", b"bytes_served_from_dram", "cache_policy", b"cache_policy", "checksum_failures", b"checksum_failures", "direct_io", b"direct_io", "disk_reads", b"disk_reads", "dram_budget_bytes", b"dram_budget_bytes", "dram_bytes", b"dram_bytes", "dram_evictions", b"dram_evictions", "dram_hits", b"dram_hits", "dram_misses", b"dram_misses", "fetch_requests_failed", b"fetch_requests_failed", "fetch_streams_total", b"fetch_streams_total", "inflight_bytes", b"inflight_bytes", "inflight_reads", b"inflight_reads", "inflight_streams", b"inflight_streams", "objects", b"objects", "records_requested", b"records_requested", "records_served", b"records_served", "stored_bytes", b"stored_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

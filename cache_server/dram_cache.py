@@ -1,0 +1,184 @@
+"""The DRAM cache: record payloads kept in memory under a byte budget, evicted by a policy.
+
+Records are addressed by ``(object, region, index)``, where ``object`` is an :data:`ObjectId`
+(the key and its commit time, so a prefix deleted and stored again never serves old bytes).
+:meth:`DramCache.lookup` counts an access to every record asked (hit or miss);
+:meth:`DramCache.admit` offers records just read from disk; :meth:`DramCache.report` adds what the
+compute server observed (attention, important fraction). Which record goes when room is needed is
+the policy's call (:mod:`.cache_policy`): a lazy min-heap of priorities, where a record is admitted
+only if it outranks the record it would evict.
+
+Thread-safe (one lock); called from the read pool. A budget of 0 disables the cache.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from collections.abc import Sequence
+
+from contiguouskv.cache_server.cache_policy import DEFAULT_POLICY, Priority, RecordStats, policy
+from contiguouskv.cache_server.keys import ObjectKey
+from contiguouskv.cache_server.stats import Counters
+
+ObjectId = tuple[ObjectKey, float]  # (key, committed_at)
+RecordKey = tuple[ObjectId, str, int]
+MAX_TRACKED = 1 << 20  # records with stats but no cached bytes kept before the stats are reset
+
+
+class DramCache:
+    """Record payloads in DRAM, at most ``budget_bytes`` in all, kept by ``policy_name``."""
+
+    def __init__(self, budget_bytes: int, policy_name: str = DEFAULT_POLICY,
+                 counters: Counters | None = None) -> None:
+        self.budget_bytes = budget_bytes
+        self.policy_name = policy_name
+        self._priority = policy(policy_name)
+        self._counters = counters or Counters()
+        self._lock = threading.Lock()
+        self._data: dict[RecordKey, bytes] = {}
+        self._stats: dict[RecordKey, RecordStats] = {}
+        self._heap: list[tuple[Priority, int, RecordKey]] = []
+        self._token: dict[RecordKey, int] = {}  # heap entry that is current for a cached record
+        self._tokens = itertools.count()
+        self._clock = itertools.count(1)
+        self._used = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget_bytes > 0
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def lookup(self, obj: ObjectId, region: str, indices: Sequence[int]) -> list[bytes | None]:
+        """Cached payloads of ``indices`` (``None`` for a miss); counts an access to each."""
+        if not self.enabled:
+            return [None] * len(indices)
+        found: list[bytes | None] = []
+        with self._lock:
+            for index in indices:
+                rk = (obj, region, index)
+                stats = self._touch(rk)
+                stats.frequency += 1
+                stats.last_access = next(self._clock)
+                data = self._data.get(rk)
+                if data is not None:
+                    self._push(rk, stats)
+                found.append(data)
+        hits = sum(d is not None for d in found)
+        self._counters.add(dram_hits=hits, dram_misses=len(found) - hits)
+        return found
+
+    def admit(self, obj: ObjectId, region: str, records: Sequence[tuple[int, memoryview]]) -> int:
+        """Offer records read from disk; copies and keeps those the policy admits; returns how many."""
+        if not self.enabled:
+            return 0
+        admitted = rejected = evicted = 0
+        with self._lock:
+            for index, payload in records:
+                rk = (obj, region, index)
+                if rk in self._data:
+                    continue
+                stats = self._touch(rk)
+                room = self._make_room(len(payload), self._priority(stats))
+                if room is None:
+                    rejected += 1
+                    continue
+                evicted += room
+                self._data[rk] = bytes(payload)
+                self._used += len(payload)
+                self._push(rk, stats)
+                admitted += 1
+        self._counters.add(dram_evictions=evicted, dram_rejections=rejected)
+        return admitted
+
+    def report(self, obj: ObjectId, region: str, indices: Sequence[int],
+               attention: Sequence[float], important: Sequence[float] | None) -> int:
+        """Add observed attention (and important fractions) to records; returns how many."""
+        if not self.enabled:
+            return 0
+        with self._lock:
+            for k, index in enumerate(indices):
+                rk = (obj, region, index)
+                stats = self._touch(rk)
+                stats.attention += attention[k]
+                if important is not None:
+                    stats.important_sum += important[k]
+                    stats.reports += 1
+                if rk in self._data:
+                    self._push(rk, stats)
+        return len(indices)
+
+    def drop_object(self, key: ObjectKey) -> None:
+        """Forget every record and stat of every commit of ``key`` (it was deleted)."""
+        with self._lock:
+            for rk in [rk for rk in self._stats if rk[0][0] == key]:
+                del self._stats[rk]
+                self._forget(rk)
+
+    def stats_of(self, obj: ObjectId, region: str, index: int) -> RecordStats | None:
+        """A copy of one record's stats (for tests and debugging)."""
+        with self._lock:
+            stats = self._stats.get((obj, region, index))
+            return None if stats is None else RecordStats(**{
+                f: getattr(stats, f) for f in RecordStats.__slots__})  # type: ignore[attr-defined]
+
+    def contains(self, obj: ObjectId, region: str, index: int) -> bool:
+        with self._lock:
+            return (obj, region, index) in self._data
+
+    # -- with the lock held -------------------------------------------------------------------
+
+    def _touch(self, rk: RecordKey) -> RecordStats:
+        stats = self._stats.get(rk)
+        if stats is None:
+            if len(self._stats) >= MAX_TRACKED + len(self._data):
+                self._stats = {k: s for k, s in self._stats.items() if k in self._data}
+            stats = self._stats[rk] = RecordStats()
+        return stats
+
+    def _push(self, rk: RecordKey, stats: RecordStats) -> None:
+        token = next(self._tokens)
+        self._token[rk] = token
+        heapq.heappush(self._heap, (self._priority(stats), token, rk))
+        if len(self._heap) > 4 * len(self._data) + 1024:
+            self._heap = [(self._priority(self._stats[k]), t, k) for k, t in self._token.items()]
+            heapq.heapify(self._heap)
+
+    def _make_room(self, size: int, priority: Priority) -> int | None:
+        """Evict lower-priority records until ``size`` fits; ``None`` if it cannot (nothing evicted)."""
+        if size > self.budget_bytes:
+            return None
+        victims: list[tuple[Priority, int, RecordKey]] = []
+        free = self.budget_bytes - self._used
+        while free < size:
+            entry = self._pop_lowest()
+            if entry is None or entry[0] >= priority:
+                for kept in (*victims, *([entry] if entry else [])):
+                    heapq.heappush(self._heap, kept)
+                return None
+            victims.append(entry)
+            free += len(self._data[entry[2]])
+        for _, _, rk in victims:
+            self._forget(rk)
+        return len(victims)
+
+    def _pop_lowest(self) -> tuple[Priority, int, RecordKey] | None:
+        """Pop the current heap entry of lowest priority, dropping stale ones on the way."""
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            if self._token.get(entry[2]) == entry[1]:
+                return entry
+        return None
+
+    def _forget(self, rk: RecordKey) -> None:
+        data = self._data.pop(rk, None)
+        if data is not None:
+            self._used -= len(data)
+        self._token.pop(rk, None)
