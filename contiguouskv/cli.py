@@ -49,8 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--server", required=True, help="compute server HOST:PORT")
     query.add_argument("--prefix", required=True, help="prefix id printed by `register`")
     _add_input(query, "query", with_file=False)
-    query.add_argument("--policy", default="full", help="recompute | full (default full)")
-    query.add_argument("--budget", type=float, help="fraction of the prefix KV to load, in (0, 1]")
+    query.add_argument("--policy", default="full",
+                       help="recompute | full | contiguous | contiguous+ (default full)")
+    query.add_argument("--budget", type=float, help="fraction of the prefix chunks to load, in (0, 1] (default 1)")
+    query.add_argument("--period", type=int, help="layers sharing one chunk selection (default 8)")
+    query.add_argument("--sub-period", type=int, help="layers fetched per request run (default 4)")
+    query.add_argument("--evaluate-recall", action="store_true",
+                       help="contiguous+: also read exact keys and report recall of the exact top-k")
     query.add_argument("--max-new-tokens", type=int, default=0, help="greedy tokens after the first")
     query.add_argument("--json", action="store_true", help="print one JSON object")
     query.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
@@ -83,7 +88,8 @@ def _cmd_query(args: argparse.Namespace) -> int:
     query = args.text if args.text is not None else args.token_ids
     with ContiguousKVClient(args.server, timeout=args.timeout) as client:
         r = client.reprefill(args.prefix, query, policy=args.policy, budget=args.budget,
-                             max_new_tokens=args.max_new_tokens)
+                             max_new_tokens=args.max_new_tokens, period=args.period, sub_period=args.sub_period,
+                             evaluate_recall=args.evaluate_recall)
     if args.json:
         out = asdict(r)
         out.update(ttft_ms=r.timings.ttft_ms, answer=r.answer)

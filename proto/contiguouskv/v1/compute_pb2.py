@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63ontiguouskv/v1/compute.proto\x12\x0f\x63ontiguouskv.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"a\n\x15RegisterPrefixRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12.\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x19.contiguouskv.v1.TokenIdsH\x00\x42\x08\n\x06prefix\"\xbf\x01\n\x16RegisterPrefixResponse\x12\x11\n\tprefix_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x12\n\nnum_chunks\x18\x03 \x01(\r\x12\x12\n\nchunk_size\x18\x04 \x01(\r\x12\x1a\n\x12\x61lready_registered\x18\x05 \x01(\x08\x12\x14\n\x0c\x62ytes_stored\x18\x06 \x01(\x04\x12\x12\n\nprefill_ms\x18\x07 \x01(\x01\x12\x10\n\x08store_ms\x18\x08 \x01(\x01\"\xae\x02\n\x10ReprefillRequest\x12\x11\n\tprefix_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12.\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x19.contiguouskv.v1.TokenIdsH\x00\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x13\n\x06\x62udget\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\x12\x13\n\x06period\x18\x07 \x01(\rH\x02\x88\x01\x01\x12\x17\n\nsub_period\x18\x08 \x01(\rH\x03\x88\x01\x01\x12\x15\n\rreturn_logits\x18\t \x01(\x08\x12\x17\n\x0f\x65valuate_recall\x18\n \x01(\x08\x42\x07\n\x05queryB\t\n\x07_budgetB\t\n\x07_periodB\r\n\x0b_sub_period\"\x95\x01\n\x0fPeriodSelection\x12\x0e\n\x06period\x18\x01 \x01(\r\x12\x13\n\x0b\x66irst_layer\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x04 \x03(\r\x12\x11\n\tpredicted\x18\x05 \x01(\r\x12\x16\n\x0epredicted_hits\x18\x06 \x01(\r\x12\x0e\n\x06recall\x18\x07 \x01(\x01\"P\n\x0bLayerTiming\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07wait_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\"\x97\x01\n\x07Timings\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x15\n\rfetch_wait_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x10\n\x08\x66\x65tch_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12,\n\x06layers\x18\x06 \x03(\x0b\x32\x1c.contiguouskv.v1.LayerTiming\"\xd2\x03\n\x11ReprefillResponse\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x0e\n\x06\x62udget\x18\x04 \x01(\x01\x12)\n\x07timings\x18\x05 \x01(\x0b\x32\x18.contiguouskv.v1.Timings\x12\x15\n\rbytes_fetched\x18\x06 \x01(\x04\x12\x15\n\rprefix_tokens\x18\x07 \x01(\r\x12\x14\n\x0cquery_tokens\x18\x08 \x01(\r\x12\x15\n\rgenerated_ids\x18\t \x03(\r\x12\x16\n\x0egenerated_text\x18\n \x01(\t\x12\x15\n\rchunks_loaded\x18\x0b \x01(\r\x12\x12\n\nnum_chunks\x18\x0c \x01(\r\x12\x0e\n\x06logits\x18\r \x03(\x02\x12\x31\n\x07periods\x18\x0e \x03(\x0b\x32 .contiguouskv.v1.PeriodSelection\x12\x1b\n\x13prediction_hit_rate\x18\x0f \x01(\x01\x12\x0e\n\x06recall\x18\x10 \x01(\x01\x12\x1c\n\x14\x62ytes_identification\x18\x11 \x01(\x04\x12\x10\n\x08\x62ytes_kv\x18\x12 \x01(\x04\x12\x14\n\x0c\x62ytes_wasted\x18\x13 \x01(\x04\"E\n\x0fGenerateRequest\x12\x32\n\x07request\x18\x01 \x01(\x0b\x32!.contiguouskv.v1.ReprefillRequest\"v\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x33\n\x07summary\x18\x04 \x01(\x0b\x32\".contiguouskv.v1.ReprefillResponse\"\x15\n\x13GetModelInfoRequest\"\xb8\x02\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x1b\n\x13num_attention_heads\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\t \x01(\r\x12\x15\n\rhas_tokenizer\x18\n \x01(\x08\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x12\n\nchunk_size\x18\r \x01(\r\x12\x10\n\x08policies\x18\x0e \x03(\t2\xf7\x02\n\x0e\x43omputeService\x12\x61\n\x0eRegisterPrefix\x12&.contiguouskv.v1.RegisterPrefixRequest\x1a\'.contiguouskv.v1.RegisterPrefixResponse\x12R\n\tReprefill\x12!.contiguouskv.v1.ReprefillRequest\x1a\".contiguouskv.v1.ReprefillResponse\x12Q\n\x08Generate\x12 .contiguouskv.v1.GenerateRequest\x1a!.contiguouskv.v1.GenerateResponse0\x01\x12[\n\x0cGetModelInfo\x12$.contiguouskv.v1.GetModelInfoRequest\x1a%.contiguouskv.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63ontiguouskv/v1/compute.proto\x12\x0f\x63ontiguouskv.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"x\n\x15RegisterPrefixRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12.\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x19.contiguouskv.v1.TokenIdsH\x00\x12\x15\n\rextra_layouts\x18\x03 \x03(\tB\x08\n\x06prefix\"\xbf\x01\n\x16RegisterPrefixResponse\x12\x11\n\tprefix_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x12\n\nnum_chunks\x18\x03 \x01(\r\x12\x12\n\nchunk_size\x18\x04 \x01(\r\x12\x1a\n\x12\x61lready_registered\x18\x05 \x01(\x08\x12\x14\n\x0c\x62ytes_stored\x18\x06 \x01(\x04\x12\x12\n\nprefill_ms\x18\x07 \x01(\x01\x12\x10\n\x08store_ms\x18\x08 \x01(\x01\"\xae\x02\n\x10ReprefillRequest\x12\x11\n\tprefix_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12.\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x19.contiguouskv.v1.TokenIdsH\x00\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x13\n\x06\x62udget\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\x12\x13\n\x06period\x18\x07 \x01(\rH\x02\x88\x01\x01\x12\x17\n\nsub_period\x18\x08 \x01(\rH\x03\x88\x01\x01\x12\x15\n\rreturn_logits\x18\t \x01(\x08\x12\x17\n\x0f\x65valuate_recall\x18\n \x01(\x08\x42\x07\n\x05queryB\t\n\x07_budgetB\t\n\x07_periodB\r\n\x0b_sub_period\"\x95\x01\n\x0fPeriodSelection\x12\x0e\n\x06period\x18\x01 \x01(\r\x12\x13\n\x0b\x66irst_layer\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x04 \x03(\r\x12\x11\n\tpredicted\x18\x05 \x01(\r\x12\x16\n\x0epredicted_hits\x18\x06 \x01(\r\x12\x0e\n\x06recall\x18\x07 \x01(\x01\"P\n\x0bLayerTiming\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07wait_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\"\x97\x01\n\x07Timings\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x15\n\rfetch_wait_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x10\n\x08\x66\x65tch_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12,\n\x06layers\x18\x06 \x03(\x0b\x32\x1c.contiguouskv.v1.LayerTiming\"\xd2\x03\n\x11ReprefillResponse\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x0e\n\x06\x62udget\x18\x04 \x01(\x01\x12)\n\x07timings\x18\x05 \x01(\x0b\x32\x18.contiguouskv.v1.Timings\x12\x15\n\rbytes_fetched\x18\x06 \x01(\x04\x12\x15\n\rprefix_tokens\x18\x07 \x01(\r\x12\x14\n\x0cquery_tokens\x18\x08 \x01(\r\x12\x15\n\rgenerated_ids\x18\t \x03(\r\x12\x16\n\x0egenerated_text\x18\n \x01(\t\x12\x15\n\rchunks_loaded\x18\x0b \x01(\r\x12\x12\n\nnum_chunks\x18\x0c \x01(\r\x12\x0e\n\x06logits\x18\r \x03(\x02\x12\x31\n\x07periods\x18\x0e \x03(\x0b\x32 .contiguouskv.v1.PeriodSelection\x12\x1b\n\x13prediction_hit_rate\x18\x0f \x01(\x01\x12\x0e\n\x06recall\x18\x10 \x01(\x01\x12\x1c\n\x14\x62ytes_identification\x18\x11 \x01(\x04\x12\x10\n\x08\x62ytes_kv\x18\x12 \x01(\x04\x12\x14\n\x0c\x62ytes_wasted\x18\x13 \x01(\x04\"E\n\x0fGenerateRequest\x12\x32\n\x07request\x18\x01 \x01(\x0b\x32!.contiguouskv.v1.ReprefillRequest\"v\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x33\n\x07summary\x18\x04 \x01(\x0b\x32\".contiguouskv.v1.ReprefillResponse\"\x15\n\x13GetModelInfoRequest\"\xb8\x02\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x1b\n\x13num_attention_heads\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\t \x01(\r\x12\x15\n\rhas_tokenizer\x18\n \x01(\x08\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x12\n\nchunk_size\x18\r \x01(\r\x12\x10\n\x08policies\x18\x0e \x03(\t2\xf7\x02\n\x0e\x43omputeService\x12\x61\n\x0eRegisterPrefix\x12&.contiguouskv.v1.RegisterPrefixRequest\x1a\'.contiguouskv.v1.RegisterPrefixResponse\x12R\n\tReprefill\x12!.contiguouskv.v1.ReprefillRequest\x1a\".contiguouskv.v1.ReprefillResponse\x12Q\n\x08Generate\x12 .contiguouskv.v1.GenerateRequest\x1a!.contiguouskv.v1.GenerateResponse0\x01\x12[\n\x0cGetModelInfo\x12$.contiguouskv.v1.GetModelInfoRequest\x1a%.contiguouskv.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=50
   _globals['_TOKENIDS']._serialized_end=73
   _globals['_REGISTERPREFIXREQUEST']._serialized_start=75
-  _globals['_REGISTERPREFIXREQUEST']._serialized_end=172
-  _globals['_REGISTERPREFIXRESPONSE']._serialized_start=175
-  _globals['_REGISTERPREFIXRESPONSE']._serialized_end=366
-  _globals['_REPREFILLREQUEST']._serialized_start=369
-  _globals['_REPREFILLREQUEST']._serialized_end=671
-  _globals['_PERIODSELECTION']._serialized_start=674
-  _globals['_PERIODSELECTION']._serialized_end=823
-  _globals['_LAYERTIMING']._serialized_start=825
-  _globals['_LAYERTIMING']._serialized_end=905
-  _globals['_TIMINGS']._serialized_start=908
-  _globals['_TIMINGS']._serialized_end=1059
-  _globals['_REPREFILLRESPONSE']._serialized_start=1062
-  _globals['_REPREFILLRESPONSE']._serialized_end=1528
-  _globals['_GENERATEREQUEST']._serialized_start=1530
-  _globals['_GENERATEREQUEST']._serialized_end=1599
-  _globals['_GENERATERESPONSE']._serialized_start=1601
-  _globals['_GENERATERESPONSE']._serialized_end=1719
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1721
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1742
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1745
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2057
-  _globals['_COMPUTESERVICE']._serialized_start=2060
-  _globals['_COMPUTESERVICE']._serialized_end=2435
+  _globals['_REGISTERPREFIXREQUEST']._serialized_end=195
+  _globals['_REGISTERPREFIXRESPONSE']._serialized_start=198
+  _globals['_REGISTERPREFIXRESPONSE']._serialized_end=389
+  _globals['_REPREFILLREQUEST']._serialized_start=392
+  _globals['_REPREFILLREQUEST']._serialized_end=694
+  _globals['_PERIODSELECTION']._serialized_start=697
+  _globals['_PERIODSELECTION']._serialized_end=846
+  _globals['_LAYERTIMING']._serialized_start=848
+  _globals['_LAYERTIMING']._serialized_end=928
+  _globals['_TIMINGS']._serialized_start=931
+  _globals['_TIMINGS']._serialized_end=1082
+  _globals['_REPREFILLRESPONSE']._serialized_start=1085
+  _globals['_REPREFILLRESPONSE']._serialized_end=1551
+  _globals['_GENERATEREQUEST']._serialized_start=1553
+  _globals['_GENERATEREQUEST']._serialized_end=1622
+  _globals['_GENERATERESPONSE']._serialized_start=1624
+  _globals['_GENERATERESPONSE']._serialized_end=1742
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1744
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1765
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1768
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2080
+  _globals['_COMPUTESERVICE']._serialized_start=2083
+  _globals['_COMPUTESERVICE']._serialized_end=2458
 # @@protoc_insertion_point(module_scope)

@@ -52,18 +52,24 @@ class RegisterPrefixRequest(_message.Message):
 
     TEXT_FIELD_NUMBER: _builtins.int
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    EXTRA_LAYOUTS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     @_builtins.property
     def token_ids(self) -> Global___TokenIds: ...
+    @_builtins.property
+    def extra_layouts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Extra layouts to store besides `contiguous` (e.g. "impress" for the IMPRESS baseline)."""
+
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         token_ids: Global___TokenIds | None = ...,
+        extra_layouts: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["prefix", b"prefix", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["prefix", b"prefix", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extra_layouts", b"extra_layouts", "prefix", b"prefix", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_prefix: _TypeAlias = _typing.Literal["text", "token_ids"]  # noqa: Y015
     _WhichOneofArgType_prefix: _TypeAlias = _typing.Literal["prefix", b"prefix"]  # noqa: Y015
@@ -132,7 +138,7 @@ class ReprefillRequest(_message.Message):
     prefix_id: _builtins.str
     text: _builtins.str
     policy: _builtins.str
-    """Selection policy: "recompute" or "full" (more to come); empty = "full"."""
+    """Selection policy: recompute | full | contiguous | contiguous+ | h2o | impress; empty = "full"."""
     budget: _builtins.float
     """Fraction of the prefix KV to load, in (0, 1]; unset = 1.0."""
     max_new_tokens: _builtins.int
