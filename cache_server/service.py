@@ -108,7 +108,7 @@ class CacheServicer:
         self._read_pool = read_pool
         self._max_batch_bytes = max_batch_bytes
         self._max_inflight_bytes = max(max_inflight_bytes, max_batch_bytes)
-        self._cache = cache or DramCache(0, counters=store.counters)
+        self._cache = cache if cache is not None else DramCache(0, counters=store.counters)
         self._buffers = ReadBuffers(DISK_BYTES_PER_PAYLOAD_BYTE * max_batch_bytes)
 
     @_rpc

@@ -1,0 +1,1 @@
+"""Benchmarks of the ``contiguouskv bench`` command (each module: ``add_arguments`` and ``run``)."""
