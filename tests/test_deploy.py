@@ -344,6 +344,8 @@ def test_resolved_config_matches_ports_probes_and_volumes(overlay: str, name: st
     container, pod = main_container(objects, service), pod_spec(objects, service)
     assert config.host == "0.0.0.0", "the server must listen on the pod IP, not loopback"
     assert port_named(container, "grpc") == config.port
+    if hasattr(config, "metrics_port"):  # servers without the field yet only declare the port
+        assert config.metrics_port == port_named(container, "metrics"), f"{name}: metrics_port"
     port_named(container, "metrics")
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         check = container[probe].get("grpc")

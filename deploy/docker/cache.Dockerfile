@@ -23,6 +23,7 @@ RUN --mount=type=bind,source=.,target=/src,rw pip install /src
 # Defaults only; flags and the Kubernetes manifests override them (flags > CKV_* env > --config).
 ENV CKV_HOST=0.0.0.0 \
     CKV_PORT=50051 \
+    CKV_METRICS_PORT=9090 \
     CKV_ROOT=/var/lib/contiguouskv/store
 
 USER 10001:10001
