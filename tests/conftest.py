@@ -9,6 +9,7 @@ The ``cache_server`` fixture gives a fresh server on a temporary root for one te
 from __future__ import annotations
 
 import dataclasses
+import re
 import signal
 import subprocess
 import sys
@@ -59,9 +60,11 @@ class CacheProc:
         self.stop()
 
 
-def start_cache_server(root: Path, *extra_args: str, timeout: float = START_TIMEOUT_S) -> CacheProc:
+def start_cache_server(root: Path, *extra_args: str, timeout: float = START_TIMEOUT_S,
+                       launcher: tuple[str, ...] = ("-m", "contiguouskv.cache_server")) -> CacheProc:
     """Start a cache server storing under ``root``; return once it has written its port file.
 
+    ``launcher`` follows the Python executable (a ``-c`` script may wrap the server's ``main``).
     Raises ``AssertionError`` with the server's stderr if it exits or is not ready in ``timeout``.
     """
     root = Path(root)
@@ -71,7 +74,7 @@ def start_cache_server(root: Path, *extra_args: str, timeout: float = START_TIME
     log_path = run_dir / "stderr.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "contiguouskv.cache_server", "--root", str(root),
+            [sys.executable, *launcher, "--root", str(root),
              "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file), *extra_args],
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -89,6 +92,16 @@ def start_cache_server(root: Path, *extra_args: str, timeout: float = START_TIME
             )
         time.sleep(0.02)
     return CacheProc(proc=proc, port=int(port_file.read_text()), root=root, log_path=log_path)
+
+
+def wait_for_log(server: CacheProc, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+    """Wait until the server's log matches ``pattern``; return the match."""
+    deadline = time.monotonic() + timeout
+    while (found := re.search(pattern, server.log())) is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {pattern!r} in the server log:\n{server.log()}")
+        time.sleep(0.02)
+    return found
 
 
 @pytest.fixture
