@@ -5,15 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 
-import grpc
-
 from contiguouskv.common.config import load_config
 from contiguouskv.common.serving import ServerLifecycle, channel_options, run_async
-from contiguouskv.compute_server.cache_client import CacheClient
 from contiguouskv.compute_server.config import ComputeServerConfig
-from contiguouskv.compute_server.core import ComputeCore
-from contiguouskv.compute_server.servicer import ComputeServicer
-from contiguouskv.v1 import compute_pb2, compute_pb2_grpc
+
+# Model code (torch, transformers) is imported inside serve(): the CLI builds its parser from
+# add_arguments() on machines that only run the storage node.
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +53,15 @@ def _resolve_device(config: ComputeServerConfig) -> tuple[str, str]:
 
 
 async def serve(config: ComputeServerConfig) -> int:
+    import grpc
+
+    from contiguouskv.compute_server.cache_client import CacheClient
+    from contiguouskv.compute_server.core import ComputeCore
     from contiguouskv.compute_server.models import load_model
     from contiguouskv.compute_server.packing import TORCH_DTYPES
     from contiguouskv.compute_server.runner import ModelRunner
+    from contiguouskv.compute_server.servicer import ComputeServicer
+    from contiguouskv.v1 import compute_pb2, compute_pb2_grpc
 
     device, dtype = _resolve_device(config)
     log.info("loading model %s on %s (%s)", config.model, device, dtype)

@@ -60,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--json", action="store_true", help="print one JSON object")
     query.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
 
+    bench = sub.add_parser("bench", help="benchmarks: every policy side by side (default), storage, quality")
+    from contiguouskv.bench import reprefill as bench_reprefill
+
+    bench_reprefill.add_arguments(bench)
+    bench_sub = bench.add_subparsers(dest="bench", required=False)
+    from contiguouskv.bench import storage as bench_storage
+
+    bench_storage.add_arguments(bench_sub.add_parser("storage", help="disk and Fetch data path of the cache server"))
+
     demo = sub.add_parser("demo", help="start both servers, register essays with the real Qwen model, ask questions")
     demo.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="model (default the real Qwen)")
     demo.add_argument("--essays", type=int, default=3, help="how many essays form the prefix (default 3)")
@@ -120,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_register(args)
         if args.command == "query":
             return _cmd_query(args)
+        if args.command == "bench":
+            from contiguouskv.bench import reprefill as bench_reprefill, storage as bench_storage
+
+            return bench_storage.run(args) if args.bench == "storage" else bench_reprefill.run(args)
         from contiguouskv.demo import run_demo
 
         return run_demo(args.model, args.essays, args.workdir)

@@ -1,0 +1,306 @@
+"""``contiguouskv bench``: every policy side by side, in one run, on the same stored prefixes.
+
+Starts a cache server and a compute server as separate processes, registers random-token prefixes,
+then measures Re-Prefill per policy and budget, *cold* (DRAM cache off, O_DIRECT reads: nothing
+from memory) and *warm* (a skewed stream of queries over several prefixes with a DRAM budget smaller
+than their data, cache server restarted per policy so every policy starts from the same state).
+The physical floor of each row is max(bytes it read / raw O_DIRECT disk bandwidth at its request
+size measured in this run on the same files, its compute-only time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from contiguouskv import launch
+from contiguouskv.bench.disk import raw_read_gbps
+from contiguouskv.client import ContiguousKVClient, ReprefillResult
+from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
+
+ALL_POLICIES = ("recompute", "full", "h2o", "impress", "contiguous", "contiguous+")
+BUDGETLESS = ("recompute", "full")
+BLOCK_TOKENS = 64  # IMPRESS / H2O block size
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="random:kvheavy", help="model (default random:kvheavy)")
+    parser.add_argument("--prefix-tokens", type=int, default=16384, help="tokens per prefix (default 16384)")
+    parser.add_argument("--query-tokens", type=int, default=64, help="tokens per query (default 64)")
+    parser.add_argument("--budgets", default="0.05,0.1,0.25,0.5", help="comma-separated fractions")
+    parser.add_argument("--policies", default=",".join(ALL_POLICIES), help="comma-separated policies")
+    parser.add_argument("--repeats", type=int, default=3, help="cold runs per policy and budget (default 3)")
+    parser.add_argument("--warm-prefixes", type=int, default=3, help="prefixes in the warm stream; 0 = no warm")
+    parser.add_argument("--warm-queries", type=int, default=12, help="queries per policy in the warm stream")
+    parser.add_argument("--warm-dram-fraction", type=float, default=0.5,
+                        help="DRAM cache budget as a fraction of the warm prefixes' KV bytes (default 0.5)")
+    parser.add_argument("--period", type=int, help="layers per period (server default 8)")
+    parser.add_argument("--sub-period", type=int, help="layers per fetch run (server default 4)")
+    parser.add_argument("--dtype", default="bfloat16", help="compute/KV dtype (default bfloat16)")
+    parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    parser.add_argument("--workdir", type=Path, help="store directory (default: a temp dir under the current one; "
+                        "must be a real disk for O_DIRECT)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", dest="json_path", type=Path, help="write results as JSON here")
+    parser.add_argument("--plot", type=Path, help="write PNG plots into this directory")
+    parser.add_argument("--gpu-suite", action="store_true",
+                        help="the GPU run: Qwen2.5-7B and 14B shapes, 16K and 32K prefixes, bf16, cuda, all policies")
+
+
+@dataclass
+class Row:
+    policy: str
+    budget: float
+    cache: str
+    prefix_tokens: int
+    query_tokens: int
+    ttft_ms: list[float] = field(default_factory=list)
+    io_wait_ms: list[float] = field(default_factory=list)
+    compute_ms: list[float] = field(default_factory=list)
+    bytes_from_disk: int = 0
+    bytes_from_dram: int = 0
+    bytes_requested_from_disk: int = 0
+    bytes_fetched: int = 0
+    bytes_kv: int = 0
+    bytes_identification: int = 0
+    recall: float = -1.0
+    layers: list[tuple[float, float]] = field(default_factory=list)
+
+    def summary(self, gbps: dict[str, float], kv_request: str) -> dict[str, object]:
+        runs = max(1, len(self.ttft_ms))
+        disk = self.bytes_from_disk / runs
+        ident = self.bytes_identification / runs
+        io_floor_s = max(0.0, disk - ident) / (gbps[kv_request] * 1e9) + ident / (gbps["1MiB"] * 1e9)
+        compute = statistics.median(self.compute_ms) if self.compute_ms else 0.0
+        floor_ms = max(io_floor_s * 1e3, compute)
+        p50 = statistics.median(self.ttft_ms)
+        return {
+            "policy": self.policy, "budget": self.budget, "cache": self.cache,
+            "prefix_tokens": self.prefix_tokens, "query_tokens": self.query_tokens,
+            "ttft_ms_p50": p50, "ttft_ms_p95": _p95(self.ttft_ms),
+            "bytes_from_disk": int(disk), "bytes_from_dram": int(self.bytes_from_dram / runs),
+            "read_amplification": (self.bytes_from_disk / self.bytes_requested_from_disk
+                                   if self.bytes_requested_from_disk else 1.0),
+            "bytes_fetched": int(self.bytes_fetched / runs), "bytes_kv": int(self.bytes_kv / runs),
+            "bytes_identification": int(ident), "floor_ms": floor_ms,
+            "ttft_over_floor": p50 / floor_ms if floor_ms else None,
+            "io_wait_ms": statistics.median(self.io_wait_ms), "compute_ms": compute, "recall": self.recall,
+        }
+
+
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+
+
+def _stats(address: str) -> cache_pb2.GetStatsResponse:
+    with grpc.insecure_channel(address) as channel:
+        return cache_pb2_grpc.CacheServiceStub(channel).GetStats(cache_pb2.GetStatsRequest(), timeout=30)
+
+
+def _progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Bench:
+    """One bench run over one model and prefix length."""
+
+    def __init__(self, args: argparse.Namespace, model: str, prefix_tokens: int, root: Path) -> None:
+        self.args = args
+        self.model = model
+        self.prefix_tokens = prefix_tokens
+        self.root = root
+        self.policies = [p for p in args.policies.split(",") if p]
+        self.budgets = [float(b) for b in args.budgets.split(",") if b]
+        self.rng = random.Random(args.seed)
+        self.prefixes: list[str] = []
+
+    def _compute(self, cache_address: str) -> launch.ServiceProcess:
+        extra = ["--dtype", self.args.dtype, "--device", self.args.device]
+        proc = launch.compute_server(self.model, cache_address, *extra, log_path=self.root / "compute.log")
+        proc.wait_ready(timeout=900)
+        return proc
+
+    def _cache(self, dram_bytes: int) -> launch.ServiceProcess:
+        proc = launch.cache_server(self.root / "store", "--dram-cache-bytes", str(dram_bytes),
+                                   log_path=self.root / "cache.log")
+        proc.wait_ready(timeout=120)
+        return proc
+
+    def _query(self) -> list[int]:
+        return [self.rng.randrange(self.vocab) for _ in range(self.args.query_tokens)]
+
+    def _ask(self, client: ContiguousKVClient, prefix: str, policy: str, budget: float) -> ReprefillResult:
+        return client.reprefill(prefix, self._query(), policy=policy, budget=budget, period=self.args.period,
+                                sub_period=self.args.sub_period, timeout=3600)
+
+    def register(self, client: ContiguousKVClient, count: int) -> None:
+        extra = ["impress"] if {"impress", "h2o"} & set(self.policies) else []
+        while len(self.prefixes) < count:
+            ids = [self.rng.randrange(self.vocab) for _ in range(self.prefix_tokens)]
+            _progress(f"registering prefix {len(self.prefixes) + 1}/{count} ({self.prefix_tokens} tokens) ...")
+            reg = client.register(token_ids=ids, extra_layouts=extra, timeout=7200) if extra else \
+                client.register(token_ids=ids, timeout=7200)
+            self.prefixes.append(reg.prefix_id)
+
+    def cells(self) -> list[tuple[str, float]]:
+        return [(p, 1.0) if p in BUDGETLESS else (p, b) for p in self.policies
+                for b in ([1.0] if p in BUDGETLESS else self.budgets)]
+
+    def measure(self, cache: launch.ServiceProcess, client: ContiguousKVClient, label: str,
+                prefixes: list[str], queries: int) -> list[Row]:
+        rows = []
+        cells = self.cells()
+        for i, (policy, budget) in enumerate(cells, 1):
+            _progress(f"{label} {i}/{len(cells)}: {policy} budget {budget:g} x {queries}")
+            row = Row(policy, budget, label, self.prefix_tokens, self.args.query_tokens)
+            before = _stats(cache.address)
+            for q in range(queries):
+                r = self._ask(client, prefixes[q % len(prefixes)], policy, budget)
+                row.ttft_ms.append(r.timings.ttft_ms)
+                row.io_wait_ms.append(r.timings.fetch_wait_ms)
+                row.compute_ms.append(r.timings.compute_ms)
+                row.bytes_fetched += r.bytes_fetched
+                row.bytes_kv += r.bytes_kv
+                row.bytes_identification += r.bytes_identification
+                row.layers = [(t.wait_ms, t.compute_ms) for t in r.timings.layers]
+            after = _stats(cache.address)
+            row.bytes_from_disk = after.bytes_read_from_disk - before.bytes_read_from_disk
+            row.bytes_from_dram = after.bytes_served_from_dram - before.bytes_served_from_dram
+            row.bytes_requested_from_disk = after.bytes_requested_from_disk - before.bytes_requested_from_disk
+            if policy == "contiguous+":  # agreement with the exact ranking, measured off the clock
+                row.recall = client.reprefill(prefixes[0], self._query(), policy=policy, budget=budget,
+                                              period=self.args.period, sub_period=self.args.sub_period,
+                                              evaluate_recall=True, timeout=3600).recall
+            if after.buffered_reads != before.buffered_reads:
+                _progress(f"warning: {after.buffered_reads - before.buffered_reads} reads went through the page cache")
+            rows.append(row)
+        return rows
+
+    def run(self) -> tuple[list[Row], dict[str, float], dict[str, object]]:
+        warm = self.args.warm_prefixes
+        cache = self._cache(dram_bytes=0)
+        try:
+            compute = self._compute(cache.address)
+            try:
+                with ContiguousKVClient(compute.address, timeout=3600) as client:
+                    info = client.model_info()
+                    self.vocab = info.vocab_size
+                    self.register(client, max(1, warm))
+                    gbps = self._disk()
+                    rows = self.measure(cache, client, "cold", self.prefixes[:1], self.args.repeats)
+            finally:
+                compute.stop()
+        finally:
+            cache.stop()
+        if warm:
+            rows += self._warm(info)
+        return rows, gbps, {"model": info.name, "num_layers": info.num_layers, "kv_heads": info.num_kv_heads,
+                            "head_dim": info.head_dim, "dtype": info.dtype, "device": info.device}
+
+    def _warm(self, info: object) -> list[Row]:
+        stored = sum(p.stat().st_size for p in (self.root / "store").rglob("*.data"))
+        budget = int(stored * self.args.warm_dram_fraction)
+        rows = []
+        weights = [1.0 / (i + 1) for i in range(len(self.prefixes))]  # Zipf-like skew
+        stream = self.rng.choices(self.prefixes, weights=weights, k=self.args.warm_queries)
+        for policy, b in self.cells():
+            if policy == "recompute":
+                continue
+            cache = self._cache(dram_bytes=budget)
+            try:
+                compute = self._compute(cache.address)
+                try:
+                    with ContiguousKVClient(compute.address, timeout=3600) as client:
+                        for prefix in stream:  # warm-up pass fills the DRAM cache
+                            self._ask(client, prefix, policy, b)
+                        saved = self.policies, self.budgets
+                        self.policies, self.budgets = [policy], [b]
+                        rows += self.measure(cache, client, "warm", stream, len(stream))
+                        self.policies, self.budgets = saved
+                finally:
+                    compute.stop()
+            finally:
+                cache.stop()
+        return rows
+
+    def _disk(self) -> dict[str, float]:
+        files = sorted((self.root / "store").rglob("*.data"))
+        sizes = {"64KiB": 64 << 10, "128KiB": 128 << 10, "1MiB": 1 << 20}
+        _progress("measuring raw O_DIRECT disk bandwidth at 64 KiB, 128 KiB and 1 MiB ...")
+        return {name: raw_read_gbps(files, size) for name, size in sizes.items()}
+
+
+def _kv_request(policy: str, sub_period: int | None) -> str:
+    if policy in ("impress", "h2o"):
+        return "64KiB"
+    return "128KiB" if (sub_period or 4) >= 4 else "64KiB"
+
+
+def _speedups(results: list[dict[str, object]]) -> None:
+    """Each row's TTFT speedup against every other policy at the same budget (or budgetless)."""
+    for row in results:
+        row["speedup"] = {
+            r["policy"]: r["ttft_ms_p50"] / row["ttft_ms_p50"]  # type: ignore[operator]
+            for r in results
+            if r["cache"] == row["cache"] and r["prefix_tokens"] == row["prefix_tokens"]
+            and r["policy"] != row["policy"] and (r["policy"] in BUDGETLESS or r["budget"] == row["budget"])}
+
+
+def _print(results: list[dict[str, object]], gbps: dict[str, float]) -> None:
+    print("raw O_DIRECT disk: " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in gbps.items()))
+    head = f"{'cache':<5} {'policy':<12}{'budget':>7}{'TTFT p50':>10}{'p95':>9}{'floor':>8}{'/floor':>7}" \
+           f"{'wait':>8}{'compute':>9}{'MiB disk':>10}{'MiB dram':>9}{'amp':>6}  speedup vs"
+    print(head)
+    for r in results:
+        sp = " ".join(f"{p}:{v:.2f}x" for p, v in r["speedup"].items())  # type: ignore[union-attr]
+        print(f"{r['cache']:<5} {r['policy']:<12}{r['budget']:>7.2f}{r['ttft_ms_p50']:>10.1f}{r['ttft_ms_p95']:>9.1f}"
+              f"{r['floor_ms']:>8.1f}{r['ttft_over_floor'] or 0:>7.2f}{r['io_wait_ms']:>8.1f}{r['compute_ms']:>9.1f}"
+              f"{r['bytes_from_disk'] / 2**20:>10.1f}{r['bytes_from_dram'] / 2**20:>9.1f}"
+              f"{r['read_amplification']:>6.2f}  {sp}")
+
+
+def _suite(args: argparse.Namespace) -> list[tuple[str, int]]:
+    if args.gpu_suite:
+        args.device, args.dtype = "cuda", "bfloat16"
+        return [("random:qwen2.5-7b", 16384), ("random:qwen2.5-7b", 32768), ("random:qwen2.5-14b", 16384)]
+    return [(args.model, args.prefix_tokens)]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the bench; prints a table, writes --json and --plot outputs; returns 0."""
+    all_results: list[dict[str, object]] = []
+    rows_by_run = []
+    machine: dict[str, object] = {"platform": platform.platform(), "python": platform.python_version()}
+    gbps: dict[str, float] = {}
+    for model, tokens in _suite(args):
+        base = args.workdir or Path.cwd()
+        base.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="ckv-bench-", dir=base) as tmp:
+            rows, gbps, info = Bench(args, model, tokens, Path(tmp)).run()
+        machine.update(info)
+        results = [r.summary(gbps, _kv_request(r.policy, args.sub_period)) for r in rows]
+        _speedups(results)
+        all_results += results
+        rows_by_run += rows
+        _print(results, gbps)
+    report = {"machine": machine, "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                             if k not in ("func",)},
+              "raw_disk_gbps": gbps.get("128KiB"), "raw_disk_gbps_by_size": gbps, "results": all_results}
+    if args.json_path:
+        args.json_path.write_text(json.dumps(report, indent=2))
+    if args.plot:
+        from contiguouskv.bench.plots import plot_reprefill
+
+        plot_reprefill(rows_by_run, all_results, args.plot)
+    return 0
