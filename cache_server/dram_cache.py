@@ -53,7 +53,9 @@ class DramCache:
     def used_bytes(self) -> int:
         return self._used
 
-    def __len__(self) -> int:
+    @property
+    def entries(self) -> int:
+        """Records held now."""
         return len(self._data)
 
     def lookup(self, obj: ObjectId, region: str, indices: Sequence[int]) -> list[bytes | None]:

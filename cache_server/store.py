@@ -281,8 +281,8 @@ class RecordStore:
             objects, stored = len(self._index), self._stored_bytes
         return StatsSnapshot(
             objects=objects, stored_bytes=stored, direct_io=self._direct_io,
-            dram_bytes=cache.used_bytes if cache else 0,
-            dram_budget_bytes=cache.budget_bytes if cache else 0,
-            cache_policy=cache.policy_name if cache else "",
+            dram_bytes=cache.used_bytes if cache is not None else 0,
+            dram_budget_bytes=cache.budget_bytes if cache is not None else 0,
+            cache_policy=cache.policy_name if cache is not None else "",
             values=self.counters.values(),
         )
