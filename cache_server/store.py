@@ -122,7 +122,7 @@ class RecordStore:
             )
         disk = os.statvfs(self._root)
         free = disk.f_bavail * disk.f_frsize
-        if size > free:
+        if disk.f_blocks and size > free:  # f_blocks 0: no size accounting (ramfs)
             raise ResourceExhausted(f"object {key} needs {size} bytes; the disk has {free} free")
 
     def commit(self, writer: ObjectWriter) -> CommitResult:
