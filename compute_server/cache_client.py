@@ -12,9 +12,12 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 
 import grpc
 
+from contiguouskv.cache_server.wire import FetchBatch, decode_fetch_response
 from contiguouskv.compute_server.errors import ComputeError
 from contiguouskv.compute_server.layout import Region
 from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
+
+FETCH_METHOD = "/contiguouskv.v1.CacheService/Fetch"
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ class RecordStream:
     async def cancel(self, tags: Sequence[int]) -> None:
         await self._write(cache_pb2.FetchRequest(cancel=cache_pb2.FetchCancel(tags=tags)))
 
-    async def responses(self) -> AsyncIterator[cache_pb2.FetchResponse]:
+    async def responses(self) -> AsyncIterator[FetchBatch]:
         try:
             while True:
                 message = await self._call.read()
@@ -134,7 +137,11 @@ class CacheClient:
 
     async def open_stream(self, prefix_id: str, layout: str, batch_bytes: int) -> RecordStream:
         address = self.owner(prefix_id)
-        stream = RecordStream(address, self._stubs[address].Fetch(timeout=self._timeout))
+        # Responses are parsed by the cache's raw decoder: ``data`` is a zero-copy memoryview.
+        fetch = self._channels[address].stream_stream(
+            FETCH_METHOD, request_serializer=cache_pb2.FetchRequest.SerializeToString,
+            response_deserializer=decode_fetch_response)
+        stream = RecordStream(address, fetch(timeout=self._timeout))
         await stream.open(prefix_id, layout, batch_bytes)
         return stream
 
