@@ -314,3 +314,44 @@ def test_absurd_headers_are_refused_before_allocating(store: RecordStore) -> Non
     with pytest.raises(InvalidArgument, match="records in all"):
         store.begin_put(ObjectKey("p1", "l"), [("r", 1 << 40, 1)], b"")
     assert store.list() == [] and store.stats().stored_bytes == 0
+
+
+def test_raw_fetch_responses_parse_as_protobuf_and_back() -> None:
+    from contiguouskv.cache_server.wire import decode_fetch_response, encode_fetch_response
+    from contiguouskv.v1 import cache_pb2 as pb
+
+    payloads = [b"a" * 300, memoryview(b"b" * 300)]
+    wire, offset = encode_fetch_response(7, "kv/G1", [5, 2**40], payloads, done=True)
+    assert wire[offset:] == b"a" * 300 + b"b" * 300
+    parsed = pb.FetchResponse.FromString(wire)
+    assert (parsed.tag, parsed.region, list(parsed.indices), parsed.data, parsed.done) == (
+        7, "kv/G1", [5, 2**40], b"a" * 300 + b"b" * 300, True)
+    back = decode_fetch_response(wire)
+    assert (back.tag, back.region, back.indices, bytes(back.data), back.done, back.error_code) == (
+        7, "kv/G1", [5, 2**40], b"a" * 300 + b"b" * 300, True, 0)
+    plain = pb.FetchResponse(tag=1, region="r", data=b"xyz", error_code=15, error_message="bad")
+    decoded = decode_fetch_response(plain.SerializeToString())  # protobuf's own field order
+    assert (bytes(decoded.data), decoded.error_code, decoded.error_message) == (b"xyz", 15, "bad")
+    with pytest.raises(ValueError, match="truncated"):
+        decode_fetch_response(wire[:-1])
+
+
+def test_bench_storage_runs_on_a_tiny_shape(tmp_path: Path) -> None:
+    import argparse
+    import json
+
+    from contiguouskv.bench import storage
+
+    parser = argparse.ArgumentParser()
+    storage.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["--tokens", "512", "--layers", "4", "--group", "2", "--sub-period", "2",
+                              "--kv-heads", "1", "--head-dim", "64", "--target-mb", "1",
+                              "--selections", "0.25,1.0", "--workdir", str(tmp_path / "w"),
+                              "--read-threads", "2", "--json", str(out)])
+    assert storage.run(args) == 0
+    report = json.loads(out.read_text())
+    assert report["page_cache_resident_fraction"] == 0.0 and report["direct_io"]
+    for row in report["selections"]:
+        assert {"raw_gbps", "grpc_gbps", "dram_gbps", "grpc_over_raw", "read_amplification"} <= set(row)
+        assert row["read_amplification"] == 1.0 and row["dram"]["dram_hits"] > 0
