@@ -56,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch-bytes", type=int, default=1 << 20, help="payload per Fetch response (1 MiB)")
     a("--inflight-bytes", type=int, default=16 << 20, help="server in-flight bytes per stream")
     a("--read-threads", type=int, default=16, help="server read threads (16)")
+    a("--streams", type=int, default=1, help="Fetch streams of the gRPC client, reads spread over them")
     a("--decoder", choices=("raw", "protobuf"), default="raw",
       help="client parsing of Fetch responses (raw: zero-copy payload view)")
     a("--workdir", type=Path, help="where to write the object (a temp dir on this disk by default)")
@@ -256,7 +257,7 @@ def _read_grpc_process(address: str, plans: list[list[Request]], args: argparse.
                        warm: bool) -> dict:
     """Run the gRPC client in a separate process; returns its summary."""
     job = {"address": address, "plans": plans, "batch_bytes": args.batch_bytes,
-           "decoder": args.decoder, "warm": warm}
+           "decoder": args.decoder, "warm": warm, "streams": args.streams}
     done = subprocess.run([sys.executable, "-m", "contiguouskv.bench.storage", "--client"],
                           input=json.dumps(job).encode(), capture_output=True, check=False)
     if done.returncode != 0:
@@ -279,18 +280,14 @@ async def _client(job: dict) -> dict:
         fetch = channel.stream_stream("/contiguouskv.v1.CacheService/Fetch",
                                       request_serializer=pb.FetchRequest.SerializeToString,
                                       response_deserializer=decode)
-        call = fetch()
-        await call.write(pb.FetchRequest(open=pb.FetchOpen(
-            prefix_id=PREFIX_ID, layout=LAYOUT, max_batch_bytes=job["batch_bytes"])))
+        calls = [fetch() for _ in range(job["streams"])]
+        for call in calls:
+            await call.write(pb.FetchRequest(open=pb.FetchOpen(
+                prefix_id=PREFIX_ID, layout=LAYOUT, max_batch_bytes=job["batch_bytes"])))
         tags = iter(range(1, 1 << 62))
 
-        async def one(reads: Sequence[Sequence]) -> tuple[int, int, list[float]]:
-            sent, total, records, lat = {}, 0, 0, []
-            for region, indices in reads:
-                tag = next(tags)
-                sent[tag] = time.perf_counter()
-                await call.write(pb.FetchRequest(read=pb.FetchRead(tag=tag, region=region,
-                                                                   indices=indices)))
+        async def drain(call: grpc.aio.StreamStreamCall, sent: dict[int, float]) -> tuple[int, int, list[float]]:
+            total, records, lat = 0, 0, []
             while sent:
                 message = await call.read()
                 if message.error_code:
@@ -300,6 +297,17 @@ async def _client(job: dict) -> dict:
                 if message.done:
                     lat.append(time.perf_counter() - sent.pop(message.tag))
             return total, records, lat
+
+        async def one(reads: Sequence[Sequence]) -> tuple[int, int, list[float]]:
+            sent: list[dict[int, float]] = [{} for _ in calls]
+            for k, (region, indices) in enumerate(reads):
+                tag = next(tags)
+                sent[k % len(calls)][tag] = time.perf_counter()
+                await calls[k % len(calls)].write(pb.FetchRequest(read=pb.FetchRead(
+                    tag=tag, region=region, indices=indices)))
+            parts = await asyncio.gather(*(drain(c, s) for c, s in zip(calls, sent)))
+            return (sum(p[0] for p in parts), sum(p[1] for p in parts),
+                    [x for p in parts for x in p[2]])
 
         if job["warm"]:
             for reads in job["plans"]:
@@ -313,7 +321,8 @@ async def _client(job: dict) -> dict:
             total, records, latencies = total + t, records + r, latencies + lat
         elapsed = time.perf_counter() - start
         after = await stub.GetStats(pb.GetStatsRequest())
-        call.cancel()
+        for call in calls:
+            call.cancel()
     stats = {name: getattr(after, name) - getattr(before, name)
              for name in ("bytes_read_from_disk", "bytes_requested_from_disk", "dram_hits")}
     summary = _summary(total, records, elapsed, latencies, stats)
