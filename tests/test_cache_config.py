@@ -28,6 +28,17 @@ def test_config_rejects_bad_values(tmp_path: Path) -> None:
         CacheServerConfig(root=tmp_path, max_batch_bytes=0)
     with pytest.raises(ValueError, match="max_store_bytes"):
         CacheServerConfig(root=tmp_path, max_store_bytes=-1)
+    with pytest.raises(ValueError, match="cache_policy.*attention, lru, lfu, impress"):
+        CacheServerConfig(root=tmp_path, cache_policy="fifo")
+    with pytest.raises(ValueError, match="dram_cache_bytes"):
+        CacheServerConfig(root=tmp_path, dram_cache_bytes=-1)
+    with pytest.raises(ValueError, match="max_inflight_bytes"):
+        CacheServerConfig(root=tmp_path, max_inflight_bytes=1000)
+    with pytest.raises(ValueError, match="metrics_port"):
+        CacheServerConfig(root=tmp_path, metrics_port=-1)
+    config = config_from_args(parse("--root", str(tmp_path), "--cache-policy", "lfu",
+                                    "--dram-cache-bytes", "0", "--metrics-port", "0"))
+    assert (config.cache_policy, config.dram_cache_bytes, config.metrics_port) == ("lfu", 0, 0)
 
 
 def test_flags_beat_env_beat_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
