@@ -400,6 +400,12 @@ async def test_client_disconnect_leaks_no_task_or_file(tmp_path: Path) -> None:
                 assert not feeders and not open_files
                 stats = await stub.GetStats(pb.GetStatsRequest())
                 assert stats.fetch_streams_total == 3 and stats.bytes_served < 1000 * 4096
+                for _ in range(100):  # reads already running finish; then nothing is held
+                    stats = await stub.GetStats(pb.GetStatsRequest())
+                    if not (stats.inflight_streams or stats.inflight_bytes or stats.inflight_reads):
+                        break
+                    await asyncio.sleep(0.05)
+                assert (stats.inflight_streams, stats.inflight_bytes, stats.inflight_reads) == (0, 0, 0)
         finally:
             await server.stop(None)
 
