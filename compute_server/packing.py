@@ -1,4 +1,5 @@
-"""Tensors <-> record bytes for the `contiguous` layout (see :mod:`layout` for the byte order).
+"""Tensors <-> record bytes for the `contiguous` layout (see :mod:`layout` for the byte order) and
+for the `impress` layout of the token-level baselines (:mod:`impress_layout`).
 
 Packing runs once per registered prefix; unpacking runs per arriving record batch, so it only makes
 views over the received bytes and copies each record once, into its destination slot.
@@ -12,6 +13,7 @@ import warnings
 
 import torch
 
+from contiguouskv.compute_server.impress_layout import ImpressLayout
 from contiguouskv.compute_server.layout import ContiguousLayout
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -103,3 +105,49 @@ def unpack_tokens(payload: memoryview | bytes) -> list[int]:
 
 def unpack_importance(layout: ContiguousLayout, payload: memoryview | bytes) -> torch.Tensor:
     return frombuffer(payload, torch.float32).view(layout.num_layers, layout.num_chunks)
+
+
+# --- the `impress` layout (token-level baselines) --------------------------------------------------
+def _blocked(layout: ImpressLayout, x: torch.Tensor) -> torch.Tensor:
+    """[heads, n, d] -> [nb, heads, b, d], zero-padding the last block."""
+    pad = layout.num_blocks * layout.block_size - x.shape[1]
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    heads, _, d = x.shape
+    return x.reshape(heads, layout.num_blocks, layout.block_size, d).permute(1, 0, 2, 3).contiguous()
+
+
+def iter_impress_payloads(layout: ImpressLayout, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                          token_importance: torch.Tensor,
+                          batch_bytes: int = 1 << 20) -> Iterator[tuple[str, int, memoryview]]:
+    """Yield (region, first_record, bytes of whole records) covering every region of ``layout``.
+
+    ``keys``/``values``: per layer [kv_heads, n, d] in the layout dtype (post-RoPE keys).
+    ``token_importance``: float32 [L, n] static token importance (the `h2o` region).
+    """
+    if tuple(token_importance.shape) != (layout.num_layers, layout.num_tokens):
+        raise ValueError(f"token_importance must be [L, n], got {tuple(token_importance.shape)}")
+    probe = list(layout.probe_kv_heads)
+    for layer in range(layout.num_layers):
+        yield from _batches(layout.k_region(layer), layout.block_record_size,
+                            _as_bytes(_blocked(layout, keys[layer])), batch_bytes)
+        yield from _batches(layout.v_region(layer), layout.block_record_size,
+                            _as_bytes(_blocked(layout, values[layer])), batch_bytes)
+        yield from _batches(layout.probe_region(layer), layout.probe_record_size,
+                            _as_bytes(_blocked(layout, keys[layer][probe])), batch_bytes)
+    yield from _batches(layout.importance_region, layout.importance_record_size,
+                        _as_bytes(token_importance.to(torch.float32)), batch_bytes)
+
+
+def unpack_blocks(layout: ImpressLayout, records: Sequence[memoryview | bytes], heads: int) -> torch.Tensor:
+    """Block records of ``heads`` heads each -> one tensor [heads, len(records) * b, d] (a copy)."""
+    if not records:
+        return torch.empty(heads, 0, layout.head_dim, dtype=TORCH_DTYPES[layout.dtype])
+    dtype = TORCH_DTYPES[layout.dtype]
+    blocks = [frombuffer(r, dtype).view(heads, layout.block_size, layout.head_dim) for r in records]
+    return torch.cat(blocks, dim=1)  # [heads, blocks * b, d]
+
+
+def unpack_token_importance(layout: ImpressLayout, records: Sequence[memoryview | bytes]) -> torch.Tensor:
+    """The `h2o` region's records -> float32 [L, n]."""
+    return torch.stack([frombuffer(r, torch.float32) for r in records])
