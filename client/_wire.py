@@ -9,6 +9,7 @@ import grpc
 from contiguouskv.client.errors import ERRORS_BY_STATUS, ContiguousKVError
 from contiguouskv.client.types import (
     GeneratedToken, LayerTiming, ModelInfo, PeriodSelection, RegisteredPrefix, ReprefillResult, Timings,
+    TokenLayerSelection,
 )
 from contiguouskv.v1 import compute_pb2
 
@@ -26,12 +27,16 @@ def to_error(err: grpc.RpcError, address: str) -> ContiguousKVError:
     return cls(details or "", status)
 
 
-def register_request(text: str | None, token_ids: Sequence[int] | None) -> compute_pb2.RegisterPrefixRequest:
+def register_request(text: str | None, token_ids: Sequence[int] | None,
+                     extra_layouts: Sequence[str] = ()) -> compute_pb2.RegisterPrefixRequest:
     if (text is None) == (token_ids is None):
         raise ValueError("give exactly one of text or token_ids")
+    if isinstance(extra_layouts, str):
+        raise ValueError("extra_layouts: give a list of layout names, e.g. ['impress']")
     if text is not None:
-        return compute_pb2.RegisterPrefixRequest(text=text)
-    return compute_pb2.RegisterPrefixRequest(token_ids=compute_pb2.TokenIds(ids=list(token_ids or ())))
+        return compute_pb2.RegisterPrefixRequest(text=text, extra_layouts=list(extra_layouts))
+    return compute_pb2.RegisterPrefixRequest(token_ids=compute_pb2.TokenIds(ids=list(token_ids or ())),
+                                             extra_layouts=list(extra_layouts))
 
 
 def reprefill_request(prefix_id: str, query: str | Sequence[int], policy: str, budget: float | None,
@@ -60,13 +65,16 @@ def registered(r: compute_pb2.RegisterPrefixResponse) -> RegisteredPrefix:
 def result(r: compute_pb2.ReprefillResponse) -> ReprefillResult:
     t = r.timings
     timings = Timings(t.ttft_ms, t.fetch_wait_ms, t.compute_ms, t.fetch_ms, t.total_ms,
-                      tuple(LayerTiming(x.layer, x.wait_ms, x.compute_ms, x.bytes) for x in t.layers))
+                      tuple(LayerTiming(x.layer, x.wait_ms, x.compute_ms, x.bytes, x.bytes_identification,
+                                        x.bytes_selected) for x in t.layers))
+    token_layers = tuple(TokenLayerSelection(x.layer, x.tokens, x.shared, x.similarity, x.threshold, x.blocks)
+                         for x in r.token_layers)
     periods = tuple(PeriodSelection(p.period, p.first_layer, p.num_layers, tuple(p.chunks), p.predicted,
                                     p.predicted_hits, p.recall) for p in r.periods)
     return ReprefillResult(r.token_id, r.text, r.policy, r.budget, timings, r.bytes_fetched, r.prefix_tokens,
                            r.query_tokens, tuple(r.generated_ids), r.generated_text, r.chunks_loaded, r.num_chunks,
                            tuple(r.logits), periods, r.prediction_hit_rate, r.recall, r.bytes_identification,
-                           r.bytes_kv, r.bytes_wasted)
+                           r.bytes_kv, r.bytes_wasted, r.bytes_selected, r.read_amplification, token_layers)
 
 
 def token(r: compute_pb2.GenerateResponse) -> GeneratedToken:

@@ -32,8 +32,8 @@ class AsyncContiguousKVClient:
         await self._channel.close()
 
     async def register(self, text: str | None = None, *, token_ids: Sequence[int] | None = None,
-                       timeout: float | None = None) -> RegisteredPrefix:
-        request = _wire.register_request(text, token_ids)
+                       extra_layouts: Sequence[str] = (), timeout: float | None = None) -> RegisteredPrefix:
+        request = _wire.register_request(text, token_ids, extra_layouts)
         try:
             return _wire.registered(await self._stub.RegisterPrefix(request, timeout=timeout or self.timeout))
         except grpc.RpcError as err:

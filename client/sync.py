@@ -35,9 +35,13 @@ class ContiguousKVClient:
         self._channel.close()
 
     def register(self, text: str | None = None, *, token_ids: Sequence[int] | None = None,
-                 timeout: float | None = None) -> RegisteredPrefix:
-        """Prefill and store a prefix given as text or token ids; returns its id."""
-        request = _wire.register_request(text, token_ids)
+                 extra_layouts: Sequence[str] = (), timeout: float | None = None) -> RegisteredPrefix:
+        """Prefill and store a prefix given as text or token ids; returns its id.
+
+        ``extra_layouts``: layouts to store besides `contiguous`; ``["impress"]`` is what the `h2o`
+        and `impress` policies read. Registering again with a new layout adds just that layout.
+        """
+        request = _wire.register_request(text, token_ids, extra_layouts)
         try:
             return _wire.registered(self._stub.RegisterPrefix(request, timeout=timeout or self.timeout))
         except grpc.RpcError as err:
@@ -49,8 +53,10 @@ class ContiguousKVClient:
                   timeout: float | None = None) -> ReprefillResult:
         """First token of prefix + query (text or token ids) under a loading policy.
 
-        ``policy``: recompute | full | contiguous | contiguous+; ``budget``: fraction of chunks kept
-        (contiguous policies); ``period``/``sub_period``: layers per selection and per fetch run.
+        ``policy``: recompute | full | contiguous | contiguous+ | h2o | impress (the last two need a
+        prefix registered with ``extra_layouts=["impress"]``); ``budget``: fraction of the prefix kept
+        (chunks, or tokens for h2o/impress); ``period``/``sub_period``: layers per selection and per
+        fetch run (contiguous policies).
         """
         request = _wire.reprefill_request(prefix_id, query, policy, budget, max_new_tokens, period, sub_period,
                                           return_logits, evaluate_recall)

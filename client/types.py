@@ -21,10 +21,32 @@ class RegisteredPrefix:
 
 @dataclass(frozen=True)
 class LayerTiming:
+    """One layer: time blocked on records and computing; K/V bytes read, identification-only bytes
+    read, and bytes of the K/V it attended to."""
+
     layer: int
     wait_ms: float
     compute_ms: float
     bytes: int = 0
+    bytes_identification: int = 0
+    bytes_selected: int = 0
+
+
+@dataclass(frozen=True)
+class TokenLayerSelection:
+    """What a token-level baseline (h2o, impress) chose at one layer.
+
+    ``tokens`` kept per KV head; ``shared``: one set served every head (false when impress fell back
+    to all keys); ``similarity``/``threshold``: impress's probe-head Jaccard and t = j^alpha (-1 for
+    h2o); ``blocks``: 64-token blocks holding the selected tokens.
+    """
+
+    layer: int
+    tokens: int
+    shared: bool
+    similarity: float
+    threshold: float
+    blocks: int
 
 
 @dataclass(frozen=True)
@@ -77,6 +99,11 @@ class ReprefillResult:
     bytes_identification: int = 0
     bytes_kv: int = 0
     bytes_wasted: int = 0
+    bytes_selected: int = 0
+    """Bytes of the K/V the layers attended to, summed over layers."""
+    read_amplification: float = 0.0
+    """``bytes_kv / bytes_selected`` (identification reads apart); 0 for recompute."""
+    token_layers: tuple[TokenLayerSelection, ...] = ()
 
     @property
     def answer(self) -> str:

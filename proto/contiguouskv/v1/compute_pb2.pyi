@@ -237,7 +237,7 @@ Global___PeriodSelection: _TypeAlias = PeriodSelection  # noqa: Y015
 
 @_typing.final
 class LayerTiming(_message.Message):
-    """LayerTiming is what one layer spent waiting for records and computing."""
+    """LayerTiming is what one layer spent waiting for records and computing, and what it read."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -245,10 +245,19 @@ class LayerTiming(_message.Message):
     WAIT_MS_FIELD_NUMBER: _builtins.int
     COMPUTE_MS_FIELD_NUMBER: _builtins.int
     BYTES_FIELD_NUMBER: _builtins.int
+    BYTES_IDENTIFICATION_FIELD_NUMBER: _builtins.int
+    BYTES_SELECTED_FIELD_NUMBER: _builtins.int
     layer: _builtins.int
     wait_ms: _builtins.float
     compute_ms: _builtins.float
     bytes: _builtins.int
+    """Bytes of K/V records read for this layer (kv records; for h2o/impress the K and V blocks,
+    including the whole layer's keys when impress falls back).
+    """
+    bytes_identification: _builtins.int
+    """Bytes of identification-only data read for this layer (idkeys, digests, probe keys, h2o scores)."""
+    bytes_selected: _builtins.int
+    """Bytes of the K and V of the prefix tokens this layer attended to (unpadded, all KV heads)."""
     def __init__(
         self,
         *,
@@ -256,14 +265,60 @@ class LayerTiming(_message.Message):
         wait_ms: _builtins.float = ...,
         compute_ms: _builtins.float = ...,
         bytes: _builtins.int = ...,
+        bytes_identification: _builtins.int = ...,
+        bytes_selected: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "compute_ms", b"compute_ms", "layer", b"layer", "wait_ms", b"wait_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "bytes_identification", b"bytes_identification", "bytes_selected", b"bytes_selected", "compute_ms", b"compute_ms", "layer", b"layer", "wait_ms", b"wait_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LayerTiming: _TypeAlias = LayerTiming  # noqa: Y015
+
+@_typing.final
+class TokenLayerSelection(_message.Message):
+    """TokenLayerSelection is what a token-level baseline (h2o, impress) chose at one layer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYER_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
+    SIMILARITY_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    BLOCKS_FIELD_NUMBER: _builtins.int
+    layer: _builtins.int
+    tokens: _builtins.int
+    """Prefix tokens kept per KV head: ceil(budget x prefix tokens)."""
+    shared: _builtins.bool
+    """One token set served every head (h2o; impress when the probe heads voted); false when impress
+    fell back to all of the layer's keys and selected per KV head.
+    """
+    similarity: _builtins.float
+    """impress: mean pairwise Jaccard of the probe heads' top-k sets, and the threshold t = j^alpha
+    it was compared with; -1 for h2o.
+    """
+    threshold: _builtins.float
+    blocks: _builtins.int
+    """Distinct 64-token blocks holding the selected tokens (their V, and K unless fallen back, were read)."""
+    def __init__(
+        self,
+        *,
+        layer: _builtins.int = ...,
+        tokens: _builtins.int = ...,
+        shared: _builtins.bool = ...,
+        similarity: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        blocks: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "layer", b"layer", "shared", b"shared", "similarity", b"similarity", "threshold", b"threshold", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenLayerSelection: _TypeAlias = TokenLayerSelection  # noqa: Y015
 
 @_typing.final
 class Timings(_message.Message):
@@ -331,6 +386,9 @@ class ReprefillResponse(_message.Message):
     BYTES_IDENTIFICATION_FIELD_NUMBER: _builtins.int
     BYTES_KV_FIELD_NUMBER: _builtins.int
     BYTES_WASTED_FIELD_NUMBER: _builtins.int
+    BYTES_SELECTED_FIELD_NUMBER: _builtins.int
+    READ_AMPLIFICATION_FIELD_NUMBER: _builtins.int
+    TOKEN_LAYERS_FIELD_NUMBER: _builtins.int
     token_id: _builtins.int
     text: _builtins.str
     policy: _builtins.str
@@ -352,6 +410,12 @@ class ReprefillResponse(_message.Message):
     """
     bytes_kv: _builtins.int
     bytes_wasted: _builtins.int
+    bytes_selected: _builtins.int
+    """Bytes of the K and V of the prefix tokens the layers attended to, summed over layers."""
+    read_amplification: _builtins.float
+    """bytes_kv / bytes_selected: K/V bytes read per byte attended to (identification reads are
+    counted apart, in bytes_identification); 0 when nothing was loaded (recompute).
+    """
     @_builtins.property
     def timings(self) -> Global___Timings: ...
     @_builtins.property
@@ -364,6 +428,10 @@ class ReprefillResponse(_message.Message):
 
     @_builtins.property
     def periods(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeriodSelection]: ...
+    @_builtins.property
+    def token_layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenLayerSelection]:
+        """h2o and impress: per-layer selection summary."""
+
     def __init__(
         self,
         *,
@@ -386,10 +454,13 @@ class ReprefillResponse(_message.Message):
         bytes_identification: _builtins.int = ...,
         bytes_kv: _builtins.int = ...,
         bytes_wasted: _builtins.int = ...,
+        bytes_selected: _builtins.int = ...,
+        read_amplification: _builtins.float = ...,
+        token_layers: _abc.Iterable[Global___TokenLayerSelection] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "bytes_fetched", b"bytes_fetched", "bytes_identification", b"bytes_identification", "bytes_kv", b"bytes_kv", "bytes_wasted", b"bytes_wasted", "chunks_loaded", b"chunks_loaded", "generated_ids", b"generated_ids", "generated_text", b"generated_text", "logits", b"logits", "num_chunks", b"num_chunks", "periods", b"periods", "policy", b"policy", "prediction_hit_rate", b"prediction_hit_rate", "prefix_tokens", b"prefix_tokens", "query_tokens", b"query_tokens", "recall", b"recall", "text", b"text", "timings", b"timings", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "bytes_fetched", b"bytes_fetched", "bytes_identification", b"bytes_identification", "bytes_kv", b"bytes_kv", "bytes_selected", b"bytes_selected", "bytes_wasted", b"bytes_wasted", "chunks_loaded", b"chunks_loaded", "generated_ids", b"generated_ids", "generated_text", b"generated_text", "logits", b"logits", "num_chunks", b"num_chunks", "periods", b"periods", "policy", b"policy", "prediction_hit_rate", b"prediction_hit_rate", "prefix_tokens", b"prefix_tokens", "query_tokens", b"query_tokens", "read_amplification", b"read_amplification", "recall", b"recall", "text", b"text", "timings", b"timings", "token_id", b"token_id", "token_layers", b"token_layers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
