@@ -11,7 +11,7 @@ import hashlib
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -20,15 +20,22 @@ from contiguouskv.compute_server.cache_client import CacheClient
 from contiguouskv.compute_server.config import ComputeServerConfig
 from contiguouskv.compute_server.engine import Engine, QueryOutcome
 from contiguouskv.compute_server.errors import FailedPrecondition, InvalidArgument, NotFound
-from contiguouskv.compute_server.layout import ContiguousLayout
+from contiguouskv.compute_server.feedback import RegionScores, attention_report
+from contiguouskv.compute_server.h2o import prefill_with_token_importance
+from contiguouskv.compute_server.impress import LayerSelection, TokenPolicy
+from contiguouskv.compute_server.impress_layout import ImpressLayout
+from contiguouskv.compute_server.layout import ContiguousLayout, Region
 from contiguouskv.compute_server.loader import KVLoader
 from contiguouskv.compute_server.models import LoadedModel
-from contiguouskv.compute_server.packing import dtype_name, iter_region_payloads, unpack_tokens
-from contiguouskv.compute_server.feedback import attention_report
-from contiguouskv.compute_server.policies import POLICY_NAMES, PeriodSelection, Policy, make_policy
+from contiguouskv.compute_server.packing import dtype_name, iter_impress_payloads, iter_region_payloads, unpack_tokens
+from contiguouskv.compute_server.policies import (
+    POLICY_NAMES, TOKEN_POLICY_NAMES, PeriodicPolicy, PeriodSelection, Policy, make_policy,
+)
 from contiguouskv.compute_server.runner import ModelRunner
 
 PREFIX_ID = re.compile(r"^[0-9a-f]{32}$")
+EXTRA_LAYOUTS = ("impress",)
+"""Layouts a registration may ask for besides `contiguous` (always stored)."""
 T = TypeVar("T")
 
 
@@ -74,7 +81,12 @@ class ReprefillResult:
 
 @dataclass(frozen=True)
 class LoadUsage:
-    """What a request read and selected; see ReprefillResponse in compute.proto."""
+    """What a request read and selected; see ReprefillResponse in compute.proto.
+
+    ``layer_chunks`` counts ContiguousChunks per layer, or 64-token blocks for h2o/impress. Per layer
+    ``layer_bytes`` are K/V record bytes read, ``layer_identification`` identification-only bytes,
+    ``layer_selected`` the bytes of the K/V attended to.
+    """
 
     periods: tuple[PeriodSelection, ...]
     layer_chunks: tuple[int, ...]
@@ -83,19 +95,50 @@ class LoadUsage:
     bytes_identification: int
     bytes_kv: int
     bytes_wasted: int
+    layer_bytes: tuple[int, ...] = ()
+    layer_identification: tuple[int, ...] = ()
+    layer_selected: tuple[int, ...] = ()
+    token_layers: tuple[LayerSelection, ...] = ()
+
+    @property
+    def bytes_selected(self) -> int:
+        return sum(self.layer_selected)
+
+    @property
+    def read_amplification(self) -> float:
+        """K/V bytes read per byte attended to (identification apart); 0 when nothing was selected."""
+        return self.bytes_kv / self.bytes_selected if self.bytes_selected else 0.0
 
     @classmethod
     def of(cls, loader: KVLoader, policy: Policy | None) -> "LoadUsage":
+        if isinstance(policy, TokenPolicy):
+            return cls._of_tokens(loader, policy)
         lay = loader.layout
         layers = range(lay.num_layers)
         counts = tuple(len(policy.chunks_at(l)) for l in layers) if policy is not None else tuple(0 for _ in layers)
         used = sum(counts) * lay.kv_record_size
         periods = tuple(policy.periods) if policy is not None else ()
         recalls = [p.recall for p in periods if p.recall >= 0]
+        per_token = lay.kv_record_size // lay.chunk_size  # K and V of one token, all KV heads
+        selected = tuple(lay.tokens_in(policy.chunks_at(l)) * per_token if policy is not None else 0 for l in layers)
+        ident = [0] * lay.num_layers
+        if isinstance(policy, PeriodicPolicy):
+            size = lay.num_chunks * lay.token_bytes if policy.ident_region == "idkeys" else lay.digest_record_size
+            for start in policy.starts:
+                ident[start] = size
         return cls(periods, counts, policy.prediction_hit_rate if policy is not None else 1.0,
                    sum(recalls) / len(recalls) if recalls else -1.0,
                    loader.bytes_by_category.get("ident", 0), loader.bytes_by_category.get("kv", 0),
-                   max(0, loader.kv_records_received * lay.kv_record_size - used))
+                   max(0, loader.kv_records_received * lay.kv_record_size - used),
+                   tuple(c * lay.kv_record_size for c in counts), tuple(ident), selected)
+
+    @classmethod
+    def _of_tokens(cls, loader: KVLoader, policy: TokenPolicy) -> "LoadUsage":
+        sels = tuple(policy.selections)
+        return cls((), tuple(len(s.blocks) for s in sels), 1.0, -1.0,
+                   loader.bytes_by_category.get("ident", 0), loader.bytes_by_category.get("kv", 0), 0,
+                   tuple(s.bytes_kv for s in sels), tuple(s.bytes_identification for s in sels),
+                   tuple(s.bytes_selected for s in sels), sels)
 
 
 @dataclass(frozen=True)
@@ -154,7 +197,17 @@ class ComputeCore:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # --- register --------------------------------------------------------------------------------
-    async def register(self, prefix: str | list[int]) -> RegisterResult:
+    def _impress_for(self, layout: ContiguousLayout) -> ImpressLayout:
+        """The `impress` layout of the prefix whose `contiguous` layout is ``layout``."""
+        return ImpressLayout(layout.num_tokens, layout.num_layers, self.model.num_attention_heads,
+                             layout.num_kv_heads, layout.head_dim, layout.dtype)
+
+    async def register(self, prefix: str | list[int], extra_layouts: Sequence[str] = ()) -> RegisterResult:
+        """Prefill once and store the `contiguous` layout plus any ``extra_layouts`` not stored yet."""
+        unknown = sorted(set(extra_layouts) - set(EXTRA_LAYOUTS) - {"contiguous"})
+        if unknown:
+            raise InvalidArgument(f"extra_layouts: unknown layout {unknown[0][:40]!r}; "
+                                  f"choose from {', '.join(EXTRA_LAYOUTS)}")
         ids = self.tokens(prefix, "prefix")
         limit = min(self.config.max_prefix_tokens, self.model.max_position_embeddings - 1)
         if len(ids) > limit:
@@ -162,19 +215,40 @@ class ComputeCore:
         m = self.model
         layout = ContiguousLayout(len(ids), m.num_layers, m.num_kv_heads, m.head_dim, self.kv_dtype,
                                   self.config.chunk_size, self.config.group_size)
+        blocks = self._impress_for(layout) if "impress" in extra_layouts else None
         prefix_id = prefix_id_for(m.fingerprint, ids)
-        if await self.cache.get_manifest(prefix_id, layout.name) is not None:
+        wanted = [layout.name] + ([blocks.name] if blocks is not None else [])
+        missing = {name for name in wanted if await self.cache.get_manifest(prefix_id, name) is None}
+        if not missing:
             return RegisterResult(prefix_id, len(ids), layout.num_chunks, layout.chunk_size, True, 0, 0.0, 0.0)
         t0 = time.perf_counter()
-        kv = await self._compute(self.engine.prefill_prefix, ids, layout)
-        payloads = await self._compute(lambda: list(iter_region_payloads(
-            layout, kv.keys, kv.values, kv.importance, ids, self.config.fetch_batch_bytes)))
-        t1 = time.perf_counter()
-        metadata = layout.to_metadata(model_fingerprint=m.fingerprint, model_name=m.name)
-        reply = await self.cache.put_prefix(prefix_id, layout.name, layout.regions(), metadata, payloads)
-        t2 = time.perf_counter()
+        if blocks is None:
+            kv, token_importance = await self._compute(self.engine.prefill_prefix, ids, layout), None
+        else:
+            kv, token_importance = await self._compute(
+                prefill_with_token_importance, self.runner, ids, layout, self.config.prefill_block,
+                self.config.importance_window)
+        prefill_s = time.perf_counter() - t0
+        batch = self.config.fetch_batch_bytes
+        metadata = dict(model_fingerprint=m.fingerprint, model_name=m.name)
+        stores: list[tuple[str, list[Region], bytes, Callable[[], list[tuple[str, int, memoryview]]]]] = []
+        if layout.name in missing:
+            stores.append((layout.name, layout.regions(), layout.to_metadata(**metadata), lambda: list(
+                iter_region_payloads(layout, kv.keys, kv.values, kv.importance, ids, batch))))
+        if blocks is not None and blocks.name in missing:
+            stores.append((blocks.name, blocks.regions(), blocks.to_metadata(**metadata), lambda: list(
+                iter_impress_payloads(blocks, kv.keys, kv.values, token_importance, batch))))
+        already, written, pack_s, store_s = True, 0, 0.0, 0.0
+        for name, regions, meta, pack in stores:  # one layout's payloads in memory at a time
+            t1 = time.perf_counter()
+            payloads = await self._compute(pack)
+            t2 = time.perf_counter()
+            reply = await self.cache.put_prefix(prefix_id, name, regions, meta, payloads)
+            del payloads
+            pack_s, store_s = pack_s + t2 - t1, store_s + time.perf_counter() - t2
+            already, written = already and reply.already_committed, written + reply.bytes_written
         return RegisterResult(prefix_id, len(ids), layout.num_chunks, layout.chunk_size,
-                              reply.already_committed, reply.bytes_written, t1 - t0, t2 - t1)
+                              already, written, prefill_s + pack_s, store_s)
 
     # --- reprefill -------------------------------------------------------------------------------
     def _validate(self, args: ReprefillArgs) -> tuple[str, float, int, int]:
@@ -206,6 +280,21 @@ class ComputeCore:
                 f"{self.model.name!r} (fingerprint {self.model.fingerprint[:12]})")
         return layout
 
+    async def _impress_layout(self, prefix_id: str, layout: ContiguousLayout, policy: str) -> ImpressLayout:
+        """The prefix's stored `impress` layout; FAILED_PRECONDITION when it was not registered."""
+        want = self._impress_for(layout)
+        manifest = await self.cache.get_manifest(prefix_id, want.name)
+        if manifest is None:
+            raise FailedPrecondition(
+                f"policy {policy}: prefix_id {prefix_id} was registered without the impress layout (64-token "
+                f"K/V blocks, probe keys, h2o scores); register it with `contiguouskv register --layouts impress` "
+                f"(SDK: register(..., extra_layouts=['impress']))")
+        stored, _ = ImpressLayout.from_metadata(manifest.metadata)
+        if stored != want:
+            raise FailedPrecondition(f"policy {policy}: prefix_id {prefix_id} has impress layout {stored}, "
+                                     f"this server expects {want}")
+        return want
+
     async def reprefill(self, args: ReprefillArgs, on_token: Callable[[int], None] | None = None) -> ReprefillResult:
         """Load prefix KV by the request's policy, compute the query, return the first token."""
         start = time.perf_counter()
@@ -218,7 +307,10 @@ class ComputeCore:
         if total > self.model.max_position_embeddings:
             raise InvalidArgument(f"query: prefix ({layout.num_tokens}) + query ({len(query)}) + max_new_tokens "
                                   f"({args.max_new_tokens}) exceed the model's {self.model.max_position_embeddings} positions")
-        stream = await self.cache.open_stream(args.prefix_id, layout.name, self.config.fetch_batch_bytes)
+        blocks = await self._impress_layout(args.prefix_id, layout, policy_name) \
+            if policy_name in TOKEN_POLICY_NAMES else None
+        stream_layout = blocks.name if blocks is not None else layout.name
+        stream = await self.cache.open_stream(args.prefix_id, stream_layout, self.config.fetch_batch_bytes)
         loader = KVLoader(layout, stream, asyncio.get_running_loop(), self.runner.device, self._stager)
         io = asyncio.create_task(loader.run())
         eos = self.model.eos_token_ids
@@ -229,27 +321,30 @@ class ComputeCore:
                 prefix_ids = unpack_tokens((await asyncio.wrap_future(tokens))[0])
                 outcome = await self._compute(self.engine.recompute, prefix_ids, query, args.max_new_tokens, eos, on_token)
             else:
-                policy = make_policy(policy_name, loader, self.runner, budget, period, sub, args.evaluate_recall)
+                policy = make_policy(policy_name, loader, self.runner, budget, period, sub, args.evaluate_recall,
+                                     blocks)
                 await policy.start()
                 outcome = await self._compute(self.engine.answer, query, layout.num_tokens, policy,
                                               args.max_new_tokens, eos, on_token)
         finally:
             io.cancel()
             await stream.close()
-        if policy is not None and policy.periods:
-            self._report(args.prefix_id, layout, policy)
+        if isinstance(policy, TokenPolicy):
+            self._report(args.prefix_id, stream_layout, policy.attention_report())
+        elif policy is not None and policy.periods:
+            self._report(args.prefix_id, layout.name, attention_report(layout, policy))
         fetch_s = (loader.last_arrival_at or 0.0) - (loader.first_request_at or 0.0)
         return ReprefillResult(
             token_id=outcome.token_id, text=self.decode([outcome.token_id]), policy=policy_name,
-            budget=budget if policy_name.startswith("contiguous") else 1.0,
+            budget=budget if policy_name not in ("full", "recompute") else 1.0,
             prefix_tokens=layout.num_tokens, query_tokens=len(query), bytes_fetched=loader.bytes_received,
             ttft_s=time.perf_counter() - start - outcome.decode_s, fetch_s=max(0.0, fetch_s), outcome=outcome,
             num_chunks=layout.num_chunks, generated_text=self.decode(outcome.generated_ids),
             usage=LoadUsage.of(loader, policy), bytes_kv_record=layout.kv_record_size)
 
-    def _report(self, prefix_id: str, layout: ContiguousLayout, policy: Policy) -> None:
-        """Send the observed chunk attention to the cache server, off the request's path."""
-        task = asyncio.create_task(self.cache.report_attention(prefix_id, layout.name, attention_report(layout, policy)))
+    def _report(self, prefix_id: str, layout_name: str, scores: list[RegionScores]) -> None:
+        """Send the observed attention per record to the cache server, off the request's path."""
+        task = asyncio.create_task(self.cache.report_attention(prefix_id, layout_name, scores))
         self._reports.add(task)
         task.add_done_callback(self._reports.discard)
 

@@ -21,13 +21,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from contiguouskv.compute_server.impress_layout import ImpressLayout
 from contiguouskv.compute_server.layout import sub_periods
 from contiguouskv.compute_server.loader import KVLoader
 from contiguouskv.compute_server.packing import TORCH_DTYPES, frombuffer, unpack_importance
 from contiguouskv.compute_server.runner import ModelRunner
 from contiguouskv.compute_server.selection import digest_chunk_scores, exact_chunk_scores, select_top
 
-POLICY_NAMES = ("recompute", "full", "contiguous", "contiguous+")
+POLICY_NAMES = ("recompute", "full", "contiguous", "contiguous+", "h2o", "impress")
+TOKEN_POLICY_NAMES = ("h2o", "impress")
+"""Token-level baselines: they read the `impress` layout (64-token K/V blocks), see :mod:`impress`."""
 STATS_PRIORITY = -(1 << 20)
 
 
@@ -234,8 +237,21 @@ class ContiguousPlusPolicy(PeriodicPolicy):
 
 
 def make_policy(name: str, loader: KVLoader, runner: ModelRunner, budget: float, period: int, sub_period: int,
-                evaluate_recall: bool = False) -> Policy:
-    """The policy named ``name`` (one of :data:`POLICY_NAMES` that loads KV)."""
+                evaluate_recall: bool = False, blocks: ImpressLayout | None = None) -> Policy:
+    """The policy named ``name`` (one of :data:`POLICY_NAMES` that loads KV).
+
+    The token-level policies (:data:`TOKEN_POLICY_NAMES`) need ``blocks``, the prefix's `impress`
+    layout, and ``loader`` reading from it.
+    """
+    if name in TOKEN_POLICY_NAMES:
+        from contiguouskv.compute_server.h2o import H2OPolicy  # they build on Policy: import late
+        from contiguouskv.compute_server.impress import ImpressPolicy
+
+        if blocks is None:
+            raise ValueError(f"policy {name!r} needs the prefix's impress layout")
+        token_classes: dict[str, type[Policy]] = {"h2o": H2OPolicy, "impress": ImpressPolicy}
+        return token_classes[name](loader, runner, budget, period, sub_period, evaluate_recall,
+                                   blocks=blocks)  # type: ignore[call-arg]
     classes: dict[str, type[Policy]] = {"full": FullPolicy, "contiguous": ContiguousPolicy,
                                         "contiguous+": ContiguousPlusPolicy}
     if name not in classes:

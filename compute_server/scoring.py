@@ -31,3 +31,22 @@ def window_importance(layout: ContiguousLayout, q: torch.Tensor, keys: torch.Ten
     scores = scores.masked_fill(torch.arange(n)[None, :] > query_pos, float("-inf"))
     token_scores = torch.softmax(scores, dim=-1).sum(dim=(0, 1))  # [n]
     return per_chunk(layout, token_scores)
+
+
+def window_token_importance(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-token version of :func:`window_importance` (the `h2o` baseline's static importance): [n].
+
+    H2O accumulates the attention every later query pays to each token (column sums of the softmax
+    matrix). Over all n queries that costs an n x n pass per layer at registration; this takes the
+    column sums over the last ``w`` prefix queries only, summed over heads.
+    """
+    heads, w, _ = q.shape
+    kv_heads, n, _ = keys.shape
+    groups = heads // kv_heads
+    query_pos = torch.arange(n - w, n, device=q.device)[:, None]  # [w, 1]
+    hidden = torch.arange(n, device=q.device)[None, :] > query_pos  # [w, n]: causal
+    out = torch.zeros(n, dtype=torch.float32, device=q.device)
+    for g in range(kv_heads):  # one KV head at a time bounds memory to [groups, w, n]
+        scores = torch.matmul(q[g * groups : (g + 1) * groups].float(), keys[g].float().T) * scale
+        out += torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1).sum(dim=(0, 1))
+    return out.cpu()

@@ -61,9 +61,14 @@ def _args(request: compute_pb2.ReprefillRequest) -> ReprefillArgs:
 
 def _reply(result: ReprefillResult, with_logits: bool = False) -> compute_pb2.ReprefillResponse:
     o, u = result.outcome, result.usage
-    record = result.bytes_kv_record
     layers = [compute_pb2.LayerTiming(layer=t.layer, wait_ms=t.wait_s * 1e3, compute_ms=t.compute_s * 1e3,
-                                      bytes=u.layer_chunks[t.layer] * record) for t in o.layers]
+                                      bytes=u.layer_bytes[t.layer] if u.layer_bytes else 0,
+                                      bytes_identification=u.layer_identification[t.layer] if u.layer_identification else 0,
+                                      bytes_selected=u.layer_selected[t.layer] if u.layer_selected else 0)
+              for t in o.layers]
+    token_layers = [compute_pb2.TokenLayerSelection(layer=s.layer, tokens=s.tokens.shape[1], shared=s.shared,
+                                                    similarity=s.similarity, threshold=s.threshold,
+                                                    blocks=len(s.blocks)) for s in u.token_layers]
     periods = [compute_pb2.PeriodSelection(period=p.period, first_layer=p.first_layer, num_layers=p.num_layers,
                                            chunks=p.chunks, predicted=p.predicted, predicted_hits=p.predicted_hits,
                                            recall=p.recall) for p in u.periods]
@@ -77,7 +82,8 @@ def _reply(result: ReprefillResult, with_logits: bool = False) -> compute_pb2.Re
         chunks_loaded=round(sum(u.layer_chunks) / max(1, len(u.layer_chunks))), num_chunks=result.num_chunks,
         logits=o.logits.tolist() if with_logits and o.logits is not None else [],
         periods=periods, prediction_hit_rate=u.prediction_hit_rate, recall=u.recall,
-        bytes_identification=u.bytes_identification, bytes_kv=u.bytes_kv, bytes_wasted=u.bytes_wasted)
+        bytes_identification=u.bytes_identification, bytes_kv=u.bytes_kv, bytes_wasted=u.bytes_wasted,
+        bytes_selected=u.bytes_selected, read_amplification=u.read_amplification, token_layers=token_layers)
 
 
 class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
@@ -93,7 +99,7 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
         if which is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prefix: give text or token_ids")
         prefix: str | list[int] = request.text if which == "text" else list(request.token_ids.ids)
-        r = await _guard(context, self._core.register(prefix))
+        r = await _guard(context, self._core.register(prefix, list(request.extra_layouts)))
         assert isinstance(r, RegisterResult)
         return compute_pb2.RegisterPrefixResponse(
             prefix_id=r.prefix_id, num_tokens=r.num_tokens, num_chunks=r.num_chunks, chunk_size=r.chunk_size,

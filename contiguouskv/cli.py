@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     reg = sub.add_parser("register", help="prefill a prefix once and store its KV")
     reg.add_argument("--server", required=True, help="compute server HOST:PORT")
     _add_input(reg, "prefix", with_file=True)
+    reg.add_argument("--layouts", nargs="+", action="extend", default=[], choices=("contiguous", "impress"),
+                     metavar="LAYOUT", help="layouts to store besides `contiguous` (always stored): `impress` "
+                     "(64-token K/V blocks, probe keys, h2o scores) is what the h2o and impress policies read")
     reg.add_argument("--json", action="store_true", help="print one JSON object")
     reg.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
 
@@ -50,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--prefix", required=True, help="prefix id printed by `register`")
     _add_input(query, "query", with_file=False)
     query.add_argument("--policy", default="full",
-                       help="recompute | full | contiguous | contiguous+ (default full)")
-    query.add_argument("--budget", type=float, help="fraction of the prefix chunks to load, in (0, 1] (default 1)")
+                       help="recompute | full | contiguous | contiguous+ | h2o | impress (default full); h2o and "
+                       "impress need a prefix registered with --layouts impress")
+    query.add_argument("--budget", type=float,
+                       help="fraction of the prefix to load (chunks; tokens for h2o/impress), in (0, 1] (default 1)")
     query.add_argument("--period", type=int, help="layers sharing one chunk selection (default 8)")
     query.add_argument("--sub-period", type=int, help="layers fetched per request run (default 4)")
     query.add_argument("--evaluate-recall", action="store_true",
@@ -81,8 +86,9 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
     text = args.file.read_text() if args.file else args.text
     with ContiguousKVClient(args.server, timeout=args.timeout) as client:
-        r = client.register(text, token_ids=args.token_ids) if text is not None else \
-            client.register(token_ids=args.token_ids)
+        layouts = [name for name in args.layouts if name != "contiguous"]
+        r = client.register(text, token_ids=args.token_ids, extra_layouts=layouts) if text is not None else \
+            client.register(token_ids=args.token_ids, extra_layouts=layouts)
     if args.json:
         print(json.dumps(asdict(r)))
     else:

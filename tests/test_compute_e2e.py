@@ -59,10 +59,10 @@ def _ids(n: int, vocab: int, seed: int) -> list[int]:
 
 def _check_anchor(client: ContiguousKVClient, model: str, prefix: list[int], query: list[int]) -> None:
     ref = _reference(model, prefix + query)
-    reg = client.register(token_ids=prefix)
+    reg = client.register(token_ids=prefix, extra_layouts=["impress"])
     assert reg.num_tokens == len(prefix) and reg.num_chunks == -(-len(prefix) // 16)
     for policy, period in (("full", None), ("recompute", None), ("contiguous", None), ("contiguous+", None),
-                           ("contiguous", 1), ("contiguous+", 3)):
+                           ("contiguous", 1), ("contiguous+", 3), ("h2o", None), ("impress", None)):
         r = client.reprefill(reg.prefix_id, query, policy=policy, budget=1.0, period=period,
                              sub_period=1 if period else None, return_logits=True)
         got = torch.tensor(r.logits)
