@@ -30,6 +30,9 @@ class ComputeServerConfig:
     group_size: int = 8
     default_period: int = 8
     default_sub_period: int = 4
+    # contiguous+ scores every layer (one layer ahead): per-layer selection keeps the answer where
+    # the paper's 8-layer periods lose it (see docs/benchmarks.md).
+    plus_default_period: int = 1
     importance_window: int = 32
     prefill_block: int = 1024
     max_prefix_tokens: int = 32768
@@ -55,7 +58,8 @@ class ComputeServerConfig:
             raise ValueError(f"dtype: must be one of {DTYPES}, got {self.dtype!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: must be in [0, 65535], got {self.port}")
-        for name in ("chunk_size", "group_size", "default_period", "default_sub_period", "importance_window",
+        for name in ("chunk_size", "group_size", "default_period", "default_sub_period", "plus_default_period",
+                     "importance_window",
                      "prefill_block", "max_prefix_tokens", "max_query_tokens", "fetch_batch_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")

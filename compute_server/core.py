@@ -262,7 +262,8 @@ class ComputeCore:
             raise InvalidArgument(f"budget: {budget} is outside (0, 1]")
         if not 0 <= args.max_new_tokens <= self.config.max_new_tokens:
             raise InvalidArgument(f"max_new_tokens: {args.max_new_tokens} is outside [0, {self.config.max_new_tokens}]")
-        period = self.config.default_period if args.period is None else args.period
+        default = self.config.plus_default_period if policy == "contiguous+" else self.config.default_period
+        period = default if args.period is None else args.period
         sub = min(period, self.config.default_sub_period) if args.sub_period is None else args.sub_period
         if period < 1 or sub < 1 or sub > period:
             raise InvalidArgument(f"period/sub_period: need 1 <= sub_period <= period, got {sub} and {period}")

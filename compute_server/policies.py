@@ -26,7 +26,9 @@ from contiguouskv.compute_server.layout import sub_periods
 from contiguouskv.compute_server.loader import KVLoader
 from contiguouskv.compute_server.packing import TORCH_DTYPES, frombuffer, unpack_importance
 from contiguouskv.compute_server.runner import ModelRunner
-from contiguouskv.compute_server.selection import digest_chunk_scores, exact_chunk_scores, select_top
+from contiguouskv.compute_server.selection import (
+    digest_chunk_scores, exact_chunk_scores, select_top, shortlist_chunk_scores,
+)
 
 POLICY_NAMES = ("recompute", "full", "contiguous", "contiguous+", "h2o", "impress")
 TOKEN_POLICY_NAMES = ("h2o", "impress")
@@ -210,15 +212,20 @@ class ContiguousPolicy(PeriodicPolicy):
 
 
 class ContiguousPlusPolicy(PeriodicPolicy):
-    """Scores from stored per-chunk mean-key digests, one layer early (speculatively) after period 0.
+    """Digest shortlist, exact rescoring of the shortlist, scored one layer early (speculatively).
 
-    At the last layer of period k the hidden state entering that layer, projected with the next
-    period's first layer, scores period k+1, so its indices ship a whole layer before they are
-    needed. Period 0 is scored at layer 0 from the embeddings, which is exact.
+    Every period's first layer is scored from stored per-chunk mean-key digests (about 1/c of the
+    layer's keys); the top ``SHORTLIST`` x k chunks by digest are then rescored exactly from their
+    identification keys (only those chunks' key records are read) and the top k kept. At the layer
+    before a period the hidden state entering that layer, projected with the period's first layer,
+    does the scoring, so the period's indices ship a whole layer before they are needed. Period 0 is
+    scored at layer 0 from the embeddings, which is exact. With one layer per period, speculation
+    replaces the shipped-ahead prediction, so none is sent.
     """
 
     name = "contiguous+"
     ident_region = "digest"
+    SHORTLIST = 3
 
     def before_layer(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> None:
         start = layer + 1
@@ -229,11 +236,29 @@ class ContiguousPlusPolicy(PeriodicPolicy):
             recall = self._exact_recall(start, q, k, chunks) if start in self._eval else -1.0
             self._commit(start, chunks, scores, recall)
 
+    def _predict(self, start: int, chunks: list[int]) -> None:
+        if self.period > 1 or start == 0:  # the prior for period 0 always ships before layer 0
+            super()._predict(start, chunks)
+
     def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         record = self._wait_blob(self._ident.pop(start))[0]
         lay = self.layout
         digest = frombuffer(record, torch.float32).view(lay.num_chunks, lay.num_kv_heads, lay.head_dim)
-        return digest_chunk_scores(self.layout, q, k, digest, self.runner.scaling)
+        rough = digest_chunk_scores(lay, q, k, digest, self.runner.scaling)
+        shortlist = select_top(rough, min(1.0, self.SHORTLIST * self.budget))
+        if len(shortlist) >= lay.num_chunks:
+            return rough if len(shortlist) == 0 else self._rescore(start, q, k, digest, list(range(lay.num_chunks)))
+        return self._rescore(start, q, k, digest, shortlist)
+
+    def _rescore(self, start: int, q: torch.Tensor, k: torch.Tensor, digest: torch.Tensor,
+                 shortlist: list[int]) -> torch.Tensor:
+        """Exact mass for shortlisted chunks (their keys read now); the rest keep digest scores."""
+        lay = self.layout
+        future = self.loader.start_blob(f"idkeys/L{start}", shortlist, priority=2 * start - 1, category="ident")
+        dtype = TORCH_DTYPES[lay.dtype]
+        keys = torch.cat([frombuffer(r, dtype).view(lay.num_kv_heads, lay.chunk_size, lay.head_dim)
+                          for r in self._wait_blob(future)], dim=1)  # [kv_heads, |shortlist| * c, d]
+        return shortlist_chunk_scores(lay, q, k, digest, shortlist, keys, self.runner.scaling)
 
 
 def make_policy(name: str, loader: KVLoader, runner: ModelRunner, budget: float, period: int, sub_period: int,

@@ -59,6 +59,31 @@ def digest_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch
     return _prefix_mass(logits, _self_logits(q, k_self, scale)).cpu()
 
 
+def shortlist_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.Tensor, digest: torch.Tensor,
+                           shortlist: list[int], keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Chunk mass [m]: exact for ``shortlist`` (``keys`` = their keys, [kv_heads, len * c, d], chunks
+    ascending), digest-approximated for the rest, all normalised together with the query's own keys.
+    Only shortlisted chunks get a score above zero.
+    """
+    heads, kv_heads = q.shape[0], digest.shape[1]
+    groups = heads // kv_heads
+    c, m = layout.chunk_size, layout.num_chunks
+    chunk_of = torch.tensor(shortlist).repeat_interleave(c)  # [len * c]
+    real = torch.tensor([layout.chunk_tokens(j)[0] + i < layout.num_tokens for j in shortlist for i in range(c)])
+    exact = torch.matmul(q.float(), keys.float().repeat_interleave(groups, dim=0).transpose(1, 2)) * scale
+    exact = exact.masked_fill(~real, float("-inf"))  # padding of a partial last chunk  [heads, T, len * c]
+    others = torch.ones(m, dtype=torch.bool)
+    others[shortlist] = False
+    counts = torch.tensor([e - s for s, e in map(layout.chunk_tokens, range(m))], dtype=torch.float32)
+    means = digest.float().repeat_interleave(groups, dim=1).transpose(0, 1)[:, others]  # [heads, m', d]
+    rough = torch.matmul(q.float(), means.transpose(1, 2)) * scale + torch.log(counts[others])
+    logits = torch.cat([exact, rough, _self_logits(q, k_self, scale)], dim=-1)
+    probs = torch.softmax(logits, dim=-1)[..., : exact.shape[-1]].sum(dim=(0, 1))  # [len * c]
+    out = torch.zeros(m, dtype=torch.float32)
+    out.index_add_(0, chunk_of, probs.cpu())
+    return out
+
+
 def budget_chunks(budget: float, num_chunks: int) -> int:
     """How many chunks a budget keeps: ceil(budget x m), at least the sink and last chunk."""
     return min(num_chunks, max(math.ceil(budget * num_chunks - 1e-9), min(2, num_chunks)))

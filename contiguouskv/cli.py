@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     from contiguouskv.bench import storage as bench_storage
 
     bench_storage.add_arguments(bench_sub.add_parser("storage", help="disk and Fetch data path of the cache server"))
+    from contiguouskv.bench import quality as bench_quality
+
+    bench_quality.add_arguments(bench_sub.add_parser("quality", help="answer quality of every policy on a real model"))
 
     demo = sub.add_parser("demo", help="start both servers, register essays with the real Qwen model, ask questions")
     demo.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="model (default the real Qwen)")
@@ -136,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "query":
             return _cmd_query(args)
         if args.command == "bench":
-            from contiguouskv.bench import reprefill as bench_reprefill, storage as bench_storage
+            from contiguouskv.bench import quality as bench_quality, reprefill as bench_reprefill, storage as bench_storage
 
-            return bench_storage.run(args) if args.bench == "storage" else bench_reprefill.run(args)
+            runners = {"storage": bench_storage.run, "quality": bench_quality.run}
+            return runners.get(args.bench, bench_reprefill.run)(args)
         from contiguouskv.demo import run_demo
 
         return run_demo(args.model, args.essays, args.workdir)
