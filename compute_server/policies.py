@@ -245,7 +245,8 @@ class ContiguousPlusPolicy(PeriodicPolicy):
         lay = self.layout
         digest = frombuffer(record, torch.float32).view(lay.num_chunks, lay.num_kv_heads, lay.head_dim)
         rough = digest_chunk_scores(lay, q, k, digest, self.runner.scaling)
-        shortlist = select_top(rough, min(1.0, self.SHORTLIST * self.budget))
+        # 3k chunks, but never more than half the prefix unless the budget itself is larger
+        shortlist = select_top(rough, max(self.budget, min(0.5, self.SHORTLIST * self.budget)))
         if len(shortlist) >= lay.num_chunks:
             return rough if len(shortlist) == 0 else self._rescore(start, q, k, digest, list(range(lay.num_chunks)))
         return self._rescore(start, q, k, digest, shortlist)

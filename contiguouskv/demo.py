@@ -22,7 +22,7 @@ QUESTIONS = (
     "According to the essay from April 2009, what new class of visa should the government establish?",
     "Which nonprofit launched an NFT called Save Thousands of Lives?",
 )
-POLICIES = ("recompute", "full")
+POLICIES = (("recompute", 1.0), ("full", 1.0), ("contiguous", 0.25), ("contiguous+", 0.25))
 
 
 def essay_dir() -> Path:
@@ -75,15 +75,17 @@ def _converse(address: str, essays: int) -> int:
               f"(prefill {prefix.prefill_ms / 1e3:.1f} s)\n", flush=True)
         for question in QUESTIONS:
             print(f"Q: {question}")
-            for policy in POLICIES:
-                r = client.reprefill(prefix.prefix_id, build_query(question), policy=policy, max_new_tokens=24)
+            for policy, budget in POLICIES:
+                r = client.reprefill(prefix.prefix_id, build_query(question), policy=policy, budget=budget,
+                                     max_new_tokens=24)
                 answer = r.answer.split("<|im_end|>")[0].strip().replace("\n", " ")
-                print(f"  [{policy:>9}] {answer}")
-                rows.append((question[:38], policy, r.timings.ttft_ms, r.timings.fetch_wait_ms,
+                label = f"{policy} {budget:.0%}" if budget < 1 else policy
+                print(f"  [{label:>15}] {answer}")
+                rows.append((question[:38], label, r.timings.ttft_ms, r.timings.fetch_wait_ms,
                              r.timings.compute_ms, r.bytes_fetched))
             print()
     print(f"model {info.name} ({info.dtype}, {info.device}); time to first token per request:")
-    print(f"{'question':<40}{'policy':>10}{'TTFT ms':>10}{'wait ms':>10}{'compute ms':>12}{'MiB read':>10}")
+    print(f"{'question':<40}{'policy':>16}{'TTFT ms':>10}{'wait ms':>10}{'compute ms':>12}{'MiB read':>10}")
     for q, policy, ttft, wait, comp, nbytes in rows:
-        print(f"{q:<40}{policy:>10}{ttft:>10.0f}{wait:>10.0f}{comp:>12.0f}{nbytes / 2**20:>10.2f}")
+        print(f"{q:<40}{policy:>16}{ttft:>10.0f}{wait:>10.0f}{comp:>12.0f}{nbytes / 2**20:>10.2f}")
     return 0

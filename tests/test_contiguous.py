@@ -82,7 +82,7 @@ def reference(runner: ModelRunner, prefix: list[int], query: list[int], budget: 
                     pl = qs @ _expand(means, heads).transpose(1, 2) * runner.scaling + counts.log()
                     probs = torch.softmax(torch.cat([pl, self_logits], dim=-1), dim=-1)
                     rough = probs[:, :, : means.shape[1]].sum(dim=(0, 1)).tolist()
-                    short = _top(rough, min(1.0, 3 * budget))
+                    short = _top(rough, max(budget, min(0.5, 3 * budget)))
                     tokens = [tok for j in short for tok in range(*bounds[j])]
                     exact = qs @ _expand(pre.keys[layer][:, tokens], heads).transpose(1, 2) * runner.scaling
                     rest = [j for j in range(len(bounds)) if j not in short]
