@@ -166,25 +166,27 @@ class TokenPolicy(Policy):
 
     def attention_report(self) -> list[RegionScores]:
         """Per region read, each block with its share of the layer's token scores and the fraction
-        of its token-head slots that were selected (the `impress` cache score's important fraction)."""
+        of its token-head slots that were selected (the `impress` cache score's important fraction).
+        Probe records are reported as wholly used (each of their keys serves identification)."""
         lay = self.blocks
+        b, nb = lay.block_size, lay.num_blocks
+        slots = torch.full((nb,), float(b * lay.num_kv_heads), dtype=torch.float64)
+        slots[-1] = (lay.num_tokens - (nb - 1) * b) * lay.num_kv_heads  # the last block may be short
         out: list[RegionScores] = []
         for sel in self.selections:
-            counts = torch.zeros(lay.num_blocks, dtype=torch.float64)
-            counts.index_add_(0, sel.tokens.reshape(-1).cpu() // lay.block_size,
-                              torch.ones(sel.tokens.numel(), dtype=torch.float64))
-            share = torch.zeros(lay.num_blocks, dtype=torch.float64)
+            counts = torch.bincount(sel.tokens.reshape(-1).cpu() // b, minlength=nb).double()
+            fraction = (counts / slots).clamp(max=1.0)
+            share = torch.zeros(nb, dtype=torch.float64)
             if sel.scores is not None and float(sel.scores.sum()) > 0:
-                padded = torch.nn.functional.pad(sel.scores.double().cpu(), (0, lay.num_blocks * lay.block_size
-                                                                                - lay.num_tokens))
-                share = padded.view(lay.num_blocks, lay.block_size).sum(dim=1) / float(sel.scores.sum())
+                scores = sel.scores.double().cpu()
+                share = torch.nn.functional.pad(scores, (0, nb * b - lay.num_tokens)).view(nb, b).sum(dim=1)
+                share /= float(scores.sum())
             for region, blocks in sel.fetched_blocks.items():
-                if region.startswith("probe/"):  # every probe key serves identification
+                if region.startswith("probe/"):
                     out.append(RegionScores(region, blocks, [0.0] * len(blocks), [1.0] * len(blocks)))
                     continue
-                real = [lay.tokens_in([b]) * lay.num_kv_heads for b in blocks]
-                out.append(RegionScores(region, blocks, [float(share[b]) for b in blocks],
-                                        [min(1.0, float(counts[b]) / r) for b, r in zip(blocks, real)]))
+                index = torch.tensor(blocks, dtype=torch.int64)
+                out.append(RegionScores(region, blocks, share[index].tolist(), fraction[index].tolist()))
         return out
 
 

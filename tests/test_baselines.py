@@ -266,6 +266,8 @@ def test_wire_accounting_and_read_amplification(client: ContiguousKVClient) -> N
         assert timing.bytes == expected and 0 < x.threshold < 1
     contiguous = client.reprefill(reg.prefix_id, query, policy="contiguous", budget=0.05, period=1, sub_period=1)
     assert 1.0 <= contiguous.read_amplification < 1.02  # whole chunks are read and used
+    decoded = client.reprefill(reg.prefix_id, query, policy="impress", budget=0.05, max_new_tokens=3)
+    assert len(decoded.generated_ids) == 3  # decoding continues over the selected tokens
     exact = client.reprefill(reg.prefix_id, query, policy="impress", budget=1.0)
     assert exact.read_amplification == pytest.approx(1.0)  # 640 = 10 whole blocks: nothing wasted
 
