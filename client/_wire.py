@@ -23,6 +23,8 @@ def to_error(err: grpc.RpcError, address: str) -> ContiguousKVError:
     if status == "UNAVAILABLE":
         details = f"{details} (is a compute server running at {address}? start one with " \
                   f"`contiguouskv serve compute --model MODEL --cache HOST:PORT --port N`)"
+    elif status == "DEADLINE_EXCEEDED":
+        details = f"{details} (no answer from {address} in time; pass a larger timeout, CLI: --timeout)"
     cls = ERRORS_BY_STATUS.get(status, ContiguousKVError)
     return cls(details or "", status)
 

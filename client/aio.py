@@ -1,25 +1,53 @@
-"""Asyncio client of a compute server (same surface as :class:`ContiguousKVClient`)."""
+"""Asyncio client of one or several compute servers (same surface as :class:`ContiguousKVClient`)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
 from contiguouskv.client import _wire
+from contiguouskv.client.errors import ContiguousKVError
+from contiguouskv.client.pool import Endpoint, RoundRobin, parse_addresses
+from contiguouskv.client.retry import DEFAULT_RETRY, Deadline, RetryPolicy
 from contiguouskv.client.types import GeneratedToken, ModelInfo, RegisteredPrefix, ReprefillResult
+from contiguouskv.common import telemetry
+from contiguouskv.common.telemetry import Attributes
 from contiguouskv.v1 import compute_pb2, compute_pb2_grpc
+
+log = logging.getLogger(__name__)
+_tracer = telemetry.Tracer("contiguouskv.client")
+
+if TYPE_CHECKING:  # the async stub type exists only for type checkers
+    from contiguouskv.v1.compute_pb2_grpc import ComputeServiceAsyncStub as Stub
+
+R = TypeVar("R")
+
+
+def _connect(address: str) -> Endpoint[grpc.aio.Channel, Stub]:
+    channel = grpc.aio.insecure_channel(address, options=_wire.CHANNEL_OPTIONS,
+                                        interceptors=telemetry.aio_client_interceptors() or None)
+    return Endpoint(address, channel, compute_pb2_grpc.ComputeServiceStub(channel))
 
 
 class AsyncContiguousKVClient:
-    """Async client; use ``async with`` or ``await close()``."""
+    """Async client; ``address``, ``timeout`` and ``retry`` as in :class:`ContiguousKVClient`.
 
-    def __init__(self, address: str, *, timeout: float = 300.0) -> None:
-        self.address = address
+    Use ``async with`` or ``await close()``; create and use it on one event loop.
+    """
+
+    def __init__(self, address: str | Sequence[str], *, timeout: float = 300.0,
+                 retry: RetryPolicy = DEFAULT_RETRY) -> None:
+        self.addresses = parse_addresses(address)
+        self.address = self.addresses[0]
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address, options=_wire.CHANNEL_OPTIONS)
-        self._stub = compute_pb2_grpc.ComputeServiceStub(self._channel)
+        self.retry = retry
+        Deadline(timeout)  # checks it
+        self._pool: RoundRobin[grpc.aio.Channel, Stub] = RoundRobin(self.addresses, _connect)
 
     async def __aenter__(self) -> "AsyncContiguousKVClient":
         return self
@@ -29,42 +57,85 @@ class AsyncContiguousKVClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        for endpoint in self._pool.endpoints:
+            await endpoint.channel.close()
 
     async def register(self, text: str | None = None, *, token_ids: Sequence[int] | None = None,
                        extra_layouts: Sequence[str] = (), timeout: float | None = None) -> RegisteredPrefix:
+        """See :meth:`ContiguousKVClient.register`."""
         request = _wire.register_request(text, token_ids, extra_layouts)
-        try:
-            return _wire.registered(await self._stub.RegisterPrefix(request, timeout=timeout or self.timeout))
-        except grpc.RpcError as err:
-            raise _wire.to_error(err, self.address) from None
+        reply = await self._call("register", lambda stub, t: stub.RegisterPrefix(request, timeout=t), {}, timeout)
+        return _wire.registered(reply)
 
     async def reprefill(self, prefix_id: str, query: str | Sequence[int], *, policy: str = "full",
                         budget: float | None = None, max_new_tokens: int = 0, period: int | None = None,
                         sub_period: int | None = None, return_logits: bool = False, evaluate_recall: bool = False,
-                  timeout: float | None = None) -> ReprefillResult:
+                        timeout: float | None = None) -> ReprefillResult:
+        """See :meth:`ContiguousKVClient.reprefill`."""
         request = _wire.reprefill_request(prefix_id, query, policy, budget, max_new_tokens, period, sub_period,
                                           return_logits, evaluate_recall)
-        try:
-            return _wire.result(await self._stub.Reprefill(request, timeout=timeout or self.timeout))
-        except grpc.RpcError as err:
-            raise _wire.to_error(err, self.address) from None
+        attributes = {telemetry.ATTR_PREFIX_ID: prefix_id, telemetry.ATTR_POLICY: policy}
+        reply = await self._call("reprefill", lambda stub, t: stub.Reprefill(request, timeout=t), attributes,
+                                 timeout)
+        return _wire.result(reply)
 
     async def generate(self, prefix_id: str, query: str | Sequence[int], *, max_new_tokens: int = 32,
                        policy: str = "full", budget: float | None = None,
                        timeout: float | None = None) -> AsyncIterator[GeneratedToken]:
+        """See :meth:`ContiguousKVClient.generate` (retried only before the first token)."""
         request = compute_pb2.GenerateRequest(request=_wire.reprefill_request(
             prefix_id, query, policy, budget, max_new_tokens, None, None))
+        deadline = Deadline(timeout or self.timeout)
+        span = _tracer.start(telemetry.SPAN_CALL.format("generate"),
+                             {telemetry.ATTR_PREFIX_ID: prefix_id, telemetry.ATTR_POLICY: policy})
+        delivered = attempts = 0
         try:
-            async for message in self._stub.Generate(request, timeout=timeout or self.timeout):
-                if not message.HasField("summary"):
-                    yield _wire.token(message)
-        except grpc.RpcError as err:
-            raise _wire.to_error(err, self.address) from None
+            while True:
+                endpoint, attempts = self._pool.next(), attempts + 1
+                stream = None
+                try:
+                    with telemetry.use_span(span):
+                        stream = endpoint.stub.Generate(request, timeout=deadline.attempt_timeout(endpoint.address))
+                    async for message in stream:
+                        if not message.HasField("summary"):
+                            delivered += 1
+                            yield _wire.token(message)
+                    span.set_attribute(telemetry.ATTR_TOKENS, delivered)
+                    return
+                except grpc.RpcError as err:
+                    error = _wire.to_error(err, endpoint.address)
+                finally:
+                    if stream is not None:
+                        stream.cancel()
+                delay = None if delivered else self.retry.delay_before_retry(error, attempts, deadline)
+                if delay is None:
+                    telemetry.mark_error(span, error)
+                    raise error
+                await asyncio.sleep(delay)
+        finally:
+            span.end()
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        try:
-            return _wire.model_info(await self._stub.GetModelInfo(compute_pb2.GetModelInfoRequest(),
-                                                                  timeout=timeout or self.timeout))
-        except grpc.RpcError as err:
-            raise _wire.to_error(err, self.address) from None
+        """See :meth:`ContiguousKVClient.model_info`."""
+        reply = await self._call("model_info", lambda stub, t: stub.GetModelInfo(compute_pb2.GetModelInfoRequest(),
+                                                                                 timeout=t), {}, timeout)
+        return _wire.model_info(reply)
+
+    async def _call(self, what: str, invoke: Callable[[Stub, float], Awaitable[R]], attributes: Attributes,
+                    timeout: float | None) -> R:
+        """One unary call (all our unary calls are idempotent): next server, retry on UNAVAILABLE."""
+        deadline = Deadline(timeout or self.timeout)
+        with _tracer.span(telemetry.SPAN_CALL.format(what), attributes) as span:
+            attempts = 0
+            while True:
+                endpoint, attempts = self._pool.next(), attempts + 1
+                span.set_attribute(telemetry.ATTR_ATTEMPTS, attempts)
+                try:
+                    return await invoke(endpoint.stub, deadline.attempt_timeout(endpoint.address))
+                except grpc.RpcError as err:
+                    error: ContiguousKVError = _wire.to_error(err, endpoint.address)
+                delay = self.retry.delay_before_retry(error, attempts, deadline)
+                if delay is None:
+                    raise error
+                log.info("%s: %s; retrying in %.2fs", what, error, delay)
+                await asyncio.sleep(delay)

@@ -1,28 +1,56 @@
-"""Blocking client of a compute server."""
+"""Blocking client of one or several compute servers."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
+from typing import TypeVar
 
 import grpc
 
 from contiguouskv.client import _wire
+from contiguouskv.client.errors import ContiguousKVError
+from contiguouskv.client.pool import Endpoint, RoundRobin, parse_addresses
+from contiguouskv.client.retry import DEFAULT_RETRY, Deadline, RetryPolicy
 from contiguouskv.client.types import GeneratedToken, ModelInfo, RegisteredPrefix, ReprefillResult
+from contiguouskv.common import telemetry
+from contiguouskv.common.telemetry import Attributes
 from contiguouskv.v1 import compute_pb2, compute_pb2_grpc
+
+log = logging.getLogger(__name__)
+_tracer = telemetry.Tracer("contiguouskv.client")
+
+R = TypeVar("R")
+Stub = compute_pb2_grpc.ComputeServiceStub
+
+
+def _connect(address: str) -> Endpoint[grpc.Channel, Stub]:
+    channel = telemetry.intercept_channel(grpc.insecure_channel(address, options=_wire.CHANNEL_OPTIONS))
+    return Endpoint(address, channel, compute_pb2_grpc.ComputeServiceStub(channel))
 
 
 class ContiguousKVClient:
-    """Talks to one compute server at ``address`` (HOST:PORT); every call has a timeout.
+    """Talks to the compute servers at ``address``; every call has a timeout and typed results.
 
-    Use as a context manager or call :meth:`close`. Errors are :class:`ContiguousKVError` subclasses.
+    ``address``: ``"HOST:PORT"``, ``"H1:P1,H2:P2"`` or a list of them; calls go to the servers in
+    turn (round robin), and a retry goes to the next one. ``timeout``: default seconds per call
+    (all attempts together); each method also takes ``timeout=``. ``retry``: when to repeat a call
+    that met UNAVAILABLE (see :mod:`contiguouskv.client.retry`; ``NO_RETRY`` turns it off).
+
+    Use as a context manager or call :meth:`close`. Errors are :class:`ContiguousKVError` subclasses;
+    no grpc type reaches the caller. Safe to share between threads.
     """
 
-    def __init__(self, address: str, *, timeout: float = 300.0) -> None:
-        self.address = address
+    def __init__(self, address: str | Sequence[str], *, timeout: float = 300.0,
+                 retry: RetryPolicy = DEFAULT_RETRY) -> None:
+        self.addresses = parse_addresses(address)
+        self.address = self.addresses[0]
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=_wire.CHANNEL_OPTIONS)
-        self._stub = compute_pb2_grpc.ComputeServiceStub(self._channel)
+        self.retry = retry
+        Deadline(timeout)  # checks it
+        self._pool: RoundRobin[grpc.Channel, Stub] = RoundRobin(self.addresses, _connect)
 
     def __enter__(self) -> "ContiguousKVClient":
         return self
@@ -32,7 +60,8 @@ class ContiguousKVClient:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        for endpoint in self._pool.endpoints:
+            endpoint.channel.close()
 
     def register(self, text: str | None = None, *, token_ids: Sequence[int] | None = None,
                  extra_layouts: Sequence[str] = (), timeout: float | None = None) -> RegisteredPrefix:
@@ -40,12 +69,11 @@ class ContiguousKVClient:
 
         ``extra_layouts``: layouts to store besides `contiguous`; ``["impress"]`` is what the `h2o`
         and `impress` policies read. Registering again with a new layout adds just that layout.
+        Idempotent (the id is a content hash), so retried on UNAVAILABLE.
         """
         request = _wire.register_request(text, token_ids, extra_layouts)
-        try:
-            return _wire.registered(self._stub.RegisterPrefix(request, timeout=timeout or self.timeout))
-        except grpc.RpcError as err:
-            raise _wire.to_error(err, self.address) from None
+        reply = self._call("register", lambda stub, t: stub.RegisterPrefix(request, timeout=t), {}, timeout)
+        return _wire.registered(reply)
 
     def reprefill(self, prefix_id: str, query: str | Sequence[int], *, policy: str = "full",
                   budget: float | None = None, max_new_tokens: int = 0, period: int | None = None,
@@ -56,31 +84,75 @@ class ContiguousKVClient:
         ``policy``: recompute | full | contiguous | contiguous+ | h2o | impress (the last two need a
         prefix registered with ``extra_layouts=["impress"]``); ``budget``: fraction of the prefix kept
         (chunks, or tokens for h2o/impress); ``period``/``sub_period``: layers per selection and per
-        fetch run (contiguous policies).
+        fetch run (contiguous policies). Read-only, so retried on UNAVAILABLE.
         """
         request = _wire.reprefill_request(prefix_id, query, policy, budget, max_new_tokens, period, sub_period,
                                           return_logits, evaluate_recall)
-        try:
-            return _wire.result(self._stub.Reprefill(request, timeout=timeout or self.timeout))
-        except grpc.RpcError as err:
-            raise _wire.to_error(err, self.address) from None
+        attributes = {telemetry.ATTR_PREFIX_ID: prefix_id, telemetry.ATTR_POLICY: policy}
+        reply = self._call("reprefill", lambda stub, t: stub.Reprefill(request, timeout=t), attributes, timeout)
+        return _wire.result(reply)
 
     def generate(self, prefix_id: str, query: str | Sequence[int], *, max_new_tokens: int = 32,
                  policy: str = "full", budget: float | None = None,
                  timeout: float | None = None) -> Iterator[GeneratedToken]:
-        """Stream tokens as they are computed: the first token, then up to ``max_new_tokens`` more."""
+        """Stream tokens as they are computed: the first token, then up to ``max_new_tokens`` more.
+
+        Retried on UNAVAILABLE only before the first token arrived. Close the iterator (or leave
+        the loop) to cancel the stream.
+        """
         request = compute_pb2.GenerateRequest(request=_wire.reprefill_request(
             prefix_id, query, policy, budget, max_new_tokens, None, None))
+        deadline = Deadline(timeout or self.timeout)
+        span = _tracer.start(telemetry.SPAN_CALL.format("generate"),
+                             {telemetry.ATTR_PREFIX_ID: prefix_id, telemetry.ATTR_POLICY: policy})
+        delivered = attempts = 0
         try:
-            for message in self._stub.Generate(request, timeout=timeout or self.timeout):
-                if not message.HasField("summary"):
-                    yield _wire.token(message)
-        except grpc.RpcError as err:
-            raise _wire.to_error(err, self.address) from None
+            while True:
+                endpoint, attempts = self._pool.next(), attempts + 1
+                stream = None
+                try:
+                    with telemetry.use_span(span):
+                        stream = endpoint.stub.Generate(request, timeout=deadline.attempt_timeout(endpoint.address))
+                    for message in stream:
+                        if not message.HasField("summary"):
+                            delivered += 1
+                            yield _wire.token(message)
+                    span.set_attribute(telemetry.ATTR_TOKENS, delivered)
+                    return
+                except grpc.RpcError as err:
+                    error = _wire.to_error(err, endpoint.address)
+                finally:
+                    if stream is not None:
+                        stream.cancel()  # no-op once the stream ended
+                delay = None if delivered else self.retry.delay_before_retry(error, attempts, deadline)
+                if delay is None:
+                    telemetry.mark_error(span, error)
+                    raise error
+                time.sleep(delay)
+        finally:
+            span.end()
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        try:
-            return _wire.model_info(self._stub.GetModelInfo(compute_pb2.GetModelInfoRequest(),
-                                                            timeout=timeout or self.timeout))
-        except grpc.RpcError as err:
-            raise _wire.to_error(err, self.address) from None
+        """What the server runs (model shape, dtype, device, chunk size, policies). Read-only."""
+        reply = self._call("model_info", lambda stub, t: stub.GetModelInfo(compute_pb2.GetModelInfoRequest(),
+                                                                           timeout=t), {}, timeout)
+        return _wire.model_info(reply)
+
+    def _call(self, what: str, invoke: Callable[[Stub, float], R], attributes: Attributes,
+              timeout: float | None) -> R:
+        """One unary call (all our unary calls are idempotent): next server, retry on UNAVAILABLE."""
+        deadline = Deadline(timeout or self.timeout)
+        with _tracer.span(telemetry.SPAN_CALL.format(what), attributes) as span:
+            attempts = 0
+            while True:
+                endpoint, attempts = self._pool.next(), attempts + 1
+                span.set_attribute(telemetry.ATTR_ATTEMPTS, attempts)
+                try:
+                    return invoke(endpoint.stub, deadline.attempt_timeout(endpoint.address))
+                except grpc.RpcError as err:
+                    error: ContiguousKVError = _wire.to_error(err, endpoint.address)
+                delay = self.retry.delay_before_retry(error, attempts, deadline)
+                if delay is None:
+                    raise error
+                log.info("%s: %s; retrying in %.2fs", what, error, delay)
+                time.sleep(delay)

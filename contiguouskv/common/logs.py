@@ -7,9 +7,12 @@ import logging
 import sys
 import time
 
+from contiguouskv.common.telemetry import current_trace_ids
+
 
 class JsonFormatter(logging.Formatter):
-    """Formats a record as one JSON object (time, level, logger, message, extra ``ckv_*`` fields)."""
+    """Formats a record as one JSON object (time, level, logger, message, the current trace and span
+    ids when the record is logged inside a span, extra ``ckv_*`` fields)."""
 
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -19,6 +22,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        ids = current_trace_ids()
+        if ids is not None:
+            out["trace_id"], out["span_id"] = ids
         for key, value in record.__dict__.items():
             if key.startswith("ckv_"):
                 out[key[4:]] = value
