@@ -308,3 +308,21 @@ def test_cli_registers_the_impress_layout(client: ContiguousKVClient) -> None:
     assert answer["policy"] == "impress" and len(answer["token_layers"]) == 4 and answer["read_amplification"] > 1
     bad = ckv("register", "--server", client.address, "--token-ids", ids, "--layouts", "quest")
     assert bad.returncode != 0 and "invalid choice" in bad.stderr
+
+
+def test_registration_prefill_matches_the_engine(model: LoadedModel) -> None:
+    """The impress registration path stores the same contiguous data as a plain registration."""
+    from contiguouskv.compute_server.engine import Engine
+    from contiguouskv.compute_server.h2o import prefill_with_token_importance
+    from contiguouskv.compute_server.layout import ContiguousLayout
+    from contiguouskv.compute_server.scoring import per_chunk
+
+    runner = ModelRunner(model)
+    ids = [random.Random(8).randrange(512) for _ in range(150)]
+    layout = ContiguousLayout(150, 4, 2, 16, "float32")
+    plain = Engine(runner, prefill_block=64, importance_window=WINDOW).prefill_prefix(ids, layout)
+    kv, tokens = prefill_with_token_importance(runner, ids, layout, 64, WINDOW)
+    assert all(torch.equal(a, b) for a, b in zip(plain.keys + plain.values, kv.keys + kv.values))
+    assert torch.equal(plain.importance, kv.importance)
+    assert tokens.shape == (4, 150)
+    torch.testing.assert_close(torch.stack([per_chunk(layout, t) for t in tokens]), kv.importance)
