@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from contiguouskv.compute_server.discovery import check_entry, is_dns
+
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -20,9 +22,15 @@ class ComputeServerConfig:
 
     model: str
     cache: tuple[str, ...]
+    # Shards per prefix (0: 2 where >= 2 shards, else 1) and how many must commit a registration
+    # (0: a majority of the replicas). See docs/deploy.md, "Sharding and replication".
+    replication: int = 0
+    write_quorum: int = 0
+    cache_refresh_s: float = 30.0
     host: str = "127.0.0.1"
     port: int = 0
     port_file: Path | None = None
+    metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port (None = off, 0 = any free port)
     device: str = "auto"
     dtype: str = "auto"
     model_cache_dir: Path | None = None
@@ -34,6 +42,7 @@ class ComputeServerConfig:
     # the paper's 8-layer periods lose it (see docs/benchmarks.md).
     plus_default_period: int = 1
     importance_window: int = 32
+    threads: int = 0
     prefill_block: int = 1024
     max_prefix_tokens: int = 32768
     max_query_tokens: int = 4096
@@ -49,15 +58,26 @@ class ComputeServerConfig:
         if not self.cache:
             raise ValueError("cache: at least one cache server address HOST:PORT is required")
         for address in self.cache:
-            host, _, port = address.rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError(f"cache: {address!r} is not HOST:PORT")
+            try:
+                check_entry(address)
+            except ValueError:
+                raise ValueError(f"cache: {address!r} is not HOST:PORT or dns:///NAME:PORT") from None
+        if self.replication < 0 or self.write_quorum < 0:
+            raise ValueError("replication/write_quorum: must be >= 0 (0 = default)")
+        if not any(is_dns(a) for a in self.cache) and self.replication > len(set(self.cache)):
+            raise ValueError(f"replication: {self.replication} exceeds the {len(set(self.cache))} cache shard(s) listed")
+        if self.replication and self.write_quorum > self.replication:
+            raise ValueError(f"write_quorum: {self.write_quorum} exceeds replication {self.replication}")
+        if not self.cache_refresh_s > 0:
+            raise ValueError(f"cache_refresh_s: must be > 0, got {self.cache_refresh_s}")
         if self.device not in DEVICES:
             raise ValueError(f"device: must be one of {DEVICES}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {DTYPES}, got {self.dtype!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: must be in [0, 65535], got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port: must be in [0, 65535], got {self.metrics_port}")
         for name in ("chunk_size", "group_size", "default_period", "default_sub_period", "plus_default_period",
                      "importance_window",
                      "prefill_block", "max_prefix_tokens", "max_query_tokens", "fetch_batch_bytes"):
@@ -65,6 +85,8 @@ class ComputeServerConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.default_sub_period > self.default_period:
             raise ValueError("default_sub_period: must not exceed default_period")
+        if self.threads < 0:
+            raise ValueError(f"threads: must be >= 0 (0 = torch's default), got {self.threads}")
         if self.max_new_tokens < 0:
             raise ValueError("max_new_tokens: must be >= 0")
 

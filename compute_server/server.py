@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from contiguouskv.common import telemetry
 from contiguouskv.common.config import load_config
 from contiguouskv.common.serving import ServerLifecycle, channel_options, run_async
 from contiguouskv.compute_server.config import ComputeServerConfig
@@ -18,15 +19,26 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="random:<preset>, qwen2.5-coder-0.5b-instruct, smollm2-135m-instruct, "
                         "or a Hugging Face model folder (env CKV_MODEL)")
-    parser.add_argument("--cache", help="cache server address(es) HOST:PORT[,HOST:PORT...] (env CKV_CACHE)")
+    parser.add_argument("--cache", help="cache server address(es) HOST:PORT[,HOST:PORT...], or dns:///NAME:PORT for "
+                        "every address NAME resolves to (a headless Service) (env CKV_CACHE)")
+    parser.add_argument("--replication", type=int,
+                        help="cache shards per prefix (default 2 where >= 2 shards, else 1) (env CKV_REPLICATION)")
+    parser.add_argument("--write-quorum", type=int,
+                        help="replicas that must commit a registration (default a majority) (env CKV_WRITE_QUORUM)")
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind; 0 picks a free one (default 0)")
     parser.add_argument("--port-file", help="write the bound port to this file once serving")
+    parser.add_argument("--metrics-port", type=int,
+                        help="serve Prometheus metrics on this port (0 = any free port; off if absent) "
+                        "(env CKV_METRICS_PORT)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), help="compute device (default auto)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"),
                         help="compute and KV dtype (default auto: bfloat16 on cuda, float32 on cpu)")
     parser.add_argument("--model-cache-dir", help="where converted models are kept (default ~/.cache/contiguouskv)")
     parser.add_argument("--chunk-size", type=int, help="tokens per ContiguousChunk at registration (default 16)")
+    parser.add_argument("--threads", type=int,
+                        help="torch compute threads; 0 = torch's default (on a small shared CPU, 1 avoids "
+                        "OpenMP oversubscription with the I/O threads) (env CKV_THREADS)")
     parser.add_argument("--config", help="JSON file with any of the above (flags win, then CKV_* env)")
     # Also accepted after the subcommand; the top-level CLI owns the defaults.
     parser.add_argument("--log-level", default=argparse.SUPPRESS, help="logging level (INFO)")
@@ -36,13 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ComputeServerConfig:
     flags = {k: getattr(args, k, None) for k in
-             ("model", "cache", "host", "port", "port_file", "device", "dtype", "model_cache_dir", "chunk_size")}
+             ("model", "cache", "replication", "write_quorum", "host", "port", "port_file", "device", "dtype",
+              "model_cache_dir", "chunk_size", "metrics_port", "threads")}
     return load_config(ComputeServerConfig, flags, file=getattr(args, "config", None))
 
 
 def _resolve_device(config: ComputeServerConfig) -> tuple[str, str]:
     import torch
 
+    if config.threads:
+        torch.set_num_threads(config.threads)
     device = config.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,9 +81,18 @@ async def serve(config: ComputeServerConfig) -> int:
     device, dtype = _resolve_device(config)
     log.info("loading model %s on %s (%s)", config.model, device, dtype)
     model = load_model(config.model, cache_dir=config.resolved_cache_dir(), dtype=TORCH_DTYPES[dtype], device=device)
-    cache = CacheClient(config.cache, config.max_message_bytes, config.rpc_timeout_s)
+    cache = CacheClient(config.cache, config.max_message_bytes, config.rpc_timeout_s,
+                        config.replication, config.write_quorum, config.cache_refresh_s)
+    await cache.start()
     core = ComputeCore(config, model, ModelRunner(model), cache)
-    server = grpc.aio.server(options=channel_options(config.max_message_bytes))
+    interceptors, metrics = telemetry.server_interceptors(), None
+    if config.metrics_port is not None:
+        from contiguouskv.compute_server.metrics import ComputeMetrics, MetricsInterceptor, start_metrics_server
+
+        observed = ComputeMetrics()
+        interceptors.append(MetricsInterceptor(observed))
+        metrics = start_metrics_server(config.host, config.metrics_port, observed)
+    server = grpc.aio.server(options=channel_options(config.max_message_bytes), interceptors=interceptors or None)
     compute_pb2_grpc.add_ComputeServiceServicer_to_server(ComputeServicer(core, device), server)
     lifecycle = ServerLifecycle(server, [compute_pb2.DESCRIPTOR.services_by_name["ComputeService"].full_name])
     try:
@@ -77,11 +101,17 @@ async def serve(config: ComputeServerConfig) -> int:
     finally:
         await cache.close()
         core.close()
+        if metrics is not None:
+            metrics.shutdown()
+            metrics.server_close()
     return 0
 
 
 def run(config: ComputeServerConfig) -> int:
-    return run_async(serve(config))
+    """Serve until SIGTERM; tracing (service ``contiguouskv-compute``) is set up for the process here."""
+    with telemetry.tracing("contiguouskv-compute"):
+        telemetry.instrument_aio_channels()  # the cache client's channels: RPC spans, W3C context out
+        return run_async(serve(config))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -48,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sub-period", type=int, help="layers per fetch run (server default 4)")
     parser.add_argument("--dtype", default="bfloat16", help="compute/KV dtype (default bfloat16)")
     parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    parser.add_argument("--compute-threads", type=int,
+                        help="torch threads of the compute server (default: 1 on machines with <= 4 cores, "
+                        "else torch's default)")
     parser.add_argument("--workdir", type=Path, help="store directory (default: a temp dir under the current one; "
                         "must be a real disk for O_DIRECT)")
     parser.add_argument("--seed", type=int, default=0)
@@ -126,7 +130,10 @@ class Bench:
         self.prefixes: list[str] = []
 
     def _compute(self, cache_address: str) -> launch.ServiceProcess:
-        extra = ["--dtype", self.args.dtype, "--device", self.args.device]
+        threads = self.args.compute_threads
+        if threads is None:
+            threads = 1 if (os.cpu_count() or 1) <= 4 else 0
+        extra = ["--dtype", self.args.dtype, "--device", self.args.device, "--threads", str(threads)]
         proc = launch.compute_server(self.model, cache_address, *extra, log_path=self.root / "compute.log")
         proc.wait_ready(timeout=900)
         return proc
