@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     scores: dict[tuple[str, float, str], list[tuple[bool, bool, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="ckv-quality-", dir=Path.cwd()) as tmp:
         with launch.cache_server(Path(tmp) / "store", "--dram-cache-bytes", "0") as cache:
-            compute = launch.compute_server(args.model, cache.address, "--dtype", args.dtype)
+            compute = launch.compute_server(args.model, cache.address, "--dtype", args.dtype)  # greedy: any thread count
             with compute:
                 compute.wait_ready(timeout=900)
                 with ContiguousKVClient(compute.address, timeout=3600) as client:
