@@ -42,7 +42,7 @@ GPU = "nvidia.com/gpu"
 CRD_KINDS = {"ServiceMonitor"}
 # CKV_* variables the manifests may set before a server has the field (it ignores them until then):
 # variable -> why. Delete an entry once both config classes have the field.
-PENDING_ENV = {"CKV_METRICS_PORT": "metrics_port: the Prometheus endpoint (issue 6), not in every server yet"}
+PENDING_ENV: dict[str, str] = {}
 # Memory a cache server needs beyond its DRAM cache (interpreter, gRPC buffers, in-flight records).
 CACHE_MEMORY_HEADROOM = 512 << 20
 
