@@ -33,6 +33,9 @@ from contiguouskv.cache_server.keys import check_region_name
 from contiguouskv.cache_server.manifest import RegionLayout
 from contiguouskv.cache_server.reader import ObjectReader
 from contiguouskv.cache_server.stats import Counters
+from contiguouskv.common import telemetry
+
+tracer = telemetry.Tracer("contiguouskv.cache")
 
 MAX_BATCHES_IN_FLIGHT = 32
 DEFAULT_INFLIGHT_BYTES = 16 << 20
@@ -95,6 +98,7 @@ class FetchSession:
         self._input_closed = False
         self._error: BaseException | None = None
         self._wakeup = asyncio.Event()
+        self._span = telemetry.NOOP_SPAN  # "serve fetch", while responses() runs
         counters.add(fetch_streams_total=1)
 
     def submit(self, tag: int, region: str, indices: Sequence[int], priority: int) -> None:
@@ -146,6 +150,9 @@ class FetchSession:
         Close it (``contextlib.aclosing``) to stop early: reads not yet started are cancelled.
         """
         in_flight: collections.deque[_InFlight] = collections.deque()
+        key = self._reader.manifest.key
+        self._span = tracer.start(telemetry.SPAN_SERVE_FETCH, {
+            telemetry.ATTR_PREFIX_ID: key.prefix_id, telemetry.ATTR_LAYOUT: key.layout})
         self._counters.add(inflight_streams=1)
         try:
             while True:
@@ -171,6 +178,7 @@ class FetchSession:
                 item.batch.cancel()
             self._release(self._held)
             self._counters.add(inflight_streams=-1)
+            self._span.end()
 
     def _start_reads(self, in_flight: collections.deque[_InFlight]) -> None:
         loop = asyncio.get_running_loop()
@@ -200,11 +208,19 @@ class FetchSession:
         return min(len(request.indices), request.planned + max(1, min(by_payload, by_disk)))
 
     def _build(self, request: _Request, indices: list[int], done: bool) -> Batch:
+        span = tracer.start(telemetry.SPAN_READ_RECORDS, {
+            telemetry.ATTR_REGION: request.region.name, telemetry.ATTR_RECORDS: len(indices)}, parent=self._span)
         self._counters.add(inflight_reads=1)
         try:
-            return self._assembler.build(request.tag, request.region, indices, done)
+            batch = self._assembler.build(request.tag, request.region, indices, done)
+            span.set_attribute(telemetry.ATTR_BYTES, len(batch.wire) - batch.data_offset)
+            return batch
+        except Exception as exc:
+            telemetry.mark_error(span, exc)
+            raise
         finally:
             self._counters.add(inflight_reads=-1)
+            span.end()
 
     async def _finish_read(self, item: _InFlight) -> Batch | None:
         request = item.request

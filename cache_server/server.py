@@ -20,9 +20,9 @@ import grpc
 from contiguouskv.cache_server.cache_policy import DEFAULT_POLICY, POLICIES
 from contiguouskv.cache_server.config import CacheServerConfig
 from contiguouskv.cache_server.dram_cache import DramCache
-from contiguouskv.cache_server.metrics import CacheCollector, start_metrics_server
 from contiguouskv.cache_server.service import SERVICE_NAME, CacheServicer, add_cache_service
 from contiguouskv.cache_server.store import RecordStore
+from contiguouskv.common import telemetry
 from contiguouskv.common.config import ConfigError, load_config
 from contiguouskv.common.logs import setup_logging
 from contiguouskv.common.serving import ServerLifecycle, channel_options, run_async
@@ -67,7 +67,8 @@ def config_from_args(args: argparse.Namespace) -> CacheServerConfig:
 def _build_server(config: CacheServerConfig, store: RecordStore, cache: DramCache,
                   read_pool: ThreadPoolExecutor) -> ServerLifecycle:
     """The gRPC server with the cache, health and reflection services."""
-    server = grpc.aio.server(options=channel_options(config.max_message_bytes))
+    server = grpc.aio.server(options=channel_options(config.max_message_bytes),
+                             interceptors=telemetry.server_interceptors() or None)
     servicer = CacheServicer(store, read_pool, config.max_batch_bytes, cache,
                              config.max_inflight_bytes)
     add_cache_service(servicer, server)
@@ -85,7 +86,9 @@ async def serve(config: CacheServerConfig, ready: Callable[[int], None] | None =
     logger.info("DRAM cache: %d bytes, policy %s; reads %s", config.dram_cache_bytes,
                 config.cache_policy, "O_DIRECT" if store.direct_io else "buffered (no O_DIRECT)")
     metrics = None
-    if config.metrics_port is not None:
+    if config.metrics_port is not None:  # prometheus-client is imported only when asked for
+        from contiguouskv.cache_server.metrics import CacheCollector, start_metrics_server
+
         collector = CacheCollector(lambda: store.stats(cache), store.counters.latency)
         metrics = start_metrics_server(config.host, config.metrics_port, collector)
     try:
@@ -102,8 +105,12 @@ async def serve(config: CacheServerConfig, ready: Callable[[int], None] | None =
 
 
 def run(config: CacheServerConfig) -> int:
-    """Run :func:`serve` on uvloop (plain asyncio where uvloop is missing); return 0."""
-    run_async(serve(config))
+    """Run :func:`serve` on uvloop (plain asyncio where uvloop is missing); return 0.
+
+    Tracing (service ``contiguouskv-cache``) is set up for the process here.
+    """
+    with telemetry.tracing("contiguouskv-cache"):
+        run_async(serve(config))
     return 0
 
 

@@ -19,8 +19,11 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_sen
 def to_error(err: grpc.RpcError, address: str) -> ContiguousKVError:
     code = err.code() if hasattr(err, "code") else None
     status = code.name if code is not None else "UNKNOWN"
-    details = err.details() if hasattr(err, "details") else str(err)
-    if status == "UNAVAILABLE":
+    details = (err.details() if hasattr(err, "details") else str(err)) or ""
+    if status == "UNAVAILABLE" and details.startswith("cache server"):
+        details = f"{details} (the compute server at {address} cannot reach that cache server; start it with " \
+                  f"`contiguouskv serve cache --root DIR --port N`)"
+    elif status == "UNAVAILABLE":
         details = f"{details} (is a compute server running at {address}? start one with " \
                   f"`contiguouskv serve compute --model MODEL --cache HOST:PORT --port N`)"
     elif status == "DEADLINE_EXCEEDED":

@@ -31,6 +31,13 @@ def _connect(address: str) -> Endpoint[grpc.Channel, Stub]:
     return Endpoint(address, channel, compute_pb2_grpc.ComputeServiceStub(channel))
 
 
+def _cancel(stream: object) -> None:
+    """End a response stream early (a no-op once it ended); traced channels hand out a generator."""
+    cancel = getattr(stream, "cancel", None) or getattr(stream, "close", None)
+    if cancel is not None:
+        cancel()
+
+
 class ContiguousKVClient:
     """Talks to the compute servers at ``address``; every call has a timeout and typed results.
 
@@ -122,8 +129,7 @@ class ContiguousKVClient:
                 except grpc.RpcError as err:
                     error = _wire.to_error(err, endpoint.address)
                 finally:
-                    if stream is not None:
-                        stream.cancel()  # no-op once the stream ended
+                    _cancel(stream)
                 delay = None if delivered else self.retry.delay_before_retry(error, attempts, deadline)
                 if delay is None:
                     telemetry.mark_error(span, error)

@@ -32,6 +32,7 @@ from contiguouskv.compute_server.policies import (
     POLICY_NAMES, TOKEN_POLICY_NAMES, PeriodicPolicy, PeriodSelection, Policy, make_policy,
 )
 from contiguouskv.compute_server.runner import ModelRunner
+from contiguouskv.compute_server.tracing import traced_reprefill
 
 PREFIX_ID = re.compile(r"^[0-9a-f]{32}$")
 EXTRA_LAYOUTS = ("impress",)
@@ -296,6 +297,7 @@ class ComputeCore:
                                      f"this server expects {want}")
         return want
 
+    @traced_reprefill
     async def reprefill(self, args: ReprefillArgs, on_token: Callable[[int], None] | None = None) -> ReprefillResult:
         """Load prefix KV by the request's policy, compute the query, return the first token."""
         start = time.perf_counter()

@@ -41,6 +41,7 @@ class LayerTiming:
     layer: int
     wait_s: float
     compute_s: float
+    started_s: float = 0.0  # time.perf_counter() when the layer started (for tracing)
 
 
 @dataclass
@@ -107,7 +108,7 @@ class Engine:
             hidden = r.finish(layer, hidden, r.attend(q, keys, values, pk.shape[1]))
             if max_new_tokens:
                 cache.append((keys, values))
-            out.layers.append(LayerTiming(layer, wait, time.perf_counter() - t0 - wait))
+            out.layers.append(LayerTiming(layer, wait, time.perf_counter() - t0 - wait, t0))
         out.logits = r.logits(hidden[-1:])[0].float().cpu()
         out.token_id = int(out.logits.argmax())
         out.first_token_s = time.perf_counter() - start

@@ -1,14 +1,32 @@
-"""The ``contiguouskv`` command: serve, register, query, demo."""
+"""The ``contiguouskv`` command: serve, register, query, trace, info, bench, demo."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 from contiguouskv.common.logs import setup_logging
+
+EPILOG = """examples:
+  contiguouskv serve cache   --root /tmp/ckv-store --port 50051
+  contiguouskv serve compute --model random:tiny --cache 127.0.0.1:50051 --port 50052 --metrics-port 9100
+  contiguouskv register --server 127.0.0.1:50052 --file doc.txt --json
+  contiguouskv query --server 127.0.0.1:50052 --prefix PREFIX_ID --text "Question?" --policy contiguous --budget 0.25
+  contiguouskv trace --server 127.0.0.1:50052 --prefix PREFIX_ID --token-ids 1,2,3 --policy full --png trace.png
+
+`--server` takes several compute servers as HOST:PORT,HOST:PORT (used in turn). Set
+OTEL_EXPORTER_OTLP_ENDPOINT to export traces (needs the `otel` extra)."""
+
+ERROR_HINTS = {
+    "NOT_FOUND": "register the prefix first: contiguouskv register --server HOST:PORT --file FILE",
+    "DEADLINE_EXCEEDED": "give the call more time with --timeout SECONDS",
+    "RESOURCE_EXHAUSTED": "the server hit a limit (message size, store capacity); see its log",
+    "INTERNAL": "the server hit a bug; its log has the traceback",
+}
 
 
 def _token_ids(raw: str) -> list[int]:
@@ -27,7 +45,8 @@ def _add_input(parser: argparse.ArgumentParser, what: str, with_file: bool) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="contiguouskv", description=__doc__)
+    parser = argparse.ArgumentParser(prog="contiguouskv", description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--json", action="store_true", help="print one JSON object")
     query.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
 
+    from contiguouskv import trace_view
+
+    trace_view.add_arguments(sub.add_parser(
+        "trace", help="one request's per-layer timeline (io wait vs compute): a table, --png, --json",
+        description=trace_view.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+
+    info = sub.add_parser("info", help="what a compute server runs: model shape, dtype, device, policies")
+    info.add_argument("--server", required=True, help="compute server HOST:PORT")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+
     bench = sub.add_parser("bench", help="benchmarks: every policy side by side (default), storage, quality")
     from contiguouskv.bench import reprefill as bench_reprefill
 
@@ -77,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_quality.add_arguments(bench_sub.add_parser("quality", help="answer quality of every policy on a real model"))
 
+    from contiguouskv import rebalance
+
+    rebalance.add_arguments(sub.add_parser(
+        "rebalance", help="copy stored prefixes to the cache shards that own them (after adding shards)"))
+
     demo = sub.add_parser("demo", help="start both servers, register essays with the real Qwen model, ask questions")
     demo.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="model (default the real Qwen)")
     demo.add_argument("--essays", type=int, default=3, help="how many essays form the prefix (default 3)")
@@ -87,8 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_register(args: argparse.Namespace) -> int:
     from contiguouskv.client import ContiguousKVClient
 
+    from contiguouskv.progress import Progress
+
     text = args.file.read_text() if args.file else args.text
-    with ContiguousKVClient(args.server, timeout=args.timeout) as client:
+    with ContiguousKVClient(args.server, timeout=args.timeout) as client, \
+            Progress(f"registering on {args.server} (prefill, then store)"):
         layouts = [name for name in args.layouts if name != "contiguous"]
         r = client.register(text, token_ids=args.token_ids, extra_layouts=layouts) if text is not None else \
             client.register(token_ids=args.token_ids, extra_layouts=layouts)
@@ -120,6 +158,28 @@ def _cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_info(args: argparse.Namespace) -> int:
+    from contiguouskv.client import ContiguousKVClient
+
+    with ContiguousKVClient(args.server, timeout=args.timeout) as client:
+        info = client.model_info()
+    if args.json:
+        print(json.dumps(asdict(info)))
+    else:
+        print(f"{info.name} ({info.dtype} on {info.device}): {info.num_layers} layers, {info.num_kv_heads} KV heads "
+              f"x {info.head_dim}, vocab {info.vocab_size}, chunk {info.chunk_size} tokens; "
+              f"policies {', '.join(info.policies)}")
+    return 0
+
+
+def _traced(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a client command with tracing set up for this process (service ``contiguouskv-cli``)."""
+    from contiguouskv.common import telemetry
+
+    with telemetry.tracing("contiguouskv-cli"):
+        return command(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
@@ -135,9 +195,19 @@ def main(argv: list[str] | None = None) -> int:
 
             return compute.run(compute.config_from_args(args))
         if args.command == "register":
-            return _cmd_register(args)
+            return _traced(_cmd_register, args)
         if args.command == "query":
-            return _cmd_query(args)
+            return _traced(_cmd_query, args)
+        if args.command == "trace":
+            from contiguouskv import trace_view
+
+            return _traced(trace_view.run, args)
+        if args.command == "info":
+            return _traced(_cmd_info, args)
+        if args.command == "rebalance":
+            from contiguouskv import rebalance
+
+            return rebalance.run(args)
         if args.command == "bench":
             from contiguouskv.bench import quality as bench_quality, reprefill as bench_reprefill, storage as bench_storage
 
@@ -148,7 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(args.model, args.essays, args.workdir)
     except ContiguousKVError as err:
         print(f"error: {err.status}: {err.details}", file=sys.stderr)
+        if err.status in ERROR_HINTS:
+            print(f"hint: {ERROR_HINTS[err.status]}", file=sys.stderr)
         return 1
+    except (OSError, RuntimeError) as err:  # unreadable --file, unwritable --png, a missing extra
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except ValueError as err:  # config errors name their field
         print(f"error: {err}", file=sys.stderr)
         return 2
