@@ -1,33 +1,44 @@
 """The compute server's side of the cache wire: manifests, PutPrefix, and Fetch streams.
 
-Owns one grpc.aio channel per cache shard. A prefix lives on the shard chosen by rendezvous hashing
-of its id over the configured addresses, so adding a shard moves only the prefixes it now wins.
+Owns one grpc.aio channel per cache shard. A prefix lives on the ``R`` shards first in the
+rendezvous order of its id over the shard addresses (:mod:`.shards`), so adding a shard moves only
+the prefixes it now wins. Writes go to every replica and succeed once the write quorum committed;
+reads go to the first live replica and move on to the next (a Fetch stream mid-request too, see
+:mod:`.failover`). ``dns:///NAME:PORT`` entries are expanded by :mod:`.discovery` at
+:meth:`CacheClient.start` and every ``refresh_s`` after.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 
 from contiguouskv.cache_server.wire import FetchBatch, decode_fetch_response
-from contiguouskv.compute_server.errors import ComputeError
+from contiguouskv.compute_server import discovery
+from contiguouskv.compute_server.errors import ComputeError, Unavailable
 from contiguouskv.compute_server.layout import Region
+from contiguouskv.compute_server.shards import (
+    effective_replication, effective_write_quorum, rendezvous_order, replica_set,
+)
 from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
 
+if TYPE_CHECKING:
+    from contiguouskv.compute_server.failover import ReplicaStream
+
 FETCH_METHOD = "/contiguouskv.v1.CacheService/Fetch"
+DOWN_S = 5.0
+"""After a shard fails with UNAVAILABLE, reads try its replicas first for this long."""
+# A restarted shard is dialled again within seconds, not after gRPC's default backoff (up to 120 s).
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
 
 log = logging.getLogger(__name__)
 
-
-def rendezvous_order(key: str, addresses: Sequence[str]) -> list[str]:
-    """Addresses ordered by highest random weight for ``key`` (first = owner)."""
-    def weight(address: str) -> bytes:
-        return hashlib.blake2b(f"{address}|{key}".encode(), digest_size=8).digest()
-
-    return sorted(addresses, key=weight, reverse=True)
+__all__ = ["CacheClient", "RecordStream", "cache_error", "rendezvous_order"]
 
 
 def cache_error(address: str, err: grpc.aio.AioRpcError) -> ComputeError:
@@ -77,39 +88,175 @@ class RecordStream:
 
 
 class CacheClient:
-    """Async access to the cache shards; created and closed on the server's event loop."""
+    """Async access to the cache shards; created and closed on the server's event loop.
 
-    def __init__(self, addresses: Sequence[str], max_message_bytes: int, timeout_s: float) -> None:
-        options = [("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.max_receive_message_length", max_message_bytes)]
-        self._addresses = list(addresses)
-        self._channels = {a: grpc.aio.insecure_channel(a, options=options) for a in addresses}
-        self._stubs = {a: cache_pb2_grpc.CacheServiceStub(c) for a, c in self._channels.items()}
+    ``replication`` (0: 2 where there are at least two shards, else 1) and ``write_quorum``
+    (0: a majority of the replicas) are capped at the number of shards known at the time.
+    """
+
+    def __init__(self, addresses: Sequence[str], max_message_bytes: int, timeout_s: float,
+                 replication: int = 0, write_quorum: int = 0, refresh_s: float = 30.0) -> None:
+        self._options = [("grpc.max_send_message_length", max_message_bytes),
+                         ("grpc.max_receive_message_length", max_message_bytes), *RECONNECT_OPTIONS]
+        self._entries = list(addresses)
+        self._addresses = [a for a in self._entries if not discovery.is_dns(a)]
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, cache_pb2_grpc.CacheServiceStub] = {}
         self._timeout = timeout_s
+        self._replication = replication
+        self._write_quorum = write_quorum
+        self._refresh_s = refresh_s
+        self._down_until: dict[str, float] = {}
+        self._background: set[asyncio.Task[object]] = set()
+        self._refresher: asyncio.Task[None] | None = None
+
+    # --- shards ----------------------------------------------------------------------------------
+    @property
+    def addresses(self) -> list[str]:
+        """The shards placement is computed over now."""
+        return list(self._addresses)
+
+    @property
+    def replication(self) -> int:
+        return effective_replication(self._replication, len(self._addresses))
+
+    @property
+    def write_quorum(self) -> int:
+        return effective_write_quorum(self._write_quorum, self.replication)
+
+    async def start(self) -> None:
+        """Resolve ``dns:///`` entries now and every ``refresh_s`` seconds after (if there are any)."""
+        if any(discovery.is_dns(e) for e in self._entries):
+            await self.refresh()
+            self._refresher = asyncio.create_task(self._refresh_loop())
+        log.info("cache shards: %s; replication %d, write quorum %d", ",".join(self._addresses) or "none yet",
+                 self.replication, self.write_quorum)
+
+    async def refresh(self) -> None:
+        """Expand the configured entries again; an empty answer keeps the shards known so far."""
+        found = await asyncio.get_running_loop().run_in_executor(None, discovery.expand, self._entries)
+        if not found:
+            log.warning("cache shards: %s resolved to no address; keeping %s", ",".join(self._entries),
+                        ",".join(self._addresses) or "none")
+            return
+        if sorted(found) != sorted(self._addresses):
+            log.info("cache shards: %s (was %s)", ",".join(found), ",".join(self._addresses) or "none")
+            self._addresses = found
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - a resolver hiccup must not stop the refreshes
+                log.exception("cache shards: re-resolving %s failed", ",".join(self._entries))
 
     def owner(self, prefix_id: str) -> str:
-        return rendezvous_order(prefix_id, self._addresses)[0]
+        return self.replicas(prefix_id)[0]
 
-    async def get_manifest(self, prefix_id: str, layout: str) -> cache_pb2.Manifest | None:
-        """The committed manifest, or None when the shard does not hold the object."""
-        address = self.owner(prefix_id)
-        try:
-            reply = await self._stubs[address].GetManifest(
-                cache_pb2.GetManifestRequest(prefix_id=prefix_id, layout=layout), timeout=self._timeout)
-        except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise cache_error(address, err) from err
-        return reply.manifest
+    def replicas(self, prefix_id: str) -> list[str]:
+        """The prefix's replica shards in rendezvous order; UNAVAILABLE when no shard is known."""
+        if not self._addresses:
+            raise Unavailable(f"no cache shard known (configured: {','.join(self._entries)})")
+        return replica_set(prefix_id, self._addresses, self.replication)
+
+    def read_order(self, prefix_id: str) -> list[str]:
+        """The replicas, those that failed with UNAVAILABLE in the last few seconds last."""
+        now = time.monotonic()
+        return sorted(self.replicas(prefix_id), key=lambda a: self._down_until.get(a, 0.0) > now)
+
+    def _stub(self, address: str) -> cache_pb2_grpc.CacheServiceStub:
+        if address not in self._stubs:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
+            self._stubs[address] = cache_pb2_grpc.CacheServiceStub(self._channels[address])
+        return self._stubs[address]
+
+    def _note(self, address: str, error: ComputeError | None) -> None:
+        """Remember a shard as down after UNAVAILABLE, as up after a success."""
+        if error is None:
+            self._down_until.pop(address, None)
+        elif error.code == "UNAVAILABLE":
+            self._down_until[address] = time.monotonic() + DOWN_S
+
+    # --- calls -----------------------------------------------------------------------------------
+    async def get_manifest(self, prefix_id: str, layout: str, everywhere: bool = False) -> cache_pb2.Manifest | None:
+        """The committed manifest from the first live replica that holds the object.
+
+        None when every replica answered that it does not hold it. A replica that cannot be
+        reached counts as "may hold it": when no reachable replica holds the object but one was
+        unreachable, the result is UNAVAILABLE naming it. With ``everywhere`` (registration) the
+        manifest is returned only when every reachable replica holds it, else None, so that the
+        object is written again to the ones missing it.
+        """
+        found: cache_pb2.Manifest | None = None
+        missing, failed = [], []
+        for address in self.read_order(prefix_id):
+            try:
+                reply = await self._stub(address).GetManifest(
+                    cache_pb2.GetManifestRequest(prefix_id=prefix_id, layout=layout), timeout=self._timeout)
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.NOT_FOUND:
+                    missing.append(address)
+                    if everywhere:
+                        return None
+                    continue
+                error = cache_error(address, err)
+                self._note(address, error)
+                failed.append(error)
+                continue
+            self._note(address, None)
+            if not everywhere:
+                return reply.manifest
+            found = reply.manifest
+        if found is not None or not failed or (everywhere and missing):
+            return found
+        if len(failed) == 1 and not missing:
+            raise failed[0]
+        raise Unavailable(f"prefix {prefix_id} ({layout}): " + "; ".join(
+            [str(e) for e in failed] + [f"cache server {a}: not found" for a in missing]))
 
     async def put_prefix(self, prefix_id: str, layout: str, regions: Iterable[Region], metadata: bytes,
                          payloads: Iterable[tuple[str, int, memoryview]]) -> cache_pb2.PutPrefixResponse:
-        """Store one object; returns after the shard committed it durably."""
+        """Store one object on every replica; returns once the write quorum committed it durably.
+
+        Replicas still writing then finish in the background. UNAVAILABLE naming every failed
+        shard when fewer than the quorum committed (the object may be on some: a retry is a no-op
+        there).
+        """
         header = cache_pb2.PutPrefixHeader(
             prefix_id=prefix_id, layout=layout, metadata=metadata,
             regions=[cache_pb2.RegionSpec(name=r.name, num_records=r.num_records, record_size=r.record_size)
                      for r in regions])
+        parts = payloads if isinstance(payloads, list) else list(payloads)
+        replicas, quorum = self.replicas(prefix_id), self.write_quorum
+        tasks = {asyncio.create_task(self._put_at(a, header, parts)): a for a in replicas}
+        pending: set[asyncio.Task[cache_pb2.PutPrefixResponse]] = set(tasks)
+        replies: list[cache_pb2.PutPrefixResponse] = []
+        failed: list[str] = []
+        try:
+            while pending and len(replies) < quorum and len(replicas) - len(failed) >= quorum:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is None:
+                        replies.append(task.result())
+                    else:
+                        failed.append(str(task.exception()))
+        except asyncio.CancelledError:
+            for task in pending:
+                task.cancel()
+            raise
+        for task in pending:  # the quorum is decided; the rest complete on their own
+            self._background.add(task)
+            task.add_done_callback(self._finished_in_background)
+        if len(replies) < quorum:
+            raise Unavailable(f"prefix {prefix_id} ({layout}): committed on {len(replies)} of {len(replicas)} "
+                              f"replicas, the write quorum is {quorum}: " + "; ".join(failed))
+        best = max(replies, key=lambda r: r.bytes_written)
+        return cache_pb2.PutPrefixResponse(manifest=best.manifest, bytes_written=best.bytes_written,
+                                           already_committed=all(r.already_committed for r in replies))
 
+    async def _put_at(self, address: str, header: cache_pb2.PutPrefixHeader,
+                      payloads: list[tuple[str, int, memoryview]]) -> cache_pb2.PutPrefixResponse:
         async def requests() -> AsyncIterator[cache_pb2.PutPrefixRequest]:
             yield cache_pb2.PutPrefixRequest(header=header)
             for region, first, data in payloads:
@@ -117,26 +264,50 @@ class CacheClient:
                     data=cache_pb2.PutPrefixData(region=region, first_record=first, data=bytes(data)))
             yield cache_pb2.PutPrefixRequest(commit=cache_pb2.PutPrefixCommit())
 
-        address = self.owner(prefix_id)
         try:
-            return await self._stubs[address].PutPrefix(requests(), timeout=self._timeout)
+            reply = await self._stub(address).PutPrefix(requests(), timeout=self._timeout)
         except grpc.aio.AioRpcError as err:
-            raise cache_error(address, err) from err
+            error = cache_error(address, err)
+            self._note(address, error)
+            raise error from err
+        self._note(address, None)
+        return reply
+
+    def _finished_in_background(self, task: asyncio.Task[object]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("replica write after the quorum failed: %s", task.exception())
 
     async def report_attention(self, prefix_id: str, layout: str, scores: Sequence[object]) -> None:
-        """Send one request's per-record observations; failures are logged, never raised."""
+        """Send one request's per-record observations to the first live replica; failures are logged, never raised."""
         request = cache_pb2.ReportAttentionRequest(prefix_id=prefix_id, layout=layout, records=[
             cache_pb2.RecordScores(region=s.region, indices=s.indices, attention=s.attention,  # type: ignore[attr-defined]
                                    important_fraction=s.important_fraction)  # type: ignore[attr-defined]
             for s in scores])
-        address = self.owner(prefix_id)
         try:
-            await self._stubs[address].ReportAttention(request, timeout=self._timeout)
+            address = self.read_order(prefix_id)[0]
+        except ComputeError as err:
+            log.debug("attention report not sent: %s", err)
+            return
+        try:
+            await self._stub(address).ReportAttention(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as err:
             log.debug("attention report to %s failed: %s %s", address, err.code(), err.details())
 
-    async def open_stream(self, prefix_id: str, layout: str, batch_bytes: int) -> RecordStream:
-        address = self.owner(prefix_id)
+    async def open_stream(self, prefix_id: str, layout: str, batch_bytes: int) -> "ReplicaStream":
+        """A Fetch stream on the first live replica that can be opened; fails over when it breaks."""
+        from contiguouskv.compute_server.failover import ReplicaStream
+
+        async def connect(address: str) -> RecordStream:
+            return await self.open_stream_at(address, prefix_id, layout, batch_bytes)
+
+        stream = ReplicaStream(prefix_id, layout, self.read_order(prefix_id), connect, self._note)
+        await stream.start()
+        return stream
+
+    async def open_stream_at(self, address: str, prefix_id: str, layout: str, batch_bytes: int) -> RecordStream:
+        """A Fetch stream on one shard, opened on the object."""
+        self._stub(address)
         # Responses are parsed by the cache's raw decoder: ``data`` is a zero-copy memoryview.
         fetch = self._channels[address].stream_stream(
             FETCH_METHOD, request_serializer=cache_pb2.FetchRequest.SerializeToString,
@@ -146,5 +317,10 @@ class CacheClient:
         return stream
 
     async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         for channel in self._channels.values():
             await channel.close()

@@ -219,7 +219,7 @@ class ComputeCore:
         blocks = self._impress_for(layout) if "impress" in extra_layouts else None
         prefix_id = prefix_id_for(m.fingerprint, ids)
         wanted = [layout.name] + ([blocks.name] if blocks is not None else [])
-        missing = {name for name in wanted if await self.cache.get_manifest(prefix_id, name) is None}
+        missing = {name for name in wanted if await self.cache.get_manifest(prefix_id, name, everywhere=True) is None}
         if not missing:
             return RegisterResult(prefix_id, len(ids), layout.num_chunks, layout.chunk_size, True, 0, 0.0, 0.0)
         t0 = time.perf_counter()

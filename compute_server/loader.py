@@ -6,12 +6,20 @@ received bytes under (layer, chunk) and wakes waiters. The compute thread calls
 :meth:`KVLoader.wait_for_layer` with the chunks that layer attends to and blocks only until those
 records are in. Records of other regions (identification keys, digests, stats, tokens) are
 collected per request and handed over as a future.
+
+Fail-over: the loader remembers every read sent and how many of its records arrived (a request's
+records arrive in the order asked). When the stream breaks (or a read fails in-band with a code
+another replica may not share) and the stream can fail over (:class:`~.failover.ReplicaStream`),
+it opens the next replica and sends again, under the same tags, the records still missing of
+every read not finished; records already received stay.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -27,6 +35,18 @@ from contiguouskv.compute_server.layout import ContiguousLayout
 from contiguouskv.compute_server.packing import unpack_kv_record
 
 STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Read:
+    """A read sent on the stream and not finished: ``indices[:received]`` have arrived."""
+
+    region: str
+    indices: list[int]
+    priority: int
+    received: int = 0
 
 
 @dataclass
@@ -62,6 +82,8 @@ class KVLoader:
         self._tags = itertools.count(1)
         self._outbox: asyncio.Queue[object] = asyncio.Queue()
         self._error: BaseException | None = None
+        self._reads: dict[int, _Read] = {}  # tag -> unfinished read; event loop only
+        self.failovers: list[str] = []  # "from -> to" per fail-over
         self.bytes_by_category: dict[str, int] = {}
         self.kv_records_received = 0
         self.first_request_at: float | None = None
@@ -107,17 +129,62 @@ class KVLoader:
 
     # --- event loop side -----------------------------------------------------------------------
     async def run(self) -> None:
-        """Send queued requests and receive records until cancelled or the stream fails."""
-        writer = asyncio.create_task(self._write_loop())
+        """Send queued requests and receive records until cancelled or the stream fails.
+
+        A broken stream fails over to the next replica when the stream can (see the module
+        docstring); otherwise, or when no replica is left, waiters get the error.
+        """
+        while True:
+            writer = asyncio.create_task(self._write_loop())
+            try:
+                error = await self._receive()
+            finally:
+                writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            if not await self._failover(error):
+                exhausted = getattr(self._stream, "exhausted", None)
+                self._fail(exhausted(error) if exhausted is not None else error)
+                return
+
+    async def _receive(self) -> ComputeError:
+        """Receive until the stream breaks; returns why."""
         try:
-            async for message in self._stream.responses():
-                self._on_message(message)
+            async with contextlib.aclosing(self._stream.responses()) as messages:  # type: ignore[type-var]
+                async for message in messages:
+                    error = self._on_message(message)
+                    if error is not None:
+                        return error
+            return ComputeError(f"cache server {self._stream.address}: fetch stream ended", code="UNAVAILABLE")
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - any failure must wake the compute thread
-            self._fail(exc if isinstance(exc, ComputeError) else ComputeError(f"fetch stream failed: {exc!r}"))
-        finally:
-            writer.cancel()
+            return exc if isinstance(exc, ComputeError) else ComputeError(f"fetch stream failed: {exc!r}")
+
+    def _can_fail_over(self, error: ComputeError) -> bool:
+        from contiguouskv.compute_server.failover import FAILOVER_CODES
+
+        return hasattr(self._stream, "failover") and error.code in FAILOVER_CODES
+
+    async def _failover(self, error: ComputeError) -> bool:
+        """Open the next replica and send again what is missing of every unfinished read."""
+        if not self._can_fail_over(error):
+            return False
+        broken = self._stream.address
+        if not await self._stream.failover(error):  # type: ignore[attr-defined]
+            return False
+        self.failovers.append(f"{broken} -> {self._stream.address}")
+        reads = sorted(self._reads.items())
+        log.warning("fetch stream from %s broke (%s): %d unfinished reads (%d records) go to %s",
+                    broken, error, len(reads), sum(len(r.indices) - r.received for _, r in reads),
+                    self._stream.address)
+        for tag, read in reads:
+            rest = _Read(read.region, read.indices[read.received:], read.priority)
+            self._reads[tag] = rest
+            try:
+                await self._stream.read(tag, rest.region, rest.indices, rest.priority)
+            except ComputeError:
+                break  # this stream broke too: the receiver sees it and fails over again
+        return True
 
     async def _write_loop(self) -> None:
         try:
@@ -125,18 +192,33 @@ class KVLoader:
                 item = await self._outbox.get()
                 if item[0] == "read":  # type: ignore[index]
                     _, tag, region, indices, priority = item  # type: ignore[misc]
+                    if indices:
+                        self._reads[tag] = _Read(region, list(indices), priority)
                     await self._stream.read(tag, region, indices, priority)
                 else:
+                    for tag in item[1]:  # type: ignore[index]
+                        self._reads.pop(tag, None)
                     await self._stream.cancel(item[1])  # type: ignore[index]
         except ComputeError as exc:
-            self._fail(exc)
+            if not hasattr(self._stream, "failover"):
+                self._fail(exc)
+            # else the receiver sees the broken stream and fails over; the read is in _reads
 
-    def _on_message(self, message: object) -> None:
+    def _on_message(self, message: object) -> ComputeError | None:
+        """File one response; returns an in-band error to fail over on, else None."""
         m = message
         if m.error_code:  # type: ignore[attr-defined]
             code = STATUS_NAMES.get(m.error_code, "INTERNAL")  # type: ignore[attr-defined]
-            self._fail(ComputeError(f"cache server {self._stream.address}: {m.error_message}", code=code))  # type: ignore[attr-defined]
-            return
+            error = ComputeError(f"cache server {self._stream.address}: {m.error_message}", code=code)  # type: ignore[attr-defined]
+            if self._can_fail_over(error):
+                return error
+            self._fail(error)
+            return None
+        read = self._reads.get(m.tag)  # type: ignore[attr-defined]
+        if read is not None:
+            read.received += len(m.indices)  # type: ignore[attr-defined]
+            if m.done or read.received >= len(read.indices):  # type: ignore[attr-defined]
+                del self._reads[m.tag]  # type: ignore[attr-defined]
         data = m.data  # type: ignore[attr-defined]
         self.last_arrival_at = time.perf_counter()
         blob = self._blobs.get(m.tag)  # type: ignore[attr-defined]

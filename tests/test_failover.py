@@ -1,0 +1,201 @@
+"""KVLoader over a ReplicaStream: a stream that breaks mid-request continues on the next replica.
+
+In-process fakes of the cache shards (no server): each serves deterministic record bytes for any
+(region, index), a few records per message, and can break after a given number of messages, fail a
+read in-band, or refuse the connection. The loader must deliver every record exactly once, in the
+right (layer, chunk) slot, re-asking the next replica only for what had not arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from contiguouskv.cache_server.wire import FetchBatch
+from contiguouskv.compute_server.errors import ComputeError
+from contiguouskv.compute_server.failover import ReplicaStream
+from contiguouskv.compute_server.layout import ContiguousLayout
+from contiguouskv.compute_server.loader import KVLoader
+from contiguouskv.compute_server.packing import unpack_kv_record
+
+LAYOUT = ContiguousLayout(200, 4, 2, 8, "float32", chunk_size=16, group_size=2)  # 13 chunks, 2 groups
+PER_MESSAGE = 3
+
+
+def record(region: str, index: int, size: int) -> bytes:
+    seed = hashlib.sha256(f"{region}/{index}".encode()).digest()
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+def size_of(region: str) -> int:
+    return LAYOUT.kv_record_size if region.startswith("kv/") else 4 * LAYOUT.num_tokens
+
+
+@dataclass
+class Plan:
+    """How one fake shard behaves."""
+
+    break_after: int | None = None  # messages, then the stream fails with UNAVAILABLE
+    refuse: bool = False  # connect fails
+    fail_tag: int | None = None  # this read fails in-band with DATA_LOSS
+    stream_code: str = "UNAVAILABLE"
+    asked: list[tuple[int, list[int]]] = field(default_factory=list)  # (tag, indices) of every read received
+    sent: int = 0  # records delivered
+
+
+class FakeStream:
+    def __init__(self, address: str, plan: Plan) -> None:
+        self.address = address
+        self.plan = plan
+        self._queue: list[tuple[int, str, list[int]]] = []
+        self._cancelled: set[int] = set()
+        self._wake = asyncio.Event()
+        self.closed = False
+
+    async def read(self, tag: int, region: str, indices: Sequence[int], priority: int = 0) -> None:
+        self.plan.asked.append((tag, list(indices)))
+        self._queue.append((tag, region, list(indices)))
+        self._wake.set()
+
+    async def cancel(self, tags: Sequence[int]) -> None:
+        self._cancelled.update(tags)
+        self._wake.set()
+
+    async def responses(self) -> AsyncIterator[FetchBatch]:
+        messages = 0
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            tag, region, indices = self._queue.pop(0)
+            if tag in self._cancelled:
+                yield FetchBatch(tag, region, [], memoryview(b""), True, True, 0, "")
+                continue
+            if tag == self.plan.fail_tag:
+                yield FetchBatch(tag, region, [], memoryview(b""), True, False, 15, "checksum mismatch")
+                continue
+            for start in range(0, len(indices), PER_MESSAGE):
+                if self.plan.break_after is not None and messages >= self.plan.break_after:
+                    raise ComputeError(f"cache server {self.address}: Socket closed", code=self.plan.stream_code)
+                part = indices[start : start + PER_MESSAGE]
+                data = b"".join(record(region, i, size_of(region)) for i in part)
+                messages += 1
+                self.plan.sent += len(part)
+                yield FetchBatch(tag, region, part, memoryview(data), start + PER_MESSAGE >= len(indices), False, 0, "")
+                await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def replica_stream(plans: dict[str, Plan]) -> ReplicaStream:
+    async def connect(address: str) -> FakeStream:
+        if plans[address].refuse:
+            raise ComputeError(f"cache server {address}: connection refused", code="UNAVAILABLE")
+        return FakeStream(address, plans[address])
+
+    return ReplicaStream("p" * 32, LAYOUT.name, list(plans), connect)  # type: ignore[arg-type]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-equal (the fake records are arbitrary bytes: NaNs included)."""
+    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
+
+
+def expected(layer: int, chunks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    parts = []
+    for chunk in chunks:
+        region, index = LAYOUT.kv_record(chunk, layer)
+        parts.append(unpack_kv_record(LAYOUT, record(region, index, LAYOUT.kv_record_size)))
+    keys = torch.cat([k for k, _ in parts], dim=1)[:, : LAYOUT.tokens_in(chunks)]
+    values = torch.cat([v for _, v in parts], dim=1)[:, : LAYOUT.tokens_in(chunks)]
+    return keys, values
+
+
+async def load_everything(plans: dict[str, Plan], cancel_last: bool = False) -> KVLoader:
+    """Ask for every kv record (layers 0-1 in one read, 2-3 one read per chunk) and the tokens."""
+    loop = asyncio.get_running_loop()
+    stream = replica_stream(plans)
+    await stream.start()
+    loader = KVLoader(LAYOUT, stream, loop)  # type: ignore[arg-type]
+    io = asyncio.create_task(loader.run())
+    chunks = list(range(LAYOUT.num_chunks))
+    try:
+        loader.start_load(chunks, range(0, 2))
+        tokens = loader.start_blob("tokens", [0])
+        per_chunk = loader.start_load_per_chunk(chunks, range(2, 4))
+        if cancel_last:
+            loader.cancel(per_chunk[chunks[-1]])
+        wanted = chunks[:-1] if cancel_last else chunks
+        for layer in range(4):
+            want = chunks if layer < 2 else wanted
+            keys, values, _ = await loop.run_in_executor(None, loader.wait_for_layer, layer, want)
+            ref_k, ref_v = expected(layer, want)
+            assert same_bits(keys, ref_k) and same_bits(values, ref_v), layer
+        got, _ = await loop.run_in_executor(None, loader.wait_blob, tokens)
+        assert b"".join(bytes(p) for p in got) == record("tokens", 0, size_of("tokens"))
+    finally:
+        io.cancel()
+        await asyncio.gather(io, return_exceptions=True)
+        await stream.close()
+    return loader
+
+
+def test_no_failure_reads_the_first_replica_only() -> None:
+    plans = {"a": Plan(), "b": Plan()}
+    loader = asyncio.run(load_everything(plans))
+    assert loader.failovers == [] and plans["b"].asked == []
+    assert loader.kv_records_received == LAYOUT.num_chunks * 4
+
+
+@pytest.mark.parametrize("break_after", [0, 1, 5, 12])
+def test_a_stream_broken_mid_request_continues_on_the_next_replica(break_after: int) -> None:
+    plans = {"a": Plan(break_after=break_after), "b": Plan()}
+    loader = asyncio.run(load_everything(plans))
+    assert loader.failovers == ["a -> b"]
+    total = LAYOUT.num_chunks * 4 + 1  # kv records and the tokens record
+    # every record exactly once: b was asked only for what a had not delivered
+    assert plans["a"].sent + plans["b"].sent == total
+    assert sum(len(i) for _, i in plans["b"].asked) == total - plans["a"].sent
+    assert loader.kv_records_received == LAYOUT.num_chunks * 4
+
+
+def test_failover_skips_a_refusing_replica_and_survives_two_breaks() -> None:
+    plans = {"a": Plan(break_after=4), "b": Plan(refuse=True), "c": Plan(break_after=3), "d": Plan()}
+    loader = asyncio.run(load_everything(plans))
+    assert loader.failovers == ["a -> c", "c -> d"]
+    assert plans["a"].sent + plans["c"].sent + plans["d"].sent == LAYOUT.num_chunks * 4 + 1
+
+
+def test_cancelled_reads_are_not_sent_again() -> None:
+    plans = {"a": Plan(break_after=6), "b": Plan()}
+    loader = asyncio.run(load_everything(plans, cancel_last=True))
+    assert loader.failovers == ["a -> b"]
+    cancelled_tag = max(tag for tag, _ in plans["a"].asked)
+    assert cancelled_tag not in [tag for tag, _ in plans["b"].asked]
+
+
+def test_an_in_band_read_failure_moves_to_the_next_replica() -> None:
+    plans = {"a": Plan(fail_tag=2), "b": Plan()}  # tag 2: the tokens blob
+    loader = asyncio.run(load_everything(plans))
+    assert loader.failovers == ["a -> b"]
+    assert 2 in [tag for tag, _ in plans["b"].asked]
+
+
+def test_every_replica_failing_names_them_all() -> None:
+    plans = {"a": Plan(break_after=2), "b": Plan(break_after=1)}
+    with pytest.raises(ComputeError) as info:
+        asyncio.run(load_everything(plans))
+    assert "a: " in str(info.value) and "b: " in str(info.value) and info.value.code == "UNAVAILABLE"
+
+
+def test_a_request_error_does_not_fail_over() -> None:
+    plans = {"a": Plan(break_after=2, stream_code="INVALID_ARGUMENT"), "b": Plan()}
+    with pytest.raises(ComputeError) as info:
+        asyncio.run(load_everything(plans))
+    assert info.value.code == "INVALID_ARGUMENT" and plans["b"].asked == []
