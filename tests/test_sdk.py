@@ -1,0 +1,243 @@
+"""The SDK against fake compute servers: retries, round robin, timeouts, streams, errors, typing.
+
+The fakes are in-process gRPC servers whose replies and failures the test scripts, so each property
+is checked in isolation and fast; the real servers are exercised in test_compute_e2e.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+from contiguouskv import client as sdk
+from contiguouskv.client import (
+    NO_RETRY, AsyncContiguousKVClient, ContiguousKVClient, ContiguousKVError, DeadlineExceededError,
+    InvalidArgumentError, NotFoundError, RetryPolicy, UnavailableError,
+)
+from contiguouskv.client.errors import ERRORS_BY_STATUS
+from contiguouskv.client.pool import parse_addresses
+from contiguouskv.client.retry import Deadline
+from contiguouskv.v1 import compute_pb2, compute_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.02)
+PREFIX = "ab" * 16
+
+
+class FakeCompute(compute_pb2_grpc.ComputeServiceServicer):
+    """Answers every call; ``failures`` (status codes) are used up first, one per call."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls: list[str] = []
+        self.failures: list[grpc.StatusCode] = []
+        self.delay_s = 0.0
+        self.tokens_then_fail: int | None = None  # Generate: send this many tokens, then UNAVAILABLE
+        self._lock = threading.Lock()
+
+    def _enter(self, method: str, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            self.calls.append(method)
+            failure = self.failures.pop(0) if self.failures else None
+        if failure is not None:
+            context.abort(failure, f"{self.name}: scripted {failure.name}")
+        time.sleep(self.delay_s)
+
+    def RegisterPrefix(self, request, context):  # noqa: N802
+        self._enter("RegisterPrefix", context)
+        return compute_pb2.RegisterPrefixResponse(prefix_id=PREFIX, num_tokens=len(request.token_ids.ids))
+
+    def Reprefill(self, request, context):  # noqa: N802
+        self._enter("Reprefill", context)
+        return compute_pb2.ReprefillResponse(token_id=7, text=self.name, policy=request.policy)
+
+    def Generate(self, request, context):  # noqa: N802
+        self._enter("Generate", context)
+        for index in range(3):
+            if self.tokens_then_fail is not None and index == self.tokens_then_fail:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "went away mid-stream")
+            yield compute_pb2.GenerateResponse(index=index, token_id=100 + index, text=f"t{index}")
+        yield compute_pb2.GenerateResponse(index=3, summary=compute_pb2.ReprefillResponse(token_id=100))
+
+    def GetModelInfo(self, request, context):  # noqa: N802
+        self._enter("GetModelInfo", context)
+        return compute_pb2.GetModelInfoResponse(name=self.name, num_layers=2, policies=["full"])
+
+
+@pytest.fixture
+def fakes() -> Iterator[list[tuple[str, FakeCompute]]]:
+    """Two fake compute servers on loopback: [(address, servicer), ...]."""
+    servers, out = [], []
+    for name in ("a", "b"):
+        fake = FakeCompute(name)
+        server = grpc.server(futures.ThreadPoolExecutor(4))
+        compute_pb2_grpc.add_ComputeServiceServicer_to_server(fake, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        out.append((f"127.0.0.1:{port}", fake))
+    yield out
+    for server in servers:
+        server.stop(None)
+
+
+def _dead_address() -> str:
+    """A loopback port nothing listens on (connections are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_unavailable_is_retried_until_it_succeeds(fakes: list[tuple[str, FakeCompute]]) -> None:
+    address, fake = fakes[0]
+    fake.failures = [grpc.StatusCode.UNAVAILABLE] * 2
+    with ContiguousKVClient(address, retry=FAST, timeout=10) as client:
+        assert client.reprefill(PREFIX, [1, 2]).text == "a"
+        fake.failures = [grpc.StatusCode.UNAVAILABLE]
+        assert client.register(token_ids=[1, 2, 3]).num_tokens == 3
+        fake.failures = [grpc.StatusCode.UNAVAILABLE]
+        assert client.model_info().num_layers == 2
+    assert fake.calls == ["Reprefill"] * 3 + ["RegisterPrefix"] * 2 + ["GetModelInfo"] * 2
+
+
+def test_other_errors_are_not_retried_and_leak_no_grpc(fakes: list[tuple[str, FakeCompute]]) -> None:
+    address, fake = fakes[0]
+    fake.failures = [grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT]
+    with ContiguousKVClient(address, retry=FAST, timeout=10) as client:
+        with pytest.raises(NotFoundError) as info:
+            client.reprefill(PREFIX, [1])
+        with pytest.raises(InvalidArgumentError):
+            client.reprefill(PREFIX, [1])
+    assert fake.calls == ["Reprefill", "Reprefill"]
+    err = info.value
+    assert err.status == "NOT_FOUND" and "scripted NOT_FOUND" in err.details and not err.retryable
+    assert err.__cause__ is None and err.__context__ is None
+    assert not isinstance(err, grpc.RpcError) and type(err).__module__.startswith("contiguouskv.client")
+
+
+def test_attempts_are_capped(fakes: list[tuple[str, FakeCompute]]) -> None:
+    address, fake = fakes[0]
+    fake.failures = [grpc.StatusCode.UNAVAILABLE] * 10
+    with ContiguousKVClient(address, retry=FAST, timeout=10) as client:
+        with pytest.raises(UnavailableError, match=f"is a compute server running at {address}"):
+            client.reprefill(PREFIX, [1])
+    assert len(fake.calls) == FAST.max_attempts
+    fake.calls.clear()
+    with ContiguousKVClient(address, retry=NO_RETRY, timeout=10) as client:
+        with pytest.raises(UnavailableError):
+            client.model_info()
+    assert len(fake.calls) == 1
+
+
+def test_round_robin_and_failover(fakes: list[tuple[str, FakeCompute]]) -> None:
+    (a, fake_a), (b, fake_b) = fakes
+    with ContiguousKVClient([a, b], retry=FAST, timeout=10) as client:
+        answers = [client.reprefill(PREFIX, [1]).text for _ in range(6)]
+    assert answers == ["a", "b"] * 3
+    with ContiguousKVClient(f"{_dead_address()},{b}", retry=FAST, timeout=10) as client:
+        assert [client.model_info().name for _ in range(4)] == ["b"] * 4  # the dead one is skipped by retries
+
+
+def test_timeout_bounds_the_call_and_its_retries(fakes: list[tuple[str, FakeCompute]]) -> None:
+    address, fake = fakes[0]
+    fake.delay_s = 2.0
+    with ContiguousKVClient(address, retry=FAST, timeout=10) as client:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceededError, match="--timeout"):
+            client.reprefill(PREFIX, [1], timeout=0.3)
+        assert time.monotonic() - started < 1.5
+    fake.delay_s = 0.0
+    fake.failures = [grpc.StatusCode.UNAVAILABLE] * 1000
+    patient = RetryPolicy(max_attempts=1000, initial_backoff_s=0.05, max_backoff_s=0.05)
+    with ContiguousKVClient(address, retry=patient, timeout=0.5) as client:
+        started = time.monotonic()
+        with pytest.raises((UnavailableError, DeadlineExceededError)):
+            client.model_info()
+        assert time.monotonic() - started < 1.5
+    assert 2 <= len(fake.calls) < 100
+
+
+def test_generate_retries_only_before_the_first_token(fakes: list[tuple[str, FakeCompute]]) -> None:
+    address, fake = fakes[0]
+    fake.failures = [grpc.StatusCode.UNAVAILABLE]
+    with ContiguousKVClient(address, retry=FAST, timeout=10) as client:
+        tokens = list(client.generate(PREFIX, [1], max_new_tokens=2))
+        assert [t.token_id for t in tokens] == [100, 101, 102] and tokens[0].index == 0
+        assert fake.calls == ["Generate", "Generate"]
+        fake.calls.clear()
+        fake.tokens_then_fail = 1
+        got = []
+        with pytest.raises(UnavailableError, match="mid-stream"):
+            for token in client.generate(PREFIX, [1], max_new_tokens=2):
+                got.append(token.token_id)
+        assert got == [100] and fake.calls == ["Generate"]  # never repeated: tokens were delivered
+
+
+async def test_async_client_retries_round_robin_and_streams(fakes: list[tuple[str, FakeCompute]]) -> None:
+    (a, fake_a), (b, fake_b) = fakes
+    fake_a.failures = [grpc.StatusCode.UNAVAILABLE]
+    async with AsyncContiguousKVClient([a, b], retry=FAST, timeout=10) as client:
+        # a fails once, the retry goes to b; then a, b in turn
+        assert [(await client.reprefill(PREFIX, [1])).text for _ in range(3)] == ["b", "a", "b"]
+        tokens = [t.token_id async for t in client.generate(PREFIX, [1], max_new_tokens=2)]
+        assert tokens == [100, 101, 102]
+        fake_b.failures = [grpc.StatusCode.NOT_FOUND]
+        with pytest.raises(NotFoundError):
+            await client.reprefill(PREFIX, [1])
+        with pytest.raises(DeadlineExceededError):
+            fake_a.delay_s = fake_b.delay_s = 1.0
+            await client.model_info(timeout=0.2)
+
+
+def test_every_status_has_its_error_class() -> None:
+    for code in grpc.StatusCode:
+        if code in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED):
+            continue
+        cls = ERRORS_BY_STATUS[code.name]
+        assert cls.status == code.name and issubclass(cls, ContiguousKVError)
+        assert cls.__name__ in sdk.__all__, cls.__name__
+    assert issubclass(InvalidArgumentError, ValueError)
+    assert [name for name, cls in ERRORS_BY_STATUS.items() if cls.retryable] == ["UNAVAILABLE"]
+
+
+def test_retry_policy_and_addresses_are_checked() -> None:
+    policy = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=0.4, multiplier=2)
+    for retry, ceiling in ((1, 0.1), (2, 0.2), (3, 0.4), (9, 0.4)):
+        assert all(0 <= policy.backoff_s(retry) <= ceiling for _ in range(50))
+    with pytest.raises(ValueError, match="max_attempts"):
+        RetryPolicy(max_attempts=0)
+    with pytest.raises(ValueError, match="timeout"):
+        Deadline(0)
+    assert parse_addresses(" h1:1 , h2:2 ") == ("h1:1", "h2:2")
+    assert parse_addresses(["h1:1"]) == ("h1:1",)
+    for bad in ("", "nohost", "h:port", []):
+        with pytest.raises(InvalidArgumentError, match="address"):
+            parse_addresses(bad)
+
+
+def test_results_are_frozen(fakes: list[tuple[str, FakeCompute]]) -> None:
+    import dataclasses
+
+    with ContiguousKVClient(fakes[0][0], timeout=10) as client:
+        result = client.reprefill(PREFIX, [1])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.token_id = 3  # type: ignore[misc]
+
+
+@pytest.mark.skipif(shutil.which("mypy", path=str(Path(sys.executable).parent)) is None, reason="mypy not installed")
+def test_client_package_is_mypy_strict_clean() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "typecheck_client.py")], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Success" in out.stdout
