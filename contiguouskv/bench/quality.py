@@ -40,11 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="a real model with a tokenizer")
     parser.add_argument("--lengths", default="2048,4096", help="approximate prefix tokens, comma-separated")
     parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths in the haystack")
-    parser.add_argument("--budgets", default="0.05,0.1,0.25,0.5")
-    parser.add_argument("--policies", default=",".join(POLICIES))
-    parser.add_argument("--tasks", default="needle,passkey,multi_needle,code")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budgets", default="0.05,0.1,0.25,0.5", help="comma-separated fractions of the prefix")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policies (default all)")
+    parser.add_argument("--tasks", default="needle,passkey,multi_needle,code",
+                        help="comma-separated tasks (default needle,passkey,multi_needle,code)")
+    parser.add_argument("--dtype", default="bfloat16", help="compute/KV dtype (default bfloat16)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the task generator (default 0)")
     parser.add_argument("--period", type=int, help="layers per period for the contiguous policies (server default)")
     parser.add_argument("--json", dest="json_path", type=Path, help="write results as JSON here")
 

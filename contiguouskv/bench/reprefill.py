@@ -27,6 +27,7 @@ import grpc
 from contiguouskv import launch
 from contiguouskv.bench.disk import raw_read_gbps
 from contiguouskv.client import ContiguousKVClient, ReprefillResult
+from contiguouskv.progress import Progress
 from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
 
 ALL_POLICIES = ("recompute", "full", "h2o", "impress", "contiguous", "contiguous+")
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "else torch's default)")
     parser.add_argument("--workdir", type=Path, help="store directory (default: a temp dir under the current one; "
                         "must be a real disk for O_DIRECT)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of prefixes and queries (default 0)")
     parser.add_argument("--json", dest="json_path", type=Path, help="write results as JSON here")
     parser.add_argument("--plot", type=Path, help="write PNG plots into this directory")
     parser.add_argument("--gpu-suite", action="store_true",
@@ -156,8 +157,9 @@ class Bench:
         while len(self.prefixes) < count:
             ids = [self.rng.randrange(self.vocab) for _ in range(self.prefix_tokens)]
             _progress(f"registering prefix {len(self.prefixes) + 1}/{count} ({self.prefix_tokens} tokens) ...")
-            reg = client.register(token_ids=ids, extra_layouts=extra, timeout=7200) if extra else \
-                client.register(token_ids=ids, timeout=7200)
+            with Progress(f"registering prefix {len(self.prefixes) + 1}/{count}"):  # drawn on a terminal only
+                reg = client.register(token_ids=ids, extra_layouts=extra, timeout=7200) if extra else \
+                    client.register(token_ids=ids, timeout=7200)
             self.prefixes.append(reg.prefix_id)
 
     def cells(self) -> list[tuple[str, float]]:
@@ -172,15 +174,17 @@ class Bench:
             _progress(f"{label} {i}/{len(cells)}: {policy} budget {budget:g} x {queries}")
             row = Row(policy, budget, label, self.prefix_tokens, self.args.query_tokens)
             before = _stats(cache.address)
-            for q in range(queries):
-                r = self._ask(client, prefixes[q % len(prefixes)], policy, budget)
-                row.ttft_ms.append(r.timings.ttft_ms)
-                row.io_wait_ms.append(r.timings.fetch_wait_ms)
-                row.compute_ms.append(r.timings.compute_ms)
-                row.bytes_fetched += r.bytes_fetched
-                row.bytes_kv += r.bytes_kv
-                row.bytes_identification += r.bytes_identification
-                row.layers = [(t.wait_ms, t.compute_ms) for t in r.timings.layers]
+            with Progress(f"{label} {policy} {budget:g}", total=queries) as bar:
+                for q in range(queries):
+                    r = self._ask(client, prefixes[q % len(prefixes)], policy, budget)
+                    row.ttft_ms.append(r.timings.ttft_ms)
+                    row.io_wait_ms.append(r.timings.fetch_wait_ms)
+                    row.compute_ms.append(r.timings.compute_ms)
+                    row.bytes_fetched += r.bytes_fetched
+                    row.bytes_kv += r.bytes_kv
+                    row.bytes_identification += r.bytes_identification
+                    row.layers = [(t.wait_ms, t.compute_ms) for t in r.timings.layers]
+                    bar.advance()
             after = _stats(cache.address)
             row.bytes_from_disk = after.bytes_read_from_disk - before.bytes_read_from_disk
             row.bytes_from_dram = after.bytes_served_from_dram - before.bytes_served_from_dram

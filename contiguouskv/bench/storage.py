@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--decoder", choices=("raw", "protobuf"), default="raw",
       help="client parsing of Fetch responses (raw: zero-copy payload view)")
     a("--workdir", type=Path, help="where to write the object (a temp dir on this disk by default)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="random seed of the selections (default 0)")
     a("--json", type=Path, help="also write the results to this file")
 
 
