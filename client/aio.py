@@ -137,5 +137,5 @@ class AsyncContiguousKVClient:
                 delay = self.retry.delay_before_retry(error, attempts, deadline)
                 if delay is None:
                     raise error
-                log.info("%s: %s; retrying in %.2fs", what, error, delay)
+                log.debug("%s: %s; retrying in %.2fs", what, error, delay)
                 await asyncio.sleep(delay)

@@ -160,5 +160,5 @@ class ContiguousKVClient:
                 delay = self.retry.delay_before_retry(error, attempts, deadline)
                 if delay is None:
                     raise error
-                log.info("%s: %s; retrying in %.2fs", what, error, delay)
+                log.debug("%s: %s; retrying in %.2fs", what, error, delay)
                 time.sleep(delay)
