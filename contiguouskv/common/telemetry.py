@@ -7,9 +7,12 @@ start and serve on machines that lack it.
 Conventions (one place for them):
 
 - The tracer provider is configured once, in ``main()``, by :func:`setup_tracing`, with
-  ``service.name`` per process (``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES`` win when set).
-  Spans are exported over OTLP only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the traces-only
-  variant) is set; ``OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`` picks HTTP, else gRPC.
+  ``service.name`` per process (``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES`` win when set),
+  and only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the traces-only variant) is set: spans are then
+  exported over OTLP (``OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`` picks HTTP, else gRPC). A
+  program using the SDK may install its own provider instead (before it creates clients).
+- Tracing is :func:`active` only once a provider is installed; before that no RPC is
+  instrumented and spans are no-ops, so an untraced process pays nothing per message.
 - RPC spans come from the official gRPC instrumentation (:func:`server_interceptors`,
   :func:`aio_client_interceptors`, :func:`intercept_channel`), which also carries the W3C trace
   context in gRPC metadata. Health checks and reflection are not traced.
@@ -167,14 +170,23 @@ def current_trace_ids() -> tuple[str, str] | None:
 
 
 # --- gRPC instrumentation ------------------------------------------------------------------------
-def _instrumentation() -> Any:
-    """The official gRPC instrumentation module, or None."""
-    return _optional_module("opentelemetry.instrumentation.grpc")
-
-
 def _rpc_filter(grpc_otel: Any) -> Any:
     filters = importlib.import_module(grpc_otel.__name__ + ".filters")
     return filters.negate(filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection")))
+
+
+def active() -> bool:
+    """True once a tracer provider is installed (by :func:`setup_tracing` or by the program): only
+    then are RPCs instrumented, so an untraced process pays nothing per message."""
+    if _otel_trace is None:
+        return False
+    return not isinstance(_otel_trace.get_tracer_provider(),
+                          (_otel_trace.ProxyTracerProvider, _otel_trace.NoOpTracerProvider))
+
+
+def _instrumentation() -> Any:
+    """The official gRPC instrumentation module when tracing is :func:`active`, else None."""
+    return _optional_module("opentelemetry.instrumentation.grpc") if active() else None
 
 
 def server_interceptors() -> list[Any]:
@@ -239,14 +251,14 @@ def _exporter(env: Mapping[str, str]) -> Any:
 def setup_tracing(service_name: str, env: Mapping[str, str] | None = None) -> TracingHandle:
     """Install the tracer provider for this process (call once, in ``main()``).
 
-    Without the OpenTelemetry SDK, or with ``OTEL_SDK_DISABLED=true``, nothing is installed (a
-    warning names the extra when an endpoint was asked for). Otherwise spans are recorded, and
-    exported over OTLP in batches when an endpoint is set.
+    Only when an OTLP endpoint is set: then spans are recorded and exported in batches. Without
+    one, or with ``OTEL_SDK_DISABLED=true``, or without the OpenTelemetry SDK (a warning names the
+    extra), nothing is installed and RPCs stay uninstrumented.
     """
     env = os.environ if env is None else env
     wants_export = _wants_export(env)
     sdk = _optional_module("opentelemetry.sdk.trace")
-    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+    if env.get("OTEL_SDK_DISABLED", "").lower() == "true" or not wants_export:
         return TracingHandle()
     if sdk is None or _otel_trace is None:
         if wants_export:
@@ -258,18 +270,14 @@ def setup_tracing(service_name: str, env: Mapping[str, str] | None = None) -> Tr
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(resources.Resource({"service.name": service_name}))
     provider = sdk.TracerProvider(resource=resource)
-    exporting = False
-    if wants_export:
-        try:
-            exporter = _exporter(env)
-        except ImportError:
-            log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but the OTLP exporter is missing (%s)", OTEL_EXTRA_HINT)
-        else:
-            export = importlib.import_module("opentelemetry.sdk.trace.export")
-            provider.add_span_processor(export.BatchSpanProcessor(exporter))
-            exporting = True
+    try:
+        exporter = _exporter(env)
+    except ImportError:
+        log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but the OTLP exporter is missing (%s)", OTEL_EXTRA_HINT)
+        return TracingHandle()
+    provider.add_span_processor(importlib.import_module("opentelemetry.sdk.trace.export").BatchSpanProcessor(exporter))
     _otel_trace.set_tracer_provider(provider)
-    return TracingHandle(provider, exporting)
+    return TracingHandle(provider, exporting=True)
 
 
 @contextlib.contextmanager
