@@ -298,3 +298,23 @@ def test_span_conventions() -> None:
     assert all(re.fullmatch(r"[a-z_]+ (\{\}|[a-z_]+)", n) for n in names), names  # "{verb} {object}"
     keys = [v for k, v in vars(telemetry).items() if k.startswith("ATTR_")]
     assert all(k.startswith("ckv.") for k in keys) and len(set(keys)) == len(keys)
+
+
+def test_tracing_is_on_only_with_an_endpoint() -> None:
+    code = (
+        "from opentelemetry import trace\n"
+        "from contiguouskv.common import telemetry as t\n"
+        "h = t.setup_tracing('ckv-test', {})\n"
+        "assert not h.active and not t.active() and t.server_interceptors() == [] == t.aio_client_interceptors()\n"
+        "h = t.setup_tracing('ckv-test', {'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://127.0.0.1:9'})\n"
+        "assert h.active and h.exporting and t.active() and len(t.server_interceptors()) == 1\n"
+        "assert len(t.aio_client_interceptors()) == 4\n"
+        "print(trace.get_tracer_provider().resource.attributes['service.name'])\n"
+        "h.shutdown()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("OTEL_")})
+    assert out.returncode == 0 and out.stdout.strip() == "ckv-test", out.stderr
+    named = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "OTEL_SERVICE_NAME": "from-env"})
+    assert named.stdout.strip() == "from-env", named.stderr
