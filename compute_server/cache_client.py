@@ -100,6 +100,7 @@ class CacheClient:
                          ("grpc.max_receive_message_length", max_message_bytes), *RECONNECT_OPTIONS]
         self._entries = list(addresses)
         self._addresses = [a for a in self._entries if not discovery.is_dns(a)]
+        self._resolved: dict[str, list[str]] = {}  # dns:/// entry -> its last non-empty expansion
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, cache_pb2_grpc.CacheServiceStub] = {}
         self._timeout = timeout_s
@@ -133,15 +134,21 @@ class CacheClient:
                  self.replication, self.write_quorum)
 
     async def refresh(self) -> None:
-        """Expand the configured entries again; an empty answer keeps the shards known so far."""
-        found = await asyncio.get_running_loop().run_in_executor(None, discovery.expand, self._entries)
-        if not found:
-            log.warning("cache shards: %s resolved to no address; keeping %s", ",".join(self._entries),
-                        ",".join(self._addresses) or "none")
-            return
-        if sorted(found) != sorted(self._addresses):
-            log.info("cache shards: %s (was %s)", ",".join(found), ",".join(self._addresses) or "none")
-            self._addresses = found
+        """Resolve the ``dns:///`` entries again; one that resolves to nothing keeps its last answer."""
+        loop = asyncio.get_running_loop()
+        for entry in self._entries:
+            if discovery.is_dns(entry):
+                found = await loop.run_in_executor(None, discovery.expand, [entry])
+                if found:
+                    self._resolved[entry] = found
+                else:
+                    log.warning("cache shards: %s resolved to no address; keeping %s", entry,
+                                ",".join(self._resolved.get(entry, [])) or "none")
+        addresses = [a for e in self._entries for a in (self._resolved.get(e, []) if discovery.is_dns(e) else [e])]
+        addresses = sorted(set(addresses), key=addresses.index)
+        if sorted(addresses) != sorted(self._addresses):
+            log.info("cache shards: %s (was %s)", ",".join(addresses) or "none", ",".join(self._addresses) or "none")
+            self._addresses = addresses
 
     async def _refresh_loop(self) -> None:
         while True:

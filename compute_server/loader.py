@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 import torch
@@ -191,13 +192,13 @@ class KVLoader:
             while True:
                 item = await self._outbox.get()
                 if item[0] == "read":  # type: ignore[index]
-                    _, tag, region, indices, priority = item  # type: ignore[misc]
+                    tag, region, indices, priority = cast(tuple[int, str, list[int], int], item[1:])  # type: ignore[index]
                     if indices:
                         self._reads[tag] = _Read(region, list(indices), priority)
                     await self._stream.read(tag, region, indices, priority)
                 else:
-                    for tag in item[1]:  # type: ignore[index]
-                        self._reads.pop(tag, None)
+                    for cancelled in item[1]:  # type: ignore[index]
+                        self._reads.pop(cancelled, None)
                     await self._stream.cancel(item[1])  # type: ignore[index]
         except ComputeError as exc:
             if not hasattr(self._stream, "failover"):
@@ -224,9 +225,9 @@ class KVLoader:
         blob = self._blobs.get(m.tag)  # type: ignore[attr-defined]
         if blob is not None:
             self._on_blob(m.tag, blob, m)  # type: ignore[attr-defined]
-            return
+            return None
         if not m.indices:  # type: ignore[attr-defined]
-            return  # an empty "done"/"cancelled" marker
+            return None  # an empty "done"/"cancelled" marker
         self.bytes_by_category["kv"] = self.bytes_by_category.get("kv", 0) + len(data)
         group = int(m.region.split("G", 1)[1])  # type: ignore[attr-defined]
         size = self.layout.kv_record_size
@@ -241,6 +242,7 @@ class KVLoader:
             for layer in layers:
                 self._maybe_stage(layer)
             self._cond.notify_all()
+        return None
 
     def _on_blob(self, tag: int, blob: _Blob, m: object) -> None:
         count = len(m.indices)  # type: ignore[attr-defined]

@@ -260,11 +260,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"{'would delete' if report.dry_run else 'delete'} {d['prefix_id']} {d['layout']} from {d['shard']}")
         for failure in report.failed:
             print(f"failed: {failure}", file=sys.stderr)
-        done = "planned" if report.dry_run else f"{report.copied} copied ({report.bytes_copied / 2**20:.1f} MiB written), " \
-            f"{report.deleted} deleted,"
-        print(f"{report.objects} objects on {len(report.shards)} shards (replication {report.replication}): "
-              f"{report.in_place} in place, {len(report.planned_copies)} copies and {len(report.planned_deletes)} "
-              f"deletes {done} {len(report.failed)} failed", file=sys.stderr)
+        copies, deletes = len(report.planned_copies), len(report.planned_deletes)
+        if report.dry_run:
+            done = f"would copy {copies} and delete {deletes} (dry run)"
+        else:
+            done = (f"copied {report.copied} of {copies} ({report.bytes_copied / 2**20:.1f} MiB written), "
+                    f"deleted {report.deleted} of {deletes}, {len(report.failed)} failed")
+        print(f"{report.objects} objects on {len(report.shards)} shards (replication {report.replication}), "
+              f"{report.in_place} in place: {done}", file=sys.stderr)
     return 1 if report.failed else 0
 
 

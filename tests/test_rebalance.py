@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,6 +103,9 @@ def test_adding_a_shard_copies_what_it_owns_then_delete_and_drain(
     assert sorted((x["prefix_id"], x["layout"]) for x in plan["planned_copies"]) == expected_copies  # type: ignore[union-attr]
     assert all(x["target"] == c for x in plan["planned_copies"])  # type: ignore[union-attr]
     assert _objects(c) == set()  # a dry run changes nothing
+    assert cli.main(["rebalance", "--cache", f"{a},{b},{c}", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert out.out.count(f" -> {c}\n") == len(expected_copies) and "(dry run)" in out.err
 
     done = _rebalance(capsys, "--cache", f"{a},{b},{c}")
     assert done["copied"] == len(expected_copies) and done["failed"] == [] and done["deleted"] == 0
@@ -129,3 +134,12 @@ def test_an_unreachable_shard_stops_it_before_anything_is_done(
     shards[2].stop()
     assert cli.main(["rebalance", "--cache", f"{a},{shards[2].address}"]) == 1
     assert shards[2].address in capsys.readouterr().err
+
+
+def test_rebalance_runs_without_torch() -> None:
+    """The storage image has no torch: `python -m contiguouskv.rebalance` must not import it."""
+    code = ("import sys; import contiguouskv.rebalance as r; assert 'torch' not in sys.modules, 'torch'; "
+            "raise SystemExit(r.main(['--help']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "--dry-run" in done.stdout and "--drain" in done.stdout

@@ -5,6 +5,7 @@ Pure functions only: no server, no torch.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 
 import pytest
@@ -156,3 +157,50 @@ def test_config_replication_and_quorum() -> None:
         ComputeServerConfig(model="random:tiny", cache=("dns:///headless",))
     # the shard count behind a DNS name is not known before it resolves
     ComputeServerConfig(model="random:tiny", cache=("dns:///cache-headless:50051",), replication=3)
+
+
+async def test_the_client_follows_dns_and_keeps_its_shards_on_an_empty_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from contiguouskv.compute_server.cache_client import CacheClient
+
+    answers = [["cache-0.h:1", "cache-1.h:1"], [], ["cache-0.h:1", "cache-1.h:1", "cache-2.h:1"]]
+    calls = []
+
+    def fake_expand(entries: list[str]) -> list[str]:
+        assert entries == ["dns:///h:1"]  # static entries are not resolved
+        calls.append(entries)
+        return answers[min(len(calls), len(answers)) - 1]
+
+    monkeypatch.setattr(discovery, "expand", fake_expand)
+    client = CacheClient(["dns:///h:1", "static:2"], 1 << 20, 5.0, refresh_s=3600)
+    assert client.addresses == ["static:2"] and client.replication == 1
+    await client.start()
+    try:
+        assert client.addresses == ["cache-0.h:1", "cache-1.h:1", "static:2"]
+        assert client.replication == 2 and client.write_quorum == 2
+        await client.refresh()
+        assert client.addresses == ["cache-0.h:1", "cache-1.h:1", "static:2"]  # the empty answer kept them
+        await client.refresh()
+        assert client.addresses == ["cache-0.h:1", "cache-1.h:1", "cache-2.h:1", "static:2"]
+        assert client.replicas("0" * 32) == replica_set("0" * 32, client.addresses, 2)
+    finally:
+        await client.close()
+    client = CacheClient(["dns:///h:1"], 1 << 20, 5.0, refresh_s=0.01)  # and it does so periodically
+    await client.start()
+    try:
+        for _ in range(500):
+            if len(calls) >= 5:
+                break
+            await asyncio.sleep(0.01)
+        assert len(calls) >= 5
+    finally:
+        await client.close()
+
+
+def test_no_shard_known_is_unavailable() -> None:
+    from contiguouskv.compute_server.cache_client import CacheClient
+    from contiguouskv.compute_server.errors import ComputeError
+
+    client = CacheClient(["dns:///nothing-here:1"], 1 << 20, 5.0)
+    with pytest.raises(ComputeError, match="no cache shard known") as info:
+        client.replicas("0" * 32)
+    assert info.value.code == "UNAVAILABLE"
