@@ -32,12 +32,12 @@ def plot_reprefill(rows: list[Any], results: list[dict[str, Any]], out: Path) ->
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for policy in dict.fromkeys(r["policy"] for r in results):
+    for i, policy in enumerate(dict.fromkeys(r["policy"] for r in results)):
         points = sorted((r["budget"], r["ttft_ms_p50"]) for r in results if r["policy"] == policy and r["cache"] == "cold")
         if len(points) == 1:
-            ax.axhline(points[0][1], linestyle="--", label=policy, color=None)
+            ax.axhline(points[0][1], linestyle="--", label=policy, color=f"C{i}")
         else:
-            ax.plot([b for b, _ in points], [t for _, t in points], marker="o", label=policy)
+            ax.plot([b for b, _ in points], [t for _, t in points], marker="o", label=policy, color=f"C{i}")
     ax.set_xlabel("budget (fraction of chunks)")
     ax.set_ylabel("TTFT p50 (ms), cold")
     ax.set_yscale("log")
