@@ -34,7 +34,14 @@ FETCH_METHOD = "/contiguouskv.v1.CacheService/Fetch"
 DOWN_S = 5.0
 """After a shard fails with UNAVAILABLE, reads try its replicas first for this long."""
 # A restarted shard is dialled again within seconds, not after gRPC's default backoff (up to 120 s).
-RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
+# A ping unanswered for 10 s closes the connection: a shard whose node vanished without closing it
+# (power loss, partition) then fails its calls with UNAVAILABLE and a Fetch stream fails over within
+# seconds (measured: 10 s), not at the call's deadline. Pings: gRPC's own flow-control probes while
+# data flows (their timeout is 60 s by default) and keepalive pings every 10 s during a call; the
+# cache server accepts pings that often (common.serving.channel_options).
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000),
+                     ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 10_000),
+                     ("grpc.http2.ping_timeout_ms", 10_000), ("grpc.http2.max_pings_without_data", 0)]
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,12 @@ log = logging.getLogger(__name__)
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    # Accept keepalive pings every 5 s (the compute server's cache channels ping every 10 s during a
+    # call, to notice a shard whose node vanished without closing the connection); gRPC's default
+    # of 5 min would answer them with GOAWAY "too_many_pings".
     return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
 
 
 def write_port_file(path: Path, port: int) -> None:
