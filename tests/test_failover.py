@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -117,15 +118,21 @@ def expected(layer: int, chunks: list[int]) -> tuple[torch.Tensor, torch.Tensor]
     return keys, values
 
 
-async def load_everything(plans: dict[str, Plan], cancel_last: bool = False) -> KVLoader:
-    """Ask for every kv record (layers 0-1 in one read, 2-3 one read per chunk) and the tokens."""
+async def load_everything(plans: dict[str, Plan], cancel_last: bool = False, staged: bool = False) -> KVLoader:
+    """Ask for every kv record (layers 0-1 in one read, 2-3 one read per chunk) and the tokens.
+
+    ``staged``: layers 0-1 are announced (:meth:`KVLoader.expect`) and assembled by a stager thread.
+    """
     loop = asyncio.get_running_loop()
     stream = replica_stream(plans)
     await stream.start()
-    loader = KVLoader(LAYOUT, stream, loop)  # type: ignore[arg-type]
+    stager = ThreadPoolExecutor(1) if staged else None
+    loader = KVLoader(LAYOUT, stream, loop, stager=stager)  # type: ignore[arg-type]
     io = asyncio.create_task(loader.run())
     chunks = list(range(LAYOUT.num_chunks))
     try:
+        if staged:
+            loader.expect(range(0, 2), chunks)
         loader.start_load(chunks, range(0, 2))
         tokens = loader.start_blob("tokens", [0])
         per_chunk = loader.start_load_per_chunk(chunks, range(2, 4))
@@ -143,6 +150,10 @@ async def load_everything(plans: dict[str, Plan], cancel_last: bool = False) -> 
         io.cancel()
         await asyncio.gather(io, return_exceptions=True)
         await stream.close()
+        if stager is not None:
+            stager.shutdown()
+    if staged:
+        assert set(loader._staged) == {0, 1}  # layers 0-1 went through the stager
     return loader
 
 
@@ -153,10 +164,11 @@ def test_no_failure_reads_the_first_replica_only() -> None:
     assert loader.kv_records_received == LAYOUT.num_chunks * 4
 
 
+@pytest.mark.parametrize("staged", [False, True])
 @pytest.mark.parametrize("break_after", [0, 1, 5, 12])
-def test_a_stream_broken_mid_request_continues_on_the_next_replica(break_after: int) -> None:
+def test_a_stream_broken_mid_request_continues_on_the_next_replica(break_after: int, staged: bool) -> None:
     plans = {"a": Plan(break_after=break_after), "b": Plan()}
-    loader = asyncio.run(load_everything(plans))
+    loader = asyncio.run(load_everything(plans, staged=staged))
     assert loader.failovers == ["a -> b"]
     total = LAYOUT.num_chunks * 4 + 1  # kv records and the tokens record
     # every record exactly once: b was asked only for what a had not delivered
