@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     from contiguouskv.bench import quality as bench_quality
 
     bench_quality.add_arguments(bench_sub.add_parser("quality", help="answer quality of every policy on a real model"))
+    from contiguouskv.bench import load as bench_load
+
+    bench_load.add_arguments(bench_sub.add_parser(
+        "load", help="concurrent clients doing Re-Prefill: rps, TTFT percentiles, errors; --soak samples RSS",
+        description=bench_load.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
 
     from contiguouskv import rebalance
 
@@ -212,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             from contiguouskv.bench import quality as bench_quality, reprefill as bench_reprefill, storage as bench_storage
 
             runners = {"storage": bench_storage.run, "quality": bench_quality.run}
+            from contiguouskv.bench import load as bench_load
+
+            runners["load"] = bench_load.run
             return runners.get(args.bench, bench_reprefill.run)(args)
         from contiguouskv.demo import run_demo
 

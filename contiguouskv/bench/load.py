@@ -1,0 +1,278 @@
+"""``contiguouskv bench load``: many concurrent clients doing Re-Prefill, per concurrency level.
+
+Registers ``--prefixes`` random-token prefixes, then for each level of ``--concurrency`` runs that
+many worker tasks for ``--seconds``; each worker owns one async SDK client (its own channel, so its
+own connection) and sends Re-Prefill requests back to back over the prefixes, each with a
+``--timeout``. A failed call is counted by its SDK status (``DEADLINE_EXCEEDED``, ...) or, for
+anything else, its exception class, and the worker goes on; no call is retried (the SDK's retry on
+UNAVAILABLE is off, so every failure shows). TTFT is the client's wall time of one call
+(``max_new_tokens=0``: the call ends with the first token), queueing included.
+
+``--soak MINUTES`` runs one level (``--soak-concurrency``, default 32) that long instead and samples
+every ``--sample-every`` seconds the RSS and open file descriptors of the server processes
+(``/proc/PID/status``, ``/proc/PID/fd``): the ones it started, or ``--pid`` ones with ``--compute``.
+``rss_growth_pct`` is the growth from the first sample at or after 10 % of the soak (warm-up) to
+the last one, per process.
+
+By default it starts a cache server and a compute server (``--threads 1`` on machines with <= 4
+cores) in a temp dir under the current one; ``--compute HOST:PORT`` targets running servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from contiguouskv import launch
+from contiguouskv.client import NO_RETRY, AsyncContiguousKVClient, ContiguousKVError
+
+CONNECT_TIMEOUT_S = 60.0
+CONFIG_KEYS = ("concurrency", "seconds", "prefixes", "model", "prefix_tokens", "query_tokens", "policy", "budget",
+               "timeout", "soak", "soak_concurrency", "sample_every", "compute", "pid", "compute_threads", "seed")
+
+
+def _levels(raw: str) -> list[int]:
+    try:
+        levels = [int(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {raw!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"levels must be >= 1, got {raw!r}")
+    return levels
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``bench load`` (every one has a default)."""
+    a = parser.add_argument
+    a("--concurrency", type=_levels, default=[8, 32, 64], help="concurrent clients per level (default 8,32,64)")
+    a("--seconds", type=float, default=20.0, help="seconds per level (default 20)")
+    a("--prefixes", type=int, default=8, help="prefixes registered and queried round robin (default 8)")
+    a("--model", default="random:tiny", help="model of the started compute server (default random:tiny)")
+    a("--prefix-tokens", type=int, default=1024, help="tokens per prefix (default 1024)")
+    a("--query-tokens", type=int, default=32, help="tokens per query (default 32)")
+    a("--policy", default="contiguous", help="Re-Prefill policy (default contiguous)")
+    a("--budget", type=float, default=0.25, help="fraction of the prefix to load (default 0.25)")
+    a("--timeout", type=float, default=60.0, help="seconds per call (default 60)")
+    a("--soak", type=float, metavar="MINUTES", help="run one level this long and sample server RSS and fds")
+    a("--soak-concurrency", type=int, default=32, help="clients of the soak level (default 32)")
+    a("--sample-every", type=float, default=5.0, help="seconds between RSS/fd samples of a soak (default 5)")
+    a("--compute", help="target this running compute server HOST:PORT instead of starting servers")
+    a("--pid", type=int, action="append", default=[],
+      help="with --compute: a server process to sample during a soak (repeatable)")
+    a("--compute-threads", type=int,
+      help="torch threads of the started compute server (default 1 on machines with <= 4 cores, else torch's)")
+    a("--workdir", type=Path, help="store directory (default: a temp dir under the current one)")
+    a("--seed", type=int, default=0, help="random seed of prefixes and queries (default 0)")
+    a("--json", dest="json_path", type=Path, help="write results as JSON here")
+
+
+@dataclass
+class Tally:
+    """What one level's workers saw: call latencies and errors by status or exception class."""
+
+    ttft_ms: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    error_examples: dict[str, str] = field(default_factory=dict)
+
+    def fail(self, err: BaseException) -> None:
+        key = err.status if isinstance(err, ContiguousKVError) else type(err).__name__
+        self.errors[key] = self.errors.get(key, 0) + 1
+        self.error_examples.setdefault(key, str(err)[:300])
+
+
+@dataclass
+class ProcessSamples:
+    """RSS (bytes) and open fds of one server process over a soak, with the time of each sample."""
+
+    name: str
+    pid: int
+    t_s: list[float] = field(default_factory=list)
+    rss_bytes: list[int] = field(default_factory=list)
+    fds: list[int] = field(default_factory=list)
+
+    def sample(self, t_s: float) -> None:
+        with contextlib.suppress(OSError):  # gone: no sample
+            status = Path(f"/proc/{self.pid}/status").read_text()
+            rss_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+            fds = len(os.listdir(f"/proc/{self.pid}/fd"))
+            self.t_s.append(t_s)
+            self.rss_bytes.append(rss_kb * 1024)
+            self.fds.append(fds)
+
+    def summary(self, warmup_s: float) -> dict[str, object]:
+        """Growth from the first sample at or after ``warmup_s`` to the last one."""
+        warm = next((i for i, t in enumerate(self.t_s) if t >= warmup_s), None)
+        if warm is None or not self.rss_bytes:
+            return {"name": self.name, "pid": self.pid, "samples": len(self.t_s), "rss_growth_pct": None}
+        base, end = self.rss_bytes[warm], self.rss_bytes[-1]
+        return {"name": self.name, "pid": self.pid, "samples": len(self.t_s), "warmup_s": warmup_s,
+                "rss_mb_warm": base / 2**20, "rss_mb_end": end / 2**20, "rss_mb_max": max(self.rss_bytes) / 2**20,
+                "rss_growth_pct": (end - base) / base * 100, "fds_warm": self.fds[warm], "fds_end": self.fds[-1],
+                "fds_max": max(self.fds), "t_s": self.t_s, "rss_bytes": self.rss_bytes, "fd_counts": self.fds}
+
+
+def _percentile(ordered: list[float], q: float) -> float | None:
+    """Nearest-rank percentile of sorted values (None when empty)."""
+    if not ordered:
+        return None
+    return ordered[min(len(ordered), max(1, math.ceil(q * len(ordered)))) - 1]
+
+
+def _progress(message: str) -> None:
+    print(f"[bench load {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class LoadGenerator:
+    """Registers the prefixes once, then runs levels against one compute server address."""
+
+    def __init__(self, args: argparse.Namespace, address: str) -> None:
+        self.args = args
+        self.address = address
+        self.rng = random.Random(args.seed)
+        self.prefixes: list[str] = []
+        self.vocab = 0
+
+    def _client(self) -> AsyncContiguousKVClient:
+        return AsyncContiguousKVClient(self.address, timeout=self.args.timeout, retry=NO_RETRY)
+
+    def _tokens(self, rng: random.Random, count: int) -> list[int]:
+        return [rng.randrange(self.vocab) for _ in range(count)]
+
+    async def register(self) -> None:
+        async with self._client() as client:
+            self.vocab = (await client.model_info(timeout=CONNECT_TIMEOUT_S)).vocab_size
+            for i in range(self.args.prefixes):
+                _progress(f"registering prefix {i + 1}/{self.args.prefixes} ({self.args.prefix_tokens} tokens)")
+                reg = await client.register(token_ids=self._tokens(self.rng, self.args.prefix_tokens), timeout=600)
+                self.prefixes.append(reg.prefix_id)
+
+    async def _worker(self, index: int, client: AsyncContiguousKVClient, end: float, tally: Tally) -> float:
+        """Requests back to back until ``end``; returns when its last call finished."""
+        rng = random.Random(self.args.seed * 1_000_003 + index)
+        n = index
+        while time.monotonic() < end:
+            prefix = self.prefixes[n % len(self.prefixes)]
+            n += 1
+            query = self._tokens(rng, self.args.query_tokens)
+            start = time.monotonic()
+            try:  # the SDK's deadline ends the call; wait_for is a backstop should it not
+                await asyncio.wait_for(client.reprefill(prefix, query, policy=self.args.policy,
+                                                        budget=self.args.budget, timeout=self.args.timeout),
+                                       self.args.timeout + 5)
+            except Exception as err:  # counted, not raised: a load test goes on through errors
+                tally.fail(err)
+            else:
+                tally.ttft_ms.append((time.monotonic() - start) * 1e3)
+        return time.monotonic()
+
+    async def level(self, concurrency: int, seconds: float,
+                    watched: list[ProcessSamples]) -> dict[str, object]:
+        """One level: ``concurrency`` workers for ``seconds``; samples ``watched`` while it runs."""
+        clients = [self._client() for _ in range(concurrency)]
+        tally = Tally()
+        try:  # connect every channel before the clock starts
+            await asyncio.gather(*(c.model_info(timeout=CONNECT_TIMEOUT_S) for c in clients))
+            start = time.monotonic()
+            sampler = asyncio.create_task(self._sample(watched, start))
+            try:
+                finished = await asyncio.gather(*(self._worker(i, c, start + seconds, tally)
+                                                  for i, c in enumerate(clients)))
+            finally:
+                sampler.cancel()
+            for proc in watched:  # one last sample at the end
+                proc.sample(time.monotonic() - start)
+        finally:
+            await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        elapsed = max(finished) - start
+        ordered = sorted(tally.ttft_ms)
+        return {"concurrency": concurrency, "seconds": elapsed, "requests": len(ordered),
+                "rps": len(ordered) / elapsed, "ttft_ms_p50": _percentile(ordered, 0.50),
+                "ttft_ms_p95": _percentile(ordered, 0.95), "ttft_ms_p99": _percentile(ordered, 0.99),
+                "ttft_ms_max": ordered[-1] if ordered else None,
+                "errors_total": sum(tally.errors.values()), "errors": tally.errors,
+                "error_examples": tally.error_examples, "rss_growth_pct": None}
+
+    async def _sample(self, watched: list[ProcessSamples], start: float) -> None:
+        while watched:
+            for proc in watched:
+                proc.sample(time.monotonic() - start)
+            await asyncio.sleep(self.args.sample_every)
+
+    async def run(self, watched: list[ProcessSamples]) -> list[dict[str, object]]:
+        await self.register()
+        if self.args.soak is not None:
+            seconds = self.args.soak * 60
+            _progress(f"soak: {self.args.soak_concurrency} clients for {seconds:.0f}s, sampling {len(watched)} "
+                      f"process(es) every {self.args.sample_every:g}s")
+            result = await self.level(self.args.soak_concurrency, seconds, watched)
+            processes = [p.summary(0.1 * seconds) for p in watched]
+            result["processes"] = processes
+            result["rss_growth_pct"] = {p["name"]: p["rss_growth_pct"] for p in processes} or None
+            return [result]
+        results = []
+        for concurrency in self.args.concurrency:
+            _progress(f"{concurrency} clients for {self.args.seconds:g}s")
+            results.append(await self.level(concurrency, self.args.seconds, []))
+        return results
+
+
+def _start_servers(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> dict[str, launch.ServiceProcess]:
+    cache = launch.cache_server(root / "store", log_path=root / "cache.log")
+    stack.callback(cache.stop)
+    cache.wait_ready(timeout=120)
+    threads = args.compute_threads
+    if threads is None:
+        threads = 1 if (os.cpu_count() or 1) <= 4 else 0
+    compute = launch.compute_server(args.model, cache.address, "--threads", str(threads),
+                                    log_path=root / "compute.log")
+    stack.callback(compute.stop)
+    _progress(f"starting compute server ({args.model}) ...")
+    compute.wait_ready(timeout=900)
+    return {"cache": cache, "compute": compute}
+
+
+def _print(results: list[dict[str, object]]) -> None:
+    print(f"{'clients':>7}{'requests':>10}{'rps':>9}{'TTFT p50':>10}{'p95':>9}{'p99':>9}  errors")
+    for r in results:
+        ms = [f"{v:>9.1f}" if v is not None else f"{'-':>9}" for v in
+              (r["ttft_ms_p50"], r["ttft_ms_p95"], r["ttft_ms_p99"])]
+        errors = ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0"  # type: ignore[union-attr]
+        print(f"{r['concurrency']:>7}{r['requests']:>10}{r['rps']:>9.1f} {ms[0]}{ms[1]}{ms[2]}  {errors}")
+        for p in r.get("processes", []):  # type: ignore[attr-defined]
+            if p["rss_growth_pct"] is not None:
+                print(f"  {p['name']} (pid {p['pid']}): RSS {p['rss_mb_warm']:.1f} -> {p['rss_mb_end']:.1f} MiB "
+                      f"({p['rss_growth_pct']:+.2f} %), fds {p['fds_warm']} -> {p['fds_end']}, "
+                      f"{p['samples']} samples")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the load test; prints a table, writes ``--json``; returns 0 (1 if any call failed)."""
+    with contextlib.ExitStack() as stack:
+        if args.compute:
+            address = args.compute
+            watched = [ProcessSamples(f"pid{pid}", pid) for pid in args.pid]
+        else:
+            base = args.workdir or Path.cwd()
+            base.mkdir(parents=True, exist_ok=True)
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ckv-bench-", dir=base)))
+            servers = _start_servers(args, root, stack)
+            address = servers["compute"].address
+            watched = [ProcessSamples(name, s.proc.pid) for name, s in servers.items()]
+        results = asyncio.run(LoadGenerator(args, address).run(watched))
+    _print(results)
+    if args.json_path:
+        config = {k: getattr(args, k) for k in CONFIG_KEYS}
+        machine = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+        args.json_path.write_text(json.dumps({"machine": machine, "config": config, "results": results}, indent=2))
+    return 1 if any(r["errors_total"] for r in results) else 0
