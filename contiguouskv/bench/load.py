@@ -169,7 +169,7 @@ class LoadGenerator:
             try:  # the SDK's deadline ends the call; wait_for is a backstop should it not
                 await asyncio.wait_for(client.reprefill(prefix, query, policy=self.args.policy,
                                                         budget=self.args.budget, timeout=self.args.timeout),
-                                       self.args.timeout + 5)
+                                       self.args.timeout * 1.1 + 1)
             except Exception as err:  # counted, not raised: a load test goes on through errors
                 tally.fail(err)
             else:

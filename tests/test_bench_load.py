@@ -1,0 +1,105 @@
+"""``contiguouskv bench load``: the real thing briefly (own servers, levels and a soak), and its parts."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+from contiguouskv import cli
+from contiguouskv.bench import load
+from contiguouskv.client import NotFoundError
+
+LEVEL_KEYS = {"concurrency", "rps", "ttft_ms_p50", "ttft_ms_p95", "ttft_ms_p99", "errors", "errors_total",
+              "rss_growth_pct", "requests"}
+
+
+def _bench(tmp_path: Path, *flags: str) -> dict[str, object]:
+    out = tmp_path / "load.json"
+    code = cli.main(["bench", "load", "--prefixes", "2", "--prefix-tokens", "256", "--workdir", str(tmp_path),
+                     "--json", str(out), *flags])
+    report = json.loads(out.read_text())
+    assert code == 0, report
+    return report
+
+
+def _check_level(level: dict[str, object], concurrency: int) -> None:
+    assert LEVEL_KEYS <= level.keys()
+    assert level["concurrency"] == concurrency
+    assert level["errors"] == {} and level["errors_total"] == 0
+    assert level["rps"] > 0 and level["requests"] > 0  # type: ignore[operator]
+    assert 0 < level["ttft_ms_p50"] <= level["ttft_ms_p95"] <= level["ttft_ms_p99"]  # type: ignore[operator]
+
+
+def test_levels_on_own_servers(tmp_path: Path) -> None:
+    report = _bench(tmp_path, "--concurrency", "2,4", "--seconds", "3")
+    levels = report["results"]
+    assert [r["concurrency"] for r in levels] == [2, 4]  # type: ignore[index]
+    for level, concurrency in zip(levels, (2, 4)):  # type: ignore[call-overload]
+        _check_level(level, concurrency)
+        assert level["rss_growth_pct"] is None
+    assert report["config"]["model"] == "random:tiny"  # type: ignore[index]
+    assert not list(tmp_path.glob("ckv-bench-*"))  # the temp store is gone
+
+
+def test_soak_samples_both_servers(tmp_path: Path) -> None:
+    report = _bench(tmp_path, "--soak", "0.15", "--soak-concurrency", "3", "--sample-every", "1")
+    (level,) = report["results"]  # type: ignore[misc]
+    _check_level(level, 3)
+    assert level["seconds"] >= 9
+    growth = level["rss_growth_pct"]
+    assert set(growth) == {"cache", "compute"}
+    for proc in level["processes"]:
+        assert proc["samples"] >= 5 and len(proc["rss_bytes"]) == proc["samples"]
+        assert all(r > 0 for r in proc["rss_bytes"]) and all(f > 0 for f in proc["fd_counts"])
+        assert proc["rss_growth_pct"] == growth[proc["name"]]
+        assert proc["t_s"][0] < proc["warmup_s"] <= proc["t_s"][-1]
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert load._percentile(values, 0.5) == 50.0
+    assert load._percentile(values, 0.95) == 95.0
+    assert load._percentile(values, 0.99) == 99.0
+    assert load._percentile([7.0], 0.99) == 7.0
+    assert load._percentile([], 0.5) is None
+
+
+def test_process_samples_of_this_process() -> None:
+    samples = load.ProcessSamples("me", os.getpid())
+    for t in (0.0, 1.0, 2.0):
+        samples.sample(t)
+    summary = samples.summary(warmup_s=0.5)
+    assert summary["samples"] == 3 and summary["fds_warm"] > 0  # type: ignore[operator]
+    assert summary["rss_mb_warm"] == samples.rss_bytes[1] / 2**20
+    gone = load.ProcessSamples("gone", 2**22 + 1)  # above the kernel's pid_max: no such process
+    gone.sample(0.0)
+    assert gone.summary(0.0)["rss_growth_pct"] is None
+
+
+class _FailingClient:
+    """Fails the first call with NOT_FOUND, then hangs on every later one."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def reprefill(self, *args: object, **kwargs: object) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise NotFoundError("prefix p0 is not registered")
+        await asyncio.sleep(3600)
+
+
+def test_worker_counts_errors_and_bounds_every_call() -> None:
+    args = argparse.Namespace(seed=0, query_tokens=4, policy="full", budget=None, timeout=0.05)
+    gen = load.LoadGenerator(args, "127.0.0.1:1")
+    gen.prefixes, gen.vocab = ["p0"], 100
+    tally = load.Tally()
+    client = _FailingClient()
+    asyncio.run(gen._worker(0, client, time.monotonic() + 0.5, tally))  # type: ignore[arg-type]
+    assert tally.errors["NOT_FOUND"] == 1
+    assert tally.errors["TimeoutError"] == client.calls - 1 >= 1  # hung calls cut by the backstop
+    assert tally.ttft_ms == []
