@@ -33,11 +33,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from contiguouskv import launch
 from contiguouskv.client import NO_RETRY, AsyncContiguousKVClient, ContiguousKVError
 
 CONNECT_TIMEOUT_S = 60.0
+Json = dict[str, Any]  # an object of the JSON report
 CONFIG_KEYS = ("concurrency", "seconds", "prefixes", "model", "prefix_tokens", "query_tokens", "policy", "budget",
                "timeout", "soak", "soak_concurrency", "sample_every", "compute", "pid", "compute_threads", "seed")
 
@@ -110,7 +112,7 @@ class ProcessSamples:
             self.rss_bytes.append(rss_kb * 1024)
             self.fds.append(fds)
 
-    def summary(self, warmup_s: float) -> dict[str, object]:
+    def summary(self, warmup_s: float) -> Json:
         """Growth from the first sample at or after ``warmup_s`` to the last one."""
         warm = next((i for i, t in enumerate(self.t_s) if t >= warmup_s), None)
         if warm is None or not self.rss_bytes:
@@ -177,7 +179,7 @@ class LoadGenerator:
         return time.monotonic()
 
     async def level(self, concurrency: int, seconds: float,
-                    watched: list[ProcessSamples]) -> dict[str, object]:
+                    watched: list[ProcessSamples]) -> Json:
         """One level: ``concurrency`` workers for ``seconds``; samples ``watched`` while it runs."""
         clients = [self._client() for _ in range(concurrency)]
         tally = Tally()
@@ -209,7 +211,7 @@ class LoadGenerator:
                 proc.sample(time.monotonic() - start)
             await asyncio.sleep(self.args.sample_every)
 
-    async def run(self, watched: list[ProcessSamples]) -> list[dict[str, object]]:
+    async def run(self, watched: list[ProcessSamples]) -> list[Json]:
         await self.register()
         if self.args.soak is not None:
             seconds = self.args.soak * 60
@@ -242,14 +244,14 @@ def _start_servers(args: argparse.Namespace, root: Path, stack: contextlib.ExitS
     return {"cache": cache, "compute": compute}
 
 
-def _print(results: list[dict[str, object]]) -> None:
+def _print(results: list[Json]) -> None:
     print(f"{'clients':>7}{'requests':>10}{'rps':>9}{'TTFT p50':>10}{'p95':>9}{'p99':>9}  errors")
     for r in results:
         ms = [f"{v:>9.1f}" if v is not None else f"{'-':>9}" for v in
               (r["ttft_ms_p50"], r["ttft_ms_p95"], r["ttft_ms_p99"])]
-        errors = ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0"  # type: ignore[union-attr]
+        errors = ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0"
         print(f"{r['concurrency']:>7}{r['requests']:>10}{r['rps']:>9.1f} {ms[0]}{ms[1]}{ms[2]}  {errors}")
-        for p in r.get("processes", []):  # type: ignore[attr-defined]
+        for p in r.get("processes", []):
             if p["rss_growth_pct"] is not None:
                 print(f"  {p['name']} (pid {p['pid']}): RSS {p['rss_mb_warm']:.1f} -> {p['rss_mb_end']:.1f} MiB "
                       f"({p['rss_growth_pct']:+.2f} %), fds {p['fds_warm']} -> {p['fds_end']}, "
