@@ -10,6 +10,7 @@ import dataclasses
 from pathlib import Path
 
 from contiguouskv.cache_server.cache_policy import DEFAULT_POLICY, POLICIES
+from contiguouskv.common.security import check_server_files
 
 MIN_MESSAGE_BYTES = 1 << 20
 
@@ -26,7 +27,10 @@ class CacheServerConfig:
     the DRAM cache's budget (0 = no cache), kept by ``cache_policy`` (``attention``, ``lru``,
     ``lfu``, ``impress``). ``max_inflight_bytes`` bounds the record bytes one Fetch stream holds
     (being read or waiting for the client). ``metrics_port`` serves Prometheus metrics over
-    HTTP on ``host`` (``None`` = off, 0 = any free port, logged).
+    HTTP on ``host`` (``None`` = off, 0 = any free port, logged). ``tls_cert_file`` and
+    ``tls_key_file`` serve TLS; ``tls_client_ca_file`` also requires client certificates it signed
+    (mutual TLS). ``auth_tokens_file`` requires bearer tokens (see :mod:`contiguouskv.common.security`).
+    ``max_streams_per_client`` bounds the calls one client has in flight (0 = unlimited).
     """
 
     root: Path
@@ -43,6 +47,11 @@ class CacheServerConfig:
     cache_policy: str = DEFAULT_POLICY
     max_inflight_bytes: int = 16 << 20
     metrics_port: int | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    auth_tokens_file: Path | None = None
+    max_streams_per_client: int = 256
 
     def __post_init__(self) -> None:
         if not str(self.root):
@@ -72,6 +81,9 @@ class CacheServerConfig:
                              f"max_batch_bytes ({self.max_batch_bytes})")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port: {self.metrics_port} is outside 0..65535")
+        if self.max_streams_per_client < 0:
+            raise ValueError(f"max_streams_per_client: {self.max_streams_per_client} must be >= 0 (0 = unlimited)")
+        check_server_files(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file, self.auth_tokens_file)
         if self.max_batch_bytes > self.max_message_bytes // 2:
             raise ValueError(
                 f"max_batch_bytes: {self.max_batch_bytes} must be at most half of "

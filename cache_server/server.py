@@ -20,12 +20,16 @@ import grpc
 from contiguouskv.cache_server.cache_policy import DEFAULT_POLICY, POLICIES
 from contiguouskv.cache_server.config import CacheServerConfig
 from contiguouskv.cache_server.dram_cache import DramCache
-from contiguouskv.cache_server.service import SERVICE_NAME, CacheServicer, add_cache_service
+from contiguouskv.cache_server.service import METHOD_SCOPES, SERVICE_NAME, CacheServicer, add_cache_service
 from contiguouskv.cache_server.store import RecordStore
 from contiguouskv.common import telemetry
+from contiguouskv.common.access import access_interceptor
 from contiguouskv.common.config import ConfigError, load_config
 from contiguouskv.common.logs import setup_logging
-from contiguouskv.common.serving import ServerLifecycle, channel_options, run_async
+from contiguouskv.common.security import server_credentials
+from contiguouskv.common.serving import (
+    SERVER_SECURITY_FIELDS, ServerLifecycle, add_server_security_arguments, channel_options, run_async,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--read-threads", type=int, help="disk read threads (16)")
     parser.add_argument("--metrics-port", type=int,
                         help="serve Prometheus metrics on this port (0 = any free port; off if absent)")
+    add_server_security_arguments(parser)
     parser.add_argument("--config", type=Path, help="JSON file of config fields")
     # SUPPRESS: as a subcommand, an absent flag must not overwrite the parent parser's value.
     parser.add_argument("--log-level", default=argparse.SUPPRESS, help="logging level (INFO)")
@@ -59,7 +64,7 @@ def config_from_args(args: argparse.Namespace) -> CacheServerConfig:
         name: getattr(args, name, None)
         for name in ("root", "host", "port", "port_file", "max_batch_bytes", "max_store_bytes",
                      "dram_cache_bytes", "cache_policy", "max_inflight_bytes", "read_threads",
-                     "metrics_port")
+                     "metrics_port", *SERVER_SECURITY_FIELDS)
     }
     return load_config(CacheServerConfig, flags=flags, file=args.config)
 
@@ -67,8 +72,9 @@ def config_from_args(args: argparse.Namespace) -> CacheServerConfig:
 def _build_server(config: CacheServerConfig, store: RecordStore, cache: DramCache,
                   read_pool: ThreadPoolExecutor) -> ServerLifecycle:
     """The gRPC server with the cache, health and reflection services."""
-    server = grpc.aio.server(options=channel_options(config.max_message_bytes),
-                             interceptors=telemetry.server_interceptors() or None)
+    access = access_interceptor(METHOD_SCOPES, config.auth_tokens_file, config.max_streams_per_client)
+    interceptors = ([access] if access is not None else []) + telemetry.server_interceptors()
+    server = grpc.aio.server(options=channel_options(config.max_message_bytes), interceptors=interceptors or None)
     servicer = CacheServicer(store, read_pool, config.max_batch_bytes, cache,
                              config.max_inflight_bytes)
     add_cache_service(servicer, server)
@@ -94,7 +100,8 @@ async def serve(config: CacheServerConfig, ready: Callable[[int], None] | None =
     try:
         with ThreadPoolExecutor(config.read_threads, thread_name_prefix="ckv-read") as read_pool:
             lifecycle = _build_server(config, store, cache, read_pool)
-            port = await lifecycle.start(config.host, config.port, config.port_file, "cache server")
+            credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+            port = await lifecycle.start(config.host, config.port, config.port_file, "cache server", credentials)
             if ready is not None:
                 ready(port)
             await lifecycle.wait_and_drain(config.grace_seconds)

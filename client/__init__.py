@@ -24,9 +24,10 @@ from contiguouskv.client.types import (
     GeneratedToken, LayerTiming, ModelInfo, PeriodSelection, RegisteredPrefix, ReprefillResult, Timings,
     TokenLayerSelection,
 )
+from contiguouskv.common.security import ClientTls
 
 __all__ = [
-    "DEFAULT_RETRY", "NO_RETRY", "AbortedError", "AlreadyExistsError", "AsyncContiguousKVClient",
+    "DEFAULT_RETRY", "NO_RETRY", "AbortedError", "AlreadyExistsError", "AsyncContiguousKVClient", "ClientTls",
     "ContiguousKVClient", "ContiguousKVError", "DataLossError", "DeadlineExceededError", "FailedPreconditionError",
     "GeneratedToken", "InternalError", "InvalidArgumentError", "LayerTiming", "ModelInfo", "NotFoundError",
     "OutOfRangeError", "PeriodSelection", "PermissionDeniedError", "RegisteredPrefix", "ReprefillResult",

@@ -16,6 +16,7 @@ from contiguouskv.client.pool import Endpoint, RoundRobin, parse_addresses
 from contiguouskv.client.retry import DEFAULT_RETRY, Deadline, RetryPolicy
 from contiguouskv.client.types import GeneratedToken, ModelInfo, RegisteredPrefix, ReprefillResult
 from contiguouskv.common import telemetry
+from contiguouskv.common.security import ClientTls, channel_credentials, tls_options
 from contiguouskv.common.telemetry import Attributes
 from contiguouskv.v1 import compute_pb2, compute_pb2_grpc
 
@@ -28,26 +29,34 @@ if TYPE_CHECKING:  # the async stub type exists only for type checkers
 R = TypeVar("R")
 
 
-def _connect(address: str) -> Endpoint[grpc.aio.Channel, Stub]:
-    channel = grpc.aio.insecure_channel(address, options=_wire.CHANNEL_OPTIONS,
-                                        interceptors=telemetry.aio_client_interceptors() or None)
-    return Endpoint(address, channel, compute_pb2_grpc.ComputeServiceStub(channel))
+def _connector(tls: ClientTls | None, token: str | None) -> Callable[[str], Endpoint[grpc.aio.Channel, Stub]]:
+    def connect(address: str) -> Endpoint[grpc.aio.Channel, Stub]:
+        credentials = channel_credentials(address, tls, token)
+        options = [*_wire.CHANNEL_OPTIONS, *tls_options(tls)]
+        interceptors = telemetry.aio_client_interceptors() or None
+        channel = (grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
+                   if credentials is not None
+                   else grpc.aio.insecure_channel(address, options=options, interceptors=interceptors))
+        return Endpoint(address, channel, compute_pb2_grpc.ComputeServiceStub(channel))
+
+    return connect
 
 
 class AsyncContiguousKVClient:
-    """Async client; ``address``, ``timeout`` and ``retry`` as in :class:`ContiguousKVClient`.
+    """Async client; ``address``, ``timeout``, ``retry``, ``token`` and ``tls`` as in :class:`ContiguousKVClient`.
 
     Use ``async with`` or ``await close()``; create and use it on one event loop.
     """
 
     def __init__(self, address: str | Sequence[str], *, timeout: float = 300.0,
-                 retry: RetryPolicy = DEFAULT_RETRY) -> None:
+                 retry: RetryPolicy = DEFAULT_RETRY, token: str | None = None,
+                 tls: ClientTls | None = None) -> None:
         self.addresses = parse_addresses(address)
         self.address = self.addresses[0]
         self.timeout = timeout
         self.retry = retry
         Deadline(timeout)  # checks it
-        self._pool: RoundRobin[grpc.aio.Channel, Stub] = RoundRobin(self.addresses, _connect)
+        self._pool: RoundRobin[grpc.aio.Channel, Stub] = RoundRobin(self.addresses, _connector(tls, token))
 
     async def __aenter__(self) -> "AsyncContiguousKVClient":
         return self

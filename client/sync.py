@@ -16,6 +16,7 @@ from contiguouskv.client.pool import Endpoint, RoundRobin, parse_addresses
 from contiguouskv.client.retry import DEFAULT_RETRY, Deadline, RetryPolicy
 from contiguouskv.client.types import GeneratedToken, ModelInfo, RegisteredPrefix, ReprefillResult
 from contiguouskv.common import telemetry
+from contiguouskv.common.security import ClientTls, channel_credentials, tls_options
 from contiguouskv.common.telemetry import Attributes
 from contiguouskv.v1 import compute_pb2, compute_pb2_grpc
 
@@ -26,9 +27,16 @@ R = TypeVar("R")
 Stub = compute_pb2_grpc.ComputeServiceStub
 
 
-def _connect(address: str) -> Endpoint[grpc.Channel, Stub]:
-    channel = telemetry.intercept_channel(grpc.insecure_channel(address, options=_wire.CHANNEL_OPTIONS))
-    return Endpoint(address, channel, compute_pb2_grpc.ComputeServiceStub(channel))
+def _connector(tls: ClientTls | None, token: str | None) -> Callable[[str], Endpoint[grpc.Channel, Stub]]:
+    def connect(address: str) -> Endpoint[grpc.Channel, Stub]:
+        credentials = channel_credentials(address, tls, token)
+        options = [*_wire.CHANNEL_OPTIONS, *tls_options(tls)]
+        channel = (grpc.secure_channel(address, credentials, options=options) if credentials is not None
+                   else grpc.insecure_channel(address, options=options))
+        channel = telemetry.intercept_channel(channel)
+        return Endpoint(address, channel, compute_pb2_grpc.ComputeServiceStub(channel))
+
+    return connect
 
 
 def _cancel(stream: object) -> None:
@@ -45,19 +53,23 @@ class ContiguousKVClient:
     turn (round robin), and a retry goes to the next one. ``timeout``: default seconds per call
     (all attempts together); each method also takes ``timeout=``. ``retry``: when to repeat a call
     that met UNAVAILABLE (see :mod:`contiguouskv.client.retry`; ``NO_RETRY`` turns it off).
+    ``token``: a bearer token sent with every call (servers started with ``--auth-tokens-file``);
+    ``tls``: a :class:`ClientTls` (CA bundle, optional client certificate for mutual TLS) for
+    servers that serve TLS. A token needs TLS unless the servers are on loopback (``ValueError``).
 
     Use as a context manager or call :meth:`close`. Errors are :class:`ContiguousKVError` subclasses;
     no grpc type reaches the caller. Safe to share between threads.
     """
 
     def __init__(self, address: str | Sequence[str], *, timeout: float = 300.0,
-                 retry: RetryPolicy = DEFAULT_RETRY) -> None:
+                 retry: RetryPolicy = DEFAULT_RETRY, token: str | None = None,
+                 tls: ClientTls | None = None) -> None:
         self.addresses = parse_addresses(address)
         self.address = self.addresses[0]
         self.timeout = timeout
         self.retry = retry
         Deadline(timeout)  # checks it
-        self._pool: RoundRobin[grpc.Channel, Stub] = RoundRobin(self.addresses, _connect)
+        self._pool: RoundRobin[grpc.Channel, Stub] = RoundRobin(self.addresses, _connector(tls, token))
 
     def __enter__(self) -> "ContiguousKVClient":
         return self

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from contiguouskv.cache_server.wire import FetchBatch, decode_fetch_response
+from contiguouskv.common.security import ClientTls, channel_credentials, tls_options
 from contiguouskv.compute_server import discovery
 from contiguouskv.compute_server.errors import ComputeError, Unavailable
 from contiguouskv.compute_server.layout import Region
@@ -99,12 +100,17 @@ class CacheClient:
 
     ``replication`` (0: 2 where there are at least two shards, else 1) and ``write_quorum``
     (0: a majority of the replicas) are capped at the number of shards known at the time.
+    ``tls`` and ``token``: how every shard is reached (TLS, mutual with a client certificate; a
+    bearer token, which needs TLS unless the shard is on loopback).
     """
 
     def __init__(self, addresses: Sequence[str], max_message_bytes: int, timeout_s: float,
-                 replication: int = 0, write_quorum: int = 0, refresh_s: float = 30.0) -> None:
+                 replication: int = 0, write_quorum: int = 0, refresh_s: float = 30.0, *,
+                 tls: ClientTls | None = None, token: str | None = None) -> None:
         self._options = [("grpc.max_send_message_length", max_message_bytes),
-                         ("grpc.max_receive_message_length", max_message_bytes), *RECONNECT_OPTIONS]
+                         ("grpc.max_receive_message_length", max_message_bytes), *RECONNECT_OPTIONS,
+                         *tls_options(tls)]
+        self._tls, self._token = tls, token
         self._entries = list(addresses)
         self._addresses = [a for a in self._entries if not discovery.is_dns(a)]
         self._resolved: dict[str, list[str]] = {}  # dns:/// entry -> its last non-empty expansion
@@ -181,7 +187,10 @@ class CacheClient:
 
     def _stub(self, address: str) -> cache_pb2_grpc.CacheServiceStub:
         if address not in self._stubs:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
+            credentials = channel_credentials(address, self._tls, self._token)
+            self._channels[address] = (
+                grpc.aio.secure_channel(address, credentials, options=self._options) if credentials is not None
+                else grpc.aio.insecure_channel(address, options=self._options))
             self._stubs[address] = cache_pb2_grpc.CacheServiceStub(self._channels[address])
         return self._stubs[address]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from contiguouskv.common.security import ClientTls, check_server_files
 from contiguouskv.compute_server.discovery import check_entry, is_dns
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -51,6 +52,19 @@ class ComputeServerConfig:
     rpc_timeout_s: float = 600.0
     grace_seconds: float = 5.0
     max_message_bytes: int = 64 << 20
+    # Serving side: TLS (mutual with a client CA), bearer tokens, calls in flight per client.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    auth_tokens_file: Path | None = None
+    max_streams_per_client: int = 64
+    # Client side, to the cache servers: TLS when a CA bundle is given (mutual with cert + key),
+    # the name their certificates carry when it is not the address's host, and a bearer token.
+    cache_tls_ca_file: Path | None = None
+    cache_tls_cert_file: Path | None = None
+    cache_tls_key_file: Path | None = None
+    cache_tls_server_name: str = ""
+    cache_token_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -89,6 +103,24 @@ class ComputeServerConfig:
             raise ValueError(f"threads: must be >= 0 (0 = torch's default), got {self.threads}")
         if self.max_new_tokens < 0:
             raise ValueError("max_new_tokens: must be >= 0")
+        if self.max_streams_per_client < 0:
+            raise ValueError(f"max_streams_per_client: must be >= 0 (0 = unlimited), got {self.max_streams_per_client}")
+        check_server_files(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file, self.auth_tokens_file)
+        if (self.cache_tls_cert_file is None) != (self.cache_tls_key_file is None):
+            raise ValueError("cache_tls_cert_file and cache_tls_key_file: give both or neither")
+        if self.cache_tls_cert_file is not None and self.cache_tls_ca_file is None:
+            raise ValueError("cache_tls_cert_file: mutual TLS to the cache needs cache_tls_ca_file too")
+        for name in ("cache_tls_ca_file", "cache_tls_cert_file", "cache_tls_key_file", "cache_token_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
+
+    def cache_tls(self) -> ClientTls | None:
+        """How to reach the cache servers over TLS (``None``: plaintext)."""
+        if self.cache_tls_ca_file is None:
+            return None
+        return ClientTls(self.cache_tls_ca_file, self.cache_tls_cert_file, self.cache_tls_key_file,
+                         self.cache_tls_server_name or None)
 
     def resolved_cache_dir(self) -> Path:
         return self.model_cache_dir or default_cache_dir()

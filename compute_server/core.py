@@ -212,7 +212,8 @@ class ComputeCore:
         ids = self.tokens(prefix, "prefix")
         limit = min(self.config.max_prefix_tokens, self.model.max_position_embeddings - 1)
         if len(ids) > limit:
-            raise InvalidArgument(f"prefix: {len(ids)} tokens, more than the limit of {limit}")
+            which = "max_prefix_tokens" if limit == self.config.max_prefix_tokens else "the model's positions - 1"
+            raise InvalidArgument(f"prefix: {len(ids)} tokens, more than the limit of {limit} ({which})")
         m = self.model
         layout = ContiguousLayout(len(ids), m.num_layers, m.num_kv_heads, m.head_dim, self.kv_dtype,
                                   self.config.chunk_size, self.config.group_size)
@@ -304,7 +305,8 @@ class ComputeCore:
         policy_name, budget, period, sub = self._validate(args)
         query = self.tokens(args.query, "query")
         if len(query) > self.config.max_query_tokens:
-            raise InvalidArgument(f"query: {len(query)} tokens, more than the limit of {self.config.max_query_tokens}")
+            raise InvalidArgument(f"query: {len(query)} tokens, more than the limit of {self.config.max_query_tokens} "
+                                  f"(max_query_tokens)")
         layout = await self._manifest_layout(args.prefix_id)
         total = layout.num_tokens + len(query) + args.max_new_tokens
         if total > self.model.max_position_embeddings:

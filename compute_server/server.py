@@ -7,7 +7,11 @@ import logging
 
 from contiguouskv.common import telemetry
 from contiguouskv.common.config import load_config
-from contiguouskv.common.serving import ServerLifecycle, channel_options, run_async
+from contiguouskv.common.access import access_interceptor
+from contiguouskv.common.security import read_token_file, server_credentials
+from contiguouskv.common.serving import (
+    SERVER_SECURITY_FIELDS, ServerLifecycle, add_server_security_arguments, channel_options, run_async,
+)
 from contiguouskv.compute_server.config import ComputeServerConfig
 
 # Model code (torch, transformers) is imported inside serve(): the CLI builds its parser from
@@ -39,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int,
                         help="torch compute threads; 0 = torch's default (on a small shared CPU, 1 avoids "
                         "OpenMP oversubscription with the I/O threads) (env CKV_THREADS)")
+    add_server_security_arguments(parser)
+    parser.add_argument("--cache-tls-ca-file", help="reach the cache servers over TLS, trusting this CA bundle")
+    parser.add_argument("--cache-tls-cert-file", help="mutual TLS to the cache: this client certificate (PEM)")
+    parser.add_argument("--cache-tls-key-file", help="key of --cache-tls-cert-file (PEM)")
+    parser.add_argument("--cache-tls-server-name", help="name the cache servers' certificates carry, if not their host")
+    parser.add_argument("--cache-token-file", help="bearer token (read,write scopes) sent to the cache servers")
     parser.add_argument("--config", help="JSON file with any of the above (flags win, then CKV_* env)")
     # Also accepted after the subcommand; the top-level CLI owns the defaults.
     parser.add_argument("--log-level", default=argparse.SUPPRESS, help="logging level (INFO)")
@@ -49,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> ComputeServerConfig:
     flags = {k: getattr(args, k, None) for k in
              ("model", "cache", "replication", "write_quorum", "host", "port", "port_file", "device", "dtype",
-              "model_cache_dir", "chunk_size", "metrics_port", "threads")}
+              "model_cache_dir", "chunk_size", "metrics_port", "threads", *SERVER_SECURITY_FIELDS,
+              "cache_tls_ca_file", "cache_tls_cert_file", "cache_tls_key_file", "cache_tls_server_name",
+              "cache_token_file")}
     return load_config(ComputeServerConfig, flags, file=getattr(args, "config", None))
 
 
@@ -75,17 +87,20 @@ async def serve(config: ComputeServerConfig) -> int:
     from contiguouskv.compute_server.models import load_model
     from contiguouskv.compute_server.packing import TORCH_DTYPES
     from contiguouskv.compute_server.runner import ModelRunner
-    from contiguouskv.compute_server.servicer import ComputeServicer
+    from contiguouskv.compute_server.servicer import METHOD_SCOPES, ComputeServicer
     from contiguouskv.v1 import compute_pb2, compute_pb2_grpc
 
     device, dtype = _resolve_device(config)
     log.info("loading model %s on %s (%s)", config.model, device, dtype)
     model = load_model(config.model, cache_dir=config.resolved_cache_dir(), dtype=TORCH_DTYPES[dtype], device=device)
+    token = read_token_file(config.cache_token_file) if config.cache_token_file is not None else None
     cache = CacheClient(config.cache, config.max_message_bytes, config.rpc_timeout_s,
-                        config.replication, config.write_quorum, config.cache_refresh_s)
+                        config.replication, config.write_quorum, config.cache_refresh_s,
+                        tls=config.cache_tls(), token=token)
     await cache.start()
     core = ComputeCore(config, model, ModelRunner(model), cache)
-    interceptors, metrics = telemetry.server_interceptors(), None
+    access = access_interceptor(METHOD_SCOPES, config.auth_tokens_file, config.max_streams_per_client)
+    interceptors, metrics = ([access] if access is not None else []) + telemetry.server_interceptors(), None
     if config.metrics_port is not None:
         from contiguouskv.compute_server.metrics import ComputeMetrics, MetricsInterceptor, start_metrics_server
 
@@ -95,8 +110,10 @@ async def serve(config: ComputeServerConfig) -> int:
     server = grpc.aio.server(options=channel_options(config.max_message_bytes), interceptors=interceptors or None)
     compute_pb2_grpc.add_ComputeServiceServicer_to_server(ComputeServicer(core, device), server)
     lifecycle = ServerLifecycle(server, [compute_pb2.DESCRIPTOR.services_by_name["ComputeService"].full_name])
+    credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
     try:
-        await lifecycle.start(config.host, config.port, config.port_file, f"compute server ({model.name})")
+        await lifecycle.start(config.host, config.port, config.port_file, f"compute server ({model.name})",
+                              credentials)
         await lifecycle.wait_and_drain(config.grace_seconds)
     finally:
         await cache.close()

@@ -9,10 +9,19 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
+from contiguouskv.common.access import method_scopes
+from contiguouskv.common.security import READ, WRITE
+from contiguouskv.cache_server.service import status_details
 from contiguouskv.compute_server.core import ComputeCore, RegisterResult, ReprefillArgs, ReprefillResult
 from contiguouskv.compute_server.errors import ComputeError
 from contiguouskv.compute_server.policies import POLICY_NAMES
 from contiguouskv.v1 import compute_pb2, compute_pb2_grpc
+
+SERVICE_NAME = compute_pb2.DESCRIPTOR.services_by_name["ComputeService"].full_name
+# The token scope each RPC needs (contiguouskv.common.access); every RPC of the service is listed.
+METHOD_SCOPES = method_scopes(SERVICE_NAME, {
+    "RegisterPrefix": WRITE, "Reprefill": READ, "Generate": READ, "GetModelInfo": READ,
+})
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +49,7 @@ async def _guard(context: grpc.aio.ServicerContext, coro: "asyncio.Future[object
         with _status(context):
             return await coro  # type: ignore[misc]
     except _Abort as abort:
-        await context.abort(abort.code, abort.message)
+        await context.abort(abort.code, status_details(abort.message))
     except Exception:
         log.exception("request failed")
         await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the compute server's log)")

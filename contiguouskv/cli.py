@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from contiguouskv.common.logs import setup_logging
+from contiguouskv.connection import add_connection_arguments, client_from_args
 
 EPILOG = """examples:
   contiguouskv serve cache   --root /tmp/ckv-store --port 50051
@@ -24,7 +25,9 @@ OTEL_EXPORTER_OTLP_ENDPOINT to export traces (needs the `otel` extra)."""
 ERROR_HINTS = {
     "NOT_FOUND": "register the prefix first: contiguouskv register --server HOST:PORT --file FILE",
     "DEADLINE_EXCEEDED": "give the call more time with --timeout SECONDS",
-    "RESOURCE_EXHAUSTED": "the server hit a limit (message size, store capacity); see its log",
+    "RESOURCE_EXHAUSTED": "the server hit a limit (the message names it); see docs/operations.md",
+    "UNAUTHENTICATED": "the server requires a bearer token: --token-file FILE or env CKV_TOKEN",
+    "PERMISSION_DENIED": "the token lacks the scope this call needs (read or write); see docs/security.md",
     "INTERNAL": "the server hit a bug; its log has the traceback",
 }
 
@@ -66,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(64-token K/V blocks, probe keys, h2o scores) is what the h2o and impress policies read")
     reg.add_argument("--json", action="store_true", help="print one JSON object")
     reg.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
+    add_connection_arguments(reg)
 
     query = sub.add_parser("query", help="Re-Prefill: first token (and more) of prefix + query")
     query.add_argument("--server", required=True, help="compute server HOST:PORT")
@@ -83,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--max-new-tokens", type=int, default=0, help="greedy tokens after the first")
     query.add_argument("--json", action="store_true", help="print one JSON object")
     query.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
+    add_connection_arguments(query)
 
     from contiguouskv import trace_view
 
@@ -94,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--server", required=True, help="compute server HOST:PORT")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    add_connection_arguments(info)
 
     bench = sub.add_parser("bench", help="benchmarks: every policy side by side (default), storage, quality")
     from contiguouskv.bench import reprefill as bench_reprefill
@@ -125,12 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
-    from contiguouskv.client import ContiguousKVClient
-
     from contiguouskv.progress import Progress
 
     text = args.file.read_text() if args.file else args.text
-    with ContiguousKVClient(args.server, timeout=args.timeout) as client, \
+    with client_from_args(args) as client, \
             Progress(f"registering on {args.server} (prefill, then store)"):
         layouts = [name for name in args.layouts if name != "contiguous"]
         r = client.register(text, token_ids=args.token_ids, extra_layouts=layouts) if text is not None else \
@@ -144,10 +148,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    from contiguouskv.client import ContiguousKVClient
-
     query = args.text if args.text is not None else args.token_ids
-    with ContiguousKVClient(args.server, timeout=args.timeout) as client:
+    with client_from_args(args) as client:
         r = client.reprefill(args.prefix, query, policy=args.policy, budget=args.budget,
                              max_new_tokens=args.max_new_tokens, period=args.period, sub_period=args.sub_period,
                              evaluate_recall=args.evaluate_recall)
@@ -164,9 +166,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from contiguouskv.client import ContiguousKVClient
-
-    with ContiguousKVClient(args.server, timeout=args.timeout) as client:
+    with client_from_args(args) as client:
         info = client.model_info()
     if args.json:
         print(json.dumps(asdict(info)))

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from contiguouskv.connection import add_connection_arguments, client_from_args
+
 WAIT_CHAR, COMPUTE_CHAR = "\u00b7", "\u2588"  # middle dot, full block
 
 
@@ -121,6 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     query.add_argument("--period", type=int, help="layers sharing one chunk selection")
     query.add_argument("--sub-period", type=int, help="layers fetched per request run")
     query.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
+    add_connection_arguments(query)
     out = parser.add_argument_group("output")
     out.add_argument("--png", type=Path, metavar="PATH", help="also write the timeline as a PNG here")
     out.add_argument("--width", type=int, default=40, help="characters of the terminal timeline (default 40)")
@@ -129,8 +132,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fetch(args: argparse.Namespace) -> dict[str, Any]:
-    from contiguouskv.client import ContiguousKVClient
-
     if not args.prefix or (args.text is None) == (args.token_ids is None):
         raise ValueError("trace --server: give --prefix and one of --text or --token-ids (or use --from-json FILE)")
     try:
@@ -138,7 +139,7 @@ def _fetch(args: argparse.Namespace) -> dict[str, Any]:
             [int(x) for x in args.token_ids.replace(" ", "").split(",") if x]
     except ValueError:
         raise ValueError(f"--token-ids: expected comma-separated integers, got {args.token_ids[:40]!r}") from None
-    with ContiguousKVClient(args.server, timeout=args.timeout) as client:
+    with client_from_args(args) as client:
         r = client.reprefill(args.prefix, query, policy=args.policy, budget=args.budget, period=args.period,
                              sub_period=args.sub_period)
     return asdict(r)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -25,6 +26,23 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
 
 
+SERVER_SECURITY_FIELDS = ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file",
+                          "max_streams_per_client")
+
+
+def add_server_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the serving side's TLS, tokens and per-client limit (both servers; docs/security.md)."""
+    a = parser.add_argument
+    a("--tls-cert-file", type=Path, help="serve TLS with this certificate (PEM; with --tls-key-file)")
+    a("--tls-key-file", type=Path, help="private key of --tls-cert-file (PEM)")
+    a("--tls-client-ca-file", type=Path,
+      help="mutual TLS: require client certificates signed by this CA bundle")
+    a("--auth-tokens-file", type=Path,
+      help="require bearer tokens: lines '<token> read|write|read,write [name]', re-read when changed")
+    a("--max-streams-per-client", type=int,
+      help="calls one client (token name, else IP address) may have in flight; 0 = unlimited")
+
+
 def write_port_file(path: Path, port: int) -> None:
     """Write the bound port atomically so a reader never sees a partial file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -44,9 +62,13 @@ class ServerLifecycle:
         self._stop = asyncio.Event()
         self._what = "server"
 
-    async def start(self, host: str, port: int, port_file: Path | None, what: str) -> int:
+    async def start(self, host: str, port: int, port_file: Path | None, what: str,
+                    credentials: grpc.ServerCredentials | None = None) -> int:
+        """Bind (TLS when ``credentials`` are given), start, report SERVING and write the port file."""
         self._what = what
-        bound = self.server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        bound = (self.server.add_secure_port(address, credentials) if credentials is not None
+                 else self.server.add_insecure_port(address))
         if bound == 0:
             raise OSError(f"cannot bind {host}:{port}")
         await self.server.start()
@@ -54,7 +76,7 @@ class ServerLifecycle:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if port_file is not None:
             write_port_file(port_file, bound)
-        log.info("%s listening on %s:%d", what, host, bound)
+        log.info("%s listening on %s:%d (%s)", what, host, bound, "TLS" if credentials is not None else "plaintext")
         return bound
 
     async def wait_and_drain(self, grace_seconds: float) -> None:
