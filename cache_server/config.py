@@ -31,6 +31,7 @@ class CacheServerConfig:
     ``tls_key_file`` serve TLS; ``tls_client_ca_file`` also requires client certificates it signed
     (mutual TLS). ``auth_tokens_file`` requires bearer tokens (see :mod:`contiguouskv.common.security`).
     ``max_streams_per_client`` bounds the calls one client has in flight (0 = unlimited).
+    ``health_port`` also serves the health service alone, in plaintext (probes that cannot do TLS).
     """
 
     root: Path
@@ -52,6 +53,7 @@ class CacheServerConfig:
     tls_client_ca_file: Path | None = None
     auth_tokens_file: Path | None = None
     max_streams_per_client: int = 256
+    health_port: int | None = None
 
     def __post_init__(self) -> None:
         if not str(self.root):
@@ -81,6 +83,8 @@ class CacheServerConfig:
                              f"max_batch_bytes ({self.max_batch_bytes})")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port: {self.metrics_port} is outside 0..65535")
+        if self.health_port is not None and not 0 < self.health_port <= 65535:
+            raise ValueError(f"health_port: {self.health_port} is outside 1..65535")
         if self.max_streams_per_client < 0:
             raise ValueError(f"max_streams_per_client: {self.max_streams_per_client} must be >= 0 (0 = unlimited)")
         check_server_files(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file, self.auth_tokens_file)

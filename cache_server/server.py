@@ -101,7 +101,8 @@ async def serve(config: CacheServerConfig, ready: Callable[[int], None] | None =
         with ThreadPoolExecutor(config.read_threads, thread_name_prefix="ckv-read") as read_pool:
             lifecycle = _build_server(config, store, cache, read_pool)
             credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
-            port = await lifecycle.start(config.host, config.port, config.port_file, "cache server", credentials)
+            port = await lifecycle.start(config.host, config.port, config.port_file, "cache server", credentials,
+                                         config.health_port)
             if ready is not None:
                 ready(port)
             await lifecycle.wait_and_drain(config.grace_seconds)

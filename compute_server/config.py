@@ -58,6 +58,7 @@ class ComputeServerConfig:
     tls_client_ca_file: Path | None = None
     auth_tokens_file: Path | None = None
     max_streams_per_client: int = 64
+    health_port: int | None = None  # health service alone, plaintext (probes that cannot do TLS)
     # Client side, to the cache servers: TLS when a CA bundle is given (mutual with cert + key),
     # the name their certificates carry when it is not the address's host, and a bearer token.
     cache_tls_ca_file: Path | None = None
@@ -103,6 +104,8 @@ class ComputeServerConfig:
             raise ValueError(f"threads: must be >= 0 (0 = torch's default), got {self.threads}")
         if self.max_new_tokens < 0:
             raise ValueError("max_new_tokens: must be >= 0")
+        if self.health_port is not None and not 0 < self.health_port <= 65535:
+            raise ValueError(f"health_port: must be in [1, 65535], got {self.health_port}")
         if self.max_streams_per_client < 0:
             raise ValueError(f"max_streams_per_client: must be >= 0 (0 = unlimited), got {self.max_streams_per_client}")
         check_server_files(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file, self.auth_tokens_file)

@@ -113,7 +113,7 @@ async def serve(config: ComputeServerConfig) -> int:
     credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
     try:
         await lifecycle.start(config.host, config.port, config.port_file, f"compute server ({model.name})",
-                              credentials)
+                              credentials, config.health_port)
         await lifecycle.wait_and_drain(config.grace_seconds)
     finally:
         await cache.close()

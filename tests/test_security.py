@@ -9,6 +9,7 @@ credentials) are unit-tested first.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -282,12 +283,27 @@ def test_tokens_rotate_without_a_restart(cluster: dict[str, object]) -> None:
         time.sleep(2.5)
 
 
-def test_server_certificate_rotates_without_a_restart(tmp_path: Path) -> None:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_server_certificate_rotates_without_a_restart_and_probes_use_the_health_port(tmp_path: Path) -> None:
     pki = Pki(tmp_path / "pki")
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{READ_TOKEN} read\n")
+    health_port = _free_port()
     with launch.cache_server(tmp_path / "store", "--tls-cert-file", str(pki.cert_file), "--tls-key-file",
-                             str(pki.key_file), "--auth-tokens-file", str(tokens)) as server:
+                             str(pki.key_file), "--auth-tokens-file", str(tokens),
+                             "--health-port", str(health_port)) as server:
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as plain:  # what a kubelet probe does
+            reply = health_pb2_grpc.HealthStub(plain).Check(
+                health_pb2.HealthCheckRequest(service="contiguouskv.v1.CacheService"), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as info:  # and nothing but health
+                cache_pb2_grpc.CacheServiceStub(plain).ListPrefixes(cache_pb2.ListPrefixesRequest(), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
         rotated = Pki(tmp_path / "next")  # a new CA: only clients trusting it accept the new certificate
         pki.cert_file.write_bytes(rotated.cert_file.read_bytes())
         pki.key_file.write_bytes(rotated.key_file.read_bytes())

@@ -27,7 +27,7 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 SERVER_SECURITY_FIELDS = ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file",
-                          "max_streams_per_client")
+                          "max_streams_per_client", "health_port")
 
 
 def add_server_security_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +41,8 @@ def add_server_security_arguments(parser: argparse.ArgumentParser) -> None:
       help="require bearer tokens: lines '<token> read|write|read,write [name]', re-read when changed")
     a("--max-streams-per-client", type=int,
       help="calls one client (token name, else IP address) may have in flight; 0 = unlimited")
+    a("--health-port", type=int,
+      help="also serve only gRPC health, in plaintext, on this port (for probes that cannot speak TLS)")
 
 
 def write_port_file(path: Path, port: int) -> None:
@@ -61,11 +63,23 @@ class ServerLifecycle:
         reflection.enable_server_reflection([*self.names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         self._stop = asyncio.Event()
         self._what = "server"
+        self._health_server: grpc.aio.Server | None = None
 
     async def start(self, host: str, port: int, port_file: Path | None, what: str,
-                    credentials: grpc.ServerCredentials | None = None) -> int:
-        """Bind (TLS when ``credentials`` are given), start, report SERVING and write the port file."""
+                    credentials: grpc.ServerCredentials | None = None, health_port: int | None = None) -> int:
+        """Bind (TLS when ``credentials`` are given), start, report SERVING and write the port file.
+
+        ``health_port``: a second, plaintext server on that port with only the health service (the
+        same statuses), for Kubernetes gRPC probes, which cannot speak TLS.
+        """
         self._what = what
+        if health_port is not None:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            if self._health_server.add_insecure_port(f"{host}:{health_port}") == 0:
+                raise OSError(f"cannot bind the health port {host}:{health_port}")
+            await self._health_server.start()
+            log.info("%s health checks (plaintext) on %s:%d", what, host, health_port)
         address = f"{host}:{port}"
         bound = (self.server.add_secure_port(address, credentials) if credentials is not None
                  else self.server.add_insecure_port(address))
@@ -91,6 +105,8 @@ class ServerLifecycle:
                      self._what, grace_seconds)
             await self.health.enter_graceful_shutdown()
             await self.server.stop(grace_seconds)
+            if self._health_server is not None:
+                await self._health_server.stop(0)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         log.info("%s stopped", self._what)
