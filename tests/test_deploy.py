@@ -173,14 +173,20 @@ def unknown_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]
 
 def config_files(objects: list[dict[str, Any]], pod: dict[str, Any], container: dict[str, Any],
                  into: Path) -> dict[str, str]:
-    """Write the container's ConfigMap mounts under ``into``; returns mount path -> local directory."""
+    """Write the container's ConfigMap mounts, and placeholders for the files of its Secret mounts
+    (created by the operator, not by the manifests), under ``into``; returns mount path -> local directory."""
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     mounts = {}
     for mount in container.get("volumeMounts", []):
         volume = volumes.get(mount["name"], {})  # absent: a StatefulSet's volumeClaimTemplate
-        if "configMap" not in volume:
+        if "configMap" in volume:
+            data = find(objects, "ConfigMap", volume["configMap"]["name"]).get("data", {})
+        elif "secret" in volume:
+            items = volume["secret"].get("items")
+            assert items, f"secret volume {mount['name']}: list its items so the files it holds are explicit"
+            data = {item["path"]: "placeholder" for item in items}
+        else:
             continue
-        data = find(objects, "ConfigMap", volume["configMap"]["name"]).get("data", {})
         local = into / mount["name"]
         local.mkdir(parents=True)
         for key, text in data.items():
@@ -203,6 +209,8 @@ def resolve_config(objects: list[dict[str, Any]], service: Service, tmp_path: Pa
     for name in [k for k in os.environ if k.startswith("CKV_")]:
         monkeypatch.delenv(name)
     for name, value in plain_env(container).items():
+        for mount_path, local in mounts.items():
+            value = value.replace(mount_path, local)
         monkeypatch.setenv(name, value)
     args = subcommand_parser().parse_args(argv)
     module = cache_server if service.name == "cache" else compute_server
@@ -347,9 +355,14 @@ def test_resolved_config_matches_ports_probes_and_volumes(overlay: str, name: st
     if hasattr(config, "metrics_port"):  # servers without the field yet only declare the port
         assert config.metrics_port == port_named(container, "metrics"), f"{name}: metrics_port"
     port_named(container, "metrics")
+    probe_port = config.health_port if config.health_port is not None else config.port
+    if config.health_port is not None:
+        assert port_named(container, "health") == config.health_port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         check = container[probe].get("grpc")
-        assert check == {"port": config.port, "service": service.health_service}, f"{name} {probe}: {check}"
+        assert check == {"port": probe_port, "service": service.health_service}, f"{name} {probe}: {check}"
+    if config.tls_cert_file is not None:
+        assert config.health_port is not None, f"{name}: kubelet gRPC probes cannot speak TLS; set a health port"
     assert config.grace_seconds < pod["terminationGracePeriodSeconds"], "the drain must end before SIGKILL"
     writable = config.root if name == "cache" else config.resolved_cache_dir()
     mount = path_under_mount(Path(writable), container)
@@ -555,3 +568,18 @@ def test_healthchecks_ask_the_grpc_health_service(cache_server: CacheProc) -> No
     assert run_healthcheck(healthcheck_code("compute.Dockerfile"), cache_server.port) != 0
     assert cache_server.stop() == 0
     assert run_healthcheck(healthcheck_code("cache.Dockerfile"), cache_server.port) != 0
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_prod_turns_on_tls_and_tokens_everywhere_dev_leaves_them_off(overlay: str, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    objects = rendered(overlay)
+    cache = resolve_config(objects, SERVICES["cache"], tmp_path / "cache", monkeypatch)
+    compute = resolve_config(objects, SERVICES["compute"], tmp_path / "compute", monkeypatch)
+    secured = [cache.tls_cert_file, cache.tls_client_ca_file, cache.auth_tokens_file, compute.tls_cert_file,
+               compute.auth_tokens_file, compute.cache_tls_ca_file, compute.cache_tls_cert_file,
+               compute.cache_token_file]
+    if overlay == "prod":
+        assert all(path is not None for path in secured), secured
+    else:
+        assert secured == [None] * len(secured)
