@@ -23,26 +23,33 @@ OBJECTS_DIR = "objects"
 DATA_SUFFIX = ".data"
 MANIFEST_SUFFIX = ".manifest"
 TEMP_PREFIX = ".tmp-"
+SHOWN_CHARS = 80  # of a rejected name in an error message (a status message must stay small)
+
+
+def shown(value: object) -> str:
+    """``repr`` of a caller's value for an error message, cut to about ``SHOWN_CHARS`` characters."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
 
 
 def check_prefix_id(prefix_id: str) -> str:
     """Return ``prefix_id`` if it matches ``PREFIX_ID_RE``; else raise ``InvalidArgument``."""
     if not isinstance(prefix_id, str) or not PREFIX_ID_RE.fullmatch(prefix_id):
-        raise InvalidArgument(f"prefix_id {prefix_id!r} must match {PREFIX_ID_RE.pattern}")
+        raise InvalidArgument(f"prefix_id {shown(prefix_id)} must match {PREFIX_ID_RE.pattern}")
     return prefix_id
 
 
 def check_layout(layout: str) -> str:
     """Return ``layout`` if it matches ``LAYOUT_RE`` and holds no ``..``; else ``InvalidArgument``."""
     if not isinstance(layout, str) or not LAYOUT_RE.fullmatch(layout) or ".." in layout:
-        raise InvalidArgument(f"layout {layout!r} must match {LAYOUT_RE.pattern} without '..'")
+        raise InvalidArgument(f"layout {shown(layout)} must match {LAYOUT_RE.pattern} without '..'")
     return layout
 
 
 def check_region_name(name: str) -> str:
     """Return a region name (a name inside a data file, never a path) or raise ``InvalidArgument``."""
     if not isinstance(name, str) or not REGION_RE.fullmatch(name):
-        raise InvalidArgument(f"region {name!r} must match {REGION_RE.pattern}")
+        raise InvalidArgument(f"region {shown(name)} must match {REGION_RE.pattern}")
     return name
 
 
