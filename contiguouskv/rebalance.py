@@ -25,8 +25,10 @@ from dataclasses import asdict, dataclass, field
 import grpc
 
 from contiguouskv.cache_server.wire import decode_fetch_response
+from contiguouskv.common.security import ClientTls, channel_credentials, tls_options
 from contiguouskv.compute_server import discovery
 from contiguouskv.compute_server.shards import Copy, ObjectKey, RebalancePlan, effective_replication, plan_rebalance
+from contiguouskv.connection import add_connection_arguments, token_from_args, tls_from_args
 from contiguouskv.v1 import cache_pb2 as pb, cache_pb2_grpc
 
 FETCH_METHOD = "/contiguouskv.v1.CacheService/Fetch"
@@ -58,15 +60,19 @@ class RebalanceReport:
 class _Shards:
     """One channel per shard, opened lazily, closed together."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, tls: ClientTls | None = None, token: str | None = None) -> None:
         self.timeout = timeout
+        self._tls, self._token = tls, token
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+            options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                       ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), *tls_options(self._tls)]
+            credentials = channel_credentials(address, self._tls, self._token)
+            self._channels[address] = (
+                grpc.aio.secure_channel(address, credentials, options=options) if credentials is not None
+                else grpc.aio.insecure_channel(address, options=options))
         return self._channels[address]
 
     def stub(self, address: str) -> cache_pb2_grpc.CacheServiceStub:
@@ -175,13 +181,15 @@ async def copy_object(shards: _Shards, copy: Copy) -> int:
 
 
 async def rebalance(cache: Sequence[str], drain: Sequence[str] = (), replication: int = 0, dry_run: bool = False,
-                    delete: bool = False, parallel: int = 4, timeout: float = 600.0) -> RebalanceReport:
-    """List, plan, copy (and delete); see the module docstring."""
+                    delete: bool = False, parallel: int = 4, timeout: float = 600.0, *,
+                    tls: ClientTls | None = None, token: str | None = None) -> RebalanceReport:
+    """List, plan, copy (and delete); see the module docstring. ``tls``/``token``: how shards are reached
+    (the token needs the read and write scopes)."""
     addresses = discovery.expand(cache)
     leaving = [a for a in discovery.expand(drain) if a not in addresses]
     if not addresses:
         raise RebalanceError(f"--cache {','.join(cache)}: no shard")
-    shards = _Shards(timeout)
+    shards = _Shards(timeout, tls, token)
     try:
         holdings = await list_holdings(shards, addresses + leaving)
         plan: RebalancePlan = plan_rebalance(holdings, addresses, replication, delete)
@@ -231,6 +239,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", type=int, default=4, help="objects copied at once (default 4)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per call (default 600)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_connection_arguments(parser, "the cache shards", "read,write")
 
 
 def _split(raw: str) -> list[str]:
@@ -246,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--replication: must be >= 0")
     try:
         report = asyncio.run(rebalance(cache, drain, args.replication, args.dry_run, args.delete, args.parallel,
-                                       args.timeout))
+                                       args.timeout, tls=tls_from_args(args), token=token_from_args(args)))
     except RebalanceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
