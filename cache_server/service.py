@@ -43,8 +43,9 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CacheService"].full_name
 # The token scope each RPC needs (contiguouskv.common.access); every RPC of the service is listed.
 METHOD_SCOPES = method_scopes(SERVICE_NAME, {
-    "PutPrefix": WRITE, "DeletePrefix": WRITE,
-    "GetManifest": READ, "Fetch": READ, "ListPrefixes": READ, "GetStats": READ, "ReportAttention": READ,
+    # ReportAttention steers what the DRAM cache keeps: state changes need ``write``.
+    "PutPrefix": WRITE, "DeletePrefix": WRITE, "ReportAttention": WRITE,
+    "GetManifest": READ, "Fetch": READ, "ListPrefixes": READ, "GetStats": READ,
 })
 STATUS_BY_CODE = {status.value[0]: status for status in grpc.StatusCode}
 MAX_DETAILS_BYTES = 2000

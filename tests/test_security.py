@@ -108,6 +108,7 @@ def test_every_rpc_of_both_services_has_a_scope() -> None:
             assert methods == set(scopes)
     assert CACHE_SCOPES["/contiguouskv.v1.CacheService/PutPrefix"] == "write"
     assert CACHE_SCOPES["/contiguouskv.v1.CacheService/Fetch"] == "read"
+    assert CACHE_SCOPES["/contiguouskv.v1.CacheService/ReportAttention"] == "write"
     assert COMPUTE_SCOPES["/contiguouskv.v1.ComputeService/RegisterPrefix"] == "write"
     assert COMPUTE_SCOPES["/contiguouskv.v1.ComputeService/Reprefill"] == "read"
 
