@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import start_http_server
@@ -62,9 +62,11 @@ def _ratio(numerator: int, denominator: int) -> float:
 class CacheCollector(Collector):
     """Collects the server's metrics from ``snapshot()`` on every scrape."""
 
-    def __init__(self, snapshot: Callable[[], StatsSnapshot], latency: Callable[[], tuple[list[int], float]]) -> None:
+    def __init__(self, snapshot: Callable[[], StatsSnapshot], latency: Callable[[], tuple[list[int], float]],
+                 refusals: Callable[[], Mapping[str, int]] = dict) -> None:
         self._snapshot = snapshot
         self._latency = latency
+        self._refusals = refusals
 
     def collect(self) -> Iterator[Metric]:
         s = self._snapshot()
@@ -87,6 +89,11 @@ class CacheCollector(Collector):
         )
         for name, text, value in gauges:
             yield GaugeMetricFamily(PREFIX + name, text, value=value)
+        refused = CounterMetricFamily(PREFIX + "refused_calls", "Calls refused before the servicer: no or bad "
+                                      "token, missing scope, too many in flight (by status).", labels=["status"])
+        for status in ("UNAUTHENTICATED", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED"):
+            refused.add_metric([status], self._refusals().get(status, 0))
+        yield refused
         counts, total = self._latency()
         cumulative = list(itertools.accumulate(counts))
         bounds = [str(b) for b in LATENCY_BUCKETS] + ["+Inf"]

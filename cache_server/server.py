@@ -23,7 +23,7 @@ from contiguouskv.cache_server.dram_cache import DramCache
 from contiguouskv.cache_server.service import METHOD_SCOPES, SERVICE_NAME, CacheServicer, add_cache_service
 from contiguouskv.cache_server.store import RecordStore
 from contiguouskv.common import telemetry
-from contiguouskv.common.access import access_interceptor
+from contiguouskv.common.access import AccessInterceptor, access_interceptor
 from contiguouskv.common.config import ConfigError, load_config
 from contiguouskv.common.logs import setup_logging
 from contiguouskv.common.security import server_credentials
@@ -69,11 +69,11 @@ def config_from_args(args: argparse.Namespace) -> CacheServerConfig:
     return load_config(CacheServerConfig, flags=flags, file=args.config)
 
 
-def _build_server(config: CacheServerConfig, store: RecordStore, cache: DramCache,
-                  read_pool: ThreadPoolExecutor) -> ServerLifecycle:
-    """The gRPC server with the cache, health and reflection services."""
-    access = access_interceptor(METHOD_SCOPES, config.auth_tokens_file, config.max_streams_per_client)
-    interceptors = ([access] if access is not None else []) + telemetry.server_interceptors()
+def _build_server(config: CacheServerConfig, store: RecordStore, cache: DramCache, read_pool: ThreadPoolExecutor,
+                  access: AccessInterceptor | None) -> ServerLifecycle:
+    """The gRPC server with the cache, health and reflection services (access checks last, so
+    tracing sees refused calls)."""
+    interceptors = telemetry.server_interceptors() + ([access] if access is not None else [])
     server = grpc.aio.server(options=channel_options(config.max_message_bytes), interceptors=interceptors or None)
     servicer = CacheServicer(store, read_pool, config.max_batch_bytes, cache,
                              config.max_inflight_bytes)
@@ -91,15 +91,17 @@ async def serve(config: CacheServerConfig, ready: Callable[[int], None] | None =
     cache = DramCache(config.dram_cache_bytes, config.cache_policy, store.counters)
     logger.info("DRAM cache: %d bytes, policy %s; reads %s", config.dram_cache_bytes,
                 config.cache_policy, "O_DIRECT" if store.direct_io else "buffered (no O_DIRECT)")
+    access = access_interceptor(METHOD_SCOPES, config.auth_tokens_file, config.max_streams_per_client)
     metrics = None
     if config.metrics_port is not None:  # prometheus-client is imported only when asked for
         from contiguouskv.cache_server.metrics import CacheCollector, start_metrics_server
 
-        collector = CacheCollector(lambda: store.stats(cache), store.counters.latency)
+        collector = CacheCollector(lambda: store.stats(cache), store.counters.latency,
+                                   (lambda: dict(access.refusals)) if access is not None else dict)
         metrics = start_metrics_server(config.host, config.metrics_port, collector)
     try:
         with ThreadPoolExecutor(config.read_threads, thread_name_prefix="ckv-read") as read_pool:
-            lifecycle = _build_server(config, store, cache, read_pool)
+            lifecycle = _build_server(config, store, cache, read_pool, access)
             credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
             port = await lifecycle.start(config.host, config.port, config.port_file, "cache server", credentials,
                                          config.health_port)

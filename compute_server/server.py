@@ -99,14 +99,17 @@ async def serve(config: ComputeServerConfig) -> int:
                         tls=config.cache_tls(), token=token)
     await cache.start()
     core = ComputeCore(config, model, ModelRunner(model), cache)
-    access = access_interceptor(METHOD_SCOPES, config.auth_tokens_file, config.max_streams_per_client)
-    interceptors, metrics = ([access] if access is not None else []) + telemetry.server_interceptors(), None
+    interceptors, metrics = telemetry.server_interceptors(), None
     if config.metrics_port is not None:
         from contiguouskv.compute_server.metrics import ComputeMetrics, MetricsInterceptor, start_metrics_server
 
         observed = ComputeMetrics()
         interceptors.append(MetricsInterceptor(observed))
         metrics = start_metrics_server(config.host, config.metrics_port, observed)
+    # Last, so tracing and the request metrics see refused calls with their status.
+    access = access_interceptor(METHOD_SCOPES, config.auth_tokens_file, config.max_streams_per_client)
+    if access is not None:
+        interceptors.append(access)
     server = grpc.aio.server(options=channel_options(config.max_message_bytes), interceptors=interceptors or None)
     compute_pb2_grpc.add_ComputeServiceServicer_to_server(ComputeServicer(core, device), server)
     lifecycle = ServerLifecycle(server, [compute_pb2.DESCRIPTOR.services_by_name["ComputeService"].full_name])

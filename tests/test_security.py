@@ -9,8 +9,10 @@ credentials) are unit-tested first.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,19 +150,22 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obje
                               f"{ONLY_WRITE} write registrar\n")
     cache_token_file = tmp / "cache-token"
     cache_token_file.write_text(CACHE_TOKEN + "\n")
+    cache_metrics, compute_metrics = _free_port(), _free_port()
     cache = launch.cache_server(tmp / "store", "--tls-cert-file", str(pki.cert_file), "--tls-key-file",
                                 str(pki.key_file), "--tls-client-ca-file", str(pki.ca_file),
-                                "--auth-tokens-file", str(cache_tokens), "--max-streams-per-client", "2")
+                                "--auth-tokens-file", str(cache_tokens), "--max-streams-per-client", "2",
+                                "--metrics-port", str(cache_metrics))
     with cache:
         compute = launch.compute_server(
             "random:tiny", cache.address, "--threads", "1", "--dtype", "float32",
             "--tls-cert-file", str(pki.cert_file), "--tls-key-file", str(pki.key_file),
             "--auth-tokens-file", str(compute_tokens),
             "--cache-tls-ca-file", str(pki.ca_file), "--cache-tls-cert-file", str(pki.client_cert),
-            "--cache-tls-key-file", str(pki.client_key), "--cache-token-file", str(cache_token_file))
+            "--cache-tls-key-file", str(pki.client_key), "--cache-token-file", str(cache_token_file),
+            "--metrics-port", str(compute_metrics))
         with compute:
             yield {"pki": pki, "cache": cache.address, "compute": compute.address, "tmp": tmp,
-                   "compute_tokens": compute_tokens}
+                   "compute_tokens": compute_tokens, "metrics": (cache_metrics, compute_metrics)}
 
 
 def _client(cluster: dict[str, object], token: str | None, **tls: object) -> ContiguousKVClient:
@@ -193,6 +198,18 @@ def test_missing_or_unknown_tokens_are_unauthenticated(cluster: dict[str, object
         client.model_info()
     if token is not None:
         assert token not in str(info.value)  # never echoed
+
+
+def test_refused_calls_show_in_both_servers_metrics(cluster: dict[str, object]) -> None:
+    with _client(cluster, "z" * 20) as stranger, pytest.raises(UnauthenticatedError):
+        stranger.model_info()
+    asyncio.run(_cache_call(cluster, True, "z" * 20, "list"))
+    cache_port, compute_port = cluster["metrics"]  # type: ignore[misc]
+    cache_text = urllib.request.urlopen(f"http://127.0.0.1:{cache_port}/metrics", timeout=10).read().decode()
+    compute_text = urllib.request.urlopen(f"http://127.0.0.1:{compute_port}/metrics", timeout=10).read().decode()
+    refused = re.search(r'ckv_cache_refused_calls_total\{status="UNAUTHENTICATED"\} (\d+)', cache_text)
+    assert refused and int(refused.group(1)) >= 1
+    assert re.search(r'ckv_compute_requests_total\{[^}]*UNAUTHENTICATED[^}]*\} [1-9]', compute_text)
 
 
 def test_plaintext_and_untrusted_clients_cannot_connect(cluster: dict[str, object], tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ and reflection are open, so probes work without a token) before the servicer see
    RESOURCE_EXHAUSTED naming ``max_streams_per_client``.
 
 Refused calls never reach the servicer; the message says what is missing and never echoes a token.
+Place it last among a server's interceptors, so metrics and tracing see refused calls with their
+status; :attr:`AccessInterceptor.refusals` counts them by status for the metrics endpoint.
 """
 
 from __future__ import annotations
@@ -83,11 +85,6 @@ def _behavior_of(handler: grpc.RpcMethodHandler) -> Behavior:
             or handler.stream_stream)
 
 
-def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, message)
-
-    return _handler_with(handler, refuse)
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):
@@ -98,6 +95,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         self._scopes = dict(scopes)
         self._tokens = tokens
         self._limiter = limiter
+        self.refusals: dict[str, int] = {}  # status name -> calls refused since start (metrics)
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
@@ -110,20 +108,32 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         if self._tokens is not None:
             token = bearer_token(details.invocation_metadata)
             if not token:
-                return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
+                return self._refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
                                 f"{method}: no bearer token (send metadata 'authorization: Bearer <token>')")
             grant = self._tokens.lookup(token)
             if grant is None:
                 log.warning("auth: %s refused: unknown bearer token", method)
-                return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, f"{method}: unknown bearer token")
+                return self._refusal(handler, grpc.StatusCode.UNAUTHENTICATED, f"{method}: unknown bearer token")
             if scope not in grant.scopes:
                 log.warning("auth: %s refused: token %s lacks scope %s", method, grant.name, scope)
-                return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED,
+                return self._refusal(handler, grpc.StatusCode.PERMISSION_DENIED,
                                 f"{method}: token {grant.name!r} lacks the {scope!r} scope")
         if self._limiter is None or not self._limiter.limit:
             return handler
         return _handler_with(handler, self._limited(_behavior_of(handler), handler.response_streaming,
                                                     method, grant.name if grant else None))
+
+    def _count(self, status: str) -> None:
+        self.refusals[status] = self.refusals.get(status, 0) + 1
+
+    def _refusal(self, handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
+                 message: str) -> grpc.RpcMethodHandler:
+        self._count(code.name)
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(code, message)
+
+        return _handler_with(handler, refuse)
 
     def _limited(self, behavior: Behavior, streaming: bool, method: str, name: str | None) -> Behavior:
         limiter = self._limiter
@@ -132,6 +142,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         async def enter(context: grpc.aio.ServicerContext) -> str:
             client = name or peer_host(context.peer())
             if not limiter.try_enter(client):
+                self._count("RESOURCE_EXHAUSTED")
                 log.warning("limit: %s refused: client %s has %d calls in flight", method, client, limiter.limit)
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     f"{method}: max_streams_per_client ({limiter.limit}) calls already in "
