@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 import trustme
+from hypothesis import given, settings, strategies as st
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from contiguouskv import launch
@@ -32,7 +33,7 @@ from contiguouskv.common.security import (
     SecurityConfigError, TokenTable, bearer_token, channel_credentials, parse_tokens,
 )
 from contiguouskv.compute_server.servicer import METHOD_SCOPES as COMPUTE_SCOPES
-from contiguouskv.v1 import cache_pb2, cache_pb2_grpc, compute_pb2
+from contiguouskv.v1 import cache_pb2, cache_pb2_grpc, compute_pb2, compute_pb2_grpc
 
 READ_TOKEN = "r" * 8 + "-read-only-token"
 WRITE_TOKEN = "w" * 8 + "-read-write-token"
@@ -356,3 +357,23 @@ def test_config_refuses_unpaired_or_missing_tls_files(tmp_path: Path) -> None:
                             cache_tls_key_file=cert)
     with pytest.raises(ValueError, match="max_streams_per_client"):
         ComputeServerConfig(model="random:tiny", cache=("127.0.0.1:1",), max_streams_per_client=-1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(header=st.sampled_from(["authorization", "Authorization", "x-token"]),
+       value=st.one_of(st.just("Bearer "), st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126),
+                                                       max_size=300).map(lambda t: "Bearer " + t),
+                       st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=300)))
+def test_any_other_credential_is_unauthenticated(cluster: dict[str, object], header: str, value: str) -> None:
+    """Fuzzed authorization headers: never let in, never an unhandled error, the server keeps serving."""
+    pki = cluster["pki"]
+    assert isinstance(pki, Pki)
+    creds = grpc.ssl_channel_credentials(pki.ca_file.read_bytes())
+    with grpc.secure_channel(str(cluster["compute"]), creds) as channel:
+        stub = compute_pb2_grpc.ComputeServiceStub(channel)
+        try:
+            stub.GetModelInfo(compute_pb2.GetModelInfoRequest(), timeout=10, metadata=((header.lower(), value),))
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as err:
+            code = err.code()
+    assert code == grpc.StatusCode.UNAUTHENTICATED, (header, value)
