@@ -134,7 +134,11 @@ class ObjectReader:
     def _read_exactly(self, part: memoryview, offset: int) -> None:
         done = 0
         while done < len(part):
-            got = os.preadv(self._fd, [part[done:]], offset + done)
+            try:
+                got = os.preadv(self._fd, [part[done:]], offset + done)
+            except OSError as exc:  # EIO from the disk: INTERNAL, naming the object
+                raise CacheError(f"reading the data file of object {self.manifest.key} at {offset + done} "
+                                 f"failed: [Errno {exc.errno}] {exc.strerror}") from exc
             if got == 0:
                 raise DataLoss(
                     f"data file of object {self.manifest.key} ends at {offset + done}, "
