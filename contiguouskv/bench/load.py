@@ -54,12 +54,19 @@ def _levels(raw: str) -> list[int]:
     return levels
 
 
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {raw!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``bench load`` (every one has a default)."""
     a = parser.add_argument
     a("--concurrency", type=_levels, default=[8, 32, 64], help="concurrent clients per level (default 8,32,64)")
     a("--seconds", type=float, default=20.0, help="seconds per level (default 20)")
-    a("--prefixes", type=int, default=8, help="prefixes registered and queried round robin (default 8)")
+    a("--prefixes", type=_positive, default=8, help="prefixes registered and queried round robin (default 8)")
     a("--model", default="random:tiny", help="model of the started compute server (default random:tiny)")
     a("--prefix-tokens", type=int, default=1024, help="tokens per prefix (default 1024)")
     a("--query-tokens", type=int, default=32, help="tokens per query (default 32)")
@@ -67,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--budget", type=float, default=0.25, help="fraction of the prefix to load (default 0.25)")
     a("--timeout", type=float, default=60.0, help="seconds per call (default 60)")
     a("--soak", type=float, metavar="MINUTES", help="run one level this long and sample server RSS and fds")
-    a("--soak-concurrency", type=int, default=32, help="clients of the soak level (default 32)")
+    a("--soak-concurrency", type=_positive, default=32, help="clients of the soak level (default 32)")
     a("--sample-every", type=float, default=5.0, help="seconds between RSS/fd samples of a soak (default 5)")
     a("--compute", help="target this running compute server HOST:PORT instead of starting servers")
     a("--pid", type=int, action="append", default=[],
@@ -183,8 +190,11 @@ class LoadGenerator:
         """One level: ``concurrency`` workers for ``seconds``; samples ``watched`` while it runs."""
         clients = [self._client() for _ in range(concurrency)]
         tally = Tally()
-        try:  # connect every channel before the clock starts
-            await asyncio.gather(*(c.model_info(timeout=CONNECT_TIMEOUT_S) for c in clients))
+        try:  # connect every channel before the clock starts; a failed connect counts as an error
+            for outcome in await asyncio.gather(*(c.model_info(timeout=CONNECT_TIMEOUT_S) for c in clients),
+                                                return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    tally.fail(outcome)
             start = time.monotonic()
             sampler = asyncio.create_task(self._sample(watched, start))
             try:
