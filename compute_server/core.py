@@ -38,6 +38,7 @@ PREFIX_ID = re.compile(r"^[0-9a-f]{32}$")
 EXTRA_LAYOUTS = ("impress",)
 """Layouts a registration may ask for besides `contiguous` (always stored)."""
 T = TypeVar("T")
+L = TypeVar("L")
 
 
 def prefix_id_for(fingerprint: str, token_ids: list[int]) -> str:
@@ -45,6 +46,17 @@ def prefix_id_for(fingerprint: str, token_ids: list[int]) -> str:
     h = hashlib.sha256(fingerprint.encode() + b"\0")
     h.update(b",".join(str(t).encode() for t in token_ids))
     return h.hexdigest()[:32]
+
+
+def _stored_layout(parse: Callable[[bytes], tuple[L, dict[str, object]]], metadata: bytes, prefix_id: str,
+                   layout_name: str) -> tuple[L, dict[str, object]]:
+    """``parse(metadata)`` of a stored object; FAILED_PRECONDITION when it cannot be read (an object
+    stored under a compute layout's name by some other writer), instead of a failure inside."""
+    try:
+        return parse(metadata)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise FailedPrecondition(f"prefix_id {prefix_id}: the stored {layout_name} object has unreadable metadata "
+                                 f"({type(exc).__name__}: {str(exc)[:120]}); delete it and register the prefix again")
 
 
 @dataclass(frozen=True)
@@ -275,7 +287,7 @@ class ComputeCore:
         manifest = await self.cache.get_manifest(prefix_id, self.layout_name)
         if manifest is None:
             raise NotFound(f"prefix_id: {prefix_id} is not registered (layout {self.layout_name})")
-        layout, extra = ContiguousLayout.from_metadata(manifest.metadata)
+        layout, extra = _stored_layout(ContiguousLayout.from_metadata, manifest.metadata, prefix_id, self.layout_name)
         if extra.get("model_fingerprint") != self.model.fingerprint:
             raise FailedPrecondition(
                 f"prefix_id: {prefix_id} was stored for model {extra.get('model_name')!r} "
@@ -292,7 +304,7 @@ class ComputeCore:
                 f"policy {policy}: prefix_id {prefix_id} was registered without the impress layout (64-token "
                 f"K/V blocks, probe keys, h2o scores); register it with `contiguouskv register --layouts impress` "
                 f"(SDK: register(..., extra_layouts=['impress']))")
-        stored, _ = ImpressLayout.from_metadata(manifest.metadata)
+        stored, _ = _stored_layout(ImpressLayout.from_metadata, manifest.metadata, prefix_id, want.name)
         if stored != want:
             raise FailedPrecondition(f"policy {policy}: prefix_id {prefix_id} has impress layout {stored}, "
                                      f"this server expects {want}")

@@ -49,10 +49,12 @@ from hypothesis import strategies as st
 from conftest import CacheProc, start_cache_server
 from contiguouskv import launch
 from contiguouskv.client import ContiguousKVClient
+from contiguouskv.compute_server.layout import LAYOUT_VERSION
 from contiguouskv.compute_server.policies import POLICY_NAMES
 from contiguouskv.v1 import cache_pb2, cache_pb2_grpc, compute_pb2, compute_pb2_grpc
 
 MODEL = "random:tiny"
+LAYOUT = "contiguous-c16-g8"
 RPC_TIMEOUT_S = 30.0
 OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 FD = FieldDescriptor
@@ -548,3 +550,29 @@ def unexpected_tracebacks(log: str) -> list[str]:
     frames of grpc's compiled core and are left out."""
     blocks = re.findall(r"^Traceback \(most recent call last\):\n(?:[ \t].*\n)*.*", log, flags=re.M)
     return [b for b in blocks if re.search(r'^  File "/', b, flags=re.M)]
+
+
+def test_junk_objects_under_compute_layout_names(stored: Stored) -> None:
+    """A raw cache client may commit anything under a compute layout's name: Re-Prefill says the
+    stored object is unreadable (FAILED_PRECONDITION). Regression: JSON that is not an object, or
+    an object without the layout's fields, failed inside the compute server (INTERNAL), and bytes
+    that are not JSON came back as INVALID_ARGUMENT with only the JSON parser's message."""
+    impress = next(l for l in stored.layouts if l.startswith("impress"))
+    header = f'"layout": "contiguous", "version": {LAYOUT_VERSION}'.encode()
+    cases = [("0" * 32, LAYOUT, b"junk", POLICY_NAMES), ("1" * 32, LAYOUT, b"{" + header + b"}", POLICY_NAMES),
+             ("2" * 32, LAYOUT, b"[]", POLICY_NAMES),
+             ("3" * 32, LAYOUT, b"{" + header + b', "num_tokens": "x", "num_layers": null, "num_kv_heads": 1, '
+              b'"head_dim": 1, "dtype": 5, "chunk_size": 0, "group_size": -1}', POLICY_NAMES),
+             (stored.prefix_ids[0], impress, b"junk", ("h2o", "impress"))]  # registered without impress
+    for prefix_id, layout, metadata, policies in cases:
+        stored.cache_stub.PutPrefix(iter([
+            cache_pb2.PutPrefixRequest(header=cache_pb2.PutPrefixHeader(prefix_id=prefix_id, layout=layout,
+                                                                        metadata=metadata)),
+            cache_pb2.PutPrefixRequest(commit=cache_pb2.PutPrefixCommit())]), timeout=RPC_TIMEOUT_S)
+        for policy in policies:
+            request = compute_pb2.ReprefillRequest(prefix_id=prefix_id, token_ids=compute_pb2.TokenIds(ids=[1]),
+                                                   policy=policy)
+            with pytest.raises(grpc.RpcError) as info:
+                stored.compute_stub.Reprefill(request, timeout=RPC_TIMEOUT_S)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()  # type: ignore[attr-defined]
+            assert f"{prefix_id}: the stored {layout} object has unreadable metadata" in info.value.details()  # type: ignore[attr-defined]
