@@ -18,15 +18,6 @@ from collections.abc import Sequence
 
 from contiguouskv.v1 import cache_pb2 as pb
 
-# Channel options of a Fetch client (the receiver of the records): a fixed 16 MiB HTTP/2 window
-# (no BDP probing, which starts at 64 KiB and grows) and frames of up to 16 MiB instead of 16 KiB,
-# so the server's write of a ~1 MiB response rarely waits for a WINDOW_UPDATE round trip. Measured
-# with `contiguouskv bench storage --selections 0.05,1.0 --target-mb 400` on the 2-core machine
-# under a load average of ~10, 3 interleaved runs each: median grpc/raw 0.45 -> 0.76 at 5 %,
-# 0.55 -> 0.58 at 100 % (docs/storage.md). The window bounds what the client buffers per stream.
-FETCH_CHANNEL_OPTIONS = [("grpc.http2.lookahead_bytes", 16 << 20), ("grpc.http2.bdp_probe", 0),
-                         ("grpc.http2.max_frame_size", (16 << 20) - 1)]
-
 DATA_FIELD = 4
 _DATA_KEY = bytes([DATA_FIELD << 3 | 2])  # field 4, wire type 2 (length-delimited)
 BytesLike = bytes | bytearray | memoryview

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from contiguouskv.cache_server.wire import FETCH_CHANNEL_OPTIONS, FetchBatch, decode_fetch_response
+from contiguouskv.cache_server.wire import FetchBatch, decode_fetch_response
 from contiguouskv.common.security import ClientTls, channel_credentials, tls_options
 from contiguouskv.compute_server import discovery
 from contiguouskv.compute_server.errors import ComputeError, Unavailable
@@ -109,7 +109,6 @@ class CacheClient:
                  tls: ClientTls | None = None, token: str | None = None) -> None:
         self._options = [("grpc.max_send_message_length", max_message_bytes),
                          ("grpc.max_receive_message_length", max_message_bytes), *RECONNECT_OPTIONS,
-                         *FETCH_CHANNEL_OPTIONS,  # HTTP/2 window and frames for Fetch (wire.py)
                          *tls_options(tls)]
         self._tls, self._token = tls, token
         self._entries = list(addresses)

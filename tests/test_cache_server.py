@@ -430,24 +430,3 @@ def test_sigterm_lets_an_open_stream_finish(cache_server: CacheProc) -> None:
     responses = asyncio.run(scenario())
     assert [i for r in responses for i in r.indices] == list(range(300))
     assert cache_server.proc.wait(20) == 0
-
-
-async def test_fetch_channel_options_carry_large_responses(server: CacheProc) -> None:
-    """The Fetch client's HTTP/2 tuning (16 MiB window, no BDP probe, big frames) moves the bytes intact."""
-    from contiguouskv.cache_server.wire import FETCH_CHANNEL_OPTIONS, decode_fetch_response
-    from contiguouskv.compute_server.cache_client import CacheClient
-
-    assert set(FETCH_CHANNEL_OPTIONS) <= set(CacheClient([server.address], 64 << 20, 30.0)._options)
-    records = records_of([("kv/G0", 96, 32768)], seed=5)
-    async with grpc.aio.insecure_channel(server.address, options=OPTIONS + FETCH_CHANNEL_OPTIONS) as channel:
-        await put(cache_pb2_grpc.CacheServiceStub(channel), put_requests("tuned", "l", records, chunk=32))
-        call = channel.stream_stream("/contiguouskv.v1.CacheService/Fetch",
-                                     request_serializer=pb.FetchRequest.SerializeToString,
-                                     response_deserializer=decode_fetch_response)(timeout=30)
-        wanted = [95, *range(90), 3, 3]
-        for request in (open_("tuned"), read(1, "kv/G0", wanted)):
-            await call.write(request)
-        await call.done_writing()
-        batches = await read_all(call)
-    assert [i for b in batches for i in b.indices] == wanted and batches[-1].done
-    assert b"".join(bytes(b.data) for b in batches) == b"".join(records["kv/G0"][i] for i in wanted)

@@ -289,9 +289,7 @@ async def _client(job: dict) -> dict:
     from contiguouskv.v1 import cache_pb2 as pb
     from contiguouskv.v1 import cache_pb2_grpc
 
-    from contiguouskv.cache_server.wire import FETCH_CHANNEL_OPTIONS
-
-    options = [("grpc.max_receive_message_length", 64 << 20), *FETCH_CHANNEL_OPTIONS]
+    options = [("grpc.max_receive_message_length", 64 << 20)]
     decode = decode_fetch_response if job["decoder"] == "raw" else pb.FetchResponse.FromString
     async with grpc.aio.insecure_channel(job["address"], options=options) as channel:
         stub = cache_pb2_grpc.CacheServiceStub(channel)
