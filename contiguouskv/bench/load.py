@@ -4,8 +4,8 @@ Registers ``--prefixes`` random-token prefixes, then for each level of ``--concu
 many worker tasks for ``--seconds``; each worker owns one async SDK client (its own channel, so its
 own connection) and sends Re-Prefill requests back to back over the prefixes, each with a
 ``--timeout``. A failed call is counted by its SDK status (``DEADLINE_EXCEEDED``, ...) or, for
-anything else, its exception class, and the worker goes on; no call is retried (the SDK's retry on
-UNAVAILABLE is off, so every failure shows). TTFT is the client's wall time of one call
+anything else, its exception class, and the worker goes on after 50 ms; no call is retried (the
+SDK's retry on UNAVAILABLE is off, so every failure shows). TTFT is the client's wall time of one call
 (``max_new_tokens=0``: the call ends with the first token), queueing included.
 
 ``--soak MINUTES`` runs one level (``--soak-concurrency``, default 32) that long instead and samples
@@ -39,6 +39,7 @@ from contiguouskv import launch
 from contiguouskv.client import NO_RETRY, AsyncContiguousKVClient, ContiguousKVError
 
 CONNECT_TIMEOUT_S = 60.0
+ERROR_PAUSE_S = 0.05  # a worker's pause after a failed call
 Json = dict[str, Any]  # an object of the JSON report
 CONFIG_KEYS = ("concurrency", "seconds", "prefixes", "model", "prefix_tokens", "query_tokens", "policy", "budget",
                "timeout", "soak", "soak_concurrency", "sample_every", "compute", "pid", "compute_threads", "seed")
@@ -181,6 +182,7 @@ class LoadGenerator:
                                        self.args.timeout * 1.1 + 1)
             except Exception as err:  # counted, not raised: a load test goes on through errors
                 tally.fail(err)
+                await asyncio.sleep(ERROR_PAUSE_S)  # a fast refusal must not become a busy loop
             else:
                 tally.ttft_ms.append((time.monotonic() - start) * 1e3)
         return time.monotonic()
@@ -239,7 +241,8 @@ class LoadGenerator:
         return results
 
 
-def _start_servers(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> dict[str, launch.ServiceProcess]:
+def _start_servers(args: argparse.Namespace, root: Path,
+                   stack: contextlib.ExitStack) -> dict[str, launch.ServiceProcess]:
     cache = launch.cache_server(root / "store", log_path=root / "cache.log")
     stack.callback(cache.stop)
     cache.wait_ready(timeout=120)
