@@ -11,9 +11,9 @@ import mmap
 import os
 import threading
 import time
-import zlib
 from collections.abc import Sequence
 
+from contiguouskv.cache_server.checksum import crc32
 from contiguouskv.cache_server.errors import CacheError, DataLoss
 from contiguouskv.cache_server.manifest import Manifest, RegionLayout
 from contiguouskv.cache_server.stats import Counters
@@ -122,7 +122,7 @@ class ObjectReader:
         views = {}
         for index, start in where.items():
             payload = buffer[start : start + size]
-            if zlib.crc32(payload) != self.manifest.checksum(layout.name, index):
+            if crc32(payload) != self.manifest.checksum(layout.name, index):
                 self._counters.add(checksum_failures=1)
                 raise DataLoss(
                     f"checksum mismatch in object {self.manifest.key}, "

@@ -16,10 +16,10 @@ import logging
 import os
 import threading
 import time
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
+from contiguouskv.cache_server.checksum import crc32
 from contiguouskv.cache_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from contiguouskv.cache_server.keys import ObjectKey
 from contiguouskv.cache_server.manifest import Manifest, RegionLayout, data_size, pack_checksums
@@ -123,7 +123,7 @@ class ObjectWriter:
             raise InvalidArgument(f"data: record {again} of region {region!r} was sent twice")
         with memoryview(data) as view:
             crcs = array.array(
-                CRC_TYPECODE, (zlib.crc32(view[i * size : (i + 1) * size]) for i in range(count))
+                CRC_TYPECODE, (crc32(view[i * size : (i + 1) * size]) for i in range(count))
             )
             written = self._write_padded(layout, first_record, view, count)
         seen[first_record : first_record + count] = b"\x01" * count
