@@ -95,7 +95,8 @@ class _FailingClient:
 
 
 def test_worker_counts_errors_and_bounds_every_call() -> None:
-    args = argparse.Namespace(seed=0, query_tokens=4, policy="full", budget=None, timeout=0.05)
+    args = argparse.Namespace(seed=0, query_tokens=4, policy="full", budget=None, timeout=0.05, token_file=None,
+                              tls_ca_file=None, tls_cert_file=None, tls_key_file=None, tls_server_name=None)
     gen = load.LoadGenerator(args, "127.0.0.1:1")
     gen.prefixes, gen.vocab = ["p0"], 100
     tally = load.Tally()

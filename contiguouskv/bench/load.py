@@ -37,6 +37,7 @@ from typing import Any
 
 from contiguouskv import launch
 from contiguouskv.client import NO_RETRY, AsyncContiguousKVClient, ContiguousKVError
+from contiguouskv.connection import add_connection_arguments, tls_from_args, token_from_args
 
 CONNECT_TIMEOUT_S = 60.0
 ERROR_PAUSE_S = 0.05  # a worker's pause after a failed call
@@ -80,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--compute", help="target this running compute server HOST:PORT instead of starting servers")
     a("--pid", type=int, action="append", default=[],
       help="with --compute: a server process to sample during a soak (repeatable)")
+    add_connection_arguments(parser, "--compute", "read,write")
     a("--compute-threads", type=int,
       help="torch threads of the started compute server (default 1 on machines with <= 4 cores, else torch's)")
     a("--workdir", type=Path, help="store directory (default: a temp dir under the current one)")
@@ -152,9 +154,11 @@ class LoadGenerator:
         self.rng = random.Random(args.seed)
         self.prefixes: list[str] = []
         self.vocab = 0
+        self.token = token_from_args(args)
 
     def _client(self) -> AsyncContiguousKVClient:
-        return AsyncContiguousKVClient(self.address, timeout=self.args.timeout, retry=NO_RETRY)
+        return AsyncContiguousKVClient(self.address, timeout=self.args.timeout, retry=NO_RETRY,
+                                       token=self.token, tls=tls_from_args(self.args))
 
     def _tokens(self, rng: random.Random, count: int) -> list[int]:
         return [rng.randrange(self.vocab) for _ in range(count)]
