@@ -253,7 +253,11 @@ def _start_servers(args: argparse.Namespace, root: Path,
     threads = args.compute_threads
     if threads is None:
         threads = 1 if (os.cpu_count() or 1) <= 4 else 0
+    # All workers come from this host, so they are one client for the per-client limit (default 64):
+    # raise it to the largest level, which is then what the run measures.
+    clients = max([*args.concurrency, args.soak_concurrency])
     compute = launch.compute_server(args.model, cache.address, "--threads", str(threads),
+                                    "--max-streams-per-client", str(max(64, clients)),
                                     log_path=root / "compute.log")
     stack.callback(compute.stop)
     _progress(f"starting compute server ({args.model}) ...")
