@@ -48,10 +48,11 @@ USER 10001:10001
 WORKDIR /home/ckv
 EXPOSE 50052 9090
 
-# Docker only (Kubernetes uses the grpc probes in deploy/k8s): ask the gRPC health service. The
+# Docker only (Kubernetes uses the grpc probes in deploy/k8s): ask the gRPC health service (on the plaintext
+# health-only port when CKV_HEALTH_PORT is set, as for a server that serves TLS). The
 # port opens once the model is loaded, so a first start that converts a GGUF needs the start period.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; r = g.HealthStub(grpc.insecure_channel('127.0.0.1:' + os.environ.get('CKV_PORT', '50052'))).Check(h.HealthCheckRequest(service='contiguouskv.v1.ComputeService'), timeout=4); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
+    CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; r = g.HealthStub(grpc.insecure_channel('127.0.0.1:' + (os.environ.get('CKV_HEALTH_PORT') or os.environ.get('CKV_PORT', '50052')))).Check(h.HealthCheckRequest(service='contiguouskv.v1.ComputeService'), timeout=4); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
 
 ENTRYPOINT ["contiguouskv"]
 CMD ["serve", "compute"]
