@@ -9,8 +9,12 @@ credentials) are unit-tested first.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -377,3 +381,22 @@ def test_any_other_credential_is_unauthenticated(cluster: dict[str, object], hea
         except grpc.RpcError as err:
             code = err.code()
     assert code == grpc.StatusCode.UNAUTHENTICATED, (header, value)
+
+
+def test_cli_reaches_a_secured_server_with_a_token_file_or_env(cluster: dict[str, object], tmp_path: Path) -> None:
+    pki = cluster["pki"]
+    assert isinstance(pki, Pki)
+    token_file = tmp_path / "token"
+    token_file.write_text(READ_TOKEN + "\n")
+    base = [sys.executable, "-m", "contiguouskv.cli", "info", "--server", str(cluster["compute"]), "--json",
+            "--tls-ca-file", str(pki.ca_file)]
+    env = {k: v for k, v in os.environ.items() if k != "CKV_TOKEN"}
+    with_file = subprocess.run([*base, "--token-file", str(token_file)], capture_output=True, text=True, env=env,
+                               timeout=120)
+    assert with_file.returncode == 0, with_file.stderr
+    assert json.loads(with_file.stdout)["num_layers"] > 0
+    with_env = subprocess.run(base, capture_output=True, text=True, env={**env, "CKV_TOKEN": READ_TOKEN}, timeout=120)
+    assert with_env.returncode == 0, with_env.stderr
+    without = subprocess.run(base, capture_output=True, text=True, env=env, timeout=120)
+    assert without.returncode == 1
+    assert "UNAUTHENTICATED" in without.stderr and "--token-file" in without.stderr  # the hint
