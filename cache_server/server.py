@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +27,7 @@ from contiguouskv.common import telemetry
 from contiguouskv.common.access import AccessInterceptor, access_interceptor
 from contiguouskv.common.config import ConfigError, load_config
 from contiguouskv.common.logs import setup_logging
+from contiguouskv.common.malloc import keep_freed_buffers
 from contiguouskv.common.security import server_credentials
 from contiguouskv.common.serving import (
     SERVER_SECURITY_FIELDS, ServerLifecycle, add_server_security_arguments, channel_options, run_async,
@@ -119,6 +121,7 @@ def run(config: CacheServerConfig) -> int:
 
     Tracing (service ``contiguouskv-cache``) is set up for the process here.
     """
+    keep_freed_buffers(os.environ)  # reuse the ~1 MiB response buffers (common/malloc.py)
     with telemetry.tracing("contiguouskv-cache"):
         run_async(serve(config))
     return 0

@@ -36,6 +36,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from contiguouskv.common.malloc import keep_freed_buffers
+
 PREFIX_ID, LAYOUT = "bench", "contiguous-c16-g8"
 Request = tuple[str, list[int]]  # (region, record indices)
 
@@ -66,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; prints a table; returns 0 (1 if the page cache could not be bypassed)."""
+    keep_freed_buffers(os.environ)  # the raw way gets the servers' malloc settings too
     shape = _shape(args)
     fractions = [float(f) for f in args.selections.split(",")]
     with contextlib.ExitStack() as stack:
@@ -390,6 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv == ["--client"]:
         import uvloop
+
+        keep_freed_buffers(os.environ)  # as the compute server does
 
         print(json.dumps(uvloop.run(_client(json.loads(sys.stdin.read())))))
         return 0
