@@ -122,15 +122,17 @@ class ProcessSamples:
             self.rss_bytes.append(rss_kb * 1024)
             self.fds.append(fds)
 
-    def summary(self, warmup_s: float) -> Json:
-        """Growth from the first sample at or after ``warmup_s`` to the last one."""
+    def summary(self, warmup_s: float, end_s: float = math.inf) -> Json:
+        """Growth from the first sample at or after ``warmup_s`` to the last one at or before ``end_s``
+        (the end of the load: a sample taken after the clients stopped would hide growth)."""
         warm = next((i for i, t in enumerate(self.t_s) if t >= warmup_s), None)
-        if warm is None or not self.rss_bytes:
+        last = max((i for i, t in enumerate(self.t_s) if t <= end_s), default=None)
+        if warm is None or last is None or last < warm:
             return {"name": self.name, "pid": self.pid, "samples": len(self.t_s), "rss_growth_pct": None}
-        base, end = self.rss_bytes[warm], self.rss_bytes[-1]
+        base, end = self.rss_bytes[warm], self.rss_bytes[last]
         return {"name": self.name, "pid": self.pid, "samples": len(self.t_s), "warmup_s": warmup_s,
                 "rss_mb_warm": base / 2**20, "rss_mb_end": end / 2**20, "rss_mb_max": max(self.rss_bytes) / 2**20,
-                "rss_growth_pct": (end - base) / base * 100, "fds_warm": self.fds[warm], "fds_end": self.fds[-1],
+                "rss_growth_pct": (end - base) / base * 100, "fds_warm": self.fds[warm], "fds_end": self.fds[last],
                 "fds_max": max(self.fds), "t_s": self.t_s, "rss_bytes": self.rss_bytes, "fd_counts": self.fds}
 
 
@@ -234,7 +236,7 @@ class LoadGenerator:
             _progress(f"soak: {self.args.soak_concurrency} clients for {seconds:.0f}s, sampling {len(watched)} "
                       f"process(es) every {self.args.sample_every:g}s")
             result = await self.level(self.args.soak_concurrency, seconds, watched)
-            processes = [p.summary(0.1 * seconds) for p in watched]
+            processes = [p.summary(0.1 * seconds, seconds) for p in watched]
             result["processes"] = processes
             result["rss_growth_pct"] = {p["name"]: p["rss_growth_pct"] for p in processes} or None
             return [result]
