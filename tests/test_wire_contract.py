@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,8 +15,10 @@ STUBS = ROOT / "proto" / "contiguouskv" / "v1"
 
 
 def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
+    # The script runs `python` and protoc's mypy plugins from PATH: this interpreter's first.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     subprocess.run(["bash", str(ROOT / "scripts" / "gen_protos.sh"), str(tmp_path)], check=True,
-                   capture_output=True, cwd=ROOT)
+                   capture_output=True, cwd=ROOT, env={**os.environ, "PATH": path})
     fresh = tmp_path / "contiguouskv" / "v1"
     generated = sorted(p.name for p in fresh.iterdir() if p.suffix in (".py", ".pyi"))
     assert len(generated) == 8
