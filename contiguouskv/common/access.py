@@ -6,8 +6,9 @@ and reflection are open, so probes work without a token) before the servicer see
 1. with a :class:`~contiguouskv.common.security.TokenTable`, the call must carry
    ``authorization: Bearer <token>``: none or an unknown token → UNAUTHENTICATED; a token without the
    method's scope (``read`` or ``write``) → PERMISSION_DENIED;
-2. with a :class:`ClientLimiter`, a client (the token's name when tokens are on, else the peer's IP
-   address) may have at most ``limit`` calls of the protected methods in flight; one more →
+2. with a :class:`ClientLimiter`, a client (``token-name@ip`` when tokens are on, else the peer's IP
+   address; so replicas sharing a token have a budget each) may have at most ``limit`` calls of the
+   protected methods in flight; one more →
    RESOURCE_EXHAUSTED naming ``max_streams_per_client``.
 
 Refused calls never reach the servicer; the message says what is missing and never echoes a token.
@@ -140,7 +141,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         assert limiter is not None
 
         async def enter(context: grpc.aio.ServicerContext) -> str:
-            client = name or peer_host(context.peer())
+            host = peer_host(context.peer())
+            client = f"{name}@{host}" if name else host
             if not limiter.try_enter(client):
                 self._count("RESOURCE_EXHAUSTED")
                 log.warning("limit: %s refused: client %s has %d calls in flight", method, client, limiter.limit)

@@ -40,7 +40,7 @@ def add_server_security_arguments(parser: argparse.ArgumentParser) -> None:
     a("--auth-tokens-file", type=Path,
       help="require bearer tokens: lines '<token> read|write|read,write [name]', re-read when changed")
     a("--max-streams-per-client", type=int,
-      help="calls one client (token name, else IP address) may have in flight; 0 = unlimited")
+      help="calls one client (token name@IP, else IP address) may have in flight; 0 = unlimited")
     a("--health-port", type=int,
       help="also serve only gRPC health, in plaintext, on this port (for probes that cannot speak TLS)")
 
