@@ -280,7 +280,8 @@ async def test_streams_per_client_are_limited_with_a_clear_status(cluster: dict[
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await third.read()
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "max_streams_per_client (2)" in (info.value.details() or "")
+        details = info.value.details() or ""
+        assert "max_streams_per_client (2)" in details and "client reader@127.0.0.1" in details
         held[0].cancel()
         await asyncio.sleep(0.3)
         fourth = stub.Fetch(metadata=metadata)
