@@ -16,21 +16,17 @@ shard (replication 1). In order:
   overwritten in the middle. Fetch of those records gets DATA_LOSS in-band naming the object, and
   Re-Prefill of those prefixes ``DataLossError``; the records before the damage and every record
   of an untouched prefix read back the same, its Re-Prefill answers as before, the server runs on;
-- a real EIO from the disk (device-mapper ``error`` target over the victim's blocks on a
-  loop-backed ext4): skipped where the kernel has no device-mapper;
+- a real EIO from the kernel: the victim's data file swapped for a FUSE file (``faulty_fuse.py``)
+  whose second half fails every read, under the running server (needs root and /dev/fuse);
 - a read that fails with an OSError gives a message that names the object (plain reader).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
-import hashlib
 import os
 import random
-import re
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +45,7 @@ from contiguouskv.client import (
     NO_RETRY, ContiguousKVClient, DataLossError, ReprefillResult, UnavailableError,
 )
 from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
+import faulty_fuse
 from test_multinode import Forwarder
 
 MODEL = "random:tiny"  # 4 layers, 2 KV heads x 16, float32: 4 KiB per 16-token kv record
@@ -254,103 +251,47 @@ def test_damaged_data_files_under_a_running_server(cluster: Cluster) -> None:
     assert cluster.cache.proc.poll() is None and _serving(address)
 
 
-# -- a real EIO --------------------------------------------------------------------------------
-
-def _device_mapper_missing() -> str | None:
-    """Why this machine cannot make a device-mapper `error` target, or None when it can."""
-    if os.geteuid() != 0:
-        return "needs root (losetup, dmsetup, mount)"
-    try:
-        targets = subprocess.run(["dmsetup", "targets"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"no dmsetup: {exc}"
-    if targets.returncode != 0 or not re.search(r"^error\b", targets.stdout, flags=re.M):
-        return f"the kernel has no device-mapper `error` target ({(targets.stderr or targets.stdout).strip()[:200]})"
-    return None
-
-
-def _extents(path: Path) -> list[tuple[int, int]]:
-    """(first sector, sectors) on the device of every extent of ``path`` (filefrag, 512-byte units)."""
-    out = subprocess.run(["filefrag", "-v", "-b512", str(path)], capture_output=True, text=True, check=True).stdout
-    found = re.findall(r"^\s*\d+:\s+\d+\.\.\s*\d+:\s+(\d+)\.\.\s*(\d+):", out, flags=re.M)
-    assert found, out
-    return [(int(first), int(last) - int(first) + 1) for first, last in found]
-
-
-def _table(loop: str, sectors: int, bad: list[tuple[int, int]]) -> str:
-    """A device-mapper table: ``loop`` linear, except the ``bad`` ranges, which fail every I/O."""
-    lines, at = [], 0
-    for first, count in sorted(bad):
-        if first > at:
-            lines.append(f"{at} {first - at} linear {loop} {at}")
-        lines.append(f"{first} {count} error")
-        at = first + count
-    if at < sectors:
-        lines.append(f"{at} {sectors - at} linear {loop} {at}")
-    return "\n".join(lines) + "\n"
-
-
-@contextlib.contextmanager
-def _mapped_ext4(tmp: Path, size_mib: int = 64) -> Iterator[tuple[str, Path, int]]:
-    """A loop device under a device-mapper linear map, ext4 on it, mounted: (dm name, mount, sectors)."""
-    image, mount, name = tmp / "disk.img", tmp / "mnt", f"ckv-faults-{os.getpid()}"
-    with open(image, "wb") as f:
-        f.truncate(size_mib << 20)
-    sectors = (size_mib << 20) // 512
-    loop = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True)
-    device = loop.stdout.strip()
-    try:
-        subprocess.run(["dmsetup", "create", name], input=_table(device, sectors, []), text=True, check=True)
-        try:
-            subprocess.run(["mkfs.ext4", "-q", "-F", f"/dev/mapper/{name}"], check=True, capture_output=True)
-            mount.mkdir()
-            subprocess.run(["mount", f"/dev/mapper/{name}", str(mount)], check=True)
-            try:
-                yield name, mount, sectors
-            finally:
-                subprocess.run(["umount", "-l", str(mount)], check=False)
-        finally:
-            subprocess.run(["dmsetup", "remove", "--force", name], check=False)
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False)
-
-
 def test_eio_from_the_disk(tmp_path: Path) -> None:
-    reason = _device_mapper_missing()
+    """A data file whose second half fails every read with EIO (served through FUSE, read with
+    O_DIRECT by the running server): INTERNAL naming the object for the failing records, the right
+    bytes for the others and for another prefix, and the server serving on."""
+    reason = faulty_fuse.unavailable()
     if reason:
         pytest.skip(reason)
     rng = random.Random(5)
     payload = {name: [rng.randbytes(4096) for _ in range(64)] for name in ("victim", "keeper")}
-    with _mapped_ext4(tmp_path) as (name, mount, sectors):
-        cache = launch.cache_server(mount / "root", *CACHE_ARGS)
-        try:
-            address = cache.wait_ready()
-            with grpc.insecure_channel(address) as channel:
-                stub = cache_pb2_grpc.CacheServiceStub(channel)
-                for prefix, records in payload.items():
-                    stub.PutPrefix(iter([
-                        cache_pb2.PutPrefixRequest(header=cache_pb2.PutPrefixHeader(
-                            prefix_id=prefix, layout="l", regions=[cache_pb2.RegionSpec(
-                                name="a", num_records=len(records), record_size=4096)])),
-                        cache_pb2.PutPrefixRequest(data=cache_pb2.PutPrefixData(region="a", data=b"".join(records))),
-                        cache_pb2.PutPrefixRequest(commit=cache_pb2.PutPrefixCommit())]), timeout=30)
-            os.sync()
-            loop = subprocess.run(["dmsetup", "deps", "-o", "devname", name], capture_output=True, text=True,
-                                  check=True).stdout
-            device = "/dev/" + re.search(r"\((\w+)\)", loop).group(1)  # type: ignore[union-attr]
-            bad = _table(device, sectors, _extents(mount / "root" / "objects" / "victim" / "l.data"))
-            subprocess.run(["dmsetup", "suspend", name], check=True)
-            subprocess.run(["dmsetup", "load", name], input=bad, text=True, check=True)
-            subprocess.run(["dmsetup", "resume", name], check=True)
-            victim = _read_all(address, "victim", "l")
-            errors = _errors(victim)
-            assert errors and all(code in (DATA_LOSS, grpc.StatusCode.INTERNAL.value[0]) for code, _ in errors)
+    cache = launch.cache_server(tmp_path / "root", *CACHE_ARGS)
+    try:
+        address = cache.wait_ready()
+        with grpc.insecure_channel(address) as channel:
+            stub = cache_pb2_grpc.CacheServiceStub(channel)
+            for prefix, records in payload.items():
+                stub.PutPrefix(iter([
+                    cache_pb2.PutPrefixRequest(header=cache_pb2.PutPrefixHeader(
+                        prefix_id=prefix, layout="l", regions=[cache_pb2.RegionSpec(
+                            name="a", num_records=len(records), record_size=4096)])),
+                    cache_pb2.PutPrefixRequest(data=cache_pb2.PutPrefixData(region="a", data=b"".join(records))),
+                    cache_pb2.PutPrefixRequest(commit=cache_pb2.PutPrefixCommit())]), timeout=30)
+        data_file = tmp_path / "root" / "objects" / "victim" / "l.data"
+        content = data_file.read_bytes()
+        (tmp_path / "mnt").mkdir()
+        with faulty_fuse.FaultyFile(tmp_path / "mnt", content, range(len(content) // 2, len(content))) as disk:
+            link = data_file.with_name("l.data.link")
+            link.symlink_to(disk.path)
+            os.replace(link, data_file)  # the server opens the data file per Fetch stream
+            failing = _read_all(address, "victim", "l", {"a": range(48, 64)})  # in the second half
+            assert disk.failed_reads > 0
+            errors = _errors(failing)
+            assert errors and all(code == grpc.StatusCode.INTERNAL.value[0] for code, _ in errors), errors
             assert all("victim" in message and "Input/output error" in message for _, message in errors), errors
+            assert not _records(failing)
+            good = _records(_read_all(address, "victim", "l", {"a": range(0, 16)}))  # in the first half
+            assert good == {("a", i): payload["victim"][i] for i in range(16)}
             keeper = _records(_read_all(address, "keeper", "l"))
             assert keeper == {("a", i): r for i, r in enumerate(payload["keeper"])}
             assert cache.proc.poll() is None and _serving(address)
-        finally:
-            cache.stop()
+    finally:
+        cache.stop()
 
 
 def test_read_error_names_the_object(tmp_path: Path) -> None:
