@@ -30,7 +30,7 @@ from contiguouskv.common.logs import setup_logging
 from contiguouskv.common.malloc import keep_freed_buffers
 from contiguouskv.common.security import server_credentials
 from contiguouskv.common.serving import (
-    SERVER_SECURITY_FIELDS, ServerLifecycle, add_server_security_arguments, channel_options, run_async,
+    SERVING_FIELDS, ServerLifecycle, add_serving_arguments, channel_options, run_async,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--read-threads", type=int, help="disk read threads (16)")
     parser.add_argument("--metrics-port", type=int,
                         help="serve Prometheus metrics on this port (0 = any free port; off if absent)")
-    add_server_security_arguments(parser)
+    add_serving_arguments(parser)
     parser.add_argument("--config", type=Path, help="JSON file of config fields")
     # SUPPRESS: as a subcommand, an absent flag must not overwrite the parent parser's value.
     parser.add_argument("--log-level", default=argparse.SUPPRESS, help="logging level (INFO)")
@@ -66,7 +66,7 @@ def config_from_args(args: argparse.Namespace) -> CacheServerConfig:
         name: getattr(args, name, None)
         for name in ("root", "host", "port", "port_file", "max_batch_bytes", "max_store_bytes",
                      "dram_cache_bytes", "cache_policy", "max_inflight_bytes", "read_threads",
-                     "metrics_port", *SERVER_SECURITY_FIELDS)
+                     "metrics_port", *SERVING_FIELDS)
     }
     return load_config(CacheServerConfig, flags=flags, file=args.config)
 

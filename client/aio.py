@@ -16,7 +16,7 @@ from contiguouskv.client.pool import Endpoint, RoundRobin, parse_addresses
 from contiguouskv.client.retry import DEFAULT_RETRY, Deadline, RetryPolicy
 from contiguouskv.client.types import GeneratedToken, ModelInfo, RegisteredPrefix, ReprefillResult
 from contiguouskv.common import telemetry
-from contiguouskv.common.security import ClientTls, channel_credentials, tls_options
+from contiguouskv.common.security import ClientTls, open_aio_channel
 from contiguouskv.common.telemetry import Attributes
 from contiguouskv.v1 import compute_pb2, compute_pb2_grpc
 
@@ -31,12 +31,8 @@ R = TypeVar("R")
 
 def _connector(tls: ClientTls | None, token: str | None) -> Callable[[str], Endpoint[grpc.aio.Channel, Stub]]:
     def connect(address: str) -> Endpoint[grpc.aio.Channel, Stub]:
-        credentials = channel_credentials(address, tls, token)
-        options = [*_wire.CHANNEL_OPTIONS, *tls_options(tls)]
-        interceptors = telemetry.aio_client_interceptors() or None
-        channel = (grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
-                   if credentials is not None
-                   else grpc.aio.insecure_channel(address, options=options, interceptors=interceptors))
+        channel = open_aio_channel(address, tls, token, _wire.CHANNEL_OPTIONS,
+                                   telemetry.aio_client_interceptors() or None)
         return Endpoint(address, channel, compute_pb2_grpc.ComputeServiceStub(channel))
 
     return connect

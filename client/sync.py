@@ -16,7 +16,7 @@ from contiguouskv.client.pool import Endpoint, RoundRobin, parse_addresses
 from contiguouskv.client.retry import DEFAULT_RETRY, Deadline, RetryPolicy
 from contiguouskv.client.types import GeneratedToken, ModelInfo, RegisteredPrefix, ReprefillResult
 from contiguouskv.common import telemetry
-from contiguouskv.common.security import ClientTls, channel_credentials, tls_options
+from contiguouskv.common.security import ClientTls, open_channel
 from contiguouskv.common.telemetry import Attributes
 from contiguouskv.v1 import compute_pb2, compute_pb2_grpc
 
@@ -29,11 +29,7 @@ Stub = compute_pb2_grpc.ComputeServiceStub
 
 def _connector(tls: ClientTls | None, token: str | None) -> Callable[[str], Endpoint[grpc.Channel, Stub]]:
     def connect(address: str) -> Endpoint[grpc.Channel, Stub]:
-        credentials = channel_credentials(address, tls, token)
-        options = [*_wire.CHANNEL_OPTIONS, *tls_options(tls)]
-        channel = (grpc.secure_channel(address, credentials, options=options) if credentials is not None
-                   else grpc.insecure_channel(address, options=options))
-        channel = telemetry.intercept_channel(channel)
+        channel = telemetry.intercept_channel(open_channel(address, tls, token, _wire.CHANNEL_OPTIONS))
         return Endpoint(address, channel, compute_pb2_grpc.ComputeServiceStub(channel))
 
     return connect

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from contiguouskv.cache_server.wire import FetchBatch, decode_fetch_response
-from contiguouskv.common.security import ClientTls, channel_credentials, tls_options
+from contiguouskv.common.security import ClientTls, open_aio_channel
 from contiguouskv.compute_server import discovery
 from contiguouskv.compute_server.errors import ComputeError, Unavailable
 from contiguouskv.compute_server.layout import Region
@@ -108,8 +108,7 @@ class CacheClient:
                  replication: int = 0, write_quorum: int = 0, refresh_s: float = 30.0, *,
                  tls: ClientTls | None = None, token: str | None = None) -> None:
         self._options = [("grpc.max_send_message_length", max_message_bytes),
-                         ("grpc.max_receive_message_length", max_message_bytes), *RECONNECT_OPTIONS,
-                         *tls_options(tls)]
+                         ("grpc.max_receive_message_length", max_message_bytes), *RECONNECT_OPTIONS]
         self._tls, self._token = tls, token
         self._entries = list(addresses)
         self._addresses = [a for a in self._entries if not discovery.is_dns(a)]
@@ -187,10 +186,7 @@ class CacheClient:
 
     def _stub(self, address: str) -> cache_pb2_grpc.CacheServiceStub:
         if address not in self._stubs:
-            credentials = channel_credentials(address, self._tls, self._token)
-            self._channels[address] = (
-                grpc.aio.secure_channel(address, credentials, options=self._options) if credentials is not None
-                else grpc.aio.insecure_channel(address, options=self._options))
+            self._channels[address] = open_aio_channel(address, self._tls, self._token, self._options)
             self._stubs[address] = cache_pb2_grpc.CacheServiceStub(self._channels[address])
         return self._stubs[address]
 

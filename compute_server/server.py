@@ -12,7 +12,7 @@ from contiguouskv.common.config import load_config
 from contiguouskv.common.malloc import keep_freed_buffers
 from contiguouskv.common.security import read_token_file, server_credentials
 from contiguouskv.common.serving import (
-    SERVER_SECURITY_FIELDS, ServerLifecycle, add_server_security_arguments, channel_options, run_async,
+    SERVING_FIELDS, ServerLifecycle, add_serving_arguments, channel_options, run_async,
 )
 from contiguouskv.compute_server.config import ComputeServerConfig
 
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int,
                         help="torch compute threads; 0 = torch's default (on a small shared CPU, 1 avoids "
                         "OpenMP oversubscription with the I/O threads) (env CKV_THREADS)")
-    add_server_security_arguments(parser)
+    add_serving_arguments(parser)
     parser.add_argument("--cache-tls-ca-file", help="reach the cache servers over TLS, trusting this CA bundle")
     parser.add_argument("--cache-tls-cert-file", help="mutual TLS to the cache: this client certificate (PEM)")
     parser.add_argument("--cache-tls-key-file", help="key of --cache-tls-cert-file (PEM)")
@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> ComputeServerConfig:
     flags = {k: getattr(args, k, None) for k in
              ("model", "cache", "replication", "write_quorum", "host", "port", "port_file", "device", "dtype",
-              "model_cache_dir", "chunk_size", "metrics_port", "threads", *SERVER_SECURITY_FIELDS,
+              "model_cache_dir", "chunk_size", "metrics_port", "threads", *SERVING_FIELDS,
               "cache_tls_ca_file", "cache_tls_cert_file", "cache_tls_key_file", "cache_tls_server_name",
               "cache_token_file")}
     return load_config(ComputeServerConfig, flags, file=getattr(args, "config", None))

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import grpc
 
 from contiguouskv.cache_server.wire import decode_fetch_response
-from contiguouskv.common.security import ClientTls, channel_credentials, tls_options
+from contiguouskv.common.security import ClientTls, open_aio_channel
 from contiguouskv.compute_server import discovery
 from contiguouskv.compute_server.shards import Copy, ObjectKey, RebalancePlan, effective_replication, plan_rebalance
 from contiguouskv.connection import add_connection_arguments, token_from_args, tls_from_args
@@ -67,12 +67,9 @@ class _Shards:
 
     def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                       ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), *tls_options(self._tls)]
-            credentials = channel_credentials(address, self._tls, self._token)
-            self._channels[address] = (
-                grpc.aio.secure_channel(address, credentials, options=options) if credentials is not None
-                else grpc.aio.insecure_channel(address, options=options))
+            self._channels[address] = open_aio_channel(address, self._tls, self._token, [
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
         return self._channels[address]
 
     def stub(self, address: str) -> cache_pb2_grpc.CacheServiceStub:

@@ -22,8 +22,9 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -246,11 +247,31 @@ def channel_credentials(address: str, tls: ClientTls | None,
     return grpc.composite_channel_credentials(local, call)
 
 
-def tls_options(tls: ClientTls | None) -> list[tuple[str, str]]:
-    """Channel options that go with :func:`channel_credentials` (the expected server name)."""
+def _tls_options(tls: ClientTls | None) -> list[tuple[str, str]]:
     if tls is not None and tls.server_name:
         return [("grpc.ssl_target_name_override", tls.server_name)]
     return []
+
+
+def open_channel(address: str, tls: ClientTls | None, token: str | None,
+                 options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+    """A blocking channel to ``address``: TLS and/or token as :func:`channel_credentials` decides."""
+    options = [*options, *_tls_options(tls)]
+    credentials = channel_credentials(address, tls, token)
+    if credentials is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def open_aio_channel(address: str, tls: ClientTls | None, token: str | None,
+                     options: Sequence[tuple[str, Any]] = (),
+                     interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None) -> grpc.aio.Channel:
+    """An asyncio channel to ``address``, like :func:`open_channel`."""
+    options = [*options, *_tls_options(tls)]
+    credentials = channel_credentials(address, tls, token)
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
 
 
 def read_token_file(path: Path) -> str:

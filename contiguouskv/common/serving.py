@@ -26,12 +26,12 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
 
 
-SERVER_SECURITY_FIELDS = ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file",
+SERVING_FIELDS = ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file",
                           "max_streams_per_client", "health_port")
 
 
-def add_server_security_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of the serving side's TLS, tokens and per-client limit (both servers; docs/security.md)."""
+def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags both servers share: TLS, tokens, per-client limit, health port (docs/security.md)."""
     a = parser.add_argument
     a("--tls-cert-file", type=Path, help="serve TLS with this certificate (PEM; with --tls-key-file)")
     a("--tls-key-file", type=Path, help="private key of --tls-cert-file (PEM)")
