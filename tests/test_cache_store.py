@@ -348,10 +348,18 @@ def test_bench_storage_runs_on_a_tiny_shape(tmp_path: Path) -> None:
     args = parser.parse_args(["--tokens", "512", "--layers", "4", "--group", "2", "--sub-period", "2",
                               "--kv-heads", "1", "--head-dim", "64", "--target-mb", "1",
                               "--selections", "0.25,1.0", "--workdir", str(tmp_path / "w"),
-                              "--read-threads", "2", "--json", str(out)])
+                              "--read-threads", "2", "--rounds", "2", "--json", str(out)])
     assert storage.run(args) == 0
     report = json.loads(out.read_text())
     assert report["page_cache_resident_fraction"] == 0.0 and report["direct_io"]
+    assert report["rounds"] == 2
     for row in report["selections"]:
         assert {"raw_gbps", "grpc_gbps", "dram_gbps", "grpc_over_raw", "read_amplification"} <= set(row)
         assert row["read_amplification"] == 1.0 and row["dram"]["dram_hits"] > 0
+        # every round read the same bytes both ways, from disk; the reported ratio is the median
+        ratios = row["grpc_over_raw_rounds"]
+        assert len(ratios) == len(row["rounds"]) == 2
+        assert row["grpc_over_raw"] == pytest.approx(sum(ratios) / 2)
+        for run in row["rounds"]:
+            assert run["raw"]["bytes"] == run["grpc"]["bytes"] > 0
+            assert run["grpc"]["read_amplification"] == 1.0 and run["grpc"]["dram_hits"] == 0

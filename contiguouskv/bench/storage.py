@@ -12,7 +12,13 @@ reads random selections of chunks (default 5, 10, 25 and 100 %) three ways:
 
 A selection asks, like the compute server, one Fetch read per (group, sub-period): the chunk-major
 records of the chosen chunks at that sub-period's layers, all reads of one selection at once.
-It prints GB/s, records/s, p50/p99 latency per read and grpc/raw; ``--json FILE`` writes the same.
+
+The machine is shared and noisy, so (a) and (b) are measured side by side in ``--rounds`` rounds
+(default 5): each round reads fresh random selections both ways, one right after the other,
+alternating which way goes first. A round's ratio grpc/raw compares two reads of the same bytes made
+under the same conditions; the report gives each way's median GB/s over the rounds and the median
+of the rounds' ratios (``grpc_over_raw``), with every round's values in the JSON. It prints GB/s,
+records/s, p50/p99 latency per read and grpc/raw; ``--json FILE`` writes the same.
 No torch: records are random bytes.
 """
 
@@ -62,12 +68,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--decoder", choices=("raw", "protobuf"), default="raw",
       help="client parsing of Fetch responses (raw: zero-copy payload view)")
     a("--workdir", type=Path, help="where to write the object (a temp dir on this disk by default)")
+    a("--rounds", type=int, default=5,
+      help="rounds of raw and gRPC reads side by side (5); medians are reported")
     a("--seed", type=int, default=0, help="random seed of the selections (default 0)")
     a("--json", type=Path, help="also write the results to this file")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; prints a table; returns 0 (1 if the page cache could not be bypassed)."""
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
     keep_freed_buffers(os.environ)  # the raw way gets the servers' malloc settings too
     shape = _shape(args)
     fractions = [float(f) for f in args.selections.split(",")]
@@ -80,20 +90,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"object: {shape['records']} records of {shape['record_size']} B "
               f"({shape['records'] * shape['record_size'] / 1e9:.2f} GB) at {data_path}; "
               f"page-cache resident after drop: {resident:.1%}")
-        plans = {f: _plans(shape, f, args) for f in fractions}
-        results = {f: {} for f in fractions}
-        for f in fractions:
-            results[f]["raw"] = asyncio.run(_read_raw(root, plans[f], args))
+        rounds: dict[float, list[dict]] = {f: [] for f in fractions}
         with _server(root, args, dram_bytes=0) as address:
-            for f in fractions:
-                results[f]["grpc"] = _read_grpc_process(address, plans[f], args, warm=False)
+            for r in range(args.rounds):
+                for f in fractions:
+                    plans = _plans(shape, f, args, r)
+                    order = ("raw", "grpc") if r % 2 == 0 else ("grpc", "raw")
+                    rounds[f].append({way: asyncio.run(_read_raw(root, plans, args)) if way == "raw"
+                                      else _read_grpc_process(address, plans, args, warm=False)
+                                      for way in order})
+        dram = {}
         with _server(root, args, dram_bytes=shape["records"] * shape["record_size"] * 2) as address:
             for f in fractions:
-                results[f]["dram"] = _read_grpc_process(address, plans[f], args, warm=True)
+                dram[f] = _read_grpc_process(address, _plans(shape, f, args, 0), args, warm=True)
         # O_DIRECT reads leave no page of the file in the page cache: none after every way ran
         # proves that raw and grpc both read from the disk (the dram way's warm-up too).
         resident_after = _resident(data_path)
-        report = _report(shape, resident, fractions, results)
+        report = _report(shape, resident, fractions, rounds, dram)
         report["page_cache_resident_after"] = resident_after
     _print(report)
     if args.json:
@@ -168,9 +181,12 @@ def _resident(path: Path) -> float:
     return sum(v & 1 for v in vec) / pages
 
 
-def _plans(shape: dict, fraction: float, args: argparse.Namespace) -> list[list[Request]]:
-    """Repeats of one selection: each a list of Fetch reads (one per group and sub-period)."""
-    rng = random.Random(f"{args.seed}-{fraction}")
+def _plans(shape: dict, fraction: float, args: argparse.Namespace, round_: int) -> list[list[Request]]:
+    """Repeats of one selection: each a list of Fetch reads (one per group and sub-period).
+
+    Random chunks, different in every round (``round_``), the same for both ways of a round.
+    """
+    rng = random.Random(f"{args.seed}-{fraction}-{round_}")
     m = shape["chunks"]
     count = max(1, math.ceil(fraction * m))
     bytes_per = count * shape["layers"] * shape["record_size"]
@@ -351,22 +367,33 @@ async def _client(job: dict) -> dict:
 
 # -- report ----------------------------------------------------------------------------------
 
-def _report(shape: dict, resident: float, fractions: list[float], results: dict) -> dict:
+def _report(shape: dict, resident: float, fractions: list[float], rounds: dict, dram: dict) -> dict:
     rows = []
     for f in fractions:
-        r = results[f]
+        runs = rounds[f]
+        ratios = [run["grpc"]["gbps"] / run["raw"]["gbps"] for run in runs]
+        median_run = lambda way: _median_run([run[way] for run in runs])  # noqa: E731
+        raw, grpc = median_run("raw"), median_run("grpc")
+        amplification = {run["grpc"]["read_amplification"] for run in runs}
         rows.append({
-            "selection": f, "raw_gbps": r["raw"]["gbps"], "grpc_gbps": r["grpc"]["gbps"],
-            "dram_gbps": r["dram"]["gbps"], "grpc_over_raw": r["grpc"]["gbps"] / r["raw"]["gbps"],
-            "read_amplification": r["grpc"]["read_amplification"],
-            "raw_read_amplification": r["raw"]["read_amplification"],
-            "raw": r["raw"], "grpc": r["grpc"], "dram": r["dram"],
+            "selection": f, "raw_gbps": raw["gbps"], "grpc_gbps": grpc["gbps"],
+            "dram_gbps": dram[f]["gbps"], "grpc_over_raw": statistics.median(ratios),
+            "grpc_over_raw_rounds": ratios,
+            "read_amplification": amplification.pop() if len(amplification) == 1 else sorted(amplification),
+            "raw_read_amplification": max(run["raw"]["read_amplification"] for run in runs),
+            "raw": raw, "grpc": grpc, "dram": dram[f], "rounds": runs,
         })
-    direct = all(row[way]["direct_io"] for row in rows for way in ("raw", "grpc"))
+    direct = all(run[way]["direct_io"] for f in fractions for run in rounds[f] for way in ("raw", "grpc"))
     return {"shape": shape, "page_cache_resident_fraction": resident, "direct_io": direct,
+            "rounds": len(rounds[fractions[0]]),
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                         "loadavg_at_end": os.getloadavg()},
             "selections": rows}
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run of median GB/s (the lower middle one for an even count), so its latencies match."""
+    return sorted(runs, key=lambda run: run["gbps"])[(len(runs) - 1) // 2]
 
 
 def _print(report: dict) -> None:
@@ -375,6 +402,8 @@ def _print(report: dict) -> None:
           f"{s['record_size'] // 1024} KiB records, {s['read_bytes'] // 1024} KiB per sub-period read; "
           f"O_DIRECT: {report['direct_io']}; page-cache resident after all reads: "
           f"{report['page_cache_resident_after']:.1%}")
+    print(f"raw and grpc: the round of median GB/s out of {report['rounds']} side-by-side rounds; "
+          f"dram: one warm run")
     head = f"{'sel':>5} {'way':>5} {'GB/s':>6} {'rec/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'amp':>5}"
     print(head)
     print(f"(load average at the end: {report['machine']['loadavg_at_end'][0]:.2f} on "
@@ -385,7 +414,8 @@ def _print(report: dict) -> None:
             amp = r.get("read_amplification")
             print(f"{row['selection']:>5.0%} {way:>5} {r['gbps']:>6.2f} {r['records_per_s']:>8.0f} "
                   f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {amp if amp is None else round(amp, 3)!s:>5}")
-        print(f"{'':>5} grpc/raw = {row['grpc_over_raw']:.2f}")
+        rounds = " ".join(f"{x:.2f}" for x in row["grpc_over_raw_rounds"])
+        print(f"{'':>5} grpc/raw = {row['grpc_over_raw']:.2f} (median of rounds: {rounds})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
