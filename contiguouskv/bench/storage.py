@@ -16,7 +16,7 @@ records of the chosen chunks at that sub-period's layers, all reads of one selec
 The machine is shared and noisy, so (a) and (b) are measured side by side in ``--rounds`` rounds
 (default 5): each round reads fresh random selections both ways, one right after the other,
 alternating which way goes first. A round's ratio grpc/raw compares two reads of the same bytes made
-under the same conditions; the report gives each way's median GB/s over the rounds and the median
+under the same conditions; the report gives each way's round of median GB/s and the median
 of the rounds' ratios (``grpc_over_raw``), with every round's values in the JSON. It prints GB/s,
 records/s, p50/p99 latency per read and grpc/raw; ``--json FILE`` writes the same.
 No torch: records are random bytes.
@@ -372,8 +372,7 @@ def _report(shape: dict, resident: float, fractions: list[float], rounds: dict, 
     for f in fractions:
         runs = rounds[f]
         ratios = [run["grpc"]["gbps"] / run["raw"]["gbps"] for run in runs]
-        median_run = lambda way: _median_run([run[way] for run in runs])  # noqa: E731
-        raw, grpc = median_run("raw"), median_run("grpc")
+        raw, grpc = (_median_run([run[way] for run in runs]) for way in ("raw", "grpc"))
         amplification = {run["grpc"]["read_amplification"] for run in runs}
         rows.append({
             "selection": f, "raw_gbps": raw["gbps"], "grpc_gbps": grpc["gbps"],
@@ -415,7 +414,7 @@ def _print(report: dict) -> None:
             print(f"{row['selection']:>5.0%} {way:>5} {r['gbps']:>6.2f} {r['records_per_s']:>8.0f} "
                   f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {amp if amp is None else round(amp, 3)!s:>5}")
         rounds = " ".join(f"{x:.2f}" for x in row["grpc_over_raw_rounds"])
-        print(f"{'':>5} grpc/raw = {row['grpc_over_raw']:.2f} (median of rounds: {rounds})")
+        print(f"{'':>5} grpc/raw = {row['grpc_over_raw']:.2f} (rounds: {rounds})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
