@@ -12,9 +12,11 @@ import dataclasses
 from collections.abc import Sequence
 
 from contiguouskv.cache_server.buffers import ReadBuffers
+from contiguouskv.cache_server.errors import CacheError, DataLoss
 from contiguouskv.cache_server.dram_cache import DramCache, ObjectId
 from contiguouskv.cache_server.manifest import RegionLayout
-from contiguouskv.cache_server.reader import ObjectReader
+from contiguouskv.cache_server.read_process import ReadProcesses
+from contiguouskv.cache_server.reader import ObjectReader, coalesce
 from contiguouskv.cache_server.stats import Counters
 from contiguouskv.cache_server.wire import encode_fetch_response
 
@@ -71,9 +73,63 @@ class BatchAssembler:
         if missing:
             buffer = self._buffers.get(len(missing) * layout.stride)
             views = self._reader.read_verified(layout, missing, buffer)
+        return self._assemble(tag, layout, indices, done, cached, missing, views)
+
+    async def build_in_helper(self, helpers: ReadProcesses, tag: int, layout: RegionLayout,
+                              indices: Sequence[int], done: bool) -> Batch | None:
+        """:meth:`build`, with the disk reads made by a helper process (:mod:`.read_process`).
+
+        Runs on the event loop; ``None`` if no helper slot is free (then the caller uses
+        :meth:`build` on its read pool).
+        """
+        region = layout.name
+        stride, size = layout.stride, layout.record_size
+        slot = helpers.acquire(len(indices) * stride)  # room for the worst case: nothing cached
+        if slot is None:
+            return None
+        try:
+            cached = self._cache.lookup(self._object, region, indices)
+            missing = sorted({i for i, c in zip(indices, cached) if c is None})
+            if not missing:
+                return self._assemble(tag, layout, indices, done, cached, missing, {})
+            runs, views, at = [], {}, 0
+            buffer = helpers.view(slot, len(missing) * stride)
+            for first, count in coalesce(missing):
+                runs.append((layout.record_offset(first), count * stride, at, len(views)))
+                for k in range(count):
+                    views[first + k] = buffer[at + k * stride : at + k * stride + size]
+                at += count * stride
+            manifest = self._reader.manifest
+            checksums = [manifest.checksum(region, i) for i in missing]
+            try:
+                with self._reader.pinned() as fd:
+                    report = await helpers.read(fd, slot, runs, stride, size, checksums)
+            except OSError:  # no helper could take it: read in this process instead
+                return None
+            for seconds in report.seconds:
+                self._counters.observe_read(seconds)
+            self._counters.add(bytes_read_from_disk=at, disk_reads=len(runs),
+                               buffered_reads=0 if self._reader.direct else len(runs))
+            if report.failure is not None:
+                kind, message = report.failure
+                if kind == "data_loss":
+                    self._counters.add(checksum_failures=1)
+                    raise DataLoss(f"checksum mismatch in object {manifest.key}, region {region!r}, "
+                                   f"record {missing[report.bad_record or 0]}")
+                if kind == "short":
+                    raise DataLoss(f"data file of object {manifest.key} {message} its manifest promises")
+                raise CacheError(f"reading the data file of object {manifest.key} {message}")
+            return self._assemble(tag, layout, indices, done, cached, missing, views)
+        finally:
+            helpers.release(slot)
+
+    def _assemble(self, tag: int, layout: RegionLayout, indices: Sequence[int], done: bool,
+                  cached: Sequence[bytes | None], missing: Sequence[int],
+                  views: dict[int, memoryview]) -> Batch:
+        region = layout.name
         pieces = [c if c is not None else views[i] for i, c in zip(indices, cached)]
         wire, offset = encode_fetch_response(tag, region, indices, pieces, done)
-        hits = len(indices) - sum(c is None for c in cached)
+        hits = sum(c is not None for c in cached)
         self._counters.add(bytes_served_from_dram=hits * layout.record_size,
                            bytes_requested_from_disk=len(missing) * layout.record_size)
         if missing:

@@ -22,7 +22,8 @@ class CacheServerConfig:
     ``root`` holds every stored object. ``port`` 0 binds any free port; the bound port is written to
     ``port_file`` when given. ``max_batch_bytes`` caps the payload of one Fetch response;
     ``max_store_bytes`` caps the bytes of all data files (0 = unlimited). ``read_threads`` is the
-    size of the disk read pool. ``direct_io`` asks for O_DIRECT reads where the filesystem allows.
+    size of the disk read pool; ``read_processes`` helper processes (0 = none) make the Fetch reads
+with those threads shared among them (:mod:`.read_process`). ``direct_io`` asks for O_DIRECT reads where the filesystem allows.
     ``max_message_bytes`` raises gRPC's send and receive message limits. ``dram_cache_bytes`` is
     the DRAM cache's budget (0 = no cache), kept by ``cache_policy`` (``attention``, ``lru``,
     ``lfu``, ``impress``). ``max_inflight_bytes`` bounds the record bytes one Fetch stream holds
@@ -41,6 +42,7 @@ class CacheServerConfig:
     max_batch_bytes: int = 1 << 20
     max_store_bytes: int = 0
     read_threads: int = 16
+    read_processes: int = 2
     grace_seconds: float = 5.0
     direct_io: bool = True
     max_message_bytes: int = 64 << 20
@@ -68,6 +70,8 @@ class CacheServerConfig:
             raise ValueError(f"max_store_bytes: {self.max_store_bytes} must be >= 0 (0 = unlimited)")
         if self.read_threads < 1:
             raise ValueError(f"read_threads: {self.read_threads} must be at least 1")
+        if not 0 <= self.read_processes <= self.read_threads:
+            raise ValueError(f"read_processes: {self.read_processes} must be between 0 and read_threads")
         if self.grace_seconds < 0:
             raise ValueError(f"grace_seconds: {self.grace_seconds} must be >= 0")
         if self.max_message_bytes < MIN_MESSAGE_BYTES:

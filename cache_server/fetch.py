@@ -31,6 +31,7 @@ from contiguouskv.cache_server.assemble import Batch, BatchAssembler
 from contiguouskv.cache_server.errors import CacheError, InvalidArgument
 from contiguouskv.cache_server.keys import check_region_name
 from contiguouskv.cache_server.manifest import RegionLayout
+from contiguouskv.cache_server.read_process import ReadProcesses
 from contiguouskv.cache_server.reader import ObjectReader
 from contiguouskv.cache_server.stats import Counters
 from contiguouskv.common import telemetry
@@ -80,6 +81,7 @@ class FetchSession:
         max_read_bytes: int | None = None,
         max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES,
         max_batches: int = MAX_BATCHES_IN_FLIGHT,
+        helpers: ReadProcesses | None = None,
     ) -> None:
         self._reader = reader
         self._assembler = assembler
@@ -89,6 +91,7 @@ class FetchSession:
         self._max_read_bytes = max_read_bytes or DISK_BYTES_PER_PAYLOAD_BYTE * max_batch_bytes
         self._max_inflight_bytes = max_inflight_bytes
         self._max_batches = max_batches
+        self._helpers = helpers
         self._queue: list[tuple[int, int, _Request]] = []  # heap of (priority, arrival, request)
         self._arrivals = 0
         self._active: dict[int, _Request] = {}  # tag -> request whose done batch is not out yet
@@ -198,7 +201,9 @@ class FetchSession:
             self._held += nbytes
             self._counters.add(inflight_bytes=nbytes)
             indices = request.indices[start:stop]
-            future = loop.run_in_executor(self._executor, self._build, request, indices, done)
+            future: asyncio.Future[Batch] = (
+                asyncio.ensure_future(self._build_helped(request, indices, done)) if self._helpers is not None
+                else loop.run_in_executor(self._executor, self._build, request, indices, done))
             in_flight.append(_InFlight(request, len(indices), nbytes, done, future))
 
     def _batch_end(self, request: _Request) -> int:
@@ -221,6 +226,28 @@ class FetchSession:
         finally:
             self._counters.add(inflight_reads=-1)
             span.end()
+
+    async def _build_helped(self, request: _Request, indices: list[int], done: bool) -> Batch:
+        """The batch, read by a helper process, or on the read pool when no helper slot is free."""
+        assert self._helpers is not None
+        span = tracer.start(telemetry.SPAN_READ_RECORDS, {
+            telemetry.ATTR_REGION: request.region.name, telemetry.ATTR_RECORDS: len(indices)}, parent=self._span)
+        self._counters.add(inflight_reads=1)
+        try:
+            batch = await self._assembler.build_in_helper(self._helpers, request.tag, request.region, indices, done)
+        except Exception as exc:
+            telemetry.mark_error(span, exc)
+            raise
+        else:
+            if batch is not None:
+                span.set_attribute(telemetry.ATTR_BYTES, len(batch.wire) - batch.data_offset)
+        finally:
+            self._counters.add(inflight_reads=-1)
+            span.end()
+        if batch is None:
+            loop = asyncio.get_running_loop()
+            batch = await loop.run_in_executor(self._executor, self._build, request, indices, done)
+        return batch
 
     async def _finish_read(self, item: _InFlight) -> Batch | None:
         request = item.request

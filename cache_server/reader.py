@@ -7,11 +7,12 @@ the event loop. Several threads may read through one reader at once.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from contiguouskv.cache_server.checksum import crc32
 from contiguouskv.cache_server.errors import CacheError, DataLoss
@@ -65,6 +66,18 @@ class ObjectReader:
             if self._users:
                 return
         os.close(self._fd)
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[int]:
+        """The open data file's descriptor, kept open (even if closed meanwhile) until the block ends.
+
+        For reads made elsewhere through that descriptor (:mod:`.read_process`).
+        """
+        self._acquire()
+        try:
+            yield self._fd
+        finally:
+            self._release()
 
     def check(self, region: str, indices: Sequence[int]) -> RegionLayout:
         """The region's layout, after checking the name and every index (``InvalidArgument``)."""

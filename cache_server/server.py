@@ -21,6 +21,8 @@ import grpc
 from contiguouskv.cache_server.cache_policy import DEFAULT_POLICY, POLICIES
 from contiguouskv.cache_server.config import CacheServerConfig
 from contiguouskv.cache_server.dram_cache import DramCache
+from contiguouskv.cache_server.fetch import DISK_BYTES_PER_PAYLOAD_BYTE
+from contiguouskv.cache_server.read_process import ReadProcesses
 from contiguouskv.cache_server.service import METHOD_SCOPES, SERVICE_NAME, CacheServicer, add_cache_service
 from contiguouskv.cache_server.store import RecordStore
 from contiguouskv.common import telemetry
@@ -50,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-inflight-bytes", type=int,
                         help="record bytes one Fetch stream may hold (16 MiB)")
     parser.add_argument("--read-threads", type=int, help="disk read threads (16)")
+    parser.add_argument("--read-processes", type=int,
+                        help="helper processes making the Fetch reads, the read threads shared among them "
+                             "(2; 0 = read in the server's own threads)")
     parser.add_argument("--metrics-port", type=int,
                         help="serve Prometheus metrics on this port (0 = any free port; off if absent)")
     add_serving_arguments(parser)
@@ -66,19 +71,19 @@ def config_from_args(args: argparse.Namespace) -> CacheServerConfig:
         name: getattr(args, name, None)
         for name in ("root", "host", "port", "port_file", "max_batch_bytes", "max_store_bytes",
                      "dram_cache_bytes", "cache_policy", "max_inflight_bytes", "read_threads",
-                     "metrics_port", *SERVING_FIELDS)
+                     "read_processes", "metrics_port", *SERVING_FIELDS)
     }
     return load_config(CacheServerConfig, flags=flags, file=args.config)
 
 
 def _build_server(config: CacheServerConfig, store: RecordStore, cache: DramCache, read_pool: ThreadPoolExecutor,
-                  access: AccessInterceptor | None) -> ServerLifecycle:
+                  access: AccessInterceptor | None, helpers: ReadProcesses | None) -> ServerLifecycle:
     """The gRPC server with the cache, health and reflection services (access checks last, so
     tracing sees refused calls)."""
     interceptors = telemetry.server_interceptors() + ([access] if access is not None else [])
     server = grpc.aio.server(options=channel_options(config.max_message_bytes), interceptors=interceptors or None)
     servicer = CacheServicer(store, read_pool, config.max_batch_bytes, cache,
-                             config.max_inflight_bytes)
+                             config.max_inflight_bytes, helpers)
     add_cache_service(servicer, server)
     return ServerLifecycle(server, [SERVICE_NAME])
 
@@ -101,9 +106,10 @@ async def serve(config: CacheServerConfig, ready: Callable[[int], None] | None =
         collector = CacheCollector(lambda: store.stats(cache), store.counters.latency,
                                    (lambda: dict(access.refusals)) if access is not None else dict)
         metrics = start_metrics_server(config.host, config.metrics_port, collector)
+    helpers = await _start_helpers(config)
     try:
         with ThreadPoolExecutor(config.read_threads, thread_name_prefix="ckv-read") as read_pool:
-            lifecycle = _build_server(config, store, cache, read_pool, access)
+            lifecycle = _build_server(config, store, cache, read_pool, access, helpers)
             credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
             port = await lifecycle.start(config.host, config.port, config.port_file, "cache server", credentials,
                                          config.health_port)
@@ -114,6 +120,32 @@ async def serve(config: CacheServerConfig, ready: Callable[[int], None] | None =
         if metrics is not None:
             metrics.shutdown()
             metrics.server_close()
+        if helpers is not None:
+            helpers.close()
+
+
+HELPER_SLOTS = 32  # batches read by helpers at once, over all streams (more wait for the read pool)
+
+
+async def _start_helpers(config: CacheServerConfig) -> ReadProcesses | None:
+    """The helper processes for Fetch reads, started; ``None`` (reads in threads) if off or impossible."""
+    if not config.read_processes:
+        return None
+    threads = max(1, config.read_threads // config.read_processes)
+    try:
+        helpers = ReadProcesses(config.read_processes, threads, HELPER_SLOTS,
+                                DISK_BYTES_PER_PAYLOAD_BYTE * config.max_batch_bytes)
+    except OSError as exc:
+        logger.warning("no helper processes for reads (%s); reading in the server's threads", exc)
+        return None
+    try:
+        helpers.start()
+        await helpers.ready()
+    except (OSError, asyncio.TimeoutError) as exc:
+        logger.warning("helper processes for reads did not start (%r); reading in the server's threads", exc)
+        helpers.close()
+        return None
+    return helpers
 
 
 def run(config: CacheServerConfig) -> int:

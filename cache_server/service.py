@@ -22,6 +22,7 @@ import grpc
 
 from contiguouskv.cache_server.assemble import BatchAssembler
 from contiguouskv.cache_server.buffers import ReadBuffers
+from contiguouskv.cache_server.read_process import ReadProcesses
 from contiguouskv.cache_server.dram_cache import DramCache
 from contiguouskv.cache_server.errors import CacheError, InvalidArgument
 from contiguouskv.cache_server.fetch import (
@@ -113,15 +114,17 @@ def manifest_to_pb(manifest: Manifest, with_metadata: bool = True) -> pb.Manifes
 class CacheServicer:
     """``contiguouskv.v1.CacheService`` for ``grpc.aio`` over ``store`` and ``cache``.
 
-    Reads run on ``read_pool``. ``max_batch_bytes`` is the server's cap (and default) for a Fetch
+    Reads run on ``read_pool``, Fetch reads in ``helpers`` when given. ``max_batch_bytes`` is the server's cap (and default) for a Fetch
     response's payload; ``max_inflight_bytes`` bounds the record bytes one stream holds. Register
     it with :func:`add_cache_service` (Fetch responses are prebuilt bytes, see :mod:`.wire`).
     """
 
     def __init__(self, store: RecordStore, read_pool: Executor, max_batch_bytes: int,
                  cache: DramCache | None = None,
-                 max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES) -> None:
+                 max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES,
+                 helpers: ReadProcesses | None = None) -> None:
         self._store = store
+        self._helpers = helpers
         self._read_pool = read_pool
         self._max_batch_bytes = max_batch_bytes
         self._max_inflight_bytes = max(max_inflight_bytes, max_batch_bytes)
@@ -190,6 +193,7 @@ class CacheServicer:
                 max_batch_bytes=batch_bytes,
                 max_read_bytes=DISK_BYTES_PER_PAYLOAD_BYTE * self._max_batch_bytes,
                 max_inflight_bytes=self._max_inflight_bytes,
+                helpers=self._helpers,
             )
             feeder = asyncio.create_task(_feed(request_iterator, session))
             try:

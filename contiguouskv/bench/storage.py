@@ -64,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch-bytes", type=int, default=1 << 20, help="payload per Fetch response (1 MiB)")
     a("--inflight-bytes", type=int, default=16 << 20, help="server in-flight bytes per stream")
     a("--read-threads", type=int, default=16, help="server read threads (16)")
+    a("--read-processes", type=int, default=2,
+      help="helper processes making the reads, sharing the read threads (2; 0 = in-process threads)")
     a("--streams", type=int, default=1, help="Fetch streams of the gRPC client, reads spread over them")
     a("--decoder", choices=("raw", "protobuf"), default="raw",
       help="client parsing of Fetch responses (raw: zero-copy payload view)")
@@ -224,7 +226,9 @@ async def _read_raw(root: Path, plans: list[list[Request]], args: argparse.Names
     from contiguouskv.cache_server.buffers import ReadBuffers
     from contiguouskv.cache_server.config import CacheServerConfig
     from contiguouskv.cache_server.dram_cache import DramCache
-    from contiguouskv.cache_server.fetch import FetchSession
+    from contiguouskv.cache_server.fetch import DISK_BYTES_PER_PAYLOAD_BYTE, FetchSession
+    from contiguouskv.cache_server.read_process import ReadProcesses
+    from contiguouskv.cache_server.server import HELPER_SLOTS
     from contiguouskv.cache_server.keys import ObjectKey
     from contiguouskv.cache_server.store import RecordStore
 
@@ -234,12 +238,20 @@ async def _read_raw(root: Path, plans: list[list[Request]], args: argparse.Names
     total = records = 0
     latencies: list[float] = []
     elapsed = 0.0
-    with store.open_object(ObjectKey(PREFIX_ID, LAYOUT)) as reader, \
+    helpers = None
+    if args.read_processes:
+        helpers = ReadProcesses(args.read_processes, max(1, args.read_threads // args.read_processes),
+                                HELPER_SLOTS, DISK_BYTES_PER_PAYLOAD_BYTE * args.batch_bytes)
+        helpers.start()
+        await helpers.ready()
+    with contextlib.ExitStack() as cleanup, store.open_object(ObjectKey(PREFIX_ID, LAYOUT)) as reader, \
             ThreadPoolExecutor(args.read_threads) as pool:
+        if helpers is not None:
+            cleanup.callback(helpers.close)
         assembler = BatchAssembler(reader, DramCache(0), ReadBuffers(4 * args.batch_bytes),
                                    store.counters)
         session = FetchSession(reader, assembler, pool, store.counters, args.batch_bytes,
-                               max_inflight_bytes=args.inflight_bytes)
+                               max_inflight_bytes=args.inflight_bytes, helpers=helpers)
         batches = session.responses()
         tags = iter(range(1, 1 << 62))
         for reads in plans:
@@ -273,7 +285,7 @@ def _server(root: Path, args: argparse.Namespace, dram_bytes: int):
         [sys.executable, "-m", "contiguouskv.cache_server", "--root", str(root), "--port", "0",
          "--port-file", str(port_file), "--dram-cache-bytes", str(dram_bytes),
          "--max-batch-bytes", str(args.batch_bytes), "--max-inflight-bytes", str(args.inflight_bytes),
-         "--read-threads", str(args.read_threads)],
+         "--read-threads", str(args.read_threads), "--read-processes", str(args.read_processes)],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60

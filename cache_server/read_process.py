@@ -1,0 +1,348 @@
+"""Disk reads in helper processes, so that reading does not compete with sending for the GIL.
+
+The server's event loop sends Fetch responses through grpc.aio, which writes each message to the
+socket while holding the GIL. Read threads in the same process need the GIL after every ``preadv``
+and for every checksum, so reading and sending slowed each other down: on two cores, gRPC from disk
+reached 0.65-0.8 GB/s while the disk alone read 0.85-0.9 and a bare gRPC stream alone sent 1.3-1.5;
+side by side in *separate* processes the two kept 0.83-1.03 and 1.16-1.47 GB/s (docs/storage.md).
+So the reads run in helpers:
+
+- :class:`ReadProcesses` (in the server) owns a shared buffer (a ``memfd``) cut into slots and
+  ``processes`` helper processes (``python -m contiguouskv.cache_server.read_process``), each
+  reading with ``threads`` threads. Each helper is one ``SOCK_SEQPACKET`` socket away.
+- The event loop sends a batch's coalesced runs to a helper as one message, with the data file's
+  descriptor attached (``SCM_RIGHTS``: the same open file, so a deleted object still reads). The
+  helper reads the runs in parallel with O_DIRECT straight into the batch's slot, checks every
+  record's CRC-32, and answers with one small message, read by the event loop
+  (``loop.add_reader``): no thread of the server takes part.
+- The server then builds the response from the slot with one copy, as it does from its own buffers.
+
+A helper never sends bytes of records, only a report; a checksum mismatch or an I/O error comes back
+as a report the server turns into DATA_LOSS or INTERNAL for that request. A slot stays lent until
+its helper answered, even when the request was cancelled. A helper exits when its socket closes
+(the server stopped or died); if a helper dies, its pending reads fail with INTERNAL and new reads
+go to the other helpers, or to the server's own read threads when none is left. This module is
+what the helpers run: it imports nothing beyond the standard library and the checksum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import mmap
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from contiguouskv.cache_server.checksum import crc32
+
+log = logging.getLogger(__name__)
+
+Run = tuple[int, int, int, int]  # (file offset, bytes, offset in the shared buffer, first record's position)
+MAX_MESSAGE = 1 << 20  # a request (runs and checksums of one batch) is far smaller
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReadReport:
+    """What a helper did for one request: per-run seconds, and the first failure if any."""
+
+    seconds: tuple[float, ...]
+    failure: tuple[str, str] | None = None  # (kind: "data_loss" | "short" | "io", message)
+    bad_record: int | None = None  # position, in the request's records, of a checksum mismatch
+
+
+# -- in the helper process ---------------------------------------------------------------------
+
+def _serve(sock: socket.socket, buffer: memoryview, threads: int) -> None:
+    """Answer requests on ``sock`` until it closes.
+
+    Each run of a request is one task of a pool of ``threads``, which takes tasks in order: the
+    runs of earlier requests are read first, so batches complete in the order they were asked for
+    (the server sends them in that order) instead of all at once.
+    """
+    send_lock = threading.Lock()
+
+    def answer(request_id: int, report: ReadReport) -> None:
+        # plain tuples only: in the helper this module is __main__, so its classes do not pickle
+        with send_lock:
+            sock.send(pickle.dumps((request_id, report.seconds, report.failure, report.bad_record)))
+
+    def one(request: _Request, k: int) -> None:
+        try:
+            report = _read_runs(request.fd, buffer, request.runs[k : k + 1], request.stride, request.size,
+                                request.checksums)
+        except Exception as exc:  # noqa: BLE001 - every request gets an answer
+            report = ReadReport((), ("io", f"read helper failed: {exc!r}"))
+        with request.lock:
+            request.reports[k] = report
+            request.left -= 1
+            if request.left:
+                return
+        os.close(request.fd)
+        answer(request.request_id, _merge(request.reports))
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="ckv-helper-read") as pool:
+        while True:
+            message, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 1)
+            if not message:
+                return
+            request_id, runs, stride, size, checksums = pickle.loads(message)
+            if not runs:
+                os.close(fds[0])
+                answer(request_id, ReadReport(()))
+                continue
+            request = _Request(request_id, fds[0], runs, stride, size, checksums, [None] * len(runs), len(runs))
+            for k in range(len(runs)):
+                pool.submit(one, request, k)
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    request_id: int
+    fd: int
+    runs: Sequence[Run]
+    stride: int
+    size: int
+    checksums: Sequence[int]
+    reports: list[ReadReport | None]
+    left: int
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+
+def _merge(reports: Sequence[ReadReport | None]) -> ReadReport:
+    seconds = tuple(s for r in reports if r is not None for s in r.seconds)
+    failed = next((r for r in reports if r is not None and r.failure is not None), None)
+    return ReadReport(seconds, failed.failure, failed.bad_record) if failed else ReadReport(seconds)
+
+
+def _read_runs(fd: int, buffer: memoryview, runs: Sequence[Run], stride: int, size: int,
+               checksums: Sequence[int]) -> ReadReport:
+    seconds = []
+    for offset, nbytes, at, first in runs:  # the runs of one batch, back to back
+        part = buffer[at : at + nbytes]
+        started = time.perf_counter()
+        done = 0
+        while done < nbytes:
+            try:
+                got = os.preadv(fd, [part[done:]], offset + done)
+            except OSError as exc:
+                return ReadReport(tuple(seconds), ("io", f"at {offset + done} failed: [Errno {exc.errno}] "
+                                                         f"{exc.strerror}"))
+            if got == 0:
+                return ReadReport(tuple(seconds), ("short", f"ends at {offset + done}, before the "
+                                                            f"{nbytes} bytes at {offset}"))
+            done += got
+        seconds.append(time.perf_counter() - started)
+        for k in range(nbytes // stride):
+            if crc32(part[k * stride : k * stride + size]) != checksums[first + k]:
+                return ReadReport(tuple(seconds), ("data_loss", "checksum mismatch"), first + k)
+    return ReadReport(tuple(seconds))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """A helper: ``--socket FD --buffer FD --buffer-bytes N --threads N`` (started by the server)."""
+    parser = argparse.ArgumentParser(prog="python -m contiguouskv.cache_server.read_process")
+    parser.add_argument("--socket", type=int, required=True)
+    parser.add_argument("--buffer", type=int, required=True)
+    parser.add_argument("--buffer-bytes", type=int, required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    args = parser.parse_args(argv)
+    sock = socket.socket(fileno=args.socket)
+    buffer = memoryview(mmap.mmap(args.buffer, args.buffer_bytes))
+    os.close(args.buffer)
+    _serve(sock, buffer, args.threads)
+    return 0
+
+
+# -- in the server ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class _Helper:
+    process: subprocess.Popen[bytes]
+    sock: socket.socket
+    pending: dict[int, tuple[asyncio.Future[ReadReport], int | None]]  # request id -> (future, slot)
+    alive: bool = True
+
+
+class ReadProcesses:
+    """Helper processes reading into slots of a shared buffer; see the module docstring.
+
+    ``slots`` slots of ``slot_bytes`` each. :meth:`acquire` hands out a slot (``None`` when none is
+    free or no helper is alive: the caller reads in its own threads then), :meth:`read` has a helper
+    read one batch's runs into it, :meth:`release` gives it back. Start with :meth:`start` inside
+    the event loop that will use it; stop with :meth:`close`.
+    """
+
+    def __init__(self, processes: int, threads: int, slots: int, slot_bytes: int) -> None:
+        self.slot_bytes = slot_bytes
+        self._processes, self._threads = processes, threads
+        self._size = slots * slot_bytes
+        self._fd = os.memfd_create("ckv-read-buffers", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self._fd, self._size)
+            self._map = mmap.mmap(self._fd, self._size)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._view = memoryview(self._map)
+        self._free = list(range(slots - 1, -1, -1))
+        self._lent: set[int] = set()  # slots whose request a helper has not answered yet
+        self._abandoned: set[int] = set()  # lent slots already given back by their reader
+        self._helpers: list[_Helper] = []
+        self._ids = iter(range(1, 1 << 62))
+        self._next = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        """Start the helpers, reading their answers on the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        for _ in range(self._processes):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "contiguouskv.cache_server.read_process",
+                     "--socket", str(theirs.fileno()), "--buffer", str(self._fd),
+                     "--buffer-bytes", str(self._size), "--threads", str(self._threads)],
+                    pass_fds=(theirs.fileno(), self._fd), stdin=subprocess.DEVNULL)
+            finally:
+                theirs.close()
+            ours.setblocking(False)
+            helper = _Helper(process, ours, {})
+            self._helpers.append(helper)
+            self._loop.add_reader(ours.fileno(), self._on_answers, helper)
+        log.info("disk reads in %d helper processes of %d threads (pids %s)", self._processes, self._threads,
+                 ", ".join(str(h.process.pid) for h in self._helpers))
+
+    async def ready(self, timeout: float = 60.0) -> None:
+        """Wait until every helper has answered once (``OSError`` if one exited first)."""
+        futures = [self._send(helper, [], 0, 0, [], self._fd, None) for helper in self._helpers]
+        await asyncio.wait_for(asyncio.gather(*futures), timeout)
+
+    @property
+    def helpers_alive(self) -> int:
+        return sum(h.alive for h in self._helpers)
+
+    def acquire(self, nbytes: int) -> int | None:
+        """A free slot for a read of ``nbytes`` (``None`` if too big, none free, or no helper alive)."""
+        if nbytes > self.slot_bytes or not self._free or not self.helpers_alive:
+            return None
+        return self._free.pop()
+
+    def view(self, slot: int, nbytes: int) -> memoryview:
+        """The first ``nbytes`` of ``slot``."""
+        start = slot * self.slot_bytes
+        return self._view[start : start + nbytes]
+
+    def release(self, slot: int) -> None:
+        """Give ``slot`` back; if a helper still owes an answer for it, it comes back with the answer."""
+        if slot in self._lent:
+            self._abandoned.add(slot)
+        else:
+            self._free.append(slot)
+
+    async def read(self, data_fd: int, slot: int, runs: Sequence[Run], stride: int, size: int,
+                   checksums: Sequence[int]) -> ReadReport:
+        """Have a helper read ``runs`` (offsets within ``slot``) of ``data_fd`` and check ``checksums``.
+
+        ``OSError`` if no helper could take it (the caller reads in its own threads then).
+        """
+        alive = [h for h in self._helpers if h.alive]
+        if not alive:
+            raise OSError("no read helper is running")
+        helper = min(alive, key=lambda h: len(h.pending))
+        base = slot * self.slot_bytes
+        absolute = [(offset, nbytes, base + at, first) for offset, nbytes, at, first in runs]
+        future = self._send(helper, absolute, stride, size, checksums, data_fd, slot)
+        return await asyncio.shield(future)  # cancelled: the slot stays lent until the answer
+
+    def _send(self, helper: _Helper, runs: Sequence[Run], stride: int, size: int, checksums: Sequence[int],
+              fd: int, slot: int | None) -> asyncio.Future[ReadReport]:
+        request_id = next(self._ids)
+        message = pickle.dumps((request_id, runs, stride, size, checksums))
+        try:
+            socket.send_fds(helper.sock, [message], [fd])  # one message; the socket holds many
+        except BlockingIOError:
+            raise OSError(f"read helper {helper.process.pid} is not keeping up") from None
+        future: asyncio.Future[ReadReport] = asyncio.get_running_loop().create_future()
+        helper.pending[request_id] = (future, slot)
+        if slot is not None:
+            self._lent.add(slot)
+        return future
+
+    def _on_answers(self, helper: _Helper) -> None:
+        while True:
+            try:
+                message = helper.sock.recv(MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                message = b""
+            if not message:
+                self._lost(helper)
+                return
+            try:
+                request_id, seconds, failure, bad_record = pickle.loads(message)
+                future, slot = helper.pending.pop(request_id)
+            except Exception:  # noqa: BLE001 - a helper that says nonsense is treated as gone
+                log.exception("read helper %d sent an unreadable answer", helper.process.pid)
+                helper.process.kill()
+                self._lost(helper)
+                return
+            report = ReadReport(seconds, failure, bad_record)
+            if not future.done():
+                future.set_result(report)
+            self._returned(slot)
+
+    def _lost(self, helper: _Helper) -> None:
+        """``helper`` exited: fail what it owed (its process is gone, so the slots are free again)."""
+        if not helper.alive:
+            return
+        helper.alive = False
+        assert self._loop is not None
+        self._loop.remove_reader(helper.sock.fileno())
+        helper.sock.close()
+        if helper.pending:
+            log.error("read helper %d exited with %d reads pending", helper.process.pid, len(helper.pending))
+        for future, slot in helper.pending.values():
+            if not future.done():
+                future.set_exception(OSError(f"read helper {helper.process.pid} exited"))
+            self._returned(slot)
+        helper.pending.clear()
+
+    def _returned(self, slot: int | None) -> None:
+        """The helper is done with ``slot``: free it now if its reader already gave it back."""
+        if slot is None:
+            return
+        self._lent.discard(slot)
+        if slot in self._abandoned:
+            self._abandoned.discard(slot)
+            self._free.append(slot)
+
+    def close(self) -> None:
+        """Stop the helpers and free the shared buffer. Call on the event loop, after the last read."""
+        for helper in self._helpers:
+            self._lost(helper)
+        for helper in self._helpers:
+            try:
+                helper.process.wait(10)
+            except subprocess.TimeoutExpired:
+                helper.process.kill()
+                helper.process.wait()
+        self._view.release()
+        try:
+            self._map.close()
+        except BufferError:  # a view of a slot is still alive: the mapping goes with it
+            pass
+        os.close(self._fd)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
