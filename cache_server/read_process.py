@@ -227,6 +227,16 @@ class ReadProcesses:
         await asyncio.wait_for(asyncio.gather(*futures), timeout)
 
     @property
+    def pids(self) -> list[int]:
+        """Process ids of the helpers started."""
+        return [h.process.pid for h in self._helpers]
+
+    @property
+    def free_slots(self) -> int:
+        """Slots neither lent to a reader nor still being written by a helper."""
+        return len(self._free)
+
+    @property
     def helpers_alive(self) -> int:
         return sum(h.alive for h in self._helpers)
 
@@ -312,7 +322,9 @@ class ReadProcesses:
         if helper.pending:
             log.error("read helper %d exited with %d reads pending", helper.process.pid, len(helper.pending))
         for future, slot in helper.pending.values():
-            if not future.done():
+            if slot in self._abandoned:
+                future.cancel()  # its reader is gone: nobody would see the error
+            elif not future.done():
                 future.set_exception(OSError(f"read helper {helper.process.pid} exited"))
             self._returned(slot)
         helper.pending.clear()
