@@ -18,7 +18,7 @@ from contiguouskv.cache_server.manifest import RegionLayout
 from contiguouskv.cache_server.read_process import ReadProcesses
 from contiguouskv.cache_server.reader import ObjectReader, coalesce
 from contiguouskv.cache_server.stats import Counters
-from contiguouskv.cache_server.wire import encode_fetch_response
+from contiguouskv.cache_server.wire import BytesLike, encode_fetch_response
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -92,18 +92,16 @@ class BatchAssembler:
             missing = sorted({i for i, c in zip(indices, cached) if c is None})
             if not missing:
                 return self._assemble(tag, layout, indices, done, cached, missing, {})
-            runs, views, at = [], {}, 0
-            buffer = helpers.view(slot, len(missing) * stride)
+            runs, at = [], 0
+            crcs = self._reader.manifest.checksums[region]  # packed little-endian uint32, one per record
             for first, count in coalesce(missing):
-                runs.append((layout.record_offset(first), count * stride, at, len(views)))
-                for k in range(count):
-                    views[first + k] = buffer[at + k * stride : at + k * stride + size]
+                runs.append((layout.record_offset(first), count * stride, at, first,
+                             crcs[4 * first : 4 * (first + count)]))
                 at += count * stride
-            manifest = self._reader.manifest
-            checksums = [manifest.checksum(region, i) for i in missing]
+            buffer = helpers.view(slot, at)
             try:
                 with self._reader.pinned() as fd:
-                    report = await helpers.read(fd, slot, runs, stride, size, checksums)
+                    report = await helpers.read(fd, slot, runs, stride, size)
             except OSError:  # no helper could take it: read in this process instead
                 return None
             for seconds in report.seconds:
@@ -112,26 +110,42 @@ class BatchAssembler:
                                buffered_reads=0 if self._reader.direct else len(runs))
             if report.failure is not None:
                 kind, message = report.failure
+                manifest = self._reader.manifest
                 if kind == "data_loss":
                     self._counters.add(checksum_failures=1)
                     raise DataLoss(f"checksum mismatch in object {manifest.key}, region {region!r}, "
-                                   f"record {missing[report.bad_record or 0]}")
+                                   f"record {report.bad_record}")
                 if kind == "short":
                     raise DataLoss(f"data file of object {manifest.key} {message} its manifest promises")
                 raise CacheError(f"reading the data file of object {manifest.key} {message}")
+            if stride == size and missing == list(indices):  # the slot holds the payload as asked
+                return self._assemble(tag, layout, indices, done, cached, missing, {}, buffer)
+            views = {}
+            position = 0
+            for first, count in coalesce(missing):
+                for index in range(first, first + count):
+                    views[index] = buffer[position : position + size]
+                    position += stride
             return self._assemble(tag, layout, indices, done, cached, missing, views)
         finally:
             helpers.release(slot)
 
     def _assemble(self, tag: int, layout: RegionLayout, indices: Sequence[int], done: bool,
                   cached: Sequence[bytes | None], missing: Sequence[int],
-                  views: dict[int, memoryview]) -> Batch:
+                  views: dict[int, memoryview], payload: memoryview | None = None) -> Batch:
+        """The response; records from ``cached``, ``views``, or all of them in order as ``payload``."""
         region = layout.name
-        pieces = [c if c is not None else views[i] for i, c in zip(indices, cached)]
+        if payload is not None:
+            pieces: Sequence[BytesLike] = [payload]
+            size = layout.record_size
+            if self._cache.enabled:
+                views = {i: payload[k * size : (k + 1) * size] for k, i in enumerate(missing)}
+        else:
+            pieces = [c if c is not None else views[i] for i, c in zip(indices, cached)]
         wire, offset = encode_fetch_response(tag, region, indices, pieces, done)
         hits = sum(c is not None for c in cached)
         self._counters.add(bytes_served_from_dram=hits * layout.record_size,
                            bytes_requested_from_disk=len(missing) * layout.record_size)
-        if missing:
+        if missing and self._cache.enabled:
             self._cache.admit(self._object, region, [(i, views[i]) for i in missing])
         return Batch(tag, region, indices, wire, offset, done)

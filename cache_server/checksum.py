@@ -22,7 +22,11 @@ except ImportError:  # pragma: no cover - zlib-ng is a dependency; kept for mini
 
 PIECE = 5 * 1024  # the largest buffer zlib and zlib-ng checksum without releasing the GIL
 
-__all__ = ["PIECE", "crc32"]
+__all__ = ["PIECE", "crc32", "crc32_any_size"]
+
+crc32_any_size = _crc32
+"""The same CRC-32 in one call, releasing the GIL for large buffers: for threads that share their
+process with no event loop (the read helpers, :mod:`.read_process`)."""
 
 
 def crc32(data: bytes | bytearray | memoryview) -> int:

@@ -34,19 +34,21 @@ import logging
 import mmap
 import os
 import pickle
+import struct
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from queue import SimpleQueue
 
-from contiguouskv.cache_server.checksum import crc32
+from contiguouskv.cache_server.checksum import crc32_any_size
 
 log = logging.getLogger(__name__)
 
-Run = tuple[int, int, int, int]  # (file offset, bytes, offset in the shared buffer, first record's position)
+# (file offset, bytes, offset in the shared buffer, first record's index, the records' packed CRC-32s)
+Run = tuple[int, int, int, int, bytes]
 MAX_MESSAGE = 1 << 20  # a request (runs and checksums of one batch) is far smaller
 
 
@@ -56,7 +58,7 @@ class ReadReport:
 
     seconds: tuple[float, ...]
     failure: tuple[str, str] | None = None  # (kind: "data_loss" | "short" | "io", message)
-    bad_record: int | None = None  # position, in the request's records, of a checksum mismatch
+    bad_record: int | None = None  # index of a record whose checksum did not match
 
 
 # -- in the helper process ---------------------------------------------------------------------
@@ -64,44 +66,52 @@ class ReadReport:
 def _serve(sock: socket.socket, buffer: memoryview, threads: int) -> None:
     """Answer requests on ``sock`` until it closes.
 
-    Each run of a request is one task of a pool of ``threads``, which takes tasks in order: the
-    runs of earlier requests are read first, so batches complete in the order they were asked for
-    (the server sends them in that order) instead of all at once.
+    Each run of a request is one item of a queue that ``threads`` threads take in order: the runs
+    of earlier requests are read first, so batches complete in the order they were asked for (the
+    server sends them in that order) instead of all at once.
     """
     send_lock = threading.Lock()
+    queue: SimpleQueue[tuple[_Request, int] | None] = SimpleQueue()
 
     def answer(request_id: int, report: ReadReport) -> None:
         # plain tuples only: in the helper this module is __main__, so its classes do not pickle
         with send_lock:
             sock.send(pickle.dumps((request_id, report.seconds, report.failure, report.bad_record)))
 
-    def one(request: _Request, k: int) -> None:
-        try:
-            report = _read_runs(request.fd, buffer, request.runs[k : k + 1], request.stride, request.size,
-                                request.checksums)
-        except Exception as exc:  # noqa: BLE001 - every request gets an answer
-            report = ReadReport((), ("io", f"read helper failed: {exc!r}"))
-        with request.lock:
-            request.reports[k] = report
-            request.left -= 1
-            if request.left:
-                return
-        os.close(request.fd)
-        answer(request.request_id, _merge(request.reports))
+    def work() -> None:
+        while (item := queue.get()) is not None:
+            request, k = item
+            try:
+                report = _read_run(request.fd, buffer, request.runs[k], request.stride, request.size)
+            except Exception as exc:  # noqa: BLE001 - every request gets an answer
+                report = ReadReport((), ("io", f"read helper failed: {exc!r}"))
+            with request.lock:
+                request.reports[k] = report
+                request.left -= 1
+                if request.left:
+                    continue
+            os.close(request.fd)
+            answer(request.request_id, _merge(request.reports))
 
-    with ThreadPoolExecutor(threads, thread_name_prefix="ckv-helper-read") as pool:
+    workers = [threading.Thread(target=work, name=f"ckv-helper-read-{n}", daemon=True) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    try:
         while True:
             message, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 1)
             if not message:
                 return
-            request_id, runs, stride, size, checksums = pickle.loads(message)
+            request_id, runs, stride, size = pickle.loads(message)
             if not runs:
                 os.close(fds[0])
                 answer(request_id, ReadReport(()))
                 continue
-            request = _Request(request_id, fds[0], runs, stride, size, checksums, [None] * len(runs), len(runs))
+            request = _Request(request_id, fds[0], runs, stride, size, [None] * len(runs), len(runs))
             for k in range(len(runs)):
-                pool.submit(one, request, k)
+                queue.put((request, k))
+    finally:
+        for _ in workers:
+            queue.put(None)
 
 
 @dataclasses.dataclass(eq=False)
@@ -111,7 +121,6 @@ class _Request:
     runs: Sequence[Run]
     stride: int
     size: int
-    checksums: Sequence[int]
     reports: list[ReadReport | None]
     left: int
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
@@ -123,28 +132,27 @@ def _merge(reports: Sequence[ReadReport | None]) -> ReadReport:
     return ReadReport(seconds, failed.failure, failed.bad_record) if failed else ReadReport(seconds)
 
 
-def _read_runs(fd: int, buffer: memoryview, runs: Sequence[Run], stride: int, size: int,
-               checksums: Sequence[int]) -> ReadReport:
-    seconds = []
-    for offset, nbytes, at, first in runs:  # the runs of one batch, back to back
-        part = buffer[at : at + nbytes]
-        started = time.perf_counter()
-        done = 0
-        while done < nbytes:
-            try:
-                got = os.preadv(fd, [part[done:]], offset + done)
-            except OSError as exc:
-                return ReadReport(tuple(seconds), ("io", f"at {offset + done} failed: [Errno {exc.errno}] "
-                                                         f"{exc.strerror}"))
-            if got == 0:
-                return ReadReport(tuple(seconds), ("short", f"ends at {offset + done}, before the "
-                                                            f"{nbytes} bytes at {offset}"))
-            done += got
-        seconds.append(time.perf_counter() - started)
-        for k in range(nbytes // stride):
-            if crc32(part[k * stride : k * stride + size]) != checksums[first + k]:
-                return ReadReport(tuple(seconds), ("data_loss", "checksum mismatch"), first + k)
-    return ReadReport(tuple(seconds))
+def _read_run(fd: int, buffer: memoryview, run: Run, stride: int, size: int) -> ReadReport:
+    """Read one run into ``buffer`` and check each of its records against the run's CRC-32s."""
+    offset, nbytes, at, first, crcs = run
+    part = buffer[at : at + nbytes]
+    started = time.perf_counter()
+    done = 0
+    while done < nbytes:
+        try:
+            got = os.preadv(fd, [part[done:]], offset + done)
+        except OSError as exc:
+            return ReadReport((), ("io", f"at {offset + done} failed: [Errno {exc.errno}] {exc.strerror}"))
+        if got == 0:
+            return ReadReport((), ("short", f"ends at {offset + done}, before the {nbytes} bytes at {offset}"))
+        done += got
+    seconds = (time.perf_counter() - started,)
+    expected = struct.unpack(f"<{len(crcs) // 4}I", crcs)
+    for k, crc in enumerate(expected):
+        # whole records: a helper shares no GIL with an event loop (cache_server/checksum.py)
+        if crc32_any_size(part[k * stride : k * stride + size]) != crc:
+            return ReadReport(seconds, ("data_loss", "checksum mismatch"), first + k)
+    return ReadReport(seconds)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -223,7 +231,7 @@ class ReadProcesses:
 
     async def ready(self, timeout: float = 60.0) -> None:
         """Wait until every helper has answered once (``OSError`` if one exited first)."""
-        futures = [self._send(helper, [], 0, 0, [], self._fd, None) for helper in self._helpers]
+        futures = [self._send(helper, [], 0, 0, self._fd, None) for helper in self._helpers]
         await asyncio.wait_for(asyncio.gather(*futures), timeout)
 
     @property
@@ -258,9 +266,8 @@ class ReadProcesses:
         else:
             self._free.append(slot)
 
-    async def read(self, data_fd: int, slot: int, runs: Sequence[Run], stride: int, size: int,
-                   checksums: Sequence[int]) -> ReadReport:
-        """Have a helper read ``runs`` (offsets within ``slot``) of ``data_fd`` and check ``checksums``.
+    async def read(self, data_fd: int, slot: int, runs: Sequence[Run], stride: int, size: int) -> ReadReport:
+        """Have a helper read ``runs`` (offsets within ``slot``) of ``data_fd`` and check their CRC-32s.
 
         ``OSError`` if no helper could take it (the caller reads in its own threads then).
         """
@@ -269,14 +276,14 @@ class ReadProcesses:
             raise OSError("no read helper is running")
         helper = min(alive, key=lambda h: len(h.pending))
         base = slot * self.slot_bytes
-        absolute = [(offset, nbytes, base + at, first) for offset, nbytes, at, first in runs]
-        future = self._send(helper, absolute, stride, size, checksums, data_fd, slot)
+        absolute = [(offset, nbytes, base + at, first, crcs) for offset, nbytes, at, first, crcs in runs]
+        future = self._send(helper, absolute, stride, size, data_fd, slot)
         return await asyncio.shield(future)  # cancelled: the slot stays lent until the answer
 
-    def _send(self, helper: _Helper, runs: Sequence[Run], stride: int, size: int, checksums: Sequence[int],
+    def _send(self, helper: _Helper, runs: Sequence[Run], stride: int, size: int,
               fd: int, slot: int | None) -> asyncio.Future[ReadReport]:
         request_id = next(self._ids)
-        message = pickle.dumps((request_id, runs, stride, size, checksums))
+        message = pickle.dumps((request_id, runs, stride, size))
         try:
             socket.send_fds(helper.sock, [message], [fd])  # one message; the socket holds many
         except BlockingIOError:
