@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from contiguouskv.cache_server.wire import FetchBatch, decode_fetch_response
+from contiguouskv.cache_server.wire import BULK_RECEIVE_OPTIONS, FetchBatch, decode_fetch_response
 from contiguouskv.common.security import ClientTls, open_aio_channel
 from contiguouskv.compute_server import discovery
 from contiguouskv.compute_server.errors import ComputeError, Unavailable
@@ -108,7 +108,8 @@ class CacheClient:
                  replication: int = 0, write_quorum: int = 0, refresh_s: float = 30.0, *,
                  tls: ClientTls | None = None, token: str | None = None) -> None:
         self._options = [("grpc.max_send_message_length", max_message_bytes),
-                         ("grpc.max_receive_message_length", max_message_bytes), *RECONNECT_OPTIONS]
+                         ("grpc.max_receive_message_length", max_message_bytes), *RECONNECT_OPTIONS,
+                         *BULK_RECEIVE_OPTIONS]
         self._tls, self._token = tls, token
         self._entries = list(addresses)
         self._addresses = [a for a in self._entries if not discovery.is_dns(a)]

@@ -316,11 +316,11 @@ async def _client(job: dict) -> dict:
     """The client process: one Fetch stream, the plans read one after another."""
     import grpc
 
-    from contiguouskv.cache_server.wire import decode_fetch_response
+    from contiguouskv.cache_server.wire import BULK_RECEIVE_OPTIONS, decode_fetch_response
     from contiguouskv.v1 import cache_pb2 as pb
     from contiguouskv.v1 import cache_pb2_grpc
 
-    options = [("grpc.max_receive_message_length", 64 << 20)]
+    options = [("grpc.max_receive_message_length", 64 << 20), *BULK_RECEIVE_OPTIONS]
     decode = decode_fetch_response if job["decoder"] == "raw" else pb.FetchResponse.FromString
     async with grpc.aio.insecure_channel(job["address"], options=options) as channel:
         stub = cache_pb2_grpc.CacheServiceStub(channel)
