@@ -23,7 +23,8 @@ class CacheServerConfig:
     ``port_file`` when given. ``max_batch_bytes`` caps the payload of one Fetch response;
     ``max_store_bytes`` caps the bytes of all data files (0 = unlimited). ``read_threads`` is the
     size of the disk read pool; ``read_processes`` helper processes (0 = none) make the Fetch reads
-with those threads shared among them (:mod:`.read_process`). ``direct_io`` asks for O_DIRECT reads where the filesystem allows.
+    with those threads shared among them (:mod:`.read_process`). ``direct_io`` asks for O_DIRECT
+    reads where the filesystem allows.
     ``max_message_bytes`` raises gRPC's send and receive message limits. ``dram_cache_bytes`` is
     the DRAM cache's budget (0 = no cache), kept by ``cache_policy`` (``attention``, ``lru``,
     ``lfu``, ``impress``). ``max_inflight_bytes`` bounds the record bytes one Fetch stream holds

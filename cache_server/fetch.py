@@ -11,11 +11,13 @@ request gets one batch with ``done`` and ``cancelled`` and no records instead of
 request whose records cannot be read (a checksum mismatch: DATA_LOSS) gets one batch with ``done``
 and ``error_code`` instead of the rest, and the stream goes on with the other requests.
 
-Several batches are read at once on the read pool (each batch one task, its coalesced runs read
-back to back), so the disk sees a deep queue. Backpressure: the payload bytes of batches being
-read plus the batch last yielded stay within ``max_inflight_bytes`` (one batch at least), and
-:meth:`responses` yields only when its consumer asks for the next batch; a consumer that awaits
-each gRPC write (which waits on HTTP/2 flow control) therefore bounds the stream's memory.
+Several batches are read at once, so the disk sees a deep queue: by the helper processes when the
+session has them (:mod:`.read_process`; a batch goes to the read pool when no helper slot is free),
+else on the read pool (each batch one task, its coalesced runs read back to back). Backpressure:
+the payload bytes of batches being read plus the batch last yielded stay within
+``max_inflight_bytes`` (one batch at least), and :meth:`responses` yields only when its consumer
+asks for the next batch; a consumer that awaits each gRPC write (which waits on HTTP/2 flow
+control) therefore bounds the stream's memory.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ class FetchSession:
     """Serves record requests on one opened object; see the module docstring for the contract.
 
     ``assembler`` builds batches from the object's reader (owned by the caller, open until
-    :meth:`responses` has finished) and the DRAM cache; its blocking work runs on ``executor``.
+    :meth:`responses` has finished) and the DRAM cache; its blocking work runs on ``executor``,
+    its disk reads in ``helpers`` when given.
     """
 
     def __init__(

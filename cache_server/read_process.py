@@ -206,7 +206,6 @@ class ReadProcesses:
         self._abandoned: set[int] = set()  # lent slots already given back by their reader
         self._helpers: list[_Helper] = []
         self._ids = iter(range(1, 1 << 62))
-        self._next = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
@@ -311,6 +310,7 @@ class ReadProcesses:
             except Exception:  # noqa: BLE001 - a helper that says nonsense is treated as gone
                 log.exception("read helper %d sent an unreadable answer", helper.process.pid)
                 helper.process.kill()
+                helper.process.wait()  # gone before its slots are handed out again
                 self._lost(helper)
                 return
             report = ReadReport(seconds, failure, bad_record)

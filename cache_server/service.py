@@ -114,9 +114,10 @@ def manifest_to_pb(manifest: Manifest, with_metadata: bool = True) -> pb.Manifes
 class CacheServicer:
     """``contiguouskv.v1.CacheService`` for ``grpc.aio`` over ``store`` and ``cache``.
 
-    Reads run on ``read_pool``, Fetch reads in ``helpers`` when given. ``max_batch_bytes`` is the server's cap (and default) for a Fetch
-    response's payload; ``max_inflight_bytes`` bounds the record bytes one stream holds. Register
-    it with :func:`add_cache_service` (Fetch responses are prebuilt bytes, see :mod:`.wire`).
+    Reads run on ``read_pool``, Fetch reads in ``helpers`` when given. ``max_batch_bytes`` is the
+    server's cap (and default) for a Fetch response's payload; ``max_inflight_bytes`` bounds the
+    record bytes one stream holds. Register it with :func:`add_cache_service` (Fetch responses are
+    prebuilt bytes, see :mod:`.wire`).
     """
 
     def __init__(self, store: RecordStore, read_pool: Executor, max_batch_bytes: int,

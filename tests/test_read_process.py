@@ -170,3 +170,26 @@ async def test_helpers_exit_when_the_server_is_killed(tmp_path: Path) -> None:
     while not all(_gone(pid) for pid in helpers):
         assert time.monotonic() < deadline, "helpers outlived their server"
         time.sleep(0.05)
+
+
+async def test_read_processes_zero_reads_in_the_server_threads(tmp_path: Path) -> None:
+    server = start_cache_server(tmp_path / "root", "--read-processes", "0")
+    try:
+        assert _children(server.proc.pid) == []
+        records = records_of([("a", 9, 5000)])
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = cache_pb2_grpc.CacheServiceStub(channel)
+            await put(stub, put_requests("z", "l", records))
+            responses = await fetch(stub, [open_("z"), read(1, "a", [8, 1, 1])])
+        assert b"".join(r.data for r in responses) == records["a"][8] + records["a"][1] * 2
+    finally:
+        server.proc.kill()
+        server.proc.wait(10)
+
+
+def test_read_processes_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="read_processes"):
+        CacheServerConfig(root=tmp_path, read_threads=4, read_processes=5)
+    with pytest.raises(ValueError, match="read_processes"):
+        CacheServerConfig(root=tmp_path, read_processes=-1)
+    assert CacheServerConfig(root=tmp_path, read_threads=4, read_processes=4).read_processes == 4
