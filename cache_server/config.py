@@ -43,7 +43,7 @@ class CacheServerConfig:
     max_batch_bytes: int = 1 << 20
     max_store_bytes: int = 0
     read_threads: int = 16
-    read_processes: int = 2
+    read_processes: int = 1
     grace_seconds: float = 5.0
     direct_io: bool = True
     max_message_bytes: int = 64 << 20

@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--read-threads", type=int, help="disk read threads (16)")
     parser.add_argument("--read-processes", type=int,
                         help="helper processes making the Fetch reads, the read threads shared among them "
-                             "(2; 0 = read in the server's own threads)")
+                             "(1; 0 = read in the server's own threads)")
     parser.add_argument("--metrics-port", type=int,
                         help="serve Prometheus metrics on this port (0 = any free port; off if absent)")
     add_serving_arguments(parser)

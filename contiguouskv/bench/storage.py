@@ -64,8 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch-bytes", type=int, default=1 << 20, help="payload per Fetch response (1 MiB)")
     a("--inflight-bytes", type=int, default=16 << 20, help="server in-flight bytes per stream")
     a("--read-threads", type=int, default=16, help="server read threads (16)")
-    a("--read-processes", type=int, default=2,
-      help="helper processes making the reads, sharing the read threads (2; 0 = in-process threads)")
+    a("--read-processes", type=int, default=1,
+      help="helper processes making the reads, sharing the read threads (1; 0 = in-process threads)")
     a("--streams", type=int, default=1, help="Fetch streams of the gRPC client, reads spread over them")
     a("--decoder", choices=("raw", "protobuf"), default="raw",
       help="client parsing of Fetch responses (raw: zero-copy payload view)")
