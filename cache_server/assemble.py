@@ -18,7 +18,7 @@ from contiguouskv.cache_server.manifest import RegionLayout
 from contiguouskv.cache_server.read_process import ReadProcesses
 from contiguouskv.cache_server.reader import ObjectReader, coalesce
 from contiguouskv.cache_server.stats import Counters
-from contiguouskv.cache_server.wire import BytesLike, encode_fetch_response
+from contiguouskv.common.fetch_wire import BytesLike, encode_fetch_response
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

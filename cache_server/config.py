@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from contiguouskv.cache_server.cache_policy import DEFAULT_POLICY, POLICIES
+from contiguouskv.cache_server.eviction import DEFAULT_POLICY, POLICIES
 from contiguouskv.common.security import check_server_files
 
 MIN_MESSAGE_BYTES = 1 << 20

@@ -18,7 +18,7 @@ import itertools
 import threading
 from collections.abc import Sequence
 
-from contiguouskv.cache_server.cache_policy import DEFAULT_POLICY, Priority, RecordStats, policy
+from contiguouskv.cache_server.eviction import DEFAULT_POLICY, Priority, RecordStats, policy
 from contiguouskv.cache_server.keys import ObjectKey
 from contiguouskv.cache_server.stats import Counters
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from contiguouskv.cache_server.cache_policy import DEFAULT_POLICY, POLICIES
+from contiguouskv.cache_server.eviction import DEFAULT_POLICY, POLICIES
 from contiguouskv.cache_server.config import CacheServerConfig
 from contiguouskv.cache_server.dram_cache import DramCache
 from contiguouskv.cache_server.fetch import DISK_BYTES_PER_PAYLOAD_BYTE

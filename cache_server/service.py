@@ -34,7 +34,8 @@ from contiguouskv.cache_server.fetch import (
 from contiguouskv.cache_server.keys import ObjectKey
 from contiguouskv.cache_server.manifest import Manifest
 from contiguouskv.cache_server.store import RecordStore
-from contiguouskv.cache_server.wire import serialize_fetch_response
+from contiguouskv.common.fetch_wire import serialize_fetch_response
+from contiguouskv.common.status import status_details
 from contiguouskv.common.access import method_scopes
 from contiguouskv.common.security import READ, WRITE
 from contiguouskv.v1 import cache_pb2 as pb
@@ -49,21 +50,12 @@ METHOD_SCOPES = method_scopes(SERVICE_NAME, {
     "GetManifest": READ, "Fetch": READ, "ListPrefixes": READ, "GetStats": READ,
 })
 STATUS_BY_CODE = {status.value[0]: status for status in grpc.StatusCode}
-MAX_DETAILS_BYTES = 2000
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _status_of(error: CacheError) -> grpc.StatusCode:
     return STATUS_BY_CODE.get(error.code, grpc.StatusCode.INTERNAL)
-
-
-def status_details(message: str, limit: int = MAX_DETAILS_BYTES) -> str:
-    """``message`` cut to ``limit`` UTF-8 bytes: a status message travels percent-encoded in a
-    trailer, and a client drops trailers over its metadata limit (8 KiB by default) and with them
-    the status (it sees RESOURCE_EXHAUSTED "received metadata size exceeds hard limit")."""
-    raw = message.encode()
-    return message if len(raw) <= limit else raw[:limit].decode(errors="ignore") + "..."
 
 
 async def _abort(context: grpc.aio.ServicerContext, rpc: str, error: CacheError) -> None:

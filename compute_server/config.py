@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contiguouskv.common.security import ClientTls, check_server_files
-from contiguouskv.compute_server.discovery import check_entry, is_dns
+from contiguouskv.common.discovery import check_entry, is_dns
 
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "bfloat16", "float16", "auto")

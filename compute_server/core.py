@@ -16,23 +16,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from contiguouskv.compute_server.cache_client import CacheClient
+from contiguouskv.compute_server.cachenet.cache_client import CacheClient
 from contiguouskv.compute_server.config import ComputeServerConfig
 from contiguouskv.compute_server.engine import Engine, QueryOutcome
 from contiguouskv.compute_server.errors import FailedPrecondition, InvalidArgument, NotFound
-from contiguouskv.compute_server.feedback import RegionScores, attention_report
-from contiguouskv.compute_server.h2o import prefill_with_token_importance
-from contiguouskv.compute_server.impress import LayerSelection, TokenPolicy
-from contiguouskv.compute_server.impress_layout import ImpressLayout
-from contiguouskv.compute_server.layout import ContiguousLayout, Region
-from contiguouskv.compute_server.loader import KVLoader
-from contiguouskv.compute_server.models import LoadedModel
-from contiguouskv.compute_server.packing import dtype_name, iter_impress_payloads, iter_region_payloads, unpack_tokens
-from contiguouskv.compute_server.policies import (
+from contiguouskv.compute_server.policies.feedback import RegionScores, attention_report
+from contiguouskv.compute_server.policies.h2o import prefill_with_token_importance
+from contiguouskv.compute_server.policies.impress import LayerSelection, TokenPolicy
+from contiguouskv.compute_server.layouts.impress import ImpressLayout
+from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout, Region
+from contiguouskv.compute_server.kvio.loader import KVLoader
+from contiguouskv.compute_server.model.loading import LoadedModel
+from contiguouskv.compute_server.layouts.packing import dtype_name, iter_impress_payloads, iter_region_payloads, unpack_tokens
+from contiguouskv.compute_server.policies.base import (
     POLICY_NAMES, TOKEN_POLICY_NAMES, PeriodicPolicy, PeriodSelection, Policy, make_policy,
 )
-from contiguouskv.compute_server.runner import ModelRunner
-from contiguouskv.compute_server.tracing import traced_reprefill
+from contiguouskv.compute_server.model.runner import ModelRunner
+from contiguouskv.compute_server.observability.tracing import traced_reprefill
 
 PREFIX_ID = re.compile(r"^[0-9a-f]{32}$")
 EXTRA_LAYOUTS = ("impress",)

@@ -14,9 +14,9 @@ from typing import Protocol
 
 import torch
 
-from contiguouskv.compute_server.layout import ContiguousLayout
-from contiguouskv.compute_server.runner import ModelRunner
-from contiguouskv.compute_server.scoring import window_importance
+from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
+from contiguouskv.compute_server.model.runner import ModelRunner
+from contiguouskv.compute_server.selection.importance import window_importance
 
 
 TokenCallback = Callable[[int, int], None]

@@ -84,11 +84,11 @@ def _resolve_device(config: ComputeServerConfig) -> tuple[str, str]:
 async def serve(config: ComputeServerConfig) -> int:
     import grpc
 
-    from contiguouskv.compute_server.cache_client import CacheClient
+    from contiguouskv.compute_server.cachenet.cache_client import CacheClient
     from contiguouskv.compute_server.core import ComputeCore
-    from contiguouskv.compute_server.models import load_model
-    from contiguouskv.compute_server.packing import TORCH_DTYPES
-    from contiguouskv.compute_server.runner import ModelRunner
+    from contiguouskv.compute_server.model.loading import load_model
+    from contiguouskv.compute_server.layouts.packing import TORCH_DTYPES
+    from contiguouskv.compute_server.model.runner import ModelRunner
     from contiguouskv.compute_server.servicer import METHOD_SCOPES, ComputeServicer
     from contiguouskv.v1 import compute_pb2, compute_pb2_grpc
 
@@ -103,7 +103,7 @@ async def serve(config: ComputeServerConfig) -> int:
     core = ComputeCore(config, model, ModelRunner(model), cache)
     interceptors, metrics = telemetry.server_interceptors(), None
     if config.metrics_port is not None:
-        from contiguouskv.compute_server.metrics import ComputeMetrics, MetricsInterceptor, start_metrics_server
+        from contiguouskv.compute_server.observability.metrics import ComputeMetrics, MetricsInterceptor, start_metrics_server
 
         observed = ComputeMetrics()
         interceptors.append(MetricsInterceptor(observed))

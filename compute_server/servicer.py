@@ -11,10 +11,10 @@ import grpc
 
 from contiguouskv.common.access import method_scopes
 from contiguouskv.common.security import READ, WRITE
-from contiguouskv.cache_server.service import status_details
+from contiguouskv.common.status import status_details
 from contiguouskv.compute_server.core import ComputeCore, RegisterResult, ReprefillArgs, ReprefillResult
 from contiguouskv.compute_server.errors import ComputeError
-from contiguouskv.compute_server.policies import POLICY_NAMES
+from contiguouskv.compute_server.policies.base import POLICY_NAMES
 from contiguouskv.v1 import compute_pb2, compute_pb2_grpc
 
 SERVICE_NAME = compute_pb2.DESCRIPTOR.services_by_name["ComputeService"].full_name

@@ -2,7 +2,7 @@
 
 After shards are added (or the replication factor raised), the compute servers place each prefix on
 its new replicas at once, but the objects are still where they were written. This command lists
-what every shard holds (ListPrefixes), plans with :func:`~contiguouskv.compute_server.shards.plan_rebalance`
+what every shard holds (ListPrefixes), plans with :func:`~contiguouskv.common.placement.plan_rebalance`
 and copies each missing replica from a shard that holds the object: every record of every region is
 read with Fetch and written with PutPrefix (the target commits it durably, as any registration;
 storing an object the target already has is a no-op). With ``--delete`` the copies on shards that
@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass, field
 
 import grpc
 
-from contiguouskv.cache_server.wire import decode_fetch_response
+from contiguouskv.common.fetch_wire import decode_fetch_response
 from contiguouskv.common.security import ClientTls, open_aio_channel
-from contiguouskv.compute_server import discovery
-from contiguouskv.compute_server.shards import Copy, ObjectKey, RebalancePlan, effective_replication, plan_rebalance
+from contiguouskv.common import discovery
+from contiguouskv.common.placement import Copy, ObjectKey, RebalancePlan, effective_replication, plan_rebalance
 from contiguouskv.connection import add_connection_arguments, token_from_args, tls_from_args
 from contiguouskv.v1 import cache_pb2 as pb, cache_pb2_grpc
 

@@ -27,13 +27,13 @@ import torch
 
 from contiguouskv import launch
 from contiguouskv.client import ContiguousKVClient, FailedPreconditionError, InvalidArgumentError
-from contiguouskv.compute_server.cache_client import CacheClient
+from contiguouskv.compute_server.cachenet.cache_client import CacheClient
 from contiguouskv.compute_server.config import ComputeServerConfig, default_cache_dir
 from contiguouskv.compute_server.core import ComputeCore, ReprefillArgs, ReprefillResult
-from contiguouskv.compute_server.impress import ImpressPolicy
-from contiguouskv.compute_server.impress_layout import ImpressLayout
-from contiguouskv.compute_server.models import LoadedModel, load_model
-from contiguouskv.compute_server.runner import ModelRunner
+from contiguouskv.compute_server.policies.impress import ImpressPolicy
+from contiguouskv.compute_server.layouts.impress import ImpressLayout
+from contiguouskv.compute_server.model.loading import LoadedModel, load_model
+from contiguouskv.compute_server.model.runner import ModelRunner
 from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
 
 MODEL = "random:tiny"  # 4 layers, 4 query heads over 2 KV heads of 16, vocabulary 512
@@ -313,9 +313,9 @@ def test_cli_registers_the_impress_layout(client: ContiguousKVClient) -> None:
 def test_registration_prefill_matches_the_engine(model: LoadedModel) -> None:
     """The impress registration path stores the same contiguous data as a plain registration."""
     from contiguouskv.compute_server.engine import Engine
-    from contiguouskv.compute_server.h2o import prefill_with_token_importance
-    from contiguouskv.compute_server.layout import ContiguousLayout
-    from contiguouskv.compute_server.scoring import per_chunk
+    from contiguouskv.compute_server.policies.h2o import prefill_with_token_importance
+    from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
+    from contiguouskv.compute_server.selection.importance import per_chunk
 
     runner = ModelRunner(model)
     ids = [random.Random(8).randrange(512) for _ in range(150)]

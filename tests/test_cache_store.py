@@ -317,7 +317,7 @@ def test_absurd_headers_are_refused_before_allocating(store: RecordStore) -> Non
 
 
 def test_raw_fetch_responses_parse_as_protobuf_and_back() -> None:
-    from contiguouskv.cache_server.wire import decode_fetch_response, encode_fetch_response
+    from contiguouskv.common.fetch_wire import decode_fetch_response, encode_fetch_response
     from contiguouskv.v1 import cache_pb2 as pb
 
     payloads = [b"a" * 300, memoryview(b"b" * 300)]

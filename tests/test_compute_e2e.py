@@ -18,7 +18,7 @@ from contiguouskv.client import (
     ContiguousKVClient, FailedPreconditionError, InvalidArgumentError, NotFoundError,
 )
 from contiguouskv.compute_server.config import default_cache_dir
-from contiguouskv.compute_server.models import load_model
+from contiguouskv.compute_server.model.loading import load_model
 
 TINY = "random:tiny"
 SMOL = "smollm2-135m-instruct"

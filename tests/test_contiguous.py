@@ -19,8 +19,8 @@ import torch
 from contiguouskv import launch
 from contiguouskv.client import ContiguousKVClient, InvalidArgumentError
 from contiguouskv.compute_server.config import default_cache_dir
-from contiguouskv.compute_server.models import load_model
-from contiguouskv.compute_server.runner import ModelRunner
+from contiguouskv.compute_server.model.loading import load_model
+from contiguouskv.compute_server.model.runner import ModelRunner
 
 MODEL = "random:tiny"
 C = 16

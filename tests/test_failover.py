@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from contiguouskv.cache_server.wire import FetchBatch
+from contiguouskv.common.fetch_wire import FetchBatch
 from contiguouskv.compute_server.errors import ComputeError
-from contiguouskv.compute_server.failover import ReplicaStream
-from contiguouskv.compute_server.layout import ContiguousLayout
-from contiguouskv.compute_server.loader import KVLoader
-from contiguouskv.compute_server.packing import unpack_kv_record
+from contiguouskv.compute_server.cachenet.failover import ReplicaStream
+from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
+from contiguouskv.compute_server.kvio.loader import KVLoader
+from contiguouskv.compute_server.layouts.packing import unpack_kv_record
 
 LAYOUT = ContiguousLayout(200, 4, 2, 8, "float32", chunk_size=16, group_size=2)  # 13 chunks, 2 groups
 PER_MESSAGE = 3

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from contiguouskv.compute_server.feedback import attention_report
-from contiguouskv.compute_server.layout import ContiguousLayout
-from contiguouskv.compute_server.policies import PeriodSelection
+from contiguouskv.compute_server.policies.feedback import attention_report
+from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
+from contiguouskv.compute_server.policies.base import PeriodSelection
 
 
 def test_report_maps_chunks_to_their_records_with_normalised_scores() -> None:

@@ -49,8 +49,8 @@ from hypothesis import strategies as st
 from conftest import CacheProc, start_cache_server
 from contiguouskv import launch
 from contiguouskv.client import ContiguousKVClient
-from contiguouskv.compute_server.layout import LAYOUT_VERSION
-from contiguouskv.compute_server.policies import POLICY_NAMES
+from contiguouskv.compute_server.layouts.contiguous import LAYOUT_VERSION
+from contiguouskv.compute_server.policies.base import POLICY_NAMES
 from contiguouskv.v1 import cache_pb2, cache_pb2_grpc, compute_pb2, compute_pb2_grpc
 
 MODEL = "random:tiny"

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contiguouskv.compute_server.impress_layout import ImpressLayout, token_budget
-from contiguouskv.compute_server.packing import (
+from contiguouskv.compute_server.layouts.impress import ImpressLayout, token_budget
+from contiguouskv.compute_server.layouts.packing import (
     TORCH_DTYPES, frombuffer, iter_impress_payloads, unpack_blocks, unpack_token_importance,
 )
 

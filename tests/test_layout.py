@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from contiguouskv.compute_server.layout import ContiguousLayout, ceil_div, sub_periods
+from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout, ceil_div, sub_periods
 
 layouts = st.builds(
     ContiguousLayout,

@@ -11,8 +11,8 @@ import torch
 from transformers import GPT2Config, MistralConfig, Qwen2Config
 
 from contiguouskv.compute_server.config import default_cache_dir
-from contiguouskv.compute_server import models
-from contiguouskv.compute_server.models import (
+from contiguouskv.compute_server.model import loading as models
+from contiguouskv.compute_server.model.loading import (
     GGUF_SOURCES,
     GgufSource,
     ModelIntegrityError,
@@ -23,7 +23,7 @@ from contiguouskv.compute_server.models import (
     locate_gguf_files,
     verify_concatenation,
 )
-from contiguouskv.compute_server.presets import (
+from contiguouskv.compute_server.model.presets import (
     PRESETS,
     build_preset_model,
     get_preset,

@@ -32,9 +32,9 @@ import torch
 
 from contiguouskv import launch
 from contiguouskv.client import NO_RETRY, ContiguousKVClient, ReprefillResult, UnavailableError
-from contiguouskv.compute_server.cache_client import DOWN_S
+from contiguouskv.compute_server.cachenet.cache_client import DOWN_S
 from contiguouskv.compute_server.core import prefix_id_for
-from contiguouskv.compute_server.shards import replica_set
+from contiguouskv.common.placement import replica_set
 from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
 
 MODEL = "random:tiny"  # 4 layers, 2 KV heads x 16, float32: 4 KiB per 16-token kv record

@@ -18,9 +18,9 @@ import grpc
 import pytest
 
 from contiguouskv import cli
-from contiguouskv.compute_server.cache_client import CacheClient
-from contiguouskv.compute_server.layout import Region
-from contiguouskv.compute_server.shards import placement_changes, replica_set
+from contiguouskv.compute_server.cachenet.cache_client import CacheClient
+from contiguouskv.compute_server.layouts.contiguous import Region
+from contiguouskv.common.placement import placement_changes, replica_set
 from contiguouskv.v1 import cache_pb2 as pb, cache_pb2_grpc
 from conftest import CacheProc, start_cache_server
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from contiguouskv.compute_server import runner as runner_module
+from contiguouskv.compute_server.model import runner as runner_module
 from contiguouskv.compute_server.config import default_cache_dir
-from contiguouskv.compute_server.models import LoadedModel, load_model
-from contiguouskv.compute_server.runner import ModelRunner
+from contiguouskv.compute_server.model.loading import LoadedModel, load_model
+from contiguouskv.compute_server.model.runner import ModelRunner
 
 MODELS = ["random:tiny", "smollm2-135m-instruct"]
 

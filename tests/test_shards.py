@@ -11,9 +11,9 @@ import collections
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from contiguouskv.compute_server import discovery
+from contiguouskv.common import discovery
 from contiguouskv.compute_server.config import ComputeServerConfig
-from contiguouskv.compute_server.shards import (
+from contiguouskv.common.placement import (
     default_write_quorum, effective_replication, effective_write_quorum, placement_changes, plan_rebalance,
     rendezvous_order, replica_set,
 )
@@ -160,7 +160,7 @@ def test_config_replication_and_quorum() -> None:
 
 
 async def test_the_client_follows_dns_and_keeps_its_shards_on_an_empty_answer(monkeypatch: pytest.MonkeyPatch) -> None:
-    from contiguouskv.compute_server.cache_client import CacheClient
+    from contiguouskv.compute_server.cachenet.cache_client import CacheClient
 
     answers = [["cache-0.h:1", "cache-1.h:1"], [], ["cache-0.h:1", "cache-1.h:1", "cache-2.h:1"]]
     calls = []
@@ -197,7 +197,7 @@ async def test_the_client_follows_dns_and_keeps_its_shards_on_an_empty_answer(mo
 
 
 def test_no_shard_known_is_unavailable() -> None:
-    from contiguouskv.compute_server.cache_client import CacheClient
+    from contiguouskv.compute_server.cachenet.cache_client import CacheClient
     from contiguouskv.compute_server.errors import ComputeError
 
     client = CacheClient(["dns:///nothing-here:1"], 1 << 20, 5.0)

@@ -267,7 +267,7 @@ def memory_spans() -> Iterator[Any]:
 
 def test_layer_spans_are_placed_at_the_measured_times(memory_spans: Any) -> None:
     from contiguouskv.compute_server.engine import LayerTiming
-    from contiguouskv.compute_server.tracing import record_layers, tracer
+    from contiguouskv.compute_server.observability.tracing import record_layers, tracer
 
     memory_spans.clear()
     t0 = time.perf_counter()

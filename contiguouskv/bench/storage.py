@@ -316,7 +316,7 @@ async def _client(job: dict) -> dict:
     """The client process: one Fetch stream, the plans read one after another."""
     import grpc
 
-    from contiguouskv.cache_server.wire import BULK_RECEIVE_OPTIONS, decode_fetch_response
+    from contiguouskv.common.fetch_wire import BULK_RECEIVE_OPTIONS, decode_fetch_response
     from contiguouskv.v1 import cache_pb2 as pb
     from contiguouskv.v1 import cache_pb2_grpc
 

@@ -30,10 +30,10 @@ from typing import cast
 import grpc
 import torch
 
-from contiguouskv.compute_server.cache_client import RecordStream
+from contiguouskv.compute_server.cachenet.cache_client import RecordStream
 from contiguouskv.compute_server.errors import ComputeError
-from contiguouskv.compute_server.layout import ContiguousLayout
-from contiguouskv.compute_server.packing import unpack_kv_record
+from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
+from contiguouskv.compute_server.layouts.packing import unpack_kv_record
 
 STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
@@ -162,7 +162,7 @@ class KVLoader:
             return exc if isinstance(exc, ComputeError) else ComputeError(f"fetch stream failed: {exc!r}")
 
     def _can_fail_over(self, error: ComputeError) -> bool:
-        from contiguouskv.compute_server.failover import FAILOVER_CODES
+        from contiguouskv.compute_server.cachenet.failover import FAILOVER_CODES
 
         return hasattr(self._stream, "failover") and error.code in FAILOVER_CODES
 

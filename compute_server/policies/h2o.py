@@ -18,12 +18,12 @@ from concurrent.futures import Future
 import torch
 
 from contiguouskv.compute_server.engine import PrefixKV
-from contiguouskv.compute_server.impress import TokenPolicy, top_tokens
-from contiguouskv.compute_server.layout import ContiguousLayout
-from contiguouskv.compute_server.packing import unpack_blocks, unpack_token_importance
-from contiguouskv.compute_server.policies import STATS_PRIORITY
-from contiguouskv.compute_server.runner import ModelRunner
-from contiguouskv.compute_server.scoring import window_importance, window_token_importance
+from contiguouskv.compute_server.policies.impress import TokenPolicy, top_tokens
+from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
+from contiguouskv.compute_server.layouts.packing import unpack_blocks, unpack_token_importance
+from contiguouskv.compute_server.policies.base import STATS_PRIORITY
+from contiguouskv.compute_server.model.runner import ModelRunner
+from contiguouskv.compute_server.selection.importance import window_importance, window_token_importance
 
 
 def prefill_with_token_importance(runner: ModelRunner, token_ids: list[int], layout: ContiguousLayout,

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from contiguouskv.compute_server.impress_layout import ImpressLayout
-from contiguouskv.compute_server.layout import sub_periods
-from contiguouskv.compute_server.loader import KVLoader
-from contiguouskv.compute_server.packing import TORCH_DTYPES, frombuffer, unpack_importance
-from contiguouskv.compute_server.runner import ModelRunner
-from contiguouskv.compute_server.selection import (
+from contiguouskv.compute_server.layouts.impress import ImpressLayout
+from contiguouskv.compute_server.layouts.contiguous import sub_periods
+from contiguouskv.compute_server.kvio.loader import KVLoader
+from contiguouskv.compute_server.layouts.packing import TORCH_DTYPES, frombuffer, unpack_importance
+from contiguouskv.compute_server.model.runner import ModelRunner
+from contiguouskv.compute_server.selection.chunks import (
     digest_chunk_scores, exact_chunk_scores, select_top, shortlist_chunk_scores,
 )
 
@@ -270,8 +270,8 @@ def make_policy(name: str, loader: KVLoader, runner: ModelRunner, budget: float,
     layout, and ``loader`` reading from it.
     """
     if name in TOKEN_POLICY_NAMES:
-        from contiguouskv.compute_server.h2o import H2OPolicy  # they build on Policy: import late
-        from contiguouskv.compute_server.impress import ImpressPolicy
+        from contiguouskv.compute_server.policies.h2o import H2OPolicy  # they build on Policy: import late
+        from contiguouskv.compute_server.policies.impress import ImpressPolicy
 
         if blocks is None:
             raise ValueError(f"policy {name!r} needs the prefix's impress layout")

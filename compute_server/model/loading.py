@@ -31,7 +31,7 @@ import safetensors.torch
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from .presets import PRESETS, build_preset_model, get_preset, preset_fingerprint
+from contiguouskv.compute_server.model.presets import PRESETS, build_preset_model, get_preset, preset_fingerprint
 
 logger = logging.getLogger(__name__)
 

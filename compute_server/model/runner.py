@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .models import LoadedModel
+from contiguouskv.compute_server.model.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
 

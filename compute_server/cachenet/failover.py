@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 from contiguouskv.compute_server.errors import ComputeError
 
 if TYPE_CHECKING:  # cache_client imports this module
-    from contiguouskv.cache_server.wire import FetchBatch
-    from contiguouskv.compute_server.cache_client import RecordStream
+    from contiguouskv.common.fetch_wire import FetchBatch
+    from contiguouskv.compute_server.cachenet.cache_client import RecordStream
 
 log = logging.getLogger(__name__)
 

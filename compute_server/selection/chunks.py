@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from contiguouskv.compute_server.layout import ContiguousLayout
-from contiguouskv.compute_server.scoring import per_chunk
+from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
+from contiguouskv.compute_server.selection.importance import per_chunk
 
 
 def _self_logits(q: torch.Tensor, k_self: torch.Tensor, scale: float) -> torch.Tensor:

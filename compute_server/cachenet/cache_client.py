@@ -18,18 +18,18 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from contiguouskv.cache_server.wire import BULK_RECEIVE_OPTIONS, FetchBatch, decode_fetch_response
+from contiguouskv.common.fetch_wire import BULK_RECEIVE_OPTIONS, FetchBatch, decode_fetch_response
 from contiguouskv.common.security import ClientTls, open_aio_channel
-from contiguouskv.compute_server import discovery
+from contiguouskv.common import discovery
 from contiguouskv.compute_server.errors import ComputeError, Unavailable
-from contiguouskv.compute_server.layout import Region
-from contiguouskv.compute_server.shards import (
+from contiguouskv.compute_server.layouts.contiguous import Region
+from contiguouskv.common.placement import (
     effective_replication, effective_write_quorum, rendezvous_order, replica_set,
 )
 from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
 
 if TYPE_CHECKING:
-    from contiguouskv.compute_server.failover import ReplicaStream
+    from contiguouskv.compute_server.cachenet.failover import ReplicaStream
 
 FETCH_METHOD = "/contiguouskv.v1.CacheService/Fetch"
 DOWN_S = 5.0
@@ -316,7 +316,7 @@ class CacheClient:
 
     async def open_stream(self, prefix_id: str, layout: str, batch_bytes: int) -> "ReplicaStream":
         """A Fetch stream on the first live replica that can be opened; fails over when it breaks."""
-        from contiguouskv.compute_server.failover import ReplicaStream
+        from contiguouskv.compute_server.cachenet.failover import ReplicaStream
 
         async def connect(address: str) -> RecordStream:
             return await self.open_stream_at(address, prefix_id, layout, batch_bytes)

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from contiguouskv.compute_server.feedback import RegionScores
-from contiguouskv.compute_server.impress_layout import ImpressLayout, token_budget
-from contiguouskv.compute_server.loader import KVLoader
-from contiguouskv.compute_server.packing import unpack_blocks
-from contiguouskv.compute_server.policies import Policy
-from contiguouskv.compute_server.runner import ModelRunner
+from contiguouskv.compute_server.policies.feedback import RegionScores
+from contiguouskv.compute_server.layouts.impress import ImpressLayout, token_budget
+from contiguouskv.compute_server.kvio.loader import KVLoader
+from contiguouskv.compute_server.layouts.packing import unpack_blocks
+from contiguouskv.compute_server.policies.base import Policy
+from contiguouskv.compute_server.model.runner import ModelRunner
 
 ALPHA = 0.6
 

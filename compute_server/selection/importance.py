@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from contiguouskv.compute_server.layout import ContiguousLayout
+from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
 
 
 def per_chunk(layout: ContiguousLayout, token_scores: torch.Tensor) -> torch.Tensor:

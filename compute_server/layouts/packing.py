@@ -13,8 +13,8 @@ import warnings
 
 import torch
 
-from contiguouskv.compute_server.impress_layout import ImpressLayout
-from contiguouskv.compute_server.layout import ContiguousLayout
+from contiguouskv.compute_server.layouts.impress import ImpressLayout
+from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from contiguouskv.compute_server.layout import ContiguousLayout
-from contiguouskv.compute_server.policies import Policy
+from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
+from contiguouskv.compute_server.policies.base import Policy
 
 
 @dataclass(frozen=True)
