@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from contiguouskv.cache_server.eviction import DEFAULT_POLICY, POLICIES
+from contiguouskv.cache_server.eviction import DEFAULT_EVICTION_RULE, EVICTION_RULES
 from contiguouskv.common.security import check_server_files
 
 MIN_MESSAGE_BYTES = 1 << 20
@@ -26,8 +26,9 @@ class CacheServerConfig:
     with those threads shared among them (:mod:`.read_process`). ``direct_io`` asks for O_DIRECT
     reads where the filesystem allows.
     ``max_message_bytes`` raises gRPC's send and receive message limits. ``dram_cache_bytes`` is
-    the DRAM cache's budget (0 = no cache), kept by ``cache_policy`` (``attention``, ``lru``,
-    ``lfu``, ``impress``). ``max_inflight_bytes`` bounds the record bytes one Fetch stream holds
+    the DRAM cache's budget (0 = no cache), kept by the eviction rule ``eviction_rule``
+    (``attention``, ``lru``, ``lfu``, ``impress``: :mod:`.eviction`; a config file may still call
+    it ``cache_policy``). ``max_inflight_bytes`` bounds the record bytes one Fetch stream holds
     (being read or waiting for the client). ``metrics_port`` serves Prometheus metrics over
     HTTP on ``host`` (``None`` = off, 0 = any free port, logged). ``tls_cert_file`` and
     ``tls_key_file`` serve TLS; ``tls_client_ca_file`` also requires client certificates it signed
@@ -48,7 +49,7 @@ class CacheServerConfig:
     direct_io: bool = True
     max_message_bytes: int = 64 << 20
     dram_cache_bytes: int = 1 << 30
-    cache_policy: str = DEFAULT_POLICY
+    eviction_rule: str = DEFAULT_EVICTION_RULE
     max_inflight_bytes: int = 16 << 20
     metrics_port: int | None = None
     tls_cert_file: Path | None = None
@@ -81,8 +82,8 @@ class CacheServerConfig:
             )
         if self.dram_cache_bytes < 0:
             raise ValueError(f"dram_cache_bytes: {self.dram_cache_bytes} must be >= 0 (0 = off)")
-        if self.cache_policy not in POLICIES:
-            raise ValueError(f"cache_policy: {self.cache_policy!r} is not one of {', '.join(POLICIES)}")
+        if self.eviction_rule not in EVICTION_RULES:
+            raise ValueError(f"eviction_rule: {self.eviction_rule!r} is not one of {', '.join(EVICTION_RULES)}")
         if self.max_inflight_bytes < self.max_batch_bytes:
             raise ValueError(f"max_inflight_bytes: {self.max_inflight_bytes} must be at least "
                              f"max_batch_bytes ({self.max_batch_bytes})")

@@ -1,11 +1,11 @@
-"""The DRAM cache: record payloads kept in memory under a byte budget, evicted by a policy.
+"""The DRAM cache: record payloads kept in memory under a byte budget, evicted by an eviction rule.
 
 Records are addressed by ``(object, region, index)``, where ``object`` is an :data:`ObjectId`
 (the key and its commit time, so a prefix deleted and stored again never serves old bytes).
 :meth:`DramCache.lookup` counts an access to every record asked (hit or miss);
 :meth:`DramCache.admit` offers records just read from disk; :meth:`DramCache.report` adds what the
 compute server observed (attention, important fraction). Which record goes when room is needed is
-the policy's call (:mod:`.cache_policy`): a lazy min-heap of priorities, where a record is admitted
+the eviction rule's call (:mod:`.eviction`): a lazy min-heap of priorities, where a record is admitted
 only if it outranks the record it would evict.
 
 Thread-safe (one lock); called from the read pool. A budget of 0 disables the cache.
@@ -18,7 +18,7 @@ import itertools
 import threading
 from collections.abc import Sequence
 
-from contiguouskv.cache_server.eviction import DEFAULT_POLICY, Priority, RecordStats, policy
+from contiguouskv.cache_server.eviction import DEFAULT_EVICTION_RULE, Priority, RecordStats, eviction_rule
 from contiguouskv.cache_server.keys import ObjectKey
 from contiguouskv.cache_server.stats import Counters
 
@@ -28,13 +28,13 @@ MAX_TRACKED = 1 << 20  # records with stats but no cached bytes kept before the 
 
 
 class DramCache:
-    """Record payloads in DRAM, at most ``budget_bytes`` in all, kept by ``policy_name``."""
+    """Record payloads in DRAM, at most ``budget_bytes`` in all, kept by the eviction rule named ``rule``."""
 
-    def __init__(self, budget_bytes: int, policy_name: str = DEFAULT_POLICY,
+    def __init__(self, budget_bytes: int, rule: str = DEFAULT_EVICTION_RULE,
                  counters: Counters | None = None) -> None:
         self.budget_bytes = budget_bytes
-        self.policy_name = policy_name
-        self._priority = policy(policy_name)
+        self.eviction_rule = rule
+        self._priority = eviction_rule(rule)
         self._counters = counters or Counters()
         self._lock = threading.Lock()
         self._data: dict[RecordKey, bytes] = {}
@@ -78,7 +78,7 @@ class DramCache:
         return found
 
     def admit(self, obj: ObjectId, region: str, records: Sequence[tuple[int, memoryview]]) -> int:
-        """Offer records read from disk; copies and keeps those the policy admits; returns how many."""
+        """Offer records read from disk; copies and keeps those the eviction rule admits; returns how many."""
         if not self.enabled:
             return 0
         admitted = rejected = evicted = 0

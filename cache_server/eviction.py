@@ -1,9 +1,10 @@
-"""Eviction policies of the DRAM cache: what a record is worth keeping, as a sortable priority.
+"""Eviction rules of the DRAM cache: what a record is worth keeping, as a sortable priority.
 
-A policy maps a record's :class:`RecordStats` to a priority tuple; the cache evicts the record of
-lowest priority first (a min-heap) and admits a new record only if it outranks the record it would
-evict. Every priority ends with the record's last access (a sequence number), so ties go to the
-most recently used record, and a record nobody reported on is still cached while there is room.
+An eviction rule (:data:`EvictionRule`) maps a record's :class:`RecordStats` to a priority tuple;
+the cache evicts the record of lowest priority first (a min-heap) and admits a new record only if it
+outranks the record it would evict. Every priority ends with the record's last access (a sequence
+number), so ties go to the most recently used record, and a record nobody reported on is still
+cached while there is room.
 
 - ``attention`` (default, ContiguousKV): accumulated attention × access frequency.
 - ``lru``: last access.
@@ -12,7 +13,7 @@ most recently used record, and a record nobody reported on is still cached while
   found important.
 
 Attention and important fractions come from ``ReportAttention``; frequency counts every Fetch of a
-record, hit or miss.
+record, hit or miss. The cache server picks one with ``--eviction-rule`` (config ``eviction_rule``).
 """
 
 from __future__ import annotations
@@ -55,18 +56,21 @@ def _impress(s: RecordStats) -> Priority:
     return (s.frequency * s.important_fraction, s.last_access)
 
 
-POLICIES: dict[str, Callable[[RecordStats], Priority]] = {
+EvictionRule = Callable[[RecordStats], Priority]
+"""A record's priority from its stats; the lowest priority is evicted first."""
+
+EVICTION_RULES: dict[str, EvictionRule] = {
     "attention": _attention,
     "lru": _lru,
     "lfu": _lfu,
     "impress": _impress,
 }
-DEFAULT_POLICY = "attention"
+DEFAULT_EVICTION_RULE = "attention"
 
 
-def policy(name: str) -> Callable[[RecordStats], Priority]:
-    """The priority function called ``name``; ``ValueError`` listing the known names."""
+def eviction_rule(name: str) -> EvictionRule:
+    """The eviction rule called ``name``; ``ValueError`` listing the known names."""
     try:
-        return POLICIES[name]
+        return EVICTION_RULES[name]
     except KeyError:
-        raise ValueError(f"cache policy {name!r} is not one of {', '.join(POLICIES)}") from None
+        raise ValueError(f"eviction rule {name!r} is not one of {', '.join(EVICTION_RULES)}") from None

@@ -46,7 +46,7 @@ COUNTERS = (
     ("dram_hits", "dram_hits", "Record lookups served by the DRAM cache."),
     ("dram_misses", "dram_misses", "Record lookups that missed the DRAM cache."),
     ("dram_evictions", "dram_evictions", "Records evicted from the DRAM cache."),
-    ("dram_rejections", "dram_rejections", "Records the cache policy did not admit."),
+    ("dram_rejections", "dram_rejections", "Records the eviction rule did not admit."),
 )
 GAUGES = (
     ("inflight_streams", "inflight_streams", "Fetch streams open now."),

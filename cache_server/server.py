@@ -18,10 +18,11 @@ from pathlib import Path
 
 import grpc
 
-from contiguouskv.cache_server.eviction import DEFAULT_POLICY, POLICIES
 from contiguouskv.cache_server.config import CacheServerConfig
 from contiguouskv.cache_server.dram_cache import DramCache
+from contiguouskv.cache_server.eviction import DEFAULT_EVICTION_RULE, EVICTION_RULES
 from contiguouskv.cache_server.fetch import DISK_BYTES_PER_PAYLOAD_BYTE
+from contiguouskv.cache_server.metrics import CacheCollector, start_metrics_server
 from contiguouskv.cache_server.read_process import ReadProcesses
 from contiguouskv.cache_server.service import METHOD_SCOPES, SERVICE_NAME, CacheServicer, add_cache_service
 from contiguouskv.cache_server.store import RecordStore
@@ -37,6 +38,9 @@ from contiguouskv.common.serving import (
 
 logger = logging.getLogger(__name__)
 
+# Config fields under their old names, still read from a config file and CKV_* env (deprecated).
+RENAMED_FIELDS = {"cache_policy": "eviction_rule"}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the cache server's flags to ``parser``; flags left out read as ``None`` (not given)."""
@@ -47,8 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-bytes", type=int, help="payload cap of a Fetch response")
     parser.add_argument("--max-store-bytes", type=int, help="cap of stored bytes; 0 = unlimited")
     parser.add_argument("--dram-cache-bytes", type=int, help="DRAM cache budget; 0 = no cache (1 GiB)")
-    parser.add_argument("--cache-policy", choices=sorted(POLICIES),
-                        help=f"DRAM cache eviction policy ({DEFAULT_POLICY})")
+    parser.add_argument("--eviction-rule", choices=sorted(EVICTION_RULES),
+                        help=f"which records the DRAM cache keeps ({DEFAULT_EVICTION_RULE})")
+    # The flag's old name, still read (deprecated; left out of --help).
+    parser.add_argument("--cache-policy", dest="eviction_rule", choices=sorted(EVICTION_RULES), help=argparse.SUPPRESS)
     parser.add_argument("--max-inflight-bytes", type=int,
                         help="record bytes one Fetch stream may hold (16 MiB)")
     parser.add_argument("--read-threads", type=int, help="disk read threads (16)")
@@ -70,10 +76,10 @@ def config_from_args(args: argparse.Namespace) -> CacheServerConfig:
     flags = {
         name: getattr(args, name, None)
         for name in ("root", "host", "port", "port_file", "max_batch_bytes", "max_store_bytes",
-                     "dram_cache_bytes", "cache_policy", "max_inflight_bytes", "read_threads",
+                     "dram_cache_bytes", "eviction_rule", "max_inflight_bytes", "read_threads",
                      "read_processes", "metrics_port", *SERVING_FIELDS)
     }
-    return load_config(CacheServerConfig, flags=flags, file=args.config)
+    return load_config(CacheServerConfig, flags=flags, file=args.config, renamed=RENAMED_FIELDS)
 
 
 def _build_server(config: CacheServerConfig, store: RecordStore, cache: DramCache, read_pool: ThreadPoolExecutor,
@@ -95,14 +101,12 @@ async def serve(config: CacheServerConfig, ready: Callable[[int], None] | None =
     is written). Health reports SERVING for "" and the cache service until the drain starts.
     """
     store = await asyncio.to_thread(RecordStore, config)
-    cache = DramCache(config.dram_cache_bytes, config.cache_policy, store.counters)
-    logger.info("DRAM cache: %d bytes, policy %s; reads %s", config.dram_cache_bytes,
-                config.cache_policy, "O_DIRECT" if store.direct_io else "buffered (no O_DIRECT)")
+    cache = DramCache(config.dram_cache_bytes, config.eviction_rule, store.counters)
+    logger.info("DRAM cache: %d bytes, eviction rule %s; reads %s", config.dram_cache_bytes,
+                config.eviction_rule, "O_DIRECT" if store.direct_io else "buffered (no O_DIRECT)")
     access = access_interceptor(METHOD_SCOPES, config.auth_tokens_file, config.max_streams_per_client)
     metrics = None
-    if config.metrics_port is not None:  # prometheus-client is imported only when asked for
-        from contiguouskv.cache_server.metrics import CacheCollector, start_metrics_server
-
+    if config.metrics_port is not None:
         collector = CacheCollector(lambda: store.stats(cache), store.counters.latency,
                                    (lambda: dict(access.refusals)) if access is not None else dict)
         metrics = start_metrics_server(config.host, config.metrics_port, collector)

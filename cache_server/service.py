@@ -226,7 +226,7 @@ class CacheServicer:
         return pb.GetStatsResponse(
             objects=s.objects, stored_bytes=s.stored_bytes, direct_io=s.direct_io,
             dram_bytes=s.dram_bytes, dram_budget_bytes=s.dram_budget_bytes,
-            cache_policy=s.cache_policy, **counters,
+            cache_policy=s.eviction_rule, **counters,  # the wire keeps the field's old name
         )
 
     @_rpc

@@ -46,7 +46,7 @@ class StatsSnapshot:
     direct_io: bool
     dram_bytes: int
     dram_budget_bytes: int
-    cache_policy: str
+    eviction_rule: str  # "" without a cache
     values: dict[str, int]
 
     def __getattr__(self, name: str) -> int:

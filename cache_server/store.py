@@ -283,6 +283,6 @@ class RecordStore:
             objects=objects, stored_bytes=stored, direct_io=self._direct_io,
             dram_bytes=cache.used_bytes if cache is not None else 0,
             dram_budget_bytes=cache.budget_bytes if cache is not None else 0,
-            cache_policy=cache.policy_name if cache is not None else "",
+            eviction_rule=cache.eviction_rule if cache is not None else "",
             values=self.counters.values(),
         )

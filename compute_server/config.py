@@ -38,10 +38,9 @@ class ComputeServerConfig:
     chunk_size: int = 16
     group_size: int = 8
     default_period: int = 8
-    default_sub_period: int = 4
-    # contiguous+ scores every layer (one layer ahead): per-layer selection keeps the answer where
-    # the paper's 8-layer periods lose it (see docs/benchmarks.md).
-    plus_default_period: int = 1
+    default_sub_period: int = 4  # a policy may declare its own default period (contiguous+: 1)
+    # Extra loading policies, each "module.path:ClassName" of a LoadingPolicy subclass (docs/architecture.md).
+    policy_plugins: tuple[str, ...] = ()
     importance_window: int = 32
     threads: int = 0
     prefill_block: int = 1024
@@ -93,7 +92,7 @@ class ComputeServerConfig:
             raise ValueError(f"port: must be in [0, 65535], got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port: must be in [0, 65535], got {self.metrics_port}")
-        for name in ("chunk_size", "group_size", "default_period", "default_sub_period", "plus_default_period",
+        for name in ("chunk_size", "group_size", "default_period", "default_sub_period",
                      "importance_window",
                      "prefill_block", "max_prefix_tokens", "max_query_tokens", "fetch_batch_bytes"):
             if getattr(self, name) < 1:

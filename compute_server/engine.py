@@ -1,8 +1,8 @@
 """Re-Prefill computation on the compute thread: prefix prefill, query over prefix KV, decoding.
 
 Everything here is synchronous and runs on the compute server's single compute thread. Prefix KV
-comes from a :class:`PrefixKVSource` (a policy's view of the loader), which blocks until that
-layer's records have arrived, so a layer starts the moment its own records are in.
+comes from a :class:`PrefixKVSource` (a loading policy), which blocks until that layer's records
+have arrived, so a layer starts the moment its own records are in.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from typing import Protocol
 
 import torch
 
-from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
+from contiguouskv.compute_server.layouts.base import PrefilledPrefix
 from contiguouskv.compute_server.model.runner import ModelRunner
-from contiguouskv.compute_server.selection.importance import window_importance
 
 
 TokenCallback = Callable[[int, int], None]
@@ -30,14 +29,17 @@ class PrefixKVSource(Protocol):
         """Sees the hidden state [T, D] entering ``layer`` (a chance to look ahead); must not block long."""
         ...
 
-    def kv_for_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def wait_for_layer_load(self, layer: int, q: torch.Tensor,
+                            k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Prefix K and V for ``layer`` ([kv_heads, s, d] each) given the query's q [heads, T, d] and
         k [kv_heads, T, d] at that layer, and the seconds spent blocked waiting for records."""
         ...
 
 
 @dataclass
-class LayerTiming:
+class LayerRun:
+    """When one layer of a query ran: seconds blocked on records, seconds computing."""
+
     layer: int
     wait_s: float
     compute_s: float
@@ -50,7 +52,7 @@ class QueryOutcome:
 
     token_id: int
     generated_ids: list[int] = field(default_factory=list)
-    layers: list[LayerTiming] = field(default_factory=list)
+    layers: list[LayerRun] = field(default_factory=list)
     first_token_s: float = 0.0
     wait_s: float = 0.0
     compute_s: float = 0.0
@@ -58,13 +60,15 @@ class QueryOutcome:
     logits: torch.Tensor | None = None  # float32 [vocab] at the last query position
 
 
-@dataclass
-class PrefixKV:
-    """A prefilled prefix: per-layer K/V [kv_heads, n, d] and static chunk importance [L, m]."""
+@dataclass(frozen=True)
+class QueryJob:
+    """One query to answer: its tokens after ``num_prefix`` prefix tokens, and how far to decode."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    importance: torch.Tensor
+    query_ids: list[int]
+    num_prefix: int
+    max_new_tokens: int = 0
+    eos_ids: tuple[int, ...] = ()
+    on_token: TokenCallback | None = None
 
 
 class Engine:
@@ -75,69 +79,63 @@ class Engine:
         self._block = prefill_block
         self._window = importance_window
 
-    def prefill_prefix(self, token_ids: list[int], layout: ContiguousLayout) -> PrefixKV:
-        """Full prefill of the prefix; K/V in the storage dtype on the CPU, plus static importance."""
+    def prefill_prefix(self, token_ids: list[int]) -> PrefilledPrefix:
+        """Full prefill of the prefix: K/V in the storage dtype on the CPU, and the last
+        ``importance_window`` queries of every layer for the layouts' static importance."""
         r = self.runner
         w = min(self._window, len(token_ids))
         result = r.prefill(torch.tensor(token_ids), block_size=self._block, keep_last_queries=w)
-        scale = r.scaling
-        importance = torch.stack([
-            window_importance(layout, q, k, scale) for q, k in zip(result.last_queries, result.keys)
-        ])  # [L, m]
-        keys = [k.cpu() for k in result.keys]
-        values = [v.cpu() for v in result.values]
-        return PrefixKV(keys, values, importance)
+        return PrefilledPrefix(list(token_ids), [k.cpu() for k in result.keys], [v.cpu() for v in result.values],
+                               [q.cpu() for q in result.last_queries], r.scaling)
 
-    def answer(self, query_ids: list[int], num_prefix: int, source: PrefixKVSource,
-               max_new_tokens: int, eos_ids: tuple[int, ...], on_token: TokenCallback | None = None) -> QueryOutcome:
+    def answer(self, job: QueryJob, source: PrefixKVSource) -> QueryOutcome:
         """First token of prefix + query, prefix KV from ``source``; then greedy decoding."""
         r = self.runner
         start = time.perf_counter()
         device = r.device
-        positions = torch.arange(num_prefix, num_prefix + len(query_ids), device=device)
-        hidden = r.embed(torch.tensor(query_ids, device=device))
+        num_prefix = job.num_prefix
+        positions = torch.arange(num_prefix, num_prefix + len(job.query_ids), device=device)
+        hidden = r.embed(torch.tensor(job.query_ids, device=device))
         out = QueryOutcome(token_id=-1)
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         for layer in range(r.num_layers):
             t0 = time.perf_counter()
             source.before_layer(layer, hidden, positions)
             q, k, v = r.project(layer, hidden, positions)
-            pk, pv, wait = source.kv_for_layer(layer, q, k)
+            pk, pv, wait = source.wait_for_layer_load(layer, q, k)
             keys = torch.cat([pk.to(device=device, dtype=k.dtype), k], dim=1)  # [kv_heads, s + T, d]
             values = torch.cat([pv.to(device=device, dtype=v.dtype), v], dim=1)
             hidden = r.finish(layer, hidden, r.attend(q, keys, values, pk.shape[1]))
-            if max_new_tokens:
+            if job.max_new_tokens:
                 cache.append((keys, values))
-            out.layers.append(LayerTiming(layer, wait, time.perf_counter() - t0 - wait, t0))
+            out.layers.append(LayerRun(layer, wait, time.perf_counter() - t0 - wait, t0))
         out.logits = r.logits(hidden[-1:])[0].float().cpu()
         out.token_id = int(out.logits.argmax())
         out.first_token_s = time.perf_counter() - start
         out.wait_s = sum(t.wait_s for t in out.layers)
         out.compute_s = out.first_token_s - out.wait_s
-        self._continue(out, cache, num_prefix + len(query_ids), max_new_tokens, eos_ids, on_token)
+        self._continue(out, cache, num_prefix + len(job.query_ids), job)
         return out
 
-    def recompute(self, prefix_ids: list[int], query_ids: list[int], max_new_tokens: int,
-                  eos_ids: tuple[int, ...], on_token: TokenCallback | None = None) -> QueryOutcome:
+    def recompute(self, prefix_ids: list[int], job: QueryJob) -> QueryOutcome:
         """Full prefill of prefix + query (no stored KV used)."""
         r = self.runner
         start = time.perf_counter()
-        result = r.prefill(torch.tensor(prefix_ids + query_ids), block_size=self._block)
+        result = r.prefill(torch.tensor(prefix_ids + job.query_ids), block_size=self._block)
         logits = result.logits.reshape(-1).float().cpu()
         out = QueryOutcome(token_id=int(logits.argmax()), logits=logits)
         out.first_token_s = out.compute_s = time.perf_counter() - start
-        cache = list(zip(result.keys, result.values)) if max_new_tokens else []
-        self._continue(out, cache, len(prefix_ids) + len(query_ids), max_new_tokens, eos_ids, on_token)
+        cache = list(zip(result.keys, result.values)) if job.max_new_tokens else []
+        self._continue(out, cache, len(prefix_ids) + len(job.query_ids), job)
         return out
 
     def _continue(self, out: QueryOutcome, cache: list[tuple[torch.Tensor, torch.Tensor]], position: int,
-                  steps: int, eos_ids: tuple[int, ...], on_token: TokenCallback | None) -> None:
+                  job: QueryJob) -> None:
         start = time.perf_counter()
-        if on_token is not None:
-            on_token(0, out.token_id)
-        out.generated_ids = self._decode(out.token_id, cache, position, steps, eos_ids, on_token)
+        if job.on_token is not None:
+            job.on_token(0, out.token_id)
+        out.generated_ids = self._decode(out.token_id, cache, position, job.max_new_tokens, job.eos_ids, job.on_token)
         out.decode_s = time.perf_counter() - start
-
     def _decode(self, token: int, cache: list[tuple[torch.Tensor, torch.Tensor]], position: int,
                 steps: int, eos_ids: tuple[int, ...], on_token: TokenCallback | None) -> list[int]:
         r = self.runner

@@ -12,9 +12,9 @@ import grpc
 from contiguouskv.common.access import method_scopes
 from contiguouskv.common.security import READ, WRITE
 from contiguouskv.common.status import status_details
-from contiguouskv.compute_server.core import ComputeCore, RegisterResult, ReprefillArgs, ReprefillResult
+from contiguouskv.compute_server.core import ComputeCore
 from contiguouskv.compute_server.errors import ComputeError
-from contiguouskv.compute_server.policies.base import POLICY_NAMES
+from contiguouskv.compute_server.request import RegisterReport, ReprefillArgs, ReprefillReport
 from contiguouskv.v1 import compute_pb2, compute_pb2_grpc
 
 SERVICE_NAME = compute_pb2.DESCRIPTOR.services_by_name["ComputeService"].full_name
@@ -68,7 +68,7 @@ def _args(request: compute_pb2.ReprefillRequest) -> ReprefillArgs:
         return_logits=request.return_logits, evaluate_recall=request.evaluate_recall)
 
 
-def _reply(result: ReprefillResult, with_logits: bool = False) -> compute_pb2.ReprefillResponse:
+def _reply(result: ReprefillReport, with_logits: bool = False) -> compute_pb2.ReprefillResponse:
     o, u = result.outcome, result.usage
     layers = [compute_pb2.LayerTiming(layer=t.layer, wait_ms=t.wait_s * 1e3, compute_ms=t.compute_s * 1e3,
                                       bytes=u.layer_bytes[t.layer] if u.layer_bytes else 0,
@@ -109,7 +109,7 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prefix: give text or token_ids")
         prefix: str | list[int] = request.text if which == "text" else list(request.token_ids.ids)
         r = await _guard(context, self._core.register(prefix, list(request.extra_layouts)))
-        assert isinstance(r, RegisterResult)
+        assert isinstance(r, RegisterReport)
         return compute_pb2.RegisterPrefixResponse(
             prefix_id=r.prefix_id, num_tokens=r.num_tokens, num_chunks=r.num_chunks, chunk_size=r.chunk_size,
             already_registered=r.already_registered, bytes_stored=r.bytes_stored,
@@ -118,7 +118,7 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
     async def Reprefill(self, request: compute_pb2.ReprefillRequest,  # noqa: N802
                         context: grpc.aio.ServicerContext) -> compute_pb2.ReprefillResponse:
         result = await _guard(context, self._core.reprefill(_args(request)))
-        assert isinstance(result, ReprefillResult)
+        assert isinstance(result, ReprefillReport)
         return _reply(result, request.return_logits)
 
     async def Generate(self, request: compute_pb2.GenerateRequest,  # noqa: N802
@@ -146,7 +146,7 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
             result = await task
         finally:
             task.cancel()
-        assert isinstance(result, ReprefillResult)
+        assert isinstance(result, ReprefillReport)
         yield compute_pb2.GenerateResponse(index=len(ids), summary=_reply(result))
 
     async def GetModelInfo(self, request: compute_pb2.GetModelInfoRequest,  # noqa: N802
@@ -157,4 +157,4 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
             head_dim=m.head_dim, num_attention_heads=m.num_attention_heads, hidden_size=m.hidden_size,
             vocab_size=m.vocab_size, max_position_embeddings=m.max_position_embeddings,
             has_tokenizer=m.tokenizer is not None, dtype=self._core.kv_dtype, device=self._device,
-            chunk_size=self._core.config.chunk_size, policies=list(POLICY_NAMES))
+            chunk_size=self._core.config.chunk_size, policies=list(self._core.policies.names))

@@ -9,8 +9,18 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from contiguouskv import rebalance, trace_view
+from contiguouskv.bench import load as bench_load
+from contiguouskv.bench import quality as bench_quality
+from contiguouskv.bench import reprefill as bench_reprefill
+from contiguouskv.bench import storage as bench_storage
+from contiguouskv.cache_server import server as cache_server
+from contiguouskv.client import ContiguousKVError
+from contiguouskv.common import telemetry
 from contiguouskv.common.logs import setup_logging
 from contiguouskv.connection import add_connection_arguments, client_from_args
+from contiguouskv.demo import run_demo
+from contiguouskv.progress import Progress
 
 EPILOG = """examples:
   contiguouskv serve cache   --root /tmp/ckv-store --port 50051
@@ -55,10 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run a server").add_subparsers(dest="service", required=True)
-    from contiguouskv.cache_server.server import add_arguments as cache_args
-    from contiguouskv.compute_server.server import add_arguments as compute_args
+    from contiguouskv.compute_server.flags import add_arguments as compute_args  # torch-free CLI: flags only
 
-    cache_args(serve.add_parser("cache", help="storage node: serves prefix KV records from disk"))
+    cache_server.add_arguments(serve.add_parser("cache", help="storage node: serves prefix KV records from disk"))
     compute_args(serve.add_parser("compute", help="model server: registers prefixes, runs Re-Prefill"))
 
     reg = sub.add_parser("register", help="prefill a prefix once and store its KV")
@@ -89,8 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
     add_connection_arguments(query)
 
-    from contiguouskv import trace_view
-
     trace_view.add_arguments(sub.add_parser(
         "trace", help="one request's per-layer timeline (io wait vs compute): a table, --png, --json",
         description=trace_view.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -102,23 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_connection_arguments(info)
 
     bench = sub.add_parser("bench", help="benchmarks: every policy side by side (default), storage, quality")
-    from contiguouskv.bench import reprefill as bench_reprefill
-
     bench_reprefill.add_arguments(bench)
     bench_sub = bench.add_subparsers(dest="bench", required=False)
-    from contiguouskv.bench import storage as bench_storage
-
     bench_storage.add_arguments(bench_sub.add_parser("storage", help="disk and Fetch data path of the cache server"))
-    from contiguouskv.bench import quality as bench_quality
-
     bench_quality.add_arguments(bench_sub.add_parser("quality", help="answer quality of every policy on a real model"))
-    from contiguouskv.bench import load as bench_load
-
     bench_load.add_arguments(bench_sub.add_parser(
         "load", help="concurrent clients doing Re-Prefill: rps, TTFT percentiles, errors; --soak samples RSS",
         description=bench_load.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-
-    from contiguouskv import rebalance
 
     rebalance.add_arguments(sub.add_parser(
         "rebalance", help="copy stored prefixes to the cache shards that own them (after adding shards)"))
@@ -131,8 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
-    from contiguouskv.progress import Progress
-
     text = args.file.read_text() if args.file else args.text
     with client_from_args(args) as client, \
             Progress(f"registering on {args.server} (prefill, then store)"):
@@ -179,8 +174,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _traced(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a client command with tracing set up for this process (service ``contiguouskv-cli``)."""
-    from contiguouskv.common import telemetry
-
     with telemetry.tracing("contiguouskv-cli"):
         return command(args)
 
@@ -188,15 +181,11 @@ def _traced(command: Callable[[argparse.Namespace], int], args: argparse.Namespa
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
-    from contiguouskv.client import ContiguousKVError
-
     try:
         if args.command == "serve":
             if args.service == "cache":
-                from contiguouskv.cache_server import server as cache
-
-                return cache.run(cache.config_from_args(args))
-            from contiguouskv.compute_server import server as compute
+                return cache_server.run(cache_server.config_from_args(args))
+            from contiguouskv.compute_server import server as compute  # torch-free CLI: only for serve compute
 
             return compute.run(compute.config_from_args(args))
         if args.command == "register":
@@ -204,25 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "query":
             return _traced(_cmd_query, args)
         if args.command == "trace":
-            from contiguouskv import trace_view
-
             return _traced(trace_view.run, args)
         if args.command == "info":
             return _traced(_cmd_info, args)
         if args.command == "rebalance":
-            from contiguouskv import rebalance
-
             return rebalance.run(args)
         if args.command == "bench":
-            from contiguouskv.bench import quality as bench_quality, reprefill as bench_reprefill, storage as bench_storage
-
-            runners = {"storage": bench_storage.run, "quality": bench_quality.run}
-            from contiguouskv.bench import load as bench_load
-
-            runners["load"] = bench_load.run
+            runners = {"storage": bench_storage.run, "quality": bench_quality.run, "load": bench_load.run}
             return runners.get(args.bench, bench_reprefill.run)(args)
-        from contiguouskv.demo import run_demo
-
         return run_demo(args.model, args.essays, args.workdir)
     except ContiguousKVError as err:
         print(f"error: {err.status}: {err.details}", file=sys.stderr)

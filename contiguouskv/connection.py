@@ -5,12 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from contiguouskv.client import ContiguousKVClient
 from contiguouskv.common.security import ClientTls, token_from
-
-if TYPE_CHECKING:
-    from contiguouskv.client import ContiguousKVClient
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser, peers: str = "the server",
@@ -37,9 +34,7 @@ def token_from_args(args: argparse.Namespace) -> str | None:
     return token_from(args.token_file, os.environ)
 
 
-def client_from_args(args: argparse.Namespace) -> "ContiguousKVClient":
+def client_from_args(args: argparse.Namespace) -> ContiguousKVClient:
     """The SDK client for ``--server``, ``--timeout`` and the connection flags."""
-    from contiguouskv.client import ContiguousKVClient
-
     return ContiguousKVClient(args.server, timeout=args.timeout, token=token_from_args(args),
                               tls=tls_from_args(args))

@@ -27,7 +27,7 @@ import grpc
 from contiguouskv.common.fetch_wire import decode_fetch_response
 from contiguouskv.common.security import ClientTls, open_aio_channel
 from contiguouskv.common import discovery
-from contiguouskv.common.placement import Copy, ObjectKey, RebalancePlan, effective_replication, plan_rebalance
+from contiguouskv.common.placement import Copy, PlacedObject, RebalancePlan, effective_replication, plan_rebalance
 from contiguouskv.connection import add_connection_arguments, token_from_args, tls_from_args
 from contiguouskv.v1 import cache_pb2 as pb, cache_pb2_grpc
 
@@ -85,9 +85,9 @@ def _err(address: str, what: str, err: grpc.aio.AioRpcError) -> RebalanceError:
     return RebalanceError(f"{what} on {address}: {code}: {err.details()}")
 
 
-async def list_holdings(shards: _Shards, addresses: Sequence[str]) -> dict[str, list[ObjectKey]]:
+async def list_holdings(shards: _Shards, addresses: Sequence[str]) -> dict[str, list[PlacedObject]]:
     """What every shard holds; RebalanceError naming the shards that did not answer."""
-    async def one(address: str) -> list[ObjectKey]:
+    async def one(address: str) -> list[PlacedObject]:
         try:
             reply = await shards.stub(address).ListPrefixes(pb.ListPrefixesRequest(), timeout=shards.timeout)
         except grpc.aio.AioRpcError as err:
@@ -198,7 +198,7 @@ async def rebalance(cache: Sequence[str], drain: Sequence[str] = (), replication
         if dry_run:
             return report
         gate = asyncio.Semaphore(max(1, parallel))
-        failed_keys: set[ObjectKey] = set()
+        failed_keys: set[PlacedObject] = set()
 
         async def run_copy(copy: Copy) -> None:
             async with gate:

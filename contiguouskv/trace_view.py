@@ -87,10 +87,10 @@ def table(result: Mapping[str, Any], width: int = 40) -> str:
 def render_png(result: Mapping[str, Any], path: Path) -> None:
     """A horizontal bar per layer (io wait, then compute) on a millisecond axis, written to ``path``."""
     try:
-        import matplotlib
+        import matplotlib  # optional: the bench extra
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional: the bench extra
     except ImportError:
         raise RuntimeError("--png needs matplotlib: pip install 'contiguouskv[bench]'") from None
     rows = layer_rows(result["timings"]["layers"])

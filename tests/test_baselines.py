@@ -29,7 +29,13 @@ from contiguouskv import launch
 from contiguouskv.client import ContiguousKVClient, FailedPreconditionError, InvalidArgumentError
 from contiguouskv.compute_server.cachenet.cache_client import CacheClient
 from contiguouskv.compute_server.config import ComputeServerConfig, default_cache_dir
-from contiguouskv.compute_server.core import ComputeCore, ReprefillArgs, ReprefillResult
+from contiguouskv.compute_server.core import ComputeCore
+from contiguouskv.compute_server.engine import Engine
+from contiguouskv.compute_server.layouts.base import KVGeometry, LayoutCodec
+from contiguouskv.compute_server.layouts.contiguous_codec import ContiguousCodec
+from contiguouskv.compute_server.layouts.impress_codec import ImpressCodec
+from contiguouskv.compute_server.request import ReprefillArgs, ReprefillReport
+from contiguouskv.compute_server.selection.importance import per_chunk
 from contiguouskv.compute_server.policies.impress import ImpressPolicy
 from contiguouskv.compute_server.layouts.impress import ImpressLayout
 from contiguouskv.compute_server.model.loading import LoadedModel, load_model
@@ -76,8 +82,8 @@ def _with_core(model: LoadedModel, address: str, fn: Callable[[ComputeCore], Awa
 
 
 def _serve(model: LoadedModel, address: str, prefix: list[int], query: list[int], policy: str,
-           budget: float) -> ReprefillResult:
-    async def run(core: ComputeCore) -> ReprefillResult:
+           budget: float) -> ReprefillReport:
+    async def run(core: ComputeCore) -> ReprefillReport:
         reg = await core.register(prefix, ["impress"])
         return await core.reprefill(ReprefillArgs(reg.prefix_id, query, policy, budget, return_logits=True))
 
@@ -204,7 +210,7 @@ def test_attention_report_gives_each_block_its_selected_fraction(cache_address: 
     prefix, query = [rng.randrange(512) for _ in range(200)], [4, 5, 6]
     reports: list[tuple[str, str, list[object]]] = []
 
-    async def run(core: ComputeCore) -> tuple[str, ReprefillResult]:
+    async def run(core: ComputeCore) -> tuple[str, ReprefillReport]:
         original = core.cache.report_attention
 
         async def spy(prefix_id: str, layout: str, scores: list[object]) -> None:
@@ -310,19 +316,29 @@ def test_cli_registers_the_impress_layout(client: ContiguousKVClient) -> None:
     assert bad.returncode != 0 and "invalid choice" in bad.stderr
 
 
-def test_registration_prefill_matches_the_engine(model: LoadedModel) -> None:
-    """The impress registration path stores the same contiguous data as a plain registration."""
-    from contiguouskv.compute_server.engine import Engine
-    from contiguouskv.compute_server.policies.h2o import prefill_with_token_importance
-    from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
-    from contiguouskv.compute_server.selection.importance import per_chunk
-
+def test_one_registration_prefill_feeds_both_layouts(model: LoadedModel) -> None:
+    """Both layouts pack the same prefill: the `impress` layout's per-token importance sums, chunk by
+    chunk, to the `contiguous` layout's chunk importance, and both hold the same keys."""
     runner = ModelRunner(model)
     ids = [random.Random(8).randrange(512) for _ in range(150)]
-    layout = ContiguousLayout(150, 4, 2, 16, "float32")
-    plain = Engine(runner, prefill_block=64, importance_window=WINDOW).prefill_prefix(ids, layout)
-    kv, tokens = prefill_with_token_importance(runner, ids, layout, 64, WINDOW)
-    assert all(torch.equal(a, b) for a, b in zip(plain.keys + plain.values, kv.keys + kv.values))
-    assert torch.equal(plain.importance, kv.importance)
+    prefix = Engine(runner, prefill_block=64, importance_window=WINDOW).prefill_prefix(ids)
+    geometry = KVGeometry(4, 4, 2, 16, "float32")
+    contiguous = ContiguousCodec.for_prefix(150, geometry)
+    impress = ImpressCodec.for_prefix(150, geometry)
+
+    def region_bytes(codec: LayoutCodec, region: str) -> bytes:
+        return b"".join(bytes(data) for name, _, data in codec.pack(prefix, 1 << 12) if name == region)
+
+    chunks = contiguous.importance(region_bytes(contiguous, "stats"))  # [L, m]
+    raw = region_bytes(impress, "h2o")
+    size = impress.geometry.importance_record_size
+    tokens = impress.token_importance([raw[i : i + size] for i in range(0, len(raw), size)])  # [L, n]
     assert tokens.shape == (4, 150)
-    torch.testing.assert_close(torch.stack([per_chunk(layout, t) for t in tokens]), kv.importance)
+    torch.testing.assert_close(torch.stack([per_chunk(contiguous.geometry, t) for t in tokens]), chunks)
+    keys = contiguous.layer_keys(_records(region_bytes(contiguous, "idkeys/L2"), contiguous.geometry.token_bytes))
+    blocks = impress.blocks(_records(region_bytes(impress, "k/L2"), impress.geometry.block_record_size))[:, :150]
+    assert torch.equal(keys, blocks) and torch.equal(keys, prefix.keys[2])
+
+
+def _records(raw: bytes, size: int) -> list[bytes]:
+    return [raw[i : i + size] for i in range(0, len(raw), size)]

@@ -28,17 +28,17 @@ def test_config_rejects_bad_values(tmp_path: Path) -> None:
         CacheServerConfig(root=tmp_path, max_batch_bytes=0)
     with pytest.raises(ValueError, match="max_store_bytes"):
         CacheServerConfig(root=tmp_path, max_store_bytes=-1)
-    with pytest.raises(ValueError, match="cache_policy.*attention, lru, lfu, impress"):
-        CacheServerConfig(root=tmp_path, cache_policy="fifo")
+    with pytest.raises(ValueError, match="eviction_rule.*attention, lru, lfu, impress"):
+        CacheServerConfig(root=tmp_path, eviction_rule="fifo")
     with pytest.raises(ValueError, match="dram_cache_bytes"):
         CacheServerConfig(root=tmp_path, dram_cache_bytes=-1)
     with pytest.raises(ValueError, match="max_inflight_bytes"):
         CacheServerConfig(root=tmp_path, max_inflight_bytes=1000)
     with pytest.raises(ValueError, match="metrics_port"):
         CacheServerConfig(root=tmp_path, metrics_port=-1)
-    config = config_from_args(parse("--root", str(tmp_path), "--cache-policy", "lfu",
+    config = config_from_args(parse("--root", str(tmp_path), "--eviction-rule", "lfu",
                                     "--dram-cache-bytes", "0", "--metrics-port", "0"))
-    assert (config.cache_policy, config.dram_cache_bytes, config.metrics_port) == ("lfu", 0, 0)
+    assert (config.eviction_rule, config.dram_cache_bytes, config.metrics_port) == ("lfu", 0, 0)
 
 
 def test_flags_beat_env_beat_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,6 +50,32 @@ def test_flags_beat_env_beat_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     config = config_from_args(parse("--config", str(file), "--port", "7002"))
     assert config == CacheServerConfig(root=tmp_path / "from-file", port=7002,
                                        max_batch_bytes=8192, read_threads=3)
+
+
+def test_eviction_rule_is_still_read_under_its_old_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CKV_EVICTION_RULE", raising=False)
+    monkeypatch.delenv("CKV_CACHE_POLICY", raising=False)
+    assert config_from_args(parse("--root", str(tmp_path), "--cache-policy", "lru")).eviction_rule == "lru"
+    assert "--eviction-rule" in _help() and "--cache-policy" not in _help()  # deprecated: not advertised
+    file = tmp_path / "cache.json"
+    file.write_text(json.dumps({"root": str(tmp_path), "cache_policy": "lfu"}))
+    assert config_from_args(parse("--config", str(file))).eviction_rule == "lfu"
+    file.write_text(json.dumps({"root": str(tmp_path), "cache_policy": "lfu", "eviction_rule": "impress"}))
+    assert config_from_args(parse("--config", str(file))).eviction_rule == "impress"  # the new key wins
+    monkeypatch.setenv("CKV_CACHE_POLICY", "lru")
+    assert config_from_args(parse("--config", str(file))).eviction_rule == "lru"  # env beats file
+    monkeypatch.setenv("CKV_EVICTION_RULE", "attention")
+    assert config_from_args(parse("--config", str(file))).eviction_rule == "attention"
+    assert config_from_args(parse("--config", str(file), "--cache-policy", "lfu")).eviction_rule == "lfu"
+    file.write_text(json.dumps({"root": str(tmp_path), "cache_polcy": "lfu"}))
+    with pytest.raises(ConfigError, match="cache_polcy"):
+        config_from_args(parse("--config", str(file)))
+
+
+def _help() -> str:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.format_help()
 
 
 def test_missing_root_names_the_field(monkeypatch: pytest.MonkeyPatch) -> None:

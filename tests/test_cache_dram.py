@@ -1,4 +1,4 @@
-"""The DRAM cache: policies and byte budget (plain objects), then hits, ReportAttention and metrics
+"""The DRAM cache: eviction rules and byte budget (plain objects), then hits, ReportAttention and metrics
 through a real cache server process."""
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ OBJ = (ObjectKey("p", "l"), 1.0)
 REC = memoryview(bytes(100))
 
 
-def cache_of(policy: str, records: int = 3) -> DramCache:
-    return DramCache(records * len(REC), policy, Counters())
+def cache_of(rule: str, records: int = 3) -> DramCache:
+    return DramCache(records * len(REC), rule, Counters())
 
 
 def fill(cache: DramCache, indices: list[int]) -> None:
@@ -93,6 +93,12 @@ def test_budget_admission_and_drop() -> None:
     assert DramCache(0).lookup(OBJ, "r", [1]) == [None] and not DramCache(0).enabled
 
 
+def test_an_unknown_eviction_rule_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="eviction rule 'fifo' is not one of attention, lru, lfu, impress"):
+        DramCache(100, "fifo")
+    assert DramCache(100, "lfu").eviction_rule == "lfu"
+
+
 # -- through a server ----------------------------------------------------------------------
 
 RECORD = 4096
@@ -129,7 +135,7 @@ def test_attention_reports_decide_what_the_server_keeps(server: CacheProc) -> No
             stub = cache_pb2_grpc.CacheServiceStub(channel)
             await put(stub, put_requests("hot", "l", RECORDS))
             s0 = await _stats(stub)
-            assert s0.cache_policy == "attention" and s0.dram_budget_bytes == 4 * RECORD
+            assert s0.cache_policy == "attention" and s0.dram_budget_bytes == 4 * RECORD  # the eviction rule
             await _get(stub, [0, 1, 2, 3])  # misses; cached (there is room)
             reply = await stub.ReportAttention(_report([0, 1, 2, 3], [2.0, 2.0, 2.0, 2.0]))
             assert reply.records_updated == 4

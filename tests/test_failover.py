@@ -22,7 +22,7 @@ from contiguouskv.compute_server.errors import ComputeError
 from contiguouskv.compute_server.cachenet.failover import ReplicaStream
 from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
 from contiguouskv.compute_server.kvio.loader import KVLoader
-from contiguouskv.compute_server.layouts.packing import unpack_kv_record
+from contiguouskv.compute_server.layouts.contiguous_codec import ContiguousCodec, unpack_kv_record
 
 LAYOUT = ContiguousLayout(200, 4, 2, 8, "float32", chunk_size=16, group_size=2)  # 13 chunks, 2 groups
 PER_MESSAGE = 3
@@ -127,7 +127,7 @@ async def load_everything(plans: dict[str, Plan], cancel_last: bool = False, sta
     stream = replica_stream(plans)
     await stream.start()
     stager = ThreadPoolExecutor(1) if staged else None
-    loader = KVLoader(LAYOUT, stream, loop, stager=stager)  # type: ignore[arg-type]
+    loader = KVLoader(ContiguousCodec(LAYOUT), stream, loop, stager=stager)  # type: ignore[arg-type]
     io = asyncio.create_task(loader.run())
     chunks = list(range(LAYOUT.num_chunks))
     try:
@@ -135,7 +135,7 @@ async def load_everything(plans: dict[str, Plan], cancel_last: bool = False, sta
             loader.expect(range(0, 2), chunks)
         loader.start_load(chunks, range(0, 2))
         tokens = loader.start_blob("tokens", [0])
-        per_chunk = loader.start_load_per_chunk(chunks, range(2, 4))
+        per_chunk = loader.start_load_per_unit(chunks, range(2, 4))
         if cancel_last:
             loader.cancel(per_chunk[chunks[-1]])
         wanted = chunks[:-1] if cancel_last else chunks

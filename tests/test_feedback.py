@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from contiguouskv.compute_server.policies.feedback import attention_report
 from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
-from contiguouskv.compute_server.policies.base import PeriodSelection
+from contiguouskv.compute_server.policies.base import PeriodChoice
 
 
 def test_report_maps_chunks_to_their_records_with_normalised_scores() -> None:
     layout = ContiguousLayout(num_tokens=50, num_layers=6, num_kv_heads=1, head_dim=4, dtype="float32", group_size=4)
     scores = torch.tensor([4.0, 1.0, 3.0, 2.0])  # m = 4 chunks
-    periods = [PeriodSelection(0, 0, 3, [0, 2, 3], scores=scores),
-               PeriodSelection(1, 3, 3, [0, 3], scores=torch.tensor([1.0, 0.0, 0.0, 1.0]))]
-    report = {r.region: r for r in attention_report(layout, SimpleNamespace(periods=periods))}  # type: ignore[arg-type]
+    periods = [PeriodChoice(0, 0, 3, [0, 2, 3], scores=scores),
+               PeriodChoice(1, 3, 3, [0, 3], scores=torch.tensor([1.0, 0.0, 0.0, 1.0]))]
+    report = {r.region: r for r in attention_report(layout, periods)}
     assert set(report) == {"kv/G0", "kv/G1"}
     got = {}
     for r in report.values():

@@ -50,8 +50,10 @@ from conftest import CacheProc, start_cache_server
 from contiguouskv import launch
 from contiguouskv.client import ContiguousKVClient
 from contiguouskv.compute_server.layouts.contiguous import LAYOUT_VERSION
-from contiguouskv.compute_server.policies.base import POLICY_NAMES
+from contiguouskv.compute_server.policies.registry import BUILTIN_POLICIES
 from contiguouskv.v1 import cache_pb2, cache_pb2_grpc, compute_pb2, compute_pb2_grpc
+
+POLICY_NAMES = tuple(policy.name for policy in BUILTIN_POLICIES)
 
 MODEL = "random:tiny"
 LAYOUT = "contiguous-c16-g8"

@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from contiguouskv.compute_server.layouts.impress import ImpressLayout, token_budget
-from contiguouskv.compute_server.layouts.packing import (
-    TORCH_DTYPES, frombuffer, iter_impress_payloads, unpack_blocks, unpack_token_importance,
+from contiguouskv.compute_server.layouts.tensors import TORCH_DTYPES, frombuffer
+from contiguouskv.compute_server.layouts.impress_codec import (
+    iter_impress_payloads, unpack_blocks, unpack_token_importance,
 )
 
 

@@ -266,13 +266,13 @@ def memory_spans() -> Iterator[Any]:
 
 
 def test_layer_spans_are_placed_at_the_measured_times(memory_spans: Any) -> None:
-    from contiguouskv.compute_server.engine import LayerTiming
+    from contiguouskv.compute_server.engine import LayerRun
     from contiguouskv.compute_server.observability.tracing import record_layers, tracer
 
     memory_spans.clear()
     t0 = time.perf_counter()
-    layers = [LayerTiming(0, 0.002, 0.001, t0), LayerTiming(1, 0.0, 0.004, t0 + 0.003),
-              LayerTiming(2, 0.001, 0.001, t0 + 0.007)]
+    layers = [LayerRun(0, 0.002, 0.001, t0), LayerRun(1, 0.0, 0.004, t0 + 0.003),
+              LayerRun(2, 0.001, 0.001, t0 + 0.007)]
     usage = SimpleNamespace(periods=[SimpleNamespace(period=0, first_layer=0, num_layers=2),
                                      SimpleNamespace(period=1, first_layer=2, num_layers=2)],
                             layer_chunks=(3, 3, 5), layer_bytes=(300, 300, 500), layer_identification=(10, 0, 10))

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import TYPE_CHECKING
 
 import grpc
 
@@ -22,14 +21,14 @@ from contiguouskv.common.fetch_wire import BULK_RECEIVE_OPTIONS, FetchBatch, dec
 from contiguouskv.common.security import ClientTls, open_aio_channel
 from contiguouskv.common import discovery
 from contiguouskv.compute_server.errors import ComputeError, Unavailable
-from contiguouskv.compute_server.layouts.contiguous import Region
+from contiguouskv.compute_server.cachenet.attention import RegionScores
+from contiguouskv.compute_server.cachenet.failover import ReplicaStream
+from contiguouskv.compute_server.cachenet.record_stream import RecordStream, cache_error
+from contiguouskv.compute_server.layouts.region import Region
 from contiguouskv.common.placement import (
     effective_replication, effective_write_quorum, rendezvous_order, replica_set,
 )
 from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
-
-if TYPE_CHECKING:
-    from contiguouskv.compute_server.cachenet.failover import ReplicaStream
 
 FETCH_METHOD = "/contiguouskv.v1.CacheService/Fetch"
 DOWN_S = 5.0
@@ -45,55 +44,6 @@ RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reco
                      ("grpc.http2.ping_timeout_ms", 10_000), ("grpc.http2.max_pings_without_data", 0)]
 
 log = logging.getLogger(__name__)
-
-__all__ = ["CacheClient", "RecordStream", "cache_error", "rendezvous_order"]
-
-
-def cache_error(address: str, err: grpc.aio.AioRpcError) -> ComputeError:
-    """A cache server's status, passed on with the same code and the shard named."""
-    code = err.code().name if err.code() is not None else "UNKNOWN"
-    if code in ("CANCELLED", "UNKNOWN"):
-        code = "UNAVAILABLE" if code == "CANCELLED" else "INTERNAL"
-    return ComputeError(f"cache server {address}: {err.details()}", code=code)
-
-
-class RecordStream:
-    """One open Fetch stream: ``read``/``cancel`` requests out, batches of records in."""
-
-    def __init__(self, address: str, call: grpc.aio.StreamStreamCall) -> None:
-        self.address = address
-        self._call = call
-
-    async def open(self, prefix_id: str, layout: str, batch_bytes: int) -> None:
-        await self._write(cache_pb2.FetchRequest(
-            open=cache_pb2.FetchOpen(prefix_id=prefix_id, layout=layout, max_batch_bytes=batch_bytes)))
-
-    async def read(self, tag: int, region: str, indices: Sequence[int], priority: int = 0) -> None:
-        await self._write(cache_pb2.FetchRequest(
-            read=cache_pb2.FetchRead(tag=tag, region=region, indices=indices, priority=priority)))
-
-    async def cancel(self, tags: Sequence[int]) -> None:
-        await self._write(cache_pb2.FetchRequest(cancel=cache_pb2.FetchCancel(tags=tags)))
-
-    async def responses(self) -> AsyncIterator[FetchBatch]:
-        try:
-            while True:
-                message = await self._call.read()
-                if message is grpc.aio.EOF:
-                    return
-                yield message
-        except grpc.aio.AioRpcError as err:
-            raise cache_error(self.address, err) from err
-
-    async def close(self) -> None:
-        self._call.cancel()
-
-    async def _write(self, request: cache_pb2.FetchRequest) -> None:
-        try:
-            await self._call.write(request)
-        except grpc.aio.AioRpcError as err:
-            raise cache_error(self.address, err) from err
-
 
 class CacheClient:
     """Async access to the cache shards; created and closed on the server's event loop.
@@ -298,11 +248,11 @@ class CacheClient:
         if not task.cancelled() and task.exception() is not None:
             log.warning("replica write after the quorum failed: %s", task.exception())
 
-    async def report_attention(self, prefix_id: str, layout: str, scores: Sequence[object]) -> None:
+    async def report_attention(self, prefix_id: str, layout: str, scores: Sequence[RegionScores]) -> None:
         """Send one request's per-record observations to the first live replica; failures are logged, never raised."""
         request = cache_pb2.ReportAttentionRequest(prefix_id=prefix_id, layout=layout, records=[
-            cache_pb2.RecordScores(region=s.region, indices=s.indices, attention=s.attention,  # type: ignore[attr-defined]
-                                   important_fraction=s.important_fraction)  # type: ignore[attr-defined]
+            cache_pb2.RecordScores(region=s.region, indices=s.indices, attention=s.attention,
+                                   important_fraction=s.important_fraction)
             for s in scores])
         try:
             address = self.read_order(prefix_id)[0]
@@ -314,10 +264,8 @@ class CacheClient:
         except grpc.aio.AioRpcError as err:
             log.debug("attention report to %s failed: %s %s", address, err.code(), err.details())
 
-    async def open_stream(self, prefix_id: str, layout: str, batch_bytes: int) -> "ReplicaStream":
+    async def open_stream(self, prefix_id: str, layout: str, batch_bytes: int) -> ReplicaStream:
         """A Fetch stream on the first live replica that can be opened; fails over when it breaks."""
-        from contiguouskv.compute_server.cachenet.failover import ReplicaStream
-
         async def connect(address: str) -> RecordStream:
             return await self.open_stream_at(address, prefix_id, layout, batch_bytes)
 

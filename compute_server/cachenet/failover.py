@@ -1,9 +1,9 @@
 """A Fetch stream over a prefix's replicas: the first live one, then the next when it breaks.
 
-:class:`ReplicaStream` looks like one :class:`~.cache_client.RecordStream` (``open``/``read``/
+:class:`ReplicaStream` looks like one :class:`~.record_stream.RecordStream` (``open``/``read``/
 ``cancel``/``responses``/``close``) and adds :meth:`ReplicaStream.failover`: close the broken
 stream and open the same object on the next replica not tried yet. It does not remember requests;
-:class:`~.loader.KVLoader` re-sends, on the new stream, every read whose records have not all
+:class:`~..kvio.loader.KVLoader` re-sends, on the new stream, every read whose records have not all
 arrived (only the records still missing). Each replica is tried at most once per stream.
 """
 
@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
 
+from contiguouskv.common.fetch_wire import FetchBatch
+from contiguouskv.compute_server.cachenet.record_stream import RecordStream
 from contiguouskv.compute_server.errors import ComputeError
-
-if TYPE_CHECKING:  # cache_client imports this module
-    from contiguouskv.common.fetch_wire import FetchBatch
-    from contiguouskv.compute_server.cachenet.cache_client import RecordStream
 
 log = logging.getLogger(__name__)
 
-Connect = Callable[[str], Awaitable["RecordStream"]]
+Connect = Callable[[str], Awaitable[RecordStream]]
 """Open a Fetch call to one shard and send its ``open`` message."""
 
 FAILOVER_CODES = frozenset({"UNAVAILABLE", "INTERNAL", "UNKNOWN", "DATA_LOSS", "NOT_FOUND", "DEADLINE_EXCEEDED",
@@ -92,14 +89,17 @@ class ReplicaStream:
         if self._on_failure is not None and isinstance(error, ComputeError):
             self._on_failure(address, error)
 
-    # --- RecordStream interface ------------------------------------------------------------------
+    def can_fail_over(self, error: ComputeError) -> bool:
+        return error.code in FAILOVER_CODES
+
+    # --- FetchStream interface ------------------------------------------------------------------
     async def read(self, tag: int, region: str, indices: Sequence[int], priority: int = 0) -> None:
         await self._stream().read(tag, region, indices, priority)
 
     async def cancel(self, tags: Sequence[int]) -> None:
         await self._stream().cancel(tags)
 
-    async def responses(self) -> AsyncIterator["FetchBatch"]:
+    async def responses(self) -> AsyncIterator[FetchBatch]:
         async for batch in self._stream().responses():
             yield batch
 
@@ -107,7 +107,7 @@ class ReplicaStream:
         if self._current is not None:
             await self._current.close()
 
-    def _stream(self) -> "RecordStream":
+    def _stream(self) -> RecordStream:
         if self._current is None:
             raise ComputeError(f"fetch of prefix {self.prefix_id}: no replica open", code="UNAVAILABLE")
         return self._current

@@ -25,22 +25,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from contiguouskv.compute_server.layouts.region import DTYPE_BYTES, Region, ceil_div
+
 LAYOUT_VERSION = 1
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def ceil_div(a: int, b: int) -> int:
-    """Ceiling of a / b for non-negative a and positive b."""
-    return -(-a // b)
-
-
-@dataclass(frozen=True)
-class Region:
-    """A named run of ``num_records`` records of ``record_size`` bytes each."""
-
-    name: str
-    num_records: int
-    record_size: int
+LAYOUT_KIND = "contiguous"
 
 
 @dataclass(frozen=True)
@@ -142,6 +130,13 @@ class ContiguousLayout:
                 out.setdefault(region, []).append(index)
         return out
 
+    def group_of_region(self, region: str) -> int | None:
+        """The group of a ``kv/G{i}`` region name; None for any other region."""
+        if not region.startswith("kv/G") or not region[4:].isdigit():
+            return None
+        group = int(region[4:])
+        return group if group < self.num_groups else None
+
     # --- identification, digest, stats, tokens -----------------------------------------------
     def idkeys_region(self, layer: int) -> str:
         self._check_layer(layer)
@@ -175,14 +170,14 @@ class ContiguousLayout:
     def to_metadata(self, **extra: object) -> bytes:
         """JSON metadata stored with the object (the cache server treats it as opaque)."""
         data = {k: v for k, v in asdict(self).items() if k not in ("num_chunks", "num_groups")}
-        data.update(version=LAYOUT_VERSION, layout="contiguous", **extra)
+        data.update(version=LAYOUT_VERSION, layout=LAYOUT_KIND, **extra)
         return json.dumps(data, sort_keys=True).encode()
 
     @classmethod
     def from_metadata(cls, raw: bytes) -> tuple["ContiguousLayout", dict[str, object]]:
         """Parse metadata into the layout and the remaining fields (model fingerprint, ...)."""
         data = json.loads(raw)
-        if data.get("layout") != "contiguous" or data.get("version") != LAYOUT_VERSION:
+        if data.get("layout") != LAYOUT_KIND or data.get("version") != LAYOUT_VERSION:
             raise ValueError(f"unsupported layout metadata: {data.get('layout')} v{data.get('version')}")
         keys = ("num_tokens", "num_layers", "num_kv_heads", "head_dim", "dtype", "chunk_size", "group_size")
         layout = cls(**{k: data.pop(k) for k in keys})

@@ -27,7 +27,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
-from contiguouskv.compute_server.layouts.contiguous import DTYPE_BYTES, Region, ceil_div
+from contiguouskv.compute_server.layouts.region import DTYPE_BYTES, Region, ceil_div
 
 IMPRESS_LAYOUT_VERSION = 1
 LAYOUT_KIND = "impress"

@@ -13,12 +13,10 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from contiguouskv.common import telemetry as t
-
-if TYPE_CHECKING:
-    from contiguouskv.compute_server.core import ReprefillArgs, ReprefillResult
+from contiguouskv.compute_server.request import ReprefillArgs, ReprefillReport
 
 log = logging.getLogger(__name__)
 tracer = t.Tracer("contiguouskv.compute")
@@ -30,12 +28,12 @@ def traced_reprefill(method: F) -> F:
     """Decorate ``ComputeCore.reprefill(self, args, ...)`` with its spans and its log line."""
 
     @functools.wraps(method)
-    async def wrapper(self: object, args: "ReprefillArgs", *rest: object, **kwargs: object) -> "ReprefillResult":
+    async def wrapper(self: object, args: ReprefillArgs, *rest: object, **kwargs: object) -> ReprefillReport:
         attributes = {t.ATTR_PREFIX_ID: args.prefix_id, t.ATTR_POLICY: args.policy or "full"}
         if args.budget is not None:
             attributes[t.ATTR_BUDGET] = args.budget
         with tracer.span(t.SPAN_RUN_REPREFILL, attributes) as span:
-            result: ReprefillResult = await method(self, args, *rest, **kwargs)
+            result: ReprefillReport = await method(self, args, *rest, **kwargs)
             span.set_attribute(t.ATTR_TTFT_MS, result.ttft_s * 1e3)
             span.set_attribute(t.ATTR_BYTES, result.bytes_fetched)
             span.set_attribute(t.ATTR_PREFIX_TOKENS, result.prefix_tokens)
@@ -50,13 +48,13 @@ def traced_reprefill(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _period_of(result: "ReprefillResult") -> dict[int, int]:
+def _period_of(result: ReprefillReport) -> dict[int, int]:
     """Layer -> the period (of a periodic policy) it belongs to."""
     return {layer: p.period for p in result.usage.periods
             for layer in range(p.first_layer, p.first_layer + p.num_layers)}
 
 
-def layer_attributes(result: "ReprefillResult") -> list[dict[str, t.AttributeValue]]:
+def layer_attributes(result: ReprefillReport) -> list[dict[str, t.AttributeValue]]:
     """Per layer of the outcome: layer, period (when the policy has periods), chunks selected (64-token
     blocks for h2o/impress), io wait and compute ms, K/V bytes read and identification bytes read."""
     usage, periods = result.usage, _period_of(result)
@@ -76,7 +74,7 @@ def layer_attributes(result: "ReprefillResult") -> list[dict[str, t.AttributeVal
     return rows
 
 
-def record_layers(parent: t.Span, result: "ReprefillResult") -> None:
+def record_layers(parent: t.Span, result: ReprefillReport) -> None:
     """One finished ``run layer`` span per layer, at the times the layer ran."""
     if not parent.is_recording():
         return

@@ -1,4 +1,4 @@
-"""Attention feedback for the cache server's DRAM policy: what each request found important.
+"""Attention feedback of the chunk policies for the cache server's DRAM cache.
 
 For every period, every selected chunk's score (its attention mass at the period's scoring layer,
 normalised to sum to 1 over the period) is attached to that chunk's kv records at each layer of the
@@ -7,24 +7,17 @@ period. The cache server only sees (region, record, attention, important fractio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 
+from contiguouskv.compute_server.cachenet.attention import RegionScores
 from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
-from contiguouskv.compute_server.policies.base import Policy
+from contiguouskv.compute_server.policies.base import PeriodChoice
 
 
-@dataclass(frozen=True)
-class RegionScores:
-    region: str
-    indices: list[int]
-    attention: list[float]
-    important_fraction: list[float]
-
-
-def attention_report(layout: ContiguousLayout, policy: Policy) -> list[RegionScores]:
+def attention_report(layout: ContiguousLayout, periods: Sequence[PeriodChoice]) -> list[RegionScores]:
     """Per kv region: the records the request used, with their chunk's attention share."""
     out: dict[str, RegionScores] = {}
-    for period in policy.periods:
+    for period in periods:
         scores = period.scores
         total = float(scores.sum()) if scores is not None else 0.0
         for chunk in period.chunks:

@@ -8,10 +8,10 @@ from typing import Any
 
 def plot_reprefill(rows: list[Any], results: list[dict[str, Any]], out: Path) -> list[Path]:
     """Write ``timeline.png`` and ``ttft_vs_budget.png`` into ``out``; returns the paths."""
-    import matplotlib
+    import matplotlib  # optional: the bench extra
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: the bench extra
 
     out.mkdir(parents=True, exist_ok=True)
     cold = [r for r in rows if r.cache == "cold" and r.layers]

@@ -114,7 +114,7 @@ def make_cases(tasks: list[str], lengths: list[int], depths: list[float], seed: 
 
 
 def _kl(p_logits: tuple[float, ...], q_logits: tuple[float, ...]) -> float:
-    import torch
+    import torch  # optional: the compute extra
 
     p = torch.log_softmax(torch.tensor(p_logits), dim=-1)
     q = torch.log_softmax(torch.tensor(q_logits), dim=-1)

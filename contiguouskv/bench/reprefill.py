@@ -26,6 +26,7 @@ import grpc
 
 from contiguouskv import launch
 from contiguouskv.bench.disk import raw_read_gbps
+from contiguouskv.bench.plots import plot_reprefill
 from contiguouskv.client import ContiguousKVClient, ReprefillResult
 from contiguouskv.progress import Progress
 from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
@@ -311,7 +312,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json_path:
         args.json_path.write_text(json.dumps(report, indent=2))
     if args.plot:
-        from contiguouskv.bench.plots import plot_reprefill
-
         plot_reprefill(rows_by_run, all_results, args.plot)
     return 0

@@ -42,7 +42,22 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
+
+from contiguouskv.cache_server.assemble import BatchAssembler
+from contiguouskv.cache_server.buffers import ReadBuffers
+from contiguouskv.cache_server.config import CacheServerConfig
+from contiguouskv.cache_server.dram_cache import DramCache
+from contiguouskv.cache_server.fetch import DISK_BYTES_PER_PAYLOAD_BYTE, FetchSession
+from contiguouskv.cache_server.keys import ObjectKey, object_paths
+from contiguouskv.cache_server.read_process import ReadProcesses
+from contiguouskv.cache_server.server import HELPER_SLOTS
+from contiguouskv.cache_server.store import RecordStore
+from contiguouskv.common.fetch_wire import BULK_RECEIVE_OPTIONS, decode_fetch_response
 from contiguouskv.common.malloc import keep_freed_buffers
+from contiguouskv.common.serving import run_async
+from contiguouskv.v1 import cache_pb2 as pb
+from contiguouskv.v1 import cache_pb2_grpc
 
 PREFIX_ID, LAYOUT = "bench", "contiguous-c16-g8"
 Request = tuple[str, list[int]]  # (region, record indices)
@@ -128,10 +143,6 @@ def _shape(args: argparse.Namespace) -> dict:
 
 
 def _write_object(root: Path, shape: dict, seed: int) -> Path:
-    from contiguouskv.cache_server.config import CacheServerConfig
-    from contiguouskv.cache_server.keys import ObjectKey, object_paths
-    from contiguouskv.cache_server.store import RecordStore
-
     store = RecordStore(CacheServerConfig(root=root, dram_cache_bytes=0))
     key = ObjectKey(PREFIX_ID, LAYOUT)
     if not store.list(PREFIX_ID):
@@ -222,16 +233,6 @@ def _summary(total_bytes: int, records: int, seconds: float, latencies: list[flo
 
 
 async def _read_raw(root: Path, plans: list[list[Request]], args: argparse.Namespace) -> dict:
-    from contiguouskv.cache_server.assemble import BatchAssembler
-    from contiguouskv.cache_server.buffers import ReadBuffers
-    from contiguouskv.cache_server.config import CacheServerConfig
-    from contiguouskv.cache_server.dram_cache import DramCache
-    from contiguouskv.cache_server.fetch import DISK_BYTES_PER_PAYLOAD_BYTE, FetchSession
-    from contiguouskv.cache_server.read_process import ReadProcesses
-    from contiguouskv.cache_server.server import HELPER_SLOTS
-    from contiguouskv.cache_server.keys import ObjectKey
-    from contiguouskv.cache_server.store import RecordStore
-
     store = RecordStore(CacheServerConfig(root=root, dram_cache_bytes=0))
     if not store.direct_io:
         print("warning: O_DIRECT unavailable here; raw reads go through the page cache")
@@ -314,12 +315,6 @@ def _read_grpc_process(address: str, plans: list[list[Request]], args: argparse.
 
 async def _client(job: dict) -> dict:
     """The client process: one Fetch stream, the plans read one after another."""
-    import grpc
-
-    from contiguouskv.common.fetch_wire import BULK_RECEIVE_OPTIONS, decode_fetch_response
-    from contiguouskv.v1 import cache_pb2 as pb
-    from contiguouskv.v1 import cache_pb2_grpc
-
     options = [("grpc.max_receive_message_length", 64 << 20), *BULK_RECEIVE_OPTIONS]
     decode = decode_fetch_response if job["decoder"] == "raw" else pb.FetchResponse.FromString
     async with grpc.aio.insecure_channel(job["address"], options=options) as channel:
@@ -433,11 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m contiguouskv.bench.storage`` (``--client`` is the internal client process)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv == ["--client"]:
-        import uvloop
-
         keep_freed_buffers(os.environ)  # as the compute server does
-
-        print(json.dumps(uvloop.run(_client(json.loads(sys.stdin.read())))))
+        print(json.dumps(run_async(_client(json.loads(sys.stdin.read())))))
         return 0
     parser = argparse.ArgumentParser(prog="contiguouskv bench storage", description=__doc__)
     add_arguments(parser)

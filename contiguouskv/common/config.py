@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import types
 import typing
@@ -19,6 +20,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 ENV_PREFIX = "CKV_"
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -57,15 +60,30 @@ def _coerce(name: str, raw: Any, hint: Any) -> Any:
     return raw
 
 
+def _read_renamed(values: Mapping[str, Any], renamed: Mapping[str, str], where: str) -> Mapping[str, Any]:
+    """``values`` with each old key of ``renamed`` read as its new key (the new key wins if both)."""
+    old_keys = [old for old in renamed if old in values]
+    if not old_keys:
+        return values
+    out = dict(values)
+    for old in old_keys:
+        logger.warning("%s %s is deprecated: use %s", where, old, renamed[old])
+        out.setdefault(renamed[old], out.pop(old))
+    return out
+
+
 def load_config(
     cls: type[T],
     flags: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     file: str | Path | None = None,
+    renamed: Mapping[str, str] | None = None,
 ) -> T:
     """Build ``cls`` from flags (highest), then ``CKV_<FIELD>`` env vars, then a JSON file.
 
     ``flags`` values that are ``None`` count as not given. Unknown keys in the file are an error.
+    ``renamed`` maps old field names to current ones: a file key or ``CKV_<OLD>`` env var of an
+    old name still sets the field (with a warning) unless the same source also gives the new name.
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
@@ -76,15 +94,18 @@ def load_config(
         data = json.loads(Path(file).read_text())
         if not isinstance(data, dict):
             raise ConfigError(f"config file {file}: expected a JSON object")
+        data = _read_renamed(data, renamed or {}, f"config file {file}: key")
         unknown = set(data) - fields
         if unknown:
             raise ConfigError(f"config file {file}: unknown keys {sorted(unknown)}")
         values.update(data)
-    env = os.environ if env is None else env
+    env_values = _read_renamed(os.environ if env is None else env,
+                               {ENV_PREFIX + old.upper(): ENV_PREFIX + new.upper()
+                                for old, new in (renamed or {}).items()}, "env")
     for name in fields:
         key = ENV_PREFIX + name.upper()
-        if key in env:
-            values[name] = env[key]
+        if key in env_values:
+            values[name] = env_values[key]
     for name, value in (flags or {}).items():
         if name in fields and value is not None:
             values[name] = value

@@ -17,8 +17,9 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-ObjectKey = tuple[str, str]
-"""(prefix_id, layout): one stored object. Every layout of a prefix lives on the prefix's replicas."""
+PlacedObject = tuple[str, str]
+"""(prefix_id, layout): one stored object, as placement sees it (a plain tuple, not the cache server's
+validated ``ObjectKey``). Every layout of a prefix lives on the prefix's replicas."""
 
 
 def _weight(address: str, key: str) -> bytes:
@@ -93,7 +94,7 @@ def placement_changes(keys: Iterable[str], old: Sequence[str], new: Sequence[str
 
 @dataclass(frozen=True)
 class Copy:
-    key: ObjectKey
+    key: PlacedObject
     source: str
     target: str
 
@@ -107,14 +108,14 @@ class RebalancePlan:
     """
 
     copies: list[Copy] = field(default_factory=list)
-    deletes: list[tuple[ObjectKey, str]] = field(default_factory=list)
+    deletes: list[tuple[PlacedObject, str]] = field(default_factory=list)
     in_place: int = 0  # objects already on exactly their replicas
 
-    def copies_of(self, key: ObjectKey) -> list[Copy]:
+    def copies_of(self, key: PlacedObject) -> list[Copy]:
         return [c for c in self.copies if c.key == key]
 
 
-def plan_rebalance(holdings: Mapping[str, Iterable[ObjectKey]], shards: Sequence[str], replication: int,
+def plan_rebalance(holdings: Mapping[str, Iterable[PlacedObject]], shards: Sequence[str], replication: int,
                    delete: bool = False) -> RebalancePlan:
     """What to copy (and with ``delete``, remove) so each object lives on its replicas among ``shards``.
 
@@ -123,7 +124,7 @@ def plan_rebalance(holdings: Mapping[str, Iterable[ObjectKey]], shards: Sequence
     replicas when there is one (in read order), else from the first holder in rendezvous order.
     """
     r = effective_replication(replication, len(set(shards)))
-    holders: dict[ObjectKey, set[str]] = {}
+    holders: dict[PlacedObject, set[str]] = {}
     for shard, objects in holdings.items():
         for obj in objects:
             holders.setdefault(obj, set()).add(shard)

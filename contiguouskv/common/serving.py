@@ -7,14 +7,21 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+    uvloop = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -115,10 +122,8 @@ class ServerLifecycle:
         self._stop.set()
 
 
-def run_async(main: "asyncio.Future[int] | object") -> int:
-    """Run a coroutine under uvloop when it is installed, else asyncio."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency; kept for odd platforms
-        return asyncio.run(main)  # type: ignore[arg-type]
-    return uvloop.run(main)  # type: ignore[arg-type]
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """Run the coroutine ``main`` under uvloop when it is installed, else asyncio; return its result."""
+    if uvloop is None:  # pragma: no cover
+        return asyncio.run(main)
+    return uvloop.run(main)

@@ -1,0 +1,108 @@
+"""One Fetch stream as the loader sees it: ``read``/``cancel`` out, batches of records in.
+
+:class:`FetchStream` is the interface the KV loader (:mod:`..kvio`) talks to. :class:`RecordStream`
+is one call to one cache shard and never fails over; :class:`~.failover.ReplicaStream` wraps it
+to move to the next replica when the shard breaks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+import grpc
+
+from contiguouskv.common.fetch_wire import FetchBatch
+from contiguouskv.compute_server.errors import ComputeError
+from contiguouskv.v1 import cache_pb2
+
+
+def cache_error(address: str, err: grpc.aio.AioRpcError) -> ComputeError:
+    """A cache server's status, passed on with the same code and the shard named."""
+    code = err.code().name if err.code() is not None else "UNKNOWN"
+    if code in ("CANCELLED", "UNKNOWN"):
+        code = "UNAVAILABLE" if code == "CANCELLED" else "INTERNAL"
+    return ComputeError(f"cache server {address}: {err.details()}", code=code)
+
+
+class FetchStream(Protocol):
+    """What the loader needs of a Fetch stream; all methods run on the event loop."""
+
+    @property
+    def address(self) -> str:
+        """The shard currently serving the stream."""
+        ...
+
+    async def read(self, tag: int, region: str, indices: Sequence[int], priority: int = 0) -> None: ...
+
+    async def cancel(self, tags: Sequence[int]) -> None: ...
+
+    def responses(self) -> AsyncIterator[FetchBatch]: ...
+
+    async def close(self) -> None: ...
+
+    def can_fail_over(self, error: ComputeError) -> bool:
+        """Whether another replica may serve what ``error`` broke."""
+        ...
+
+    async def failover(self, error: BaseException) -> bool:
+        """Give up the current shard after ``error``; True once another one is open."""
+        ...
+
+    def exhausted(self, error: BaseException | None = None) -> ComputeError:
+        """The error to report once the stream cannot go on."""
+        ...
+
+
+class RecordStream:
+    """One open Fetch call to one shard."""
+
+    def __init__(self, address: str, call: grpc.aio.StreamStreamCall) -> None:
+        self._address = address
+        self._call = call
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    async def open(self, prefix_id: str, layout: str, batch_bytes: int) -> None:
+        await self._write(cache_pb2.FetchRequest(
+            open=cache_pb2.FetchOpen(prefix_id=prefix_id, layout=layout, max_batch_bytes=batch_bytes)))
+
+    async def read(self, tag: int, region: str, indices: Sequence[int], priority: int = 0) -> None:
+        await self._write(cache_pb2.FetchRequest(
+            read=cache_pb2.FetchRead(tag=tag, region=region, indices=indices, priority=priority)))
+
+    async def cancel(self, tags: Sequence[int]) -> None:
+        await self._write(cache_pb2.FetchRequest(cancel=cache_pb2.FetchCancel(tags=tags)))
+
+    async def responses(self) -> AsyncIterator[FetchBatch]:
+        try:
+            while True:
+                message = await self._call.read()
+                if message is grpc.aio.EOF:
+                    return
+                yield message
+        except grpc.aio.AioRpcError as err:
+            raise cache_error(self._address, err) from err
+
+    async def close(self) -> None:
+        self._call.cancel()
+
+    def can_fail_over(self, error: ComputeError) -> bool:
+        return False
+
+    async def failover(self, error: BaseException) -> bool:
+        await self.close()
+        return False
+
+    def exhausted(self, error: BaseException | None = None) -> ComputeError:
+        if isinstance(error, ComputeError):
+            return error
+        return ComputeError(f"cache server {self._address}: fetch stream failed: {error!r}", code="UNAVAILABLE")
+
+    async def _write(self, request: cache_pb2.FetchRequest) -> None:
+        try:
+            await self._call.write(request)
+        except grpc.aio.AioRpcError as err:
+            raise cache_error(self._address, err) from err

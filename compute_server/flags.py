@@ -1,0 +1,61 @@
+"""The compute server's command line: flags -> :class:`ComputeServerConfig` (no torch, no model code).
+
+The CLI builds its ``serve compute`` parser from :func:`add_arguments` on machines that only run the
+storage node, so this module imports nothing heavy; :mod:`.server` runs the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from contiguouskv.common.config import load_config
+from contiguouskv.common.serving import SERVING_FIELDS, add_serving_arguments
+from contiguouskv.compute_server.config import ComputeServerConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="random:<preset>, qwen2.5-coder-0.5b-instruct, smollm2-135m-instruct, "
+                        "or a Hugging Face model folder (env CKV_MODEL)")
+    parser.add_argument("--cache", help="cache server address(es) HOST:PORT[,HOST:PORT...], or dns:///NAME:PORT for "
+                        "every address NAME resolves to (a headless Service) (env CKV_CACHE)")
+    parser.add_argument("--replication", type=int,
+                        help="cache shards per prefix (default 2 where >= 2 shards, else 1) (env CKV_REPLICATION)")
+    parser.add_argument("--write-quorum", type=int,
+                        help="replicas that must commit a registration (default a majority) (env CKV_WRITE_QUORUM)")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind; 0 picks a free one (default 0)")
+    parser.add_argument("--port-file", help="write the bound port to this file once serving")
+    parser.add_argument("--metrics-port", type=int,
+                        help="serve Prometheus metrics on this port (0 = any free port; off if absent) "
+                        "(env CKV_METRICS_PORT)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), help="compute device (default auto)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"),
+                        help="compute and KV dtype (default auto: bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--model-cache-dir", help="where converted models are kept (default ~/.cache/contiguouskv)")
+    parser.add_argument("--chunk-size", type=int, help="tokens per ContiguousChunk at registration (default 16)")
+    parser.add_argument("--policy-plugin", dest="policy_plugins", action="append", metavar="MODULE:CLASS",
+                        help="also serve this loading policy (a LoadingPolicy subclass; repeatable) "
+                        "(env CKV_POLICY_PLUGINS, comma-separated)")
+    parser.add_argument("--threads", type=int,
+                        help="torch compute threads; 0 = torch's default (on a small shared CPU, 1 avoids "
+                        "OpenMP oversubscription with the I/O threads) (env CKV_THREADS)")
+    add_serving_arguments(parser)
+    parser.add_argument("--cache-tls-ca-file", help="reach the cache servers over TLS, trusting this CA bundle")
+    parser.add_argument("--cache-tls-cert-file", help="mutual TLS to the cache: this client certificate (PEM)")
+    parser.add_argument("--cache-tls-key-file", help="key of --cache-tls-cert-file (PEM)")
+    parser.add_argument("--cache-tls-server-name", help="name the cache servers' certificates carry, if not their host")
+    parser.add_argument("--cache-token-file", help="bearer token (read,write scopes) sent to the cache servers")
+    parser.add_argument("--config", help="JSON file with any of the above (flags win, then CKV_* env)")
+    # Also accepted after the subcommand; the top-level CLI owns the defaults.
+    parser.add_argument("--log-level", default=argparse.SUPPRESS, help="logging level (INFO)")
+    parser.add_argument("--log-format", choices=("text", "json"), default=argparse.SUPPRESS,
+                        help="log line format (text)")
+
+
+def config_from_args(args: argparse.Namespace) -> ComputeServerConfig:
+    flags = {k: getattr(args, k, None) for k in
+             ("model", "cache", "replication", "write_quorum", "host", "port", "port_file", "device", "dtype",
+              "model_cache_dir", "chunk_size", "metrics_port", "threads", "policy_plugins", *SERVING_FIELDS,
+              "cache_tls_ca_file", "cache_tls_cert_file", "cache_tls_key_file", "cache_tls_server_name",
+              "cache_token_file")}
+    return load_config(ComputeServerConfig, flags, file=getattr(args, "config", None))

@@ -1,0 +1,128 @@
+"""A stored layout as one interface: both directions of how a prefix's KV lives in the cache.
+
+Saving and loading are a pair, as ``save_kv_layer`` / ``start_load_kv`` are in vLLM's KV connector:
+
+- :meth:`LayoutCodec.pack` (register, compute thread) turns a prefilled prefix into the layout's
+  records: the payloads of one ``PutPrefix`` object named :attr:`LayoutCodec.name`.
+- :meth:`LayoutCodec.kv_records` (load, event loop) turns one arriving Fetch batch into
+  ``(layer, unit, K, V)`` views when the batch holds K/V records the loader files per layer, or
+  returns None when it holds whole records the requester decodes itself (identification keys,
+  digests, statistics, K-only or V-only blocks): those reach the requester as bytes. The loader
+  therefore never parses a region name.
+
+Each codec wraps a pure geometry (:mod:`.contiguous`, :mod:`.impress`: sizes, regions and record
+indices as int math, no torch) and adds the tensor side. Codecs are chosen by kind through
+:func:`contiguouskv.compute_server.layouts.registry.build_codec`; a loading policy names the kind it
+reads (``LoadingPolicy.layout``).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from contiguouskv.compute_server.layouts.region import Region
+from contiguouskv.compute_server.layouts.tensors import Payload
+
+KVRecord = tuple[int, int, torch.Tensor, torch.Tensor]
+"""(layer, unit, K, V): one arrived K/V record; the unit is the layout's (a chunk for `contiguous`);
+K and V are ``[kv_heads, unit tokens, head_dim]`` views over the received bytes."""
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """The model and server facts a layout derives its sizes from."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    chunk_size: int = 16
+    group_size: int = 8
+
+
+@dataclass(frozen=True)
+class PrefilledPrefix:
+    """What registration computed once, for every layout to pack.
+
+    ``keys``/``values``: per layer ``[kv_heads, n, head_dim]`` on the CPU in the storage dtype
+    (keys post-RoPE); ``last_queries``: per layer the post-RoPE queries ``[heads, w, head_dim]`` of
+    the last ``w`` prefix tokens (for the layouts' static importance); ``scaling``: the attention scale.
+    """
+
+    token_ids: Sequence[int]
+    keys: Sequence[torch.Tensor]
+    values: Sequence[torch.Tensor]
+    last_queries: Sequence[torch.Tensor]
+    scaling: float
+
+
+class LayoutCodec(abc.ABC):
+    """One prefix stored in one layout: its geometry, and packing and unpacking of its records."""
+
+    kind: ClassVar[str]
+    """The layout's kind (``contiguous``, ``impress``): what policies and registrations name."""
+
+    @classmethod
+    @abc.abstractmethod
+    def for_prefix(cls, num_tokens: int, model: KVGeometry) -> "LayoutCodec":
+        """The codec of a prefix of ``num_tokens`` tokens of a model of this geometry."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_metadata(cls, raw: bytes) -> "tuple[LayoutCodec, dict[str, object]]":
+        """The codec of a stored object from its metadata, and the metadata's other fields;
+        ValueError (or KeyError, TypeError) when the metadata is not this layout's."""
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """The key the cache server stores the object under (kind plus its parameters)."""
+
+    @property
+    @abc.abstractmethod
+    def num_tokens(self) -> int:
+        """Prefix tokens stored."""
+
+    @abc.abstractmethod
+    def regions(self) -> list[Region]:
+        """Every region of the object, in file order."""
+
+    @abc.abstractmethod
+    def to_metadata(self, **extra: object) -> bytes:
+        """Opaque JSON stored with the object: the geometry plus ``extra`` (model fingerprint, ...)."""
+
+    @abc.abstractmethod
+    def total_kv_bytes(self) -> int:
+        """Bytes of every K/V record: what loading everything reads."""
+
+    @abc.abstractmethod
+    def pack(self, prefix: PrefilledPrefix, batch_bytes: int) -> Iterator[Payload]:
+        """Save direction: the object's payloads (every region, whole records, ~``batch_bytes`` each).
+
+        Called on the compute thread at registration; may compute the layout's own statistics.
+        """
+
+    def kv_requests(self, units: Sequence[int], layers: range) -> dict[str, list[int]]:
+        """Load direction: record indices per region holding K/V of ``units`` at ``layers``, in the
+        order to ask for them. Layouts whose K/V reach policies only as whole records have none."""
+        raise ValueError(f"layout {self.name}: no per-layer K/V records to request by unit")
+
+    def gather(self, units: Sequence[int], parts: Sequence[tuple[torch.Tensor, torch.Tensor]],
+               pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``units`` (ascending) from their arrived records ``parts`` (as :meth:`kv_records`
+        gave them): ``[kv_heads, real tokens, head_dim]`` each, padding cut; one copy, into pinned
+        host memory when ``pin``."""
+        raise ValueError(f"layout {self.name}: no per-layer K/V records to gather")
+
+    def kv_records(self, region: str, indices: Sequence[int], data: memoryview) -> list[KVRecord] | None:
+        """Load direction: the K/V records of one Fetch batch, or None when ``region`` holds none.
+
+        Called on the event loop for every arriving batch; returns views, never copies.
+        """
+        return None

@@ -1,0 +1,183 @@
+"""The `contiguous` layout's tensor side: packing on register, unpacking on load.
+
+Byte order and regions: :mod:`.contiguous` (pure geometry). Packing runs once per registered
+prefix; unpacking runs per arriving record batch and only makes views over the received bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from contiguouskv.compute_server.layouts.base import KVGeometry, KVRecord, LayoutCodec, PrefilledPrefix
+from contiguouskv.compute_server.layouts.contiguous import LAYOUT_KIND, ContiguousLayout
+from contiguouskv.compute_server.layouts.region import Region
+from contiguouskv.compute_server.layouts.tensors import TORCH_DTYPES, Payload, as_bytes, batches, frombuffer
+from contiguouskv.compute_server.selection.importance import window_importance
+
+
+def _chunked(layout: ContiguousLayout, k: torch.Tensor) -> torch.Tensor:
+    """[kv_heads, n, d] -> [m, kv_heads, c, d], zero-padding the last chunk."""
+    pad = layout.num_chunks * layout.chunk_size - k.shape[1]
+    if pad:
+        k = torch.nn.functional.pad(k, (0, 0, 0, pad))
+    kvh, _, d = k.shape
+    return k.reshape(kvh, layout.num_chunks, layout.chunk_size, d).permute(1, 0, 2, 3)
+
+
+def pack_kv_group(layout: ContiguousLayout, group: int, keys: Sequence[torch.Tensor],
+                  values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """All records of ``kv/G{group}`` as one tensor [m, g_i, 2, kv_heads, c, d] in record order."""
+    first = group * layout.group_size
+    layers = range(first, first + layout.layers_in_group(group))
+    per_layer = [torch.stack([_chunked(layout, keys[l]), _chunked(layout, values[l])], dim=1) for l in layers]
+    return torch.stack(per_layer, dim=1).contiguous()  # [m, g_i, 2, kv_heads, c, d]
+
+
+def chunk_digest(layout: ContiguousLayout, k: torch.Tensor) -> torch.Tensor:
+    """Mean key per chunk and KV head over the chunk's real tokens, float32 [m, kv_heads, d]."""
+    chunked = _chunked(layout, k.float())  # [m, kv_heads, c, d]
+    counts = torch.tensor([e - s for s, e in map(layout.chunk_tokens, range(layout.num_chunks))],
+                          dtype=torch.float32)
+    return chunked.sum(dim=2) / counts[:, None, None]
+
+
+def iter_region_payloads(layout: ContiguousLayout, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                         importance: torch.Tensor, token_ids: Sequence[int],
+                         batch_bytes: int = 1 << 20) -> Iterator[Payload]:
+    """Yield (region, first_record, bytes of whole records) covering every region of the layout.
+
+    ``keys``/``values``: per layer [kv_heads, n, d] in the layout dtype (post-RoPE keys).
+    ``importance``: float32 [L, m] static chunk importance.
+    """
+    for group in range(layout.num_groups):
+        yield from batches(layout.kv_region(group), layout.kv_record_size,
+                           as_bytes(pack_kv_group(layout, group, keys, values)), batch_bytes)
+    for layer in range(layout.num_layers):
+        yield from batches(layout.idkeys_region(layer), layout.token_bytes,
+                           as_bytes(_chunked(layout, keys[layer])), batch_bytes)
+    for layer in range(layout.num_layers):
+        yield layout.digest_region(layer), 0, as_bytes(chunk_digest(layout, keys[layer]))
+    if tuple(importance.shape) != (layout.num_layers, layout.num_chunks):
+        raise ValueError(f"importance must be [L, m], got {tuple(importance.shape)}")
+    yield "stats", 0, as_bytes(importance.to(torch.float32))
+    yield "tokens", 0, as_bytes(torch.tensor(list(token_ids), dtype=torch.int64).to(torch.int32))
+
+
+def unpack_kv_record(layout: ContiguousLayout, payload: memoryview | bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """One kv record -> (K, V), each a [kv_heads, c, d] view over ``payload`` (no copy)."""
+    t = frombuffer(payload, TORCH_DTYPES[layout.dtype])
+    t = t.view(2, layout.num_kv_heads, layout.chunk_size, layout.head_dim)
+    return t[0], t[1]
+
+
+class ContiguousCodec(LayoutCodec):
+    """A prefix in the `contiguous` layout: 16-token ContiguousChunks, K and V of a chunk together."""
+
+    kind = LAYOUT_KIND
+
+    def __init__(self, geometry: ContiguousLayout) -> None:
+        self.geometry = geometry
+
+    @classmethod
+    def for_prefix(cls, num_tokens: int, model: KVGeometry) -> "ContiguousCodec":
+        return cls(ContiguousLayout(num_tokens, model.num_layers, model.num_kv_heads, model.head_dim, model.dtype,
+                                    model.chunk_size, model.group_size))
+
+    @classmethod
+    def from_metadata(cls, raw: bytes) -> tuple["ContiguousCodec", dict[str, object]]:
+        geometry, extra = ContiguousLayout.from_metadata(raw)
+        return cls(geometry), extra
+
+    @property
+    def name(self) -> str:
+        return self.geometry.name
+
+    @property
+    def num_tokens(self) -> int:
+        return self.geometry.num_tokens
+
+    def regions(self) -> list[Region]:
+        return self.geometry.regions()
+
+    def to_metadata(self, **extra: object) -> bytes:
+        return self.geometry.to_metadata(**extra)
+
+    def total_kv_bytes(self) -> int:
+        return self.geometry.total_kv_bytes()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ContiguousCodec) and other.geometry == self.geometry
+
+    def __hash__(self) -> int:
+        return hash(self.geometry)
+
+    def __repr__(self) -> str:
+        return f"ContiguousCodec({self.geometry})"
+
+    # --- save ------------------------------------------------------------------------------------
+    def pack(self, prefix: PrefilledPrefix, batch_bytes: int) -> Iterator[Payload]:
+        """Every region; the ``stats`` region holds the static chunk importance from the last queries."""
+        lay = self.geometry
+        importance = torch.stack([window_importance(lay, q, k, prefix.scaling)
+                                  for q, k in zip(prefix.last_queries, prefix.keys)])  # [L, m]
+        return iter_region_payloads(lay, prefix.keys, prefix.values, importance, prefix.token_ids, batch_bytes)
+
+    # --- load ------------------------------------------------------------------------------------
+    def kv_records(self, region: str, indices: Sequence[int], data: memoryview) -> list[KVRecord] | None:
+        lay = self.geometry
+        group = lay.group_of_region(region)
+        if group is None:
+            return None
+        size = lay.kv_record_size
+        out: list[KVRecord] = []
+        for i, index in enumerate(indices):
+            chunk, layer = lay.kv_record_owner(group, index)
+            k, v = unpack_kv_record(lay, data[i * size : (i + 1) * size])
+            out.append((layer, chunk, k, v))
+        return out
+
+    def kv_requests(self, units: Sequence[int], layers: range) -> dict[str, list[int]]:
+        return self.geometry.kv_requests(list(units), layers)
+
+    def gather(self, units: Sequence[int], parts: Sequence[tuple[torch.Tensor, torch.Tensor]],
+               pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        lay = self.geometry
+        shape = (lay.num_kv_heads, len(units) * lay.chunk_size, lay.head_dim)
+        if not units:
+            return torch.empty(lay.num_kv_heads, 0, lay.head_dim), torch.empty(lay.num_kv_heads, 0, lay.head_dim)
+        real = lay.tokens_in(list(units))  # only the prefix's last chunk is partial; it sorts last
+        keys = torch.empty(shape, dtype=parts[0][0].dtype, pin_memory=pin)  # [kv_heads, chunks * c, d]
+        values = torch.empty(shape, dtype=parts[0][1].dtype, pin_memory=pin)
+        torch.cat([k for k, _ in parts], dim=1, out=keys)
+        torch.cat([v for _, v in parts], dim=1, out=values)
+        return keys[:, :real], values[:, :real]
+
+    def chunk_keys(self, records: Sequence[memoryview | bytes]) -> torch.Tensor:
+        """``idkeys`` records of some chunks -> their keys ``[kv_heads, len * c, d]`` (a copy)."""
+        lay = self.geometry
+        dtype = TORCH_DTYPES[lay.dtype]
+        if not records:
+            return torch.empty(lay.num_kv_heads, 0, lay.head_dim, dtype=dtype)
+        return torch.cat([frombuffer(r, dtype).view(lay.num_kv_heads, lay.chunk_size, lay.head_dim)
+                          for r in records], dim=1)
+
+    def layer_keys(self, records: Sequence[memoryview | bytes]) -> torch.Tensor:
+        """All ``idkeys`` records of a layer -> every prefix key ``[kv_heads, n, d]``."""
+        return self.chunk_keys(records)[:, : self.geometry.num_tokens]
+
+    def digest(self, record: memoryview | bytes) -> torch.Tensor:
+        """A ``digest`` record -> mean key per chunk and KV head, float32 ``[m, kv_heads, d]``."""
+        lay = self.geometry
+        return frombuffer(record, torch.float32).view(lay.num_chunks, lay.num_kv_heads, lay.head_dim)
+
+    def importance(self, record: memoryview | bytes) -> torch.Tensor:
+        """The ``stats`` record -> static chunk importance, float32 ``[L, m]``."""
+        lay = self.geometry
+        return frombuffer(record, torch.float32).view(lay.num_layers, lay.num_chunks)
+
+    @staticmethod
+    def tokens(record: memoryview | bytes) -> list[int]:
+        """The ``tokens`` record -> the prefix's token ids."""
+        return frombuffer(record, torch.int32).tolist()
