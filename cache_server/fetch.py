@@ -49,7 +49,7 @@ INTERNAL = 13
 
 
 @dataclasses.dataclass(slots=True, eq=False)
-class _Request:
+class _StreamRead:
     tag: int
     region: RegionLayout
     indices: list[int]
@@ -59,7 +59,7 @@ class _Request:
 
 @dataclasses.dataclass(slots=True)
 class _InFlight:
-    request: _Request
+    request: _StreamRead
     count: int
     nbytes: int
     done: bool
@@ -95,9 +95,9 @@ class FetchSession:
         self._max_inflight_bytes = max_inflight_bytes
         self._max_batches = max_batches
         self._helpers = helpers
-        self._queue: list[tuple[int, int, _Request]] = []  # heap of (priority, arrival, request)
+        self._queue: list[tuple[int, int, _StreamRead]] = []  # heap of (priority, arrival, request)
         self._arrivals = 0
-        self._active: dict[int, _Request] = {}  # tag -> request whose done batch is not out yet
+        self._active: dict[int, _StreamRead] = {}  # tag -> request whose done batch is not out yet
         self._pending_indices = 0
         self._notices: collections.deque[Batch] = collections.deque()
         self._held = 0  # payload bytes of batches started and not yet taken by the consumer
@@ -122,7 +122,7 @@ class FetchSession:
         if indices:
             layout.check_index(min(indices))
             layout.check_index(max(indices))
-        request = _Request(tag, layout, list(indices))
+        request = _StreamRead(tag, layout, list(indices))
         self._active[tag] = request
         self._pending_indices += len(indices)
         heapq.heappush(self._queue, (priority, self._arrivals, request))
@@ -209,13 +209,13 @@ class FetchSession:
                 else loop.run_in_executor(self._executor, self._build, request, indices, done))
             in_flight.append(_InFlight(request, len(indices), nbytes, done, future))
 
-    def _batch_end(self, request: _Request) -> int:
+    def _batch_end(self, request: _StreamRead) -> int:
         size, stride = request.region.record_size, request.region.stride
         by_payload = self._max_batch_bytes // size
         by_disk = self._max_read_bytes // stride
         return min(len(request.indices), request.planned + max(1, min(by_payload, by_disk)))
 
-    def _build(self, request: _Request, indices: list[int], done: bool) -> Batch:
+    def _build(self, request: _StreamRead, indices: list[int], done: bool) -> Batch:
         span = tracer.start(telemetry.SPAN_READ_RECORDS, {
             telemetry.ATTR_REGION: request.region.name, telemetry.ATTR_RECORDS: len(indices)}, parent=self._span)
         self._counters.add(inflight_reads=1)
@@ -230,7 +230,7 @@ class FetchSession:
             self._counters.add(inflight_reads=-1)
             span.end()
 
-    async def _build_helped(self, request: _Request, indices: list[int], done: bool) -> Batch:
+    async def _build_helped(self, request: _StreamRead, indices: list[int], done: bool) -> Batch:
         """The batch, read by a helper process, or on the read pool when no helper slot is free."""
         assert self._helpers is not None
         span = tracer.start(telemetry.SPAN_READ_RECORDS, {
@@ -272,7 +272,7 @@ class FetchSession:
                            records_served=item.count)
         return batch
 
-    def _end(self, request: _Request) -> None:
+    def _end(self, request: _StreamRead) -> None:
         if self._active.pop(request.tag, None) is request:
             request.ended = True
             self._pending_indices -= len(request.indices)

@@ -71,7 +71,7 @@ def _serve(sock: socket.socket, buffer: memoryview, threads: int) -> None:
     server sends them in that order) instead of all at once.
     """
     send_lock = threading.Lock()
-    queue: SimpleQueue[tuple[_Request, int] | None] = SimpleQueue()
+    queue: SimpleQueue[tuple[_HelperRead, int] | None] = SimpleQueue()
 
     def answer(request_id: int, report: ReadReport) -> None:
         # plain tuples only: in the helper this module is __main__, so its classes do not pickle
@@ -106,7 +106,7 @@ def _serve(sock: socket.socket, buffer: memoryview, threads: int) -> None:
                 os.close(fds[0])
                 answer(request_id, ReadReport(()))
                 continue
-            request = _Request(request_id, fds[0], runs, stride, size, [None] * len(runs), len(runs))
+            request = _HelperRead(request_id, fds[0], runs, stride, size, [None] * len(runs), len(runs))
             for k in range(len(runs)):
                 queue.put((request, k))
     finally:
@@ -115,7 +115,7 @@ def _serve(sock: socket.socket, buffer: memoryview, threads: int) -> None:
 
 
 @dataclasses.dataclass(eq=False)
-class _Request:
+class _HelperRead:
     request_id: int
     fd: int
     runs: Sequence[Run]

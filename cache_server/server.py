@@ -22,7 +22,6 @@ from contiguouskv.cache_server.config import CacheServerConfig
 from contiguouskv.cache_server.dram_cache import DramCache
 from contiguouskv.cache_server.eviction import DEFAULT_EVICTION_RULE, EVICTION_RULES
 from contiguouskv.cache_server.fetch import DISK_BYTES_PER_PAYLOAD_BYTE
-from contiguouskv.cache_server.metrics import CacheCollector, start_metrics_server
 from contiguouskv.cache_server.read_process import ReadProcesses
 from contiguouskv.cache_server.service import METHOD_SCOPES, SERVICE_NAME, CacheServicer, add_cache_service
 from contiguouskv.cache_server.store import RecordStore
@@ -107,6 +106,8 @@ async def serve(config: CacheServerConfig, ready: Callable[[int], None] | None =
     access = access_interceptor(METHOD_SCOPES, config.auth_tokens_file, config.max_streams_per_client)
     metrics = None
     if config.metrics_port is not None:
+        from contiguouskv.cache_server.metrics import CacheCollector, start_metrics_server  # optional: prometheus_client
+
         collector = CacheCollector(lambda: store.stats(cache), store.counters.latency,
                                    (lambda: dict(access.refusals)) if access is not None else dict)
         metrics = start_metrics_server(config.host, config.metrics_port, collector)

@@ -21,7 +21,7 @@ from contiguouskv.client.errors import (
 from contiguouskv.client.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
 from contiguouskv.client.sync import ContiguousKVClient
 from contiguouskv.client.types import (
-    GeneratedToken, LayerTiming, ModelInfo, PeriodSelection, RegisteredPrefix, ReprefillResult, Timings,
+    GeneratedToken, LayerTiming, ModelInfo, PeriodSelection, PolicyInfo, RegisteredPrefix, ReprefillResult, Timings,
     TokenLayerSelection,
 )
 from contiguouskv.common.security import ClientTls
@@ -30,7 +30,7 @@ __all__ = [
     "DEFAULT_RETRY", "NO_RETRY", "AbortedError", "AlreadyExistsError", "AsyncContiguousKVClient", "ClientTls",
     "ContiguousKVClient", "ContiguousKVError", "DataLossError", "DeadlineExceededError", "FailedPreconditionError",
     "GeneratedToken", "InternalError", "InvalidArgumentError", "LayerTiming", "ModelInfo", "NotFoundError",
-    "OutOfRangeError", "PeriodSelection", "PermissionDeniedError", "RegisteredPrefix", "ReprefillResult",
+    "OutOfRangeError", "PeriodSelection", "PermissionDeniedError", "PolicyInfo", "RegisteredPrefix", "ReprefillResult",
     "ResourceExhaustedError", "RetryPolicy", "Timings", "TokenLayerSelection", "UnauthenticatedError",
     "UnavailableError", "UnimplementedError",
 ]

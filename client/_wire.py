@@ -8,7 +8,7 @@ import grpc
 
 from contiguouskv.client.errors import ERRORS_BY_STATUS, ContiguousKVError
 from contiguouskv.client.types import (
-    GeneratedToken, LayerTiming, ModelInfo, PeriodSelection, RegisteredPrefix, ReprefillResult, Timings,
+    GeneratedToken, LayerTiming, ModelInfo, PeriodSelection, PolicyInfo, RegisteredPrefix, ReprefillResult, Timings,
     TokenLayerSelection,
 )
 from contiguouskv.v1 import compute_pb2
@@ -89,4 +89,6 @@ def token(r: compute_pb2.GenerateResponse) -> GeneratedToken:
 def model_info(r: compute_pb2.GetModelInfoResponse) -> ModelInfo:
     return ModelInfo(r.name, r.fingerprint, r.num_layers, r.num_kv_heads, r.head_dim, r.num_attention_heads,
                      r.hidden_size, r.vocab_size, r.max_position_embeddings, r.has_tokenizer, r.dtype, r.device,
-                     r.chunk_size, tuple(r.policies))
+                     r.chunk_size, tuple(r.policies),
+                     tuple(PolicyInfo(p.name, p.layout, p.selective, p.loads_kv, p.default_period)
+                           for p in r.policy_info), tuple(r.extra_layouts))

@@ -121,7 +121,21 @@ class GeneratedToken:
 
 
 @dataclass(frozen=True)
+class PolicyInfo:
+    """One loading policy a server serves: the stored layout it reads (register the prefix with it),
+    whether it honours a budget, whether it loads stored KV at all, its default period."""
+
+    name: str
+    layout: str
+    selective: bool
+    loads_kv: bool
+    default_period: int
+
+
+@dataclass(frozen=True)
 class ModelInfo:
+    """What a compute server runs."""
+
     name: str
     fingerprint: str
     num_layers: int
@@ -136,3 +150,13 @@ class ModelInfo:
     device: str
     chunk_size: int
     policies: tuple[str, ...]
+    policy_info: tuple[PolicyInfo, ...] = ()
+    extra_layouts: tuple[str, ...] = ()
+    """Layouts a registration may store besides `contiguous` (``register(..., extra_layouts=...)``)."""
+
+    def policy(self, name: str) -> PolicyInfo:
+        """The description of policy ``name``; KeyError when the server does not serve it."""
+        for info in self.policy_info:
+            if info.name == name:
+                return info
+        raise KeyError(name)

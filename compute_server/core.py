@@ -21,7 +21,7 @@ from contiguouskv.compute_server.cachenet.attention import RegionScores
 from contiguouskv.compute_server.cachenet.cache_client import CacheClient
 from contiguouskv.compute_server.config import ComputeServerConfig
 from contiguouskv.compute_server.engine import Engine, QueryJob
-from contiguouskv.compute_server.errors import FailedPrecondition, InvalidArgument, NotFound
+from contiguouskv.compute_server.errors import BadRequest, NotRegistered, NotServable
 from contiguouskv.compute_server.kvio.loader import KVLoader
 from contiguouskv.compute_server.layouts.base import KVGeometry, LayoutCodec
 from contiguouskv.compute_server.layouts.contiguous_codec import ContiguousCodec
@@ -51,7 +51,7 @@ def _stored_codec(kind: str, metadata: bytes, prefix_id: str, name: str) -> tupl
     try:
         return parse_codec(kind, metadata)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise FailedPrecondition(f"prefix_id {prefix_id}: the stored {name} object has unreadable metadata "
+        raise NotServable(f"prefix_id {prefix_id}: the stored {name} object has unreadable metadata "
                                  f"({type(exc).__name__}: {str(exc)[:120]}); delete it and register the prefix again")
 
 
@@ -84,15 +84,15 @@ class ComputeCore:
         m = self.model
         if isinstance(value, str):
             if m.tokenizer is None:
-                raise InvalidArgument(f"{field_name}: model {m.name} has no tokenizer; send token ids")
+                raise BadRequest(f"{field_name}: model {m.name} has no tokenizer; send token ids")
             ids = list(m.tokenizer.encode(value, add_special_tokens=False))
         else:
             ids = list(value)
         if not ids:
-            raise InvalidArgument(f"{field_name}: empty")
+            raise BadRequest(f"{field_name}: empty")
         bad = [t for t in ids if not 0 <= t < m.vocab_size]
         if bad:
-            raise InvalidArgument(f"{field_name}: token id {bad[0]} outside the vocabulary [0, {m.vocab_size})")
+            raise BadRequest(f"{field_name}: token id {bad[0]} outside the vocabulary [0, {m.vocab_size})")
         return ids
 
     def decode(self, ids: list[int]) -> str:
@@ -106,16 +106,15 @@ class ComputeCore:
     # --- register --------------------------------------------------------------------------------
     async def register(self, prefix: str | list[int], extra_layouts: Sequence[str] = ()) -> RegisterReport:
         """Prefill once and store the primary layout plus any ``extra_layouts`` not stored yet."""
-        kinds = layout_kinds()
-        unknown = sorted(set(extra_layouts) - set(kinds))
+        unknown = sorted(set(extra_layouts) - set(layout_kinds()))
         if unknown:
-            extra = [k for k in kinds if k != PRIMARY_LAYOUT]
-            raise InvalidArgument(f"extra_layouts: unknown layout {unknown[0][:40]!r}; choose from {', '.join(extra)}")
+            raise BadRequest(f"extra_layouts: unknown layout {unknown[0][:40]!r}; "
+                             f"choose from {', '.join(self.extra_layouts())}")
         ids = self.tokens(prefix, "prefix")
         limit = min(self.config.max_prefix_tokens, self.model.max_position_embeddings - 1)
         if len(ids) > limit:
             which = "max_prefix_tokens" if limit == self.config.max_prefix_tokens else "the model's positions - 1"
-            raise InvalidArgument(f"prefix: {len(ids)} tokens, more than the limit of {limit} ({which})")
+            raise BadRequest(f"prefix: {len(ids)} tokens, more than the limit of {limit} ({which})")
         m = self.model
         codecs = [build_codec(kind, len(ids), self.geometry)
                   for kind in dict.fromkeys([PRIMARY_LAYOUT, *extra_layouts])]
@@ -148,32 +147,40 @@ class ComputeCore:
         return codec.geometry.num_chunks, codec.geometry.chunk_size
 
     # --- reprefill -------------------------------------------------------------------------------
+    def default_period(self, policy: type[LoadingPolicy]) -> int:
+        """Layers per period of ``policy`` when a request does not say: its own, else the server's."""
+        return policy.default_period if policy.default_period is not None else self.config.default_period
+
+    @staticmethod
+    def extra_layouts() -> list[str]:
+        """Layouts a registration may store besides the primary one."""
+        return [kind for kind in layout_kinds() if kind != PRIMARY_LAYOUT]
+
     def _params(self, args: ReprefillArgs) -> tuple[type[LoadingPolicy], PolicyParams]:
         if not PREFIX_ID.match(args.prefix_id):
-            raise InvalidArgument(f"prefix_id: {args.prefix_id[:80]!r} is not 32 lowercase hex digits")
-        name = args.policy or "full"
+            raise BadRequest(f"prefix_id: {args.prefix_id[:80]!r} is not 32 lowercase hex digits")
+        name = args.policy or self.policies.default
         if name not in self.policies:
-            raise InvalidArgument(f"policy: unknown {name[:40]!r}; choose one of {', '.join(self.policies.names)}")
+            raise BadRequest(f"policy: unknown {name[:40]!r}; choose one of {', '.join(self.policies.names)}")
         cls = self.policies.get(name)
         budget = 1.0 if args.budget is None else args.budget
         if not (math.isfinite(budget) and 0.0 < budget <= 1.0):
-            raise InvalidArgument(f"budget: {budget} is outside (0, 1]")
+            raise BadRequest(f"budget: {budget} is outside (0, 1]")
         if not 0 <= args.max_new_tokens <= self.config.max_new_tokens:
-            raise InvalidArgument(f"max_new_tokens: {args.max_new_tokens} is outside [0, {self.config.max_new_tokens}]")
-        default = cls.default_period if cls.default_period is not None else self.config.default_period
-        period = default if args.period is None else args.period
+            raise BadRequest(f"max_new_tokens: {args.max_new_tokens} is outside [0, {self.config.max_new_tokens}]")
+        period = self.default_period(cls) if args.period is None else args.period
         sub = min(period, self.config.default_sub_period) if args.sub_period is None else args.sub_period
         if period < 1 or sub < 1 or sub > period:
-            raise InvalidArgument(f"period/sub_period: need 1 <= sub_period <= period, got {sub} and {period}")
+            raise BadRequest(f"period/sub_period: need 1 <= sub_period <= period, got {sub} and {period}")
         return cls, PolicyParams(budget if cls.selective else 1.0, period, sub, args.evaluate_recall)
 
     async def _stored_primary(self, prefix_id: str) -> ContiguousCodec:
         manifest = await self.cache.get_manifest(prefix_id, self.layout_name)
         if manifest is None:
-            raise NotFound(f"prefix_id: {prefix_id} is not registered (layout {self.layout_name})")
+            raise NotRegistered(f"prefix_id: {prefix_id} is not registered (layout {self.layout_name})")
         codec, extra = _stored_codec(PRIMARY_LAYOUT, manifest.metadata, prefix_id, self.layout_name)
         if extra.get("model_fingerprint") != self.model.fingerprint:
-            raise FailedPrecondition(
+            raise NotServable(
                 f"prefix_id: {prefix_id} was stored for model {extra.get('model_name')!r} "
                 f"(fingerprint {str(extra.get('model_fingerprint'))[:12]}), this server runs "
                 f"{self.model.name!r} (fingerprint {self.model.fingerprint[:12]})")
@@ -187,13 +194,13 @@ class ComputeCore:
         want = build_codec(policy.layout, primary.num_tokens, self.geometry)
         manifest = await self.cache.get_manifest(prefix_id, want.name)
         if manifest is None:
-            raise FailedPrecondition(
+            raise NotServable(
                 f"policy {policy.name}: prefix_id {prefix_id} was registered without the {policy.layout} layout; "
                 f"register it with `contiguouskv register --layouts {policy.layout}` "
                 f"(SDK: register(..., extra_layouts=[{policy.layout!r}]))")
         stored, _ = _stored_codec(policy.layout, manifest.metadata, prefix_id, want.name)
         if stored != want:
-            raise FailedPrecondition(f"policy {policy.name}: prefix_id {prefix_id} has layout {stored}, "
+            raise NotServable(f"policy {policy.name}: prefix_id {prefix_id} has layout {stored}, "
                                      f"this server expects {want}")
         return want
 
@@ -204,13 +211,13 @@ class ComputeCore:
         cls, params = self._params(args)
         query = self.tokens(args.query, "query")
         if len(query) > self.config.max_query_tokens:
-            raise InvalidArgument(f"query: {len(query)} tokens, more than the limit of {self.config.max_query_tokens} "
+            raise BadRequest(f"query: {len(query)} tokens, more than the limit of {self.config.max_query_tokens} "
                                   f"(max_query_tokens)")
         primary = await self._stored_primary(args.prefix_id)
         chunks = primary.geometry
         total = chunks.num_tokens + len(query) + args.max_new_tokens
         if total > self.model.max_position_embeddings:
-            raise InvalidArgument(f"query: prefix ({chunks.num_tokens}) + query ({len(query)}) + max_new_tokens "
+            raise BadRequest(f"query: prefix ({chunks.num_tokens}) + query ({len(query)}) + max_new_tokens "
                                   f"({args.max_new_tokens}) exceed the model's {self.model.max_position_embeddings} positions")
         codec = await self._stored_layout(args.prefix_id, primary, cls)
         stream = await self.cache.open_stream(args.prefix_id, codec.name, self.config.fetch_batch_bytes)

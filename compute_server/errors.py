@@ -14,17 +14,25 @@ class ComputeError(Exception):
             self.code = code
 
 
-class InvalidArgument(ComputeError):
+class BadRequest(ComputeError):
+    """The request itself is malformed or over a limit."""
+
     code = "INVALID_ARGUMENT"
 
 
-class NotFound(ComputeError):
+class NotRegistered(ComputeError):
+    """The prefix is not stored on any cache shard."""
+
     code = "NOT_FOUND"
 
 
-class FailedPrecondition(ComputeError):
+class NotServable(ComputeError):
+    """The prefix is stored, but not so that this request can be served (other model, missing layout)."""
+
     code = "FAILED_PRECONDITION"
 
 
 class Unavailable(ComputeError):
+    """No cache shard could be reached."""
+
     code = "UNAVAILABLE"

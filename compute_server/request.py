@@ -19,7 +19,7 @@ class ReprefillArgs:
 
     prefix_id: str
     query: str | list[int]
-    policy: str = "full"
+    policy: str = ""  # empty: the server's default policy
     budget: float | None = None
     max_new_tokens: int = 0
     period: int | None = None

@@ -157,4 +157,8 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
             head_dim=m.head_dim, num_attention_heads=m.num_attention_heads, hidden_size=m.hidden_size,
             vocab_size=m.vocab_size, max_position_embeddings=m.max_position_embeddings,
             has_tokenizer=m.tokenizer is not None, dtype=self._core.kv_dtype, device=self._device,
-            chunk_size=self._core.config.chunk_size, policies=list(self._core.policies.names))
+            chunk_size=self._core.config.chunk_size, policies=list(self._core.policies.names),
+            policy_info=[compute_pb2.PolicyInfo(name=cls.name, layout=cls.layout, selective=cls.selective,
+                                                loads_kv=cls.loads_kv, default_period=self._core.default_period(cls))
+                         for cls in self._core.policies.classes()],
+            extra_layouts=self._core.extra_layouts())

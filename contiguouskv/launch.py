@@ -69,6 +69,8 @@ def cache_server(root: Path, *extra: str, log_path: Path | None = None) -> Servi
     return ServiceProcess("contiguouskv.cache_server", ["--root", str(root), *extra], log_path=log_path)
 
 
-def compute_server(model: str, cache_address: str, *extra: str, log_path: Path | None = None) -> ServiceProcess:
+def compute_server(model: str, cache_address: str, *extra: str, log_path: Path | None = None,
+                   env: dict[str, str] | None = None) -> ServiceProcess:
+    """A compute server; ``env`` adds to this process's environment (e.g. PYTHONPATH for a policy plug-in)."""
     return ServiceProcess("contiguouskv.compute_server", ["--model", model, "--cache", cache_address, *extra],
-                          log_path=log_path)
+                          log_path=log_path, env=env)

@@ -78,7 +78,7 @@ class ComputeMetrics:
 
     def observe_reprefill(self, reply: compute_pb2.ReprefillResponse) -> None:
         """Record the timings and bytes one Re-Prefill reply carries."""
-        t, policy = reply.timings, reply.policy or "full"
+        t, policy = reply.timings, reply.policy  # always the policy that ran
         self.ttft.labels(policy).observe(t.ttft_ms / 1e3)
         phases = (("io_wait", t.fetch_wait_ms), ("compute", t.compute_ms), ("fetch", t.fetch_ms),
                   ("decode", max(0.0, t.total_ms - t.ttft_ms)))

@@ -29,11 +29,14 @@ def traced_reprefill(method: F) -> F:
 
     @functools.wraps(method)
     async def wrapper(self: object, args: ReprefillArgs, *rest: object, **kwargs: object) -> ReprefillReport:
-        attributes = {t.ATTR_PREFIX_ID: args.prefix_id, t.ATTR_POLICY: args.policy or "full"}
+        attributes: dict[str, str | float] = {t.ATTR_PREFIX_ID: args.prefix_id}
+        if args.policy:
+            attributes[t.ATTR_POLICY] = args.policy
         if args.budget is not None:
             attributes[t.ATTR_BUDGET] = args.budget
         with tracer.span(t.SPAN_RUN_REPREFILL, attributes) as span:
             result: ReprefillReport = await method(self, args, *rest, **kwargs)
+            span.set_attribute(t.ATTR_POLICY, result.policy)  # resolved: the server's default when unnamed
             span.set_attribute(t.ATTR_TTFT_MS, result.ttft_s * 1e3)
             span.set_attribute(t.ATTR_BYTES, result.bytes_fetched)
             span.set_attribute(t.ATTR_PREFIX_TOKENS, result.prefix_tokens)

@@ -22,6 +22,8 @@ from contiguouskv.compute_server.policies.recompute import RecomputePolicy
 BUILTIN_POLICIES: tuple[type[LoadingPolicy], ...] = (
     RecomputePolicy, FullPolicy, ContiguousPolicy, ContiguousPlusPolicy, H2OPolicy, ImpressPolicy,
 )
+DEFAULT_POLICY = FullPolicy.name
+"""What a request that names no policy gets: everything loaded, the reference answer."""
 
 
 def load_plugin(spec: str) -> type[LoadingPolicy]:
@@ -58,8 +60,15 @@ class PolicyRegistry:
         return cls([*BUILTIN_POLICIES, *(load_plugin(spec) for spec in plugins)])
 
     @property
+    def default(self) -> str:
+        return DEFAULT_POLICY
+
+    @property
     def names(self) -> tuple[str, ...]:
         return tuple(self._by_name)
+
+    def classes(self) -> tuple[type[LoadingPolicy], ...]:
+        return tuple(self._by_name.values())
 
     def get(self, name: str) -> type[LoadingPolicy]:
         """The class of ``name``; KeyError when unknown."""

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contiguouskv import launch
-from contiguouskv.client import ContiguousKVClient
+from contiguouskv.bench.policies import PRIMARY_LAYOUT, cells, extra_layouts, resolve
+from contiguouskv.client import ContiguousKVClient, PolicyInfo
 from contiguouskv.demo import essay_dir
 
-POLICIES = ("full", "h2o", "impress", "contiguous", "contiguous+")
 WORDS = ("amber", "falcon", "cobalt", "maple", "orbit", "quartz", "saffron", "tundra", "velvet", "zephyr")
 
 
@@ -41,12 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", default="2048,4096", help="approximate prefix tokens, comma-separated")
     parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths in the haystack")
     parser.add_argument("--budgets", default="0.05,0.1,0.25,0.5", help="comma-separated fractions of the prefix")
-    parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policies (default all)")
+    parser.add_argument("--policies", default="all",
+                        help="comma-separated policies (default all: every policy the server serves that loads KV)")
     parser.add_argument("--tasks", default="needle,passkey,multi_needle,code",
                         help="comma-separated tasks (default needle,passkey,multi_needle,code)")
     parser.add_argument("--dtype", default="bfloat16", help="compute/KV dtype (default bfloat16)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the task generator (default 0)")
-    parser.add_argument("--period", type=int, help="layers per period for the contiguous policies (server default)")
+    parser.add_argument("--period", type=int,
+                        help="layers per period for the selective chunk policies (default: each policy's own)")
     parser.add_argument("--json", dest="json_path", type=Path, help="write results as JSON here")
 
 
@@ -125,9 +127,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = args.tasks.split(",")
     cases = make_cases(tasks, [int(x) for x in args.lengths.split(",")], [float(x) for x in args.depths.split(",")],
                        args.seed)
-    policies = [p for p in args.policies.split(",") if p]
     budgets = [float(b) for b in args.budgets.split(",")]
-    cells = [("full", 1.0)] + [(p, b) for p in policies if p != "full" for b in budgets]
     scores: dict[tuple[str, float, str], list[tuple[bool, bool, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="ckv-quality-", dir=Path.cwd()) as tmp:
         with launch.cache_server(Path(tmp) / "store", "--dram-cache-bytes", "0") as cache:
@@ -135,8 +135,13 @@ def run(args: argparse.Namespace) -> int:
             with compute:
                 compute.wait_ready(timeout=900)
                 with ContiguousKVClient(compute.address, timeout=3600) as client:
+                    info = client.model_info()
+                    chosen = resolve(args.policies, info, skip=[p.name for p in info.policy_info if not p.loads_kv])
+                    reference = [p for p in info.policy_info if p.loads_kv and not p.selective][:1]  # full KV
+                    policies = reference + [p for p in chosen if p not in reference]
+                    periodic = {p.name for p in policies if p.selective and p.layout == PRIMARY_LAYOUT}
                     for i, case in enumerate(cases, 1):
-                        _case(client, case, cells, scores, i, len(cases), args.period)
+                        _case(client, case, policies, budgets, periodic, scores, i, len(cases), args.period)
     results = [{"policy": p, "budget": b, "task": t, "n": len(v), "accuracy": sum(a for a, _, _ in v) / len(v),
                 "top1_agreement": sum(t1 for _, t1, _ in v) / len(v), "kl": sum(k for _, _, k in v) / len(v)}
                for (p, b, t), v in scores.items()]
@@ -146,18 +151,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _case(client: ContiguousKVClient, case: Case, cells: list[tuple[str, float]],
-          scores: dict[tuple[str, float, str], list[tuple[bool, bool, float]]], i: int, total: int,
+def _case(client: ContiguousKVClient, case: Case, policies: list[PolicyInfo], budgets: list[float],
+          periodic: set[str], scores: dict[tuple[str, float, str], list[tuple[bool, bool, float]]], i: int, total: int,
           period: int | None = None) -> None:
-    extra = ["impress"] if any(p in ("impress", "h2o") for p, _ in cells) else []
+    """One case through every (policy, budget); the first policy (full KV) is the reference."""
+    extra = extra_layouts(policies)
     start = time.perf_counter()
     reg = client.register(case.prefix, extra_layouts=extra) if extra else client.register(case.prefix)
     reference = None
-    for policy, budget in cells:
+    for policy, budget in cells(policies, budgets):
         r = client.reprefill(reg.prefix_id, _query(case.question), policy=policy, budget=budget,
                              max_new_tokens=16, return_logits=True,
-                             period=period if policy.startswith("contiguous") else None,
-                             sub_period=1 if period == 1 and policy.startswith("contiguous") else None)
+                             period=period if policy in periodic else None,
+                             sub_period=1 if period == 1 and policy in periodic else None)
         reference = reference or r
         correct = case.answer.lower() in r.answer.lower()
         scores.setdefault((policy, budget, case.task), []).append(

@@ -27,13 +27,12 @@ import grpc
 from contiguouskv import launch
 from contiguouskv.bench.disk import raw_read_gbps
 from contiguouskv.bench.plots import plot_reprefill
-from contiguouskv.client import ContiguousKVClient, ReprefillResult
+from contiguouskv.bench.policies import PRIMARY_LAYOUT, extra_layouts, resolve
+from contiguouskv.bench.policies import cells as policy_cells
+from contiguouskv.client import ContiguousKVClient, PolicyInfo, ReprefillResult
 from contiguouskv.progress import Progress
 from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
 
-ALL_POLICIES = ("recompute", "full", "h2o", "impress", "contiguous", "contiguous+")
-BUDGETLESS = ("recompute", "full")
-BLOCK_TOKENS = 64  # IMPRESS / H2O block size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-tokens", type=int, default=16384, help="tokens per prefix (default 16384)")
     parser.add_argument("--query-tokens", type=int, default=64, help="tokens per query (default 64)")
     parser.add_argument("--budgets", default="0.05,0.1,0.25,0.5", help="comma-separated fractions")
-    parser.add_argument("--policies", default=",".join(ALL_POLICIES), help="comma-separated policies")
+    parser.add_argument("--policies", default="all",
+                        help="comma-separated policies (default all: every policy the compute server serves)")
     parser.add_argument("--repeats", type=int, default=3, help="cold runs per policy and budget (default 3)")
     parser.add_argument("--warm-prefixes", type=int, default=3, help="prefixes in the warm stream; 0 = no warm")
     parser.add_argument("--warm-queries", type=int, default=12, help="queries per policy in the warm stream")
@@ -66,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 @dataclass
 class Row:
     policy: str
+    layout: str
+    selective: bool
     budget: float
     cache: str
     prefix_tokens: int
@@ -91,7 +93,8 @@ class Row:
         floor_ms = max(io_floor_s * 1e3, compute)
         p50 = statistics.median(self.ttft_ms)
         return {
-            "policy": self.policy, "budget": self.budget, "cache": self.cache,
+            "policy": self.policy, "layout": self.layout, "selective": self.selective, "budget": self.budget,
+            "cache": self.cache,
             "prefix_tokens": self.prefix_tokens, "query_tokens": self.query_tokens,
             "ttft_ms_p50": p50, "ttft_ms_p95": _p95(self.ttft_ms),
             "bytes_from_disk": int(disk), "bytes_from_dram": int(self.bytes_from_dram / runs),
@@ -126,7 +129,8 @@ class Bench:
         self.model = model
         self.prefix_tokens = prefix_tokens
         self.root = root
-        self.policies = [p for p in args.policies.split(",") if p]
+        self.requested = args.policies
+        self.policies: list[PolicyInfo] = []
         self.budgets = [float(b) for b in args.budgets.split(",") if b]
         self.rng = random.Random(args.seed)
         self.prefixes: list[str] = []
@@ -154,7 +158,7 @@ class Bench:
                                 sub_period=self.args.sub_period, timeout=3600)
 
     def register(self, client: ContiguousKVClient, count: int) -> None:
-        extra = ["impress"] if {"impress", "h2o"} & set(self.policies) else []
+        extra = extra_layouts(self.policies)
         while len(self.prefixes) < count:
             ids = [self.rng.randrange(self.vocab) for _ in range(self.prefix_tokens)]
             _progress(f"registering prefix {len(self.prefixes) + 1}/{count} ({self.prefix_tokens} tokens) ...")
@@ -163,17 +167,18 @@ class Bench:
                     client.register(token_ids=ids, timeout=7200)
             self.prefixes.append(reg.prefix_id)
 
-    def cells(self) -> list[tuple[str, float]]:
-        return [(p, 1.0) if p in BUDGETLESS else (p, b) for p in self.policies
-                for b in ([1.0] if p in BUDGETLESS else self.budgets)]
+    def cells(self) -> list[tuple[PolicyInfo, float]]:
+        by_name = {p.name: p for p in self.policies}
+        return [(by_name[name], b) for name, b in policy_cells(self.policies, self.budgets)]
 
     def measure(self, cache: launch.ServiceProcess, client: ContiguousKVClient, label: str,
                 prefixes: list[str], queries: int) -> list[Row]:
         rows = []
         cells = self.cells()
-        for i, (policy, budget) in enumerate(cells, 1):
+        for i, (info, budget) in enumerate(cells, 1):
+            policy = info.name
             _progress(f"{label} {i}/{len(cells)}: {policy} budget {budget:g} x {queries}")
-            row = Row(policy, budget, label, self.prefix_tokens, self.args.query_tokens)
+            row = Row(policy, info.layout, info.selective, budget, label, self.prefix_tokens, self.args.query_tokens)
             before = _stats(cache.address)
             with Progress(f"{label} {policy} {budget:g}", total=queries) as bar:
                 for q in range(queries):
@@ -190,7 +195,7 @@ class Bench:
             row.bytes_from_disk = after.bytes_read_from_disk - before.bytes_read_from_disk
             row.bytes_from_dram = after.bytes_served_from_dram - before.bytes_served_from_dram
             row.bytes_requested_from_disk = after.bytes_requested_from_disk - before.bytes_requested_from_disk
-            if policy == "contiguous+":  # agreement with the exact ranking, measured off the clock
+            if info.selective and info.layout == PRIMARY_LAYOUT:  # agreement with the exact ranking, off the clock
                 row.recall = client.reprefill(prefixes[0], self._query(), policy=policy, budget=budget,
                                               period=self.args.period, sub_period=self.args.sub_period,
                                               evaluate_recall=True, timeout=3600).recall
@@ -208,6 +213,7 @@ class Bench:
                 with ContiguousKVClient(compute.address, timeout=3600) as client:
                     info = client.model_info()
                     self.vocab = info.vocab_size
+                    self.policies = resolve(self.requested, info)
                     self.register(client, max(1, warm))
                     gbps = self._disk()
                     rows = self.measure(cache, client, "cold", self.prefixes[:1], self.args.repeats)
@@ -226,9 +232,10 @@ class Bench:
         rows = []
         weights = [1.0 / (i + 1) for i in range(len(self.prefixes))]  # Zipf-like skew
         stream = self.rng.choices(self.prefixes, weights=weights, k=self.args.warm_queries)
-        for policy, b in self.cells():
-            if policy == "recompute":
+        for policy_info, b in self.cells():
+            if not policy_info.loads_kv:
                 continue
+            policy = policy_info.name
             cache = self._cache(dram_bytes=budget)
             try:
                 compute = self._compute(cache.address)
@@ -237,7 +244,7 @@ class Bench:
                         for prefix in stream:  # warm-up pass fills the DRAM cache
                             self._ask(client, prefix, policy, b)
                         saved = self.policies, self.budgets
-                        self.policies, self.budgets = [policy], [b]
+                        self.policies, self.budgets = [policy_info], [b]
                         rows += self.measure(cache, client, "warm", stream, len(stream))
                         self.policies, self.budgets = saved
                 finally:
@@ -253,8 +260,8 @@ class Bench:
         return {name: raw_read_gbps(files, size) for name, size in sizes.items()}
 
 
-def _kv_request(policy: str, sub_period: int | None) -> str:
-    if policy in ("impress", "h2o"):
+def _kv_request(layout: str, sub_period: int | None) -> str:
+    if layout != PRIMARY_LAYOUT:  # the impress layout's 64-token K or V blocks
         return "64KiB"
     return "128KiB" if (sub_period or 4) >= 4 else "64KiB"
 
@@ -266,7 +273,7 @@ def _speedups(results: list[dict[str, object]]) -> None:
             r["policy"]: r["ttft_ms_p50"] / row["ttft_ms_p50"]  # type: ignore[operator]
             for r in results
             if r["cache"] == row["cache"] and r["prefix_tokens"] == row["prefix_tokens"]
-            and r["policy"] != row["policy"] and (r["policy"] in BUDGETLESS or r["budget"] == row["budget"])}
+            and r["policy"] != row["policy"] and (not r["selective"] or r["budget"] == row["budget"])}
 
 
 def _print(results: list[dict[str, object]], gbps: dict[str, float]) -> None:
@@ -301,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="ckv-bench-", dir=base) as tmp:
             rows, gbps, info = Bench(args, model, tokens, Path(tmp)).run()
         machine.update(info)
-        results = [r.summary(gbps, _kv_request(r.policy, args.sub_period)) for r in rows]
+        results = [r.summary(gbps, _kv_request(r.layout, args.sub_period)) for r in rows]
         _speedups(results)
         all_results += results
         rows_by_run += rows

@@ -559,6 +559,8 @@ class GetModelInfoResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
     POLICIES_FIELD_NUMBER: _builtins.int
+    POLICY_INFO_FIELD_NUMBER: _builtins.int
+    EXTRA_LAYOUTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     fingerprint: _builtins.str
     num_layers: _builtins.int
@@ -573,7 +575,17 @@ class GetModelInfoResponse(_message.Message):
     device: _builtins.str
     chunk_size: _builtins.int
     @_builtins.property
-    def policies(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def policies(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of the loading policies this server serves (built-in and plug-ins)."""
+
+    @_builtins.property
+    def policy_info(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyInfo]:
+        """The same policies, described: what each reads and whether it honours a budget."""
+
+    @_builtins.property
+    def extra_layouts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Layouts a registration may store besides `contiguous` (extra_layouts)."""
+
     def __init__(
         self,
         *,
@@ -591,11 +603,50 @@ class GetModelInfoResponse(_message.Message):
         device: _builtins.str = ...,
         chunk_size: _builtins.int = ...,
         policies: _abc.Iterable[_builtins.str] | None = ...,
+        policy_info: _abc.Iterable[Global___PolicyInfo] | None = ...,
+        extra_layouts: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "device", b"device", "dtype", b"dtype", "fingerprint", b"fingerprint", "has_tokenizer", b"has_tokenizer", "head_dim", b"head_dim", "hidden_size", b"hidden_size", "max_position_embeddings", b"max_position_embeddings", "name", b"name", "num_attention_heads", b"num_attention_heads", "num_kv_heads", b"num_kv_heads", "num_layers", b"num_layers", "policies", b"policies", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "device", b"device", "dtype", b"dtype", "extra_layouts", b"extra_layouts", "fingerprint", b"fingerprint", "has_tokenizer", b"has_tokenizer", "head_dim", b"head_dim", "hidden_size", b"hidden_size", "max_position_embeddings", b"max_position_embeddings", "name", b"name", "num_attention_heads", b"num_attention_heads", "num_kv_heads", b"num_kv_heads", "num_layers", b"num_layers", "policies", b"policies", "policy_info", b"policy_info", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelInfoResponse: _TypeAlias = GetModelInfoResponse  # noqa: Y015
+
+@_typing.final
+class PolicyInfo(_message.Message):
+    """PolicyInfo describes one loading policy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LAYOUT_FIELD_NUMBER: _builtins.int
+    SELECTIVE_FIELD_NUMBER: _builtins.int
+    LOADS_KV_FIELD_NUMBER: _builtins.int
+    DEFAULT_PERIOD_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    layout: _builtins.str
+    """The stored layout it reads: the prefix must have been registered with it."""
+    selective: _builtins.bool
+    """Whether it honours ReprefillRequest.budget (false: it reads everything it needs, budget 1.0)."""
+    loads_kv: _builtins.bool
+    """False for a policy that loads no stored KV (recompute)."""
+    default_period: _builtins.int
+    """Layers per period when the request does not say."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        layout: _builtins.str = ...,
+        selective: _builtins.bool = ...,
+        loads_kv: _builtins.bool = ...,
+        default_period: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_period", b"default_period", "layout", b"layout", "loads_kv", b"loads_kv", "name", b"name", "selective", b"selective"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyInfo: _TypeAlias = PolicyInfo  # noqa: Y015
