@@ -21,7 +21,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 import torch
 
@@ -62,11 +62,45 @@ class PrefilledPrefix:
     scaling: float
 
 
-class LayoutCodec(abc.ABC):
-    """One prefix stored in one layout: its geometry, and packing and unpacking of its records."""
+class Geometry(Protocol):
+    """The pure side of a layout (int math only): what the codec delegates to."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    def regions(self) -> list[Region]: ...
+
+    def to_metadata(self, **extra: object) -> bytes: ...
+
+    def total_kv_bytes(self) -> int: ...
+
+
+G = TypeVar("G", bound=Geometry)
+
+
+class LayoutCodec(abc.ABC, Generic[G]):
+    """One prefix stored in one layout: its geometry, and packing and unpacking of its records.
+
+    Equal codecs have the same kind and geometry; sizes, regions and metadata come from the geometry.
+    """
 
     kind: ClassVar[str]
     """The layout's kind (``contiguous``, ``impress``): what policies and registrations name."""
+
+    def __init__(self, geometry: G) -> None:
+        self.geometry = geometry
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.geometry == self.geometry  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.geometry))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.geometry})"
 
     @classmethod
     @abc.abstractmethod
@@ -80,26 +114,26 @@ class LayoutCodec(abc.ABC):
         ValueError (or KeyError, TypeError) when the metadata is not this layout's."""
 
     @property
-    @abc.abstractmethod
     def name(self) -> str:
         """The key the cache server stores the object under (kind plus its parameters)."""
+        return self.geometry.name
 
     @property
-    @abc.abstractmethod
     def num_tokens(self) -> int:
         """Prefix tokens stored."""
+        return self.geometry.num_tokens
 
-    @abc.abstractmethod
     def regions(self) -> list[Region]:
         """Every region of the object, in file order."""
+        return self.geometry.regions()
 
-    @abc.abstractmethod
     def to_metadata(self, **extra: object) -> bytes:
         """Opaque JSON stored with the object: the geometry plus ``extra`` (model fingerprint, ...)."""
+        return self.geometry.to_metadata(**extra)
 
-    @abc.abstractmethod
     def total_kv_bytes(self) -> int:
         """Bytes of every K/V record: what loading everything reads."""
+        return self.geometry.total_kv_bytes()
 
     @abc.abstractmethod
     def pack(self, prefix: PrefilledPrefix, batch_bytes: int) -> Iterator[Payload]:

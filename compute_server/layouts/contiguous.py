@@ -1,4 +1,4 @@
-"""The `contiguous` on-disk layout (DESIGN §3): pure arithmetic over ints, no I/O, no torch.
+"""The `contiguous` on-disk layout: pure arithmetic over ints, no I/O, no torch (docs/reprefill.md).
 
 A prefix of ``n`` tokens is cut into ``m = ceil(n / c)`` ContiguousChunks. Layers are grouped into
 storage groups of ``g`` layers. The cache server sees only named regions of fixed-size records:

@@ -12,7 +12,6 @@ import torch
 
 from contiguouskv.compute_server.layouts.base import KVGeometry, KVRecord, LayoutCodec, PrefilledPrefix
 from contiguouskv.compute_server.layouts.contiguous import LAYOUT_KIND, ContiguousLayout
-from contiguouskv.compute_server.layouts.region import Region
 from contiguouskv.compute_server.layouts.tensors import TORCH_DTYPES, Payload, as_bytes, batches, frombuffer
 from contiguouskv.compute_server.selection.importance import window_importance
 
@@ -72,13 +71,10 @@ def unpack_kv_record(layout: ContiguousLayout, payload: memoryview | bytes) -> t
     return t[0], t[1]
 
 
-class ContiguousCodec(LayoutCodec):
+class ContiguousCodec(LayoutCodec[ContiguousLayout]):
     """A prefix in the `contiguous` layout: 16-token ContiguousChunks, K and V of a chunk together."""
 
     kind = LAYOUT_KIND
-
-    def __init__(self, geometry: ContiguousLayout) -> None:
-        self.geometry = geometry
 
     @classmethod
     def for_prefix(cls, num_tokens: int, model: KVGeometry) -> "ContiguousCodec":
@@ -89,32 +85,6 @@ class ContiguousCodec(LayoutCodec):
     def from_metadata(cls, raw: bytes) -> tuple["ContiguousCodec", dict[str, object]]:
         geometry, extra = ContiguousLayout.from_metadata(raw)
         return cls(geometry), extra
-
-    @property
-    def name(self) -> str:
-        return self.geometry.name
-
-    @property
-    def num_tokens(self) -> int:
-        return self.geometry.num_tokens
-
-    def regions(self) -> list[Region]:
-        return self.geometry.regions()
-
-    def to_metadata(self, **extra: object) -> bytes:
-        return self.geometry.to_metadata(**extra)
-
-    def total_kv_bytes(self) -> int:
-        return self.geometry.total_kv_bytes()
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ContiguousCodec) and other.geometry == self.geometry
-
-    def __hash__(self) -> int:
-        return hash(self.geometry)
-
-    def __repr__(self) -> str:
-        return f"ContiguousCodec({self.geometry})"
 
     # --- save ------------------------------------------------------------------------------------
     def pack(self, prefix: PrefilledPrefix, batch_bytes: int) -> Iterator[Payload]:

@@ -1,4 +1,4 @@
-"""The `impress` on-disk layout of the token-level baselines (PAPER_NOTES B2/B3): pure int math.
+"""The `impress` on-disk layout of the token-level baselines (docs/baselines.md): pure int math.
 
 IMPRESS stores each layer's keys and values as separate objects of 64-token blocks, plus a second
 copy of the probe heads' keys so that identification reads only those. The `h2o` baseline reads the

@@ -13,7 +13,6 @@ import torch
 
 from contiguouskv.compute_server.layouts.base import KVGeometry, LayoutCodec, PrefilledPrefix
 from contiguouskv.compute_server.layouts.impress import LAYOUT_KIND, ImpressLayout
-from contiguouskv.compute_server.layouts.region import Region
 from contiguouskv.compute_server.layouts.tensors import TORCH_DTYPES, Payload, as_bytes, batches, frombuffer
 from contiguouskv.compute_server.selection.importance import window_token_importance
 
@@ -62,13 +61,10 @@ def unpack_token_importance(layout: ImpressLayout, records: Sequence[memoryview 
     return torch.stack([frombuffer(r, torch.float32) for r in records])
 
 
-class ImpressCodec(LayoutCodec):
+class ImpressCodec(LayoutCodec[ImpressLayout]):
     """A prefix in the `impress` layout: 64-token K and V blocks per layer, probe keys, h2o scores."""
 
     kind = LAYOUT_KIND
-
-    def __init__(self, geometry: ImpressLayout) -> None:
-        self.geometry = geometry
 
     @classmethod
     def for_prefix(cls, num_tokens: int, model: KVGeometry) -> "ImpressCodec":
@@ -79,32 +75,6 @@ class ImpressCodec(LayoutCodec):
     def from_metadata(cls, raw: bytes) -> tuple["ImpressCodec", dict[str, object]]:
         geometry, extra = ImpressLayout.from_metadata(raw)
         return cls(geometry), extra
-
-    @property
-    def name(self) -> str:
-        return self.geometry.name
-
-    @property
-    def num_tokens(self) -> int:
-        return self.geometry.num_tokens
-
-    def regions(self) -> list[Region]:
-        return self.geometry.regions()
-
-    def to_metadata(self, **extra: object) -> bytes:
-        return self.geometry.to_metadata(**extra)
-
-    def total_kv_bytes(self) -> int:
-        return self.geometry.total_kv_bytes()
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ImpressCodec) and other.geometry == self.geometry
-
-    def __hash__(self) -> int:
-        return hash(self.geometry)
-
-    def __repr__(self) -> str:
-        return f"ImpressCodec({self.geometry})"
 
     def pack(self, prefix: PrefilledPrefix, batch_bytes: int) -> Iterator[Payload]:
         """Every region; the ``h2o`` region holds the static token importance from the last queries."""

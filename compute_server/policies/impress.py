@@ -1,4 +1,4 @@
-"""The IMPRESS baseline (FAST '25; PAPER_NOTES part B) over the `impress` layout, and the machinery
+"""The IMPRESS baseline (FAST '25; docs/baselines.md) over the `impress` layout, and the machinery
 it shares with the `h2o` baseline: token-level selection served from 64-token K/V blocks.
 
 IMPRESS, per layer and strictly in sequence (no cross-layer prefetch, B3 and part C):
@@ -13,7 +13,7 @@ IMPRESS, per layer and strictly in sequence (no cross-layer prefetch, B3 and par
    blocks holding them. Otherwise fall back: read all keys of the layer, take each KV head's own
    top-k tokens (query heads of a GQA group summed), and read the V blocks holding them.
 
-Choices where part B is silent (docs/baselines.md): the vote ranks tokens by the number of probe
+Choices where the IMPRESS paper is silent (docs/baselines.md): the vote ranks tokens by the number of probe
 heads that kept them, then by their summed probe scores, and keeps exactly k; under grouped-query
 attention a "head" of the probe is an attention head and the fallback selects per KV head (the unit
 whose keys are stored); ``s == t`` counts as similar.

@@ -1,6 +1,6 @@
 """Chunk scoring and top-k selection for the `contiguous` policies (pure torch, no I/O).
 
-Scores follow DESIGN §4 and the paper: softmax attention of every query token over the prefix
+Scores follow the paper (docs/reprefill.md): softmax attention of every query token over the prefix
 tokens, normalised together with the query's own causal keys, summed over query tokens and over all
 heads (query head h reads KV head h // (heads / kv_heads)), then summed per chunk.
 
