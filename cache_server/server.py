@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eviction-rule", choices=sorted(EVICTION_RULES),
                         help=f"which records the DRAM cache keeps ({DEFAULT_EVICTION_RULE})")
     # The flag's old name, still read (deprecated; left out of --help).
-    parser.add_argument("--cache-policy", dest="eviction_rule", choices=sorted(EVICTION_RULES), help="deprecated name of --eviction-rule")
+    parser.add_argument("--cache-policy", dest="eviction_rule", choices=sorted(EVICTION_RULES),
+                        help="deprecated name of --eviction-rule")
     parser.add_argument("--max-inflight-bytes", type=int,
                         help="record bytes one Fetch stream may hold (16 MiB)")
     parser.add_argument("--read-threads", type=int, help="disk read threads (16)")

@@ -56,7 +56,7 @@ def test_eviction_rule_is_still_read_under_its_old_names(tmp_path: Path, monkeyp
     monkeypatch.delenv("CKV_EVICTION_RULE", raising=False)
     monkeypatch.delenv("CKV_CACHE_POLICY", raising=False)
     assert config_from_args(parse("--root", str(tmp_path), "--cache-policy", "lru")).eviction_rule == "lru"
-    assert "--eviction-rule" in _help() and "--cache-policy" not in _help()  # deprecated: not advertised
+    assert "--eviction-rule" in _help() and "deprecated name of --eviction-rule" in _help()
     file = tmp_path / "cache.json"
     file.write_text(json.dumps({"root": str(tmp_path), "cache_policy": "lfu"}))
     assert config_from_args(parse("--config", str(file))).eviction_rule == "lfu"

@@ -8,7 +8,7 @@ to move to the next replica when the shard breaks.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 import grpc
 
@@ -82,7 +82,7 @@ class RecordStream:
                 message = await self._call.read()
                 if message is grpc.aio.EOF:
                     return
-                yield message
+                yield cast(FetchBatch, message)  # the call's deserializer is decode_fetch_response
         except grpc.aio.AioRpcError as err:
             raise cache_error(self._address, err) from err
 

@@ -32,13 +32,15 @@ from contiguouskv.compute_server.kvio.staging import to_device, wait_copy
 from contiguouskv.compute_server.layouts.base import LayoutCodec
 
 KVPair = tuple[torch.Tensor, torch.Tensor]
+Records = list[memoryview]
+"""Whole records of a blob request, in the order asked: views over the received bytes."""
 
 
 @dataclass
 class _Blob:
-    future: "Future[list[bytes]]"
+    future: Future[Records]
     category: str
-    parts: list[bytes] = field(default_factory=list)
+    parts: Records = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -101,11 +103,11 @@ class KVLoader:
         return {unit: self.start_load([unit], layers, priority) for unit in sorted(set(units))}
 
     def start_blob(self, region: str, indices: Sequence[int], priority: int = -1,
-                   category: str = "meta") -> "Future[list[bytes]]":
+                   category: str = "meta") -> Future[Records]:
         """Ask for whole records of a region; the future yields them in the order asked.
 
         ``category`` (``ident``, ``kv``, ``meta``, ``eval``) is what the bytes are counted as."""
-        future: Future[list[bytes]] = Future()
+        future: Future[Records] = Future()
         if not indices:
             future.set_result([])
             return future
@@ -212,7 +214,7 @@ class KVLoader:
             self._cond.notify_all()
 
     # --- wait (compute thread, blocks) ----------------------------------------------------------
-    def wait_blob(self, future: "Future[list[bytes]]") -> tuple[list[bytes], float]:
+    def wait_blob(self, future: Future[Records]) -> tuple[Records, float]:
         """Block for a blob request; returns its records and the seconds spent waiting.
 
         Raises the stream's error, or CANCELLED once the request's loading ended."""

@@ -27,7 +27,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def as_bytes(t: torch.Tensor) -> memoryview:
     """The bytes of ``t`` (made contiguous), as a flat memoryview."""
-    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+    return t.contiguous().view(torch.uint8).numpy().data.cast("B")
 
 
 def batches(region: str, record_size: int, data: memoryview, batch_bytes: int) -> Iterator[Payload]:

@@ -17,6 +17,7 @@ from concurrent.futures import Future
 
 import torch
 
+from contiguouskv.compute_server.kvio.loader import Records
 from contiguouskv.compute_server.policies.base import STATS_PRIORITY
 from contiguouskv.compute_server.policies.token_level import TokenPolicy
 from contiguouskv.compute_server.selection.tokens import top_tokens
@@ -32,7 +33,7 @@ class H2OPolicy(TokenPolicy):
         layers = list(range(lay.num_layers))
         records = await asyncio.wrap_future(self._request(lay.importance_region, layers, "ident", STATS_PRIORITY))
         scores = self.codec.token_importance(records)  # [L, n]
-        self._futures: dict[int, tuple[Future[list[bytes]], Future[list[bytes]]]] = {}
+        self._futures: dict[int, tuple[Future[Records], Future[Records]]] = {}
         for layer in layers:
             tokens = top_tokens(scores[layer : layer + 1], self.k)  # [1, k]
             sel = self._selection(layer, tokens.expand(lay.num_kv_heads, -1), shared=True)

@@ -19,6 +19,7 @@ import torch
 from contiguouskv.compute_server.cachenet.attention import RegionScores
 from contiguouskv.compute_server.layouts.contiguous import sub_periods
 from contiguouskv.compute_server.layouts.contiguous_codec import ContiguousCodec
+from contiguouskv.compute_server.kvio.loader import Records
 from contiguouskv.compute_server.policies.base import (
     STATS_PRIORITY, LoadingPolicy, LoadUsage, PeriodChoice, PolicyContext, chunk_usage,
 )
@@ -40,8 +41,8 @@ class PeriodicPolicy(LoadingPolicy):
         self.starts = list(range(0, L, p.period))
         self._runs = {s: [r for r in sub_periods(L, p.period, p.sub_period) if s <= r.start < s + p.period]
                       for s in self.starts}
-        self._ident: dict[int, Future[list[bytes]]] = {}
-        self._eval: dict[int, Future[list[bytes]]] = {}
+        self._ident: dict[int, Future[Records]] = {}
+        self._eval: dict[int, Future[Records]] = {}
         self._predicted: dict[int, dict[int, list[int]]] = {}
         self._selected: dict[int, list[int]] = {}
         self._pending_wait = 0.0
@@ -57,7 +58,7 @@ class PeriodicPolicy(LoadingPolicy):
         importance = self.codec.importance((await asyncio.wrap_future(stats))[0])
         self._predict(0, select_top(importance.sum(dim=0), self.budget))
 
-    def _request_ident(self, layer: int) -> Future[list[bytes]]:
+    def _request_ident(self, layer: int) -> Future[Records]:
         indices = range(self.chunks.num_chunks) if self.ident_region == "idkeys" else [0]
         return self.loader.start_blob(f"{self.ident_region}/L{layer}", indices, priority=2 * layer - 1,
                                       category="ident")
@@ -90,12 +91,12 @@ class PeriodicPolicy(LoadingPolicy):
         if following is not None and following not in self._selected:  # p = 1 may speculate first
             self._predict(following, chunks)
 
-    def _wait_blob(self, future: Future[list[bytes]]) -> list[bytes]:
+    def _wait_blob(self, future: Future[Records]) -> Records:
         records, waited = self.loader.wait_blob(future)
         self._pending_wait += waited
         return records
 
-    def _layer_keys(self, future: Future[list[bytes]]) -> torch.Tensor:
+    def _layer_keys(self, future: Future[Records]) -> torch.Tensor:
         """All prefix keys of a layer, [kv_heads, n, d], from its idkeys records."""
         return self.codec.layer_keys(self._wait_blob(future))
 

@@ -11,6 +11,7 @@ import torch
 from contiguouskv.compute_server.cachenet.attention import RegionScores
 from contiguouskv.compute_server.layouts.impress import token_budget
 from contiguouskv.compute_server.layouts.impress_codec import ImpressCodec
+from contiguouskv.compute_server.kvio.loader import Records
 from contiguouskv.compute_server.policies.base import LayerSelection, LoadingPolicy, LoadUsage, PolicyContext
 
 
@@ -28,10 +29,10 @@ class TokenPolicy(LoadingPolicy):
         self.selections: list[LayerSelection] = []
 
     # --- reads ---------------------------------------------------------------------------------
-    def _request(self, region: str, indices: list[int], category: str, priority: int) -> Future[list[bytes]]:
+    def _request(self, region: str, indices: list[int], category: str, priority: int) -> Future[Records]:
         return self.loader.start_blob(region, indices, priority=priority, category=category)
 
-    def _wait(self, future: Future[list[bytes]]) -> tuple[list[bytes], float]:
+    def _wait(self, future: Future[Records]) -> tuple[Records, float]:
         return self.loader.wait_blob(future)
 
     # --- gathering -----------------------------------------------------------------------------
