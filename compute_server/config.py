@@ -47,6 +47,12 @@ class ComputeServerConfig:
     max_prefix_tokens: int = 32768
     max_query_tokens: int = 4096
     max_new_tokens: int = 512
+    # Serving engine (docs/operations.md): requests running at once, the KV they may stage together
+    # (host and device), the queue behind them, and requests per batched layer pass (1 = no batching).
+    max_active_requests: int = 32
+    max_queued_requests: int = 256
+    max_staged_bytes: int = 8 << 30
+    max_batch: int = 16
     fetch_batch_bytes: int = 1 << 20
     rpc_timeout_s: float = 600.0
     grace_seconds: float = 5.0
@@ -101,6 +107,11 @@ class ComputeServerConfig:
             raise ValueError("default_sub_period: must not exceed default_period")
         if self.threads < 0:
             raise ValueError(f"threads: must be >= 0 (0 = torch's default), got {self.threads}")
+        for name in ("max_active_requests", "max_staged_bytes", "max_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests: must be >= 0, got {self.max_queued_requests}")
         if self.max_new_tokens < 0:
             raise ValueError("max_new_tokens: must be >= 0")
         if self.health_port is not None and not 0 < self.health_port <= 65535:

@@ -1,9 +1,12 @@
 """The compute server's request logic, without gRPC: register prefixes and run Re-Prefill.
 
-Runs on the server's event loop; model work goes to a single compute thread so requests never run
-two forward passes at once, and fetch traffic keeps flowing while a layer computes. Which prefix KV
-a request reads is its loading policy's business (:mod:`.policies`); how it is stored, its layout's
-(:mod:`.layouts`). This module names neither a policy nor a layout.
+Runs on the server's event loop. A request is admitted (:mod:`.admission`) before it opens a Fetch
+stream; its layer loop then runs on a request thread, and every model op on the one compute thread,
+batched with other requests' (:mod:`.scheduler`), while fetch traffic keeps flowing on the loop.
+A request cancelled at any point (deadline, client gone, shutdown) closes its stream, wakes its
+waits and stops at its next layer; its admission is released only once its thread has let go.
+Which prefix KV a request reads is its loading policy's business (:mod:`.policies`); how it is
+stored, its layout's (:mod:`.layouts`). This module names neither a policy nor a layout.
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from contiguouskv.compute_server.admission import Admission
 from contiguouskv.compute_server.cachenet.attention import RegionScores
 from contiguouskv.compute_server.cachenet.cache_client import CacheClient
 from contiguouskv.compute_server.config import ComputeServerConfig
-from contiguouskv.compute_server.engine import Engine, QueryJob
-from contiguouskv.compute_server.errors import BadRequest, NotRegistered, NotServable
+from contiguouskv.compute_server.engine import Cancellation, Engine, QueryJob
+from contiguouskv.compute_server.errors import BadRequest, ComputeError, NotRegistered, NotServable, Unavailable
 from contiguouskv.compute_server.kvio.loader import KVLoader
 from contiguouskv.compute_server.layouts.base import KVGeometry, LayoutCodec
+from contiguouskv.compute_server.engine import QueryOutcome
+from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
 from contiguouskv.compute_server.layouts.contiguous_codec import ContiguousCodec
 from contiguouskv.compute_server.layouts.registry import PRIMARY_LAYOUT, build_codec, layout_kinds, parse_codec
 from contiguouskv.compute_server.layouts.tensors import dtype_name
@@ -33,6 +39,7 @@ from contiguouskv.compute_server.observability.tracing import traced_reprefill
 from contiguouskv.compute_server.policies.base import LoadingPolicy, PolicyContext, PolicyParams
 from contiguouskv.compute_server.policies.registry import PolicyRegistry
 from contiguouskv.compute_server.request import RegisterReport, ReprefillArgs, ReprefillReport
+from contiguouskv.compute_server.scheduler import LayerScheduler, ScheduledProjector
 
 PREFIX_ID = re.compile(r"^[0-9a-f]{32}$")
 T = TypeVar("T")
@@ -65,9 +72,15 @@ class ComputeCore:
         self.runner = runner
         self.cache = cache
         self.policies = policies if policies is not None else PolicyRegistry.with_plugins(config.policy_plugins)
-        self.engine = Engine(runner, prefill_block=config.prefill_block, importance_window=config.importance_window)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.scheduler = LayerScheduler(runner, config.max_batch)
+        self.projector = ScheduledProjector(self.scheduler)
+        self.engine = Engine(self.scheduler, prefill_block=config.prefill_block,
+                             importance_window=config.importance_window)
+        self.admission = Admission(config.max_active_requests, config.max_queued_requests, config.max_staged_bytes)
+        # admitted requests each get a thread (their waits block only them); +1 for a registration
+        self._requests = ThreadPoolExecutor(max_workers=config.max_active_requests + 1, thread_name_prefix="request")
         self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
+        self._running: set[Cancellation] = set()
         self.kv_dtype = dtype_name(runner.dtype)
         self.geometry = KVGeometry(model.num_layers, model.num_attention_heads, model.num_kv_heads, model.head_dim,
                                    self.kv_dtype, config.chunk_size, config.group_size)
@@ -99,9 +112,30 @@ class ComputeCore:
         tok = self.model.tokenizer
         return tok.decode(ids) if tok is not None else ""
 
-    async def _compute(self, fn: Callable[..., T], *args: object) -> T:
-        """Run ``fn`` on the single compute thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def _on_request_thread(self, cancellation: Cancellation, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn`` on a request thread. Cancelled, the caller still waits for the thread to let go
+        (``cancellation`` stops it at its next layer), so admission is never released early."""
+        future = asyncio.get_running_loop().run_in_executor(self._requests, fn, *args)
+        self._running.add(cancellation)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancellation.cancel()
+            await asyncio.wait({future})
+            raise
+        finally:
+            self._running.discard(cancellation)
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Draining: refuse new and queued requests (UNAVAILABLE) now; stop the running ones with
+        UNAVAILABLE at 80 % of ``grace_s`` unless they finish before."""
+        self.admission.drain("the compute server is shutting down")
+
+        def stop_running() -> None:
+            for cancellation in list(self._running):
+                cancellation.cancel(Unavailable("the compute server is shutting down"))
+
+        asyncio.get_running_loop().call_later(0.8 * grace_s, stop_running)
 
     # --- register --------------------------------------------------------------------------------
     async def register(self, prefix: str | list[int], extra_layouts: Sequence[str] = ()) -> RegisterReport:
@@ -124,14 +158,22 @@ class ComputeCore:
         num_chunks, chunk_size = self._chunking(primary)
         if not missing:
             return RegisterReport(prefix_id, len(ids), num_chunks, chunk_size, True, 0, 0.0, 0.0)
+        async with self.admission.slot(sum(c.total_kv_bytes() for c in codecs)):
+            return await self._store(prefix_id, ids, primary, missing)
+
+    async def _store(self, prefix_id: str, ids: list[int], primary: LayoutCodec,
+                     missing: list[LayoutCodec]) -> RegisterReport:
+        """Prefill ``ids`` once and store every layout in ``missing``."""
+        m, cancellation = self.model, Cancellation()
+        num_chunks, chunk_size = self._chunking(primary)
         t0 = time.perf_counter()
-        prefilled = await self._compute(self.engine.prefill_prefix, ids)
+        prefilled = await self._on_request_thread(cancellation, self.engine.prefill_prefix, ids)
         prefill_s = time.perf_counter() - t0
         batch = self.config.fetch_batch_bytes
         already, written, pack_s, store_s = True, 0, 0.0, 0.0
         for codec in missing:  # one layout's payloads in memory at a time
             t1 = time.perf_counter()
-            payloads = await self._compute(lambda c=codec: list(c.pack(prefilled, batch)))
+            payloads = await self._on_request_thread(cancellation, lambda c=codec: list(c.pack(prefilled, batch)))
             t2 = time.perf_counter()
             metadata = codec.to_metadata(model_fingerprint=m.fingerprint, model_name=m.name)
             reply = await self.cache.put_prefix(prefix_id, codec.name, codec.regions(), metadata, payloads)
@@ -212,25 +254,17 @@ class ComputeCore:
         query = self.tokens(args.query, "query")
         if len(query) > self.config.max_query_tokens:
             raise BadRequest(f"query: {len(query)} tokens, more than the limit of {self.config.max_query_tokens} "
-                                  f"(max_query_tokens)")
+                         f"(max_query_tokens)")
         primary = await self._stored_primary(args.prefix_id)
         chunks = primary.geometry
         total = chunks.num_tokens + len(query) + args.max_new_tokens
         if total > self.model.max_position_embeddings:
             raise BadRequest(f"query: prefix ({chunks.num_tokens}) + query ({len(query)}) + max_new_tokens "
-                                  f"({args.max_new_tokens}) exceed the model's {self.model.max_position_embeddings} positions")
+                         f"({args.max_new_tokens}) exceed the model's {self.model.max_position_embeddings} positions")
         codec = await self._stored_layout(args.prefix_id, primary, cls)
-        stream = await self.cache.open_stream(args.prefix_id, codec.name, self.config.fetch_batch_bytes)
-        loader = KVLoader(codec, stream, asyncio.get_running_loop(), self.runner.device, self._stager)
-        io = asyncio.create_task(loader.run())
         job = QueryJob(query, chunks.num_tokens, args.max_new_tokens, self.model.eos_token_ids, on_token)
-        try:
-            policy = self.policies.create(cls.name, PolicyContext(loader, codec, chunks, self.runner, params))
-            await policy.start_load_kv()
-            outcome = await self._compute(policy.compute, self.engine, job)
-        finally:
-            io.cancel()
-            await stream.close()
+        async with self.admission.slot(cls.staged_bytes(codec, params)):
+            policy, loader, outcome = await self._load_and_answer(args.prefix_id, cls, codec, chunks, params, job)
         self._report(args.prefix_id, codec.name, policy.attention_report())
         fetch_s = (loader.last_arrival_at or 0.0) - (loader.first_request_at or 0.0)
         return ReprefillReport(
@@ -239,6 +273,32 @@ class ComputeCore:
             ttft_s=time.perf_counter() - start - outcome.decode_s, fetch_s=max(0.0, fetch_s), outcome=outcome,
             num_chunks=chunks.num_chunks, generated_text=self.decode(outcome.generated_ids),
             usage=policy.usage(), bytes_kv_record=chunks.kv_record_size)
+
+    async def _load_and_answer(self, prefix_id: str, cls: type[LoadingPolicy], codec: LayoutCodec,
+                               chunks: ContiguousLayout, params: PolicyParams,
+                               job: QueryJob) -> tuple[LoadingPolicy, KVLoader, QueryOutcome]:
+        """Open the Fetch stream, run the policy's loading and the query; the stream is closed and
+        every wait woken however this ends."""
+        loop = asyncio.get_running_loop()
+        stream = await self.cache.open_stream(prefix_id, codec.name, self.config.fetch_batch_bytes)
+        loader = KVLoader(codec, stream, loop, self.runner.device, self._stager)
+        io = asyncio.create_task(loader.run())
+        job.cancellation.on_cancel(lambda: loop.call_soon_threadsafe(io.cancel))  # wakes every wait
+        try:
+            policy = self.policies.create(cls.name, PolicyContext(loader, codec, chunks, self.projector, params))
+            await policy.start_load_kv()
+            outcome = await self._on_request_thread(job.cancellation, policy.compute, self.engine, job)
+        except asyncio.CancelledError:
+            job.cancellation.cancel()
+            raise
+        except ComputeError:
+            if job.cancellation.cancelled:  # a wait woken by the cancellation: report why it was cancelled
+                raise job.cancellation.error from None
+            raise
+        finally:
+            io.cancel()
+            await stream.close()
+        return policy, loader, outcome
 
     def _report(self, prefix_id: str, layout_name: str, scores: list[RegionScores]) -> None:
         """Send the observed attention per record to the cache server, off the request's path."""
@@ -249,5 +309,8 @@ class ComputeCore:
         task.add_done_callback(self._reports.discard)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for cancellation in list(self._running):
+            cancellation.cancel(Unavailable("the compute server is shutting down"))
+        self.scheduler.close()
+        self._requests.shutdown(wait=False, cancel_futures=True)
         self._stager.shutdown(wait=False, cancel_futures=True)

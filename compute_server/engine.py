@@ -1,12 +1,16 @@
-"""Re-Prefill computation on the compute thread: prefix prefill, query over prefix KV, decoding.
+"""Re-Prefill computation of one request: prefix prefill, query over prefix KV, decoding.
 
-Everything here is synchronous and runs on the compute server's single compute thread. Prefix KV
-comes from a :class:`PrefixKVSource` (a loading policy), which blocks until that layer's records
-have arrived, so a layer starts the moment its own records are in.
+A request's layer loop runs on that request's own thread; every model stage it needs runs as an op
+on the compute thread (:class:`~.scheduler.LayerScheduler`), batched with the same stage of other
+requests. Prefix KV comes from a :class:`PrefixKVSource` (a loading policy), which blocks the
+request's thread (and only it) until that layer's records have arrived, so a layer starts the
+moment its own records are in. A request whose job is cancelled stops at its next layer or
+decoding step with CANCELLED (or the reason it was given).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,16 +18,16 @@ from typing import Protocol
 
 import torch
 
+from contiguouskv.compute_server.errors import ComputeError
 from contiguouskv.compute_server.layouts.base import PrefilledPrefix
-from contiguouskv.compute_server.model.runner import ModelRunner
-
+from contiguouskv.compute_server.scheduler import LayerScheduler
 
 TokenCallback = Callable[[int, int], None]
-"""Called on the compute thread with (index, token id) as each token is computed; index 0 = first."""
+"""Called on the request's thread with (index, token id) as each token is computed; index 0 = first."""
 
 
 class PrefixKVSource(Protocol):
-    """Supplies each layer's prefix K/V; both methods are called in layer order on the compute thread."""
+    """Supplies each layer's prefix K/V; both methods are called in layer order on the request's thread."""
 
     def before_layer(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> None:
         """Sees the hidden state [T, D] entering ``layer`` (a chance to look ahead); must not block long."""
@@ -60,6 +64,44 @@ class QueryOutcome:
     logits: torch.Tensor | None = None  # float32 [vocab] at the last query position
 
 
+class Cancellation:
+    """Set from any thread; the request's thread raises it at its next layer or decoding step."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+        self.error: ComputeError = ComputeError("request cancelled", code="CANCELLED")
+
+    def cancel(self, error: ComputeError | None = None) -> None:
+        """Cancel (the first ``error`` given is the one raised); runs the callbacks once."""
+        with self._lock:
+            if self._event.is_set():
+                return
+            if error is not None:
+                self.error = error
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from the cancelling thread) when cancelled; at once if it already is."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise self.error
+
+
 @dataclass(frozen=True)
 class QueryJob:
     """One query to answer: its tokens after ``num_prefix`` prefix tokens, and how far to decode."""
@@ -69,13 +111,15 @@ class QueryJob:
     max_new_tokens: int = 0
     eos_ids: tuple[int, ...] = ()
     on_token: TokenCallback | None = None
+    cancellation: Cancellation = field(default_factory=Cancellation)
 
 
 class Engine:
-    """Runs prefills and queries with a :class:`ModelRunner`; owns no I/O."""
+    """Runs prefills and queries through a :class:`LayerScheduler`; owns no I/O."""
 
-    def __init__(self, runner: ModelRunner, *, prefill_block: int, importance_window: int) -> None:
-        self.runner = runner
+    def __init__(self, scheduler: LayerScheduler, *, prefill_block: int, importance_window: int) -> None:
+        self.scheduler = scheduler
+        self.runner = scheduler.runner
         self._block = prefill_block
         self._window = importance_window
 
@@ -84,32 +128,33 @@ class Engine:
         ``importance_window`` queries of every layer for the layouts' static importance."""
         r = self.runner
         w = min(self._window, len(token_ids))
-        result = r.prefill(torch.tensor(token_ids), block_size=self._block, keep_last_queries=w)
+        result = self.scheduler.call(r.prefill, torch.tensor(token_ids), self._block, w)
         return PrefilledPrefix(list(token_ids), [k.cpu() for k in result.keys], [v.cpu() for v in result.values],
                                [q.cpu() for q in result.last_queries], r.scaling)
 
     def answer(self, job: QueryJob, source: PrefixKVSource) -> QueryOutcome:
         """First token of prefix + query, prefix KV from ``source``; then greedy decoding."""
-        r = self.runner
+        r, s = self.runner, self.scheduler
         start = time.perf_counter()
         device = r.device
         num_prefix = job.num_prefix
         positions = torch.arange(num_prefix, num_prefix + len(job.query_ids), device=device)
-        hidden = r.embed(torch.tensor(job.query_ids, device=device))
+        hidden = s.call(r.embed, torch.tensor(job.query_ids, device=device))
         out = QueryOutcome(token_id=-1)
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         for layer in range(r.num_layers):
+            job.cancellation.check()
             t0 = time.perf_counter()
             source.before_layer(layer, hidden, positions)
-            q, k, v = r.project(layer, hidden, positions)
+            q, k, v = s.project(layer, hidden, positions)
             pk, pv, wait = source.wait_for_layer_load(layer, q, k)
             keys = torch.cat([pk.to(device=device, dtype=k.dtype), k], dim=1)  # [kv_heads, s + T, d]
             values = torch.cat([pv.to(device=device, dtype=v.dtype), v], dim=1)
-            hidden = r.finish(layer, hidden, r.attend(q, keys, values, pk.shape[1]))
+            hidden = s.finish(layer, hidden, q, keys, values, pk.shape[1])
             if job.max_new_tokens:
                 cache.append((keys, values))
             out.layers.append(LayerRun(layer, wait, time.perf_counter() - t0 - wait, t0))
-        out.logits = r.logits(hidden[-1:])[0].float().cpu()
+        out.logits = s.call(r.logits, hidden[-1:])[0].float().cpu()
         out.token_id = int(out.logits.argmax())
         out.first_token_s = time.perf_counter() - start
         out.wait_s = sum(t.wait_s for t in out.layers)
@@ -121,7 +166,8 @@ class Engine:
         """Full prefill of prefix + query (no stored KV used)."""
         r = self.runner
         start = time.perf_counter()
-        result = r.prefill(torch.tensor(prefix_ids + job.query_ids), block_size=self._block)
+        job.cancellation.check()
+        result = self.scheduler.call(r.prefill, torch.tensor(prefix_ids + job.query_ids), self._block)
         logits = result.logits.reshape(-1).float().cpu()
         out = QueryOutcome(token_id=int(logits.argmax()), logits=logits)
         out.first_token_s = out.compute_s = time.perf_counter() - start
@@ -134,23 +180,28 @@ class Engine:
         start = time.perf_counter()
         if job.on_token is not None:
             job.on_token(0, out.token_id)
-        out.generated_ids = self._decode(out.token_id, cache, position, job.max_new_tokens, job.eos_ids, job.on_token)
+        out.generated_ids = self._decode(out.token_id, cache, position, job)
         out.decode_s = time.perf_counter() - start
+
     def _decode(self, token: int, cache: list[tuple[torch.Tensor, torch.Tensor]], position: int,
-                steps: int, eos_ids: tuple[int, ...], on_token: TokenCallback | None) -> list[int]:
-        r = self.runner
+                job: QueryJob) -> list[int]:
+        """Greedy decoding, one token at a time; each layer's step is a scheduler op like any other."""
+        r, s = self.runner, self.scheduler
         out: list[int] = []
         device = r.device
-        for step in range(steps):
-            if token in eos_ids:
+        for step in range(job.max_new_tokens):
+            if token in job.eos_ids:
                 break
-            hidden = r.embed(torch.tensor([token], device=device))
+            job.cancellation.check()
+            hidden = s.call(r.embed, torch.tensor([token], device=device))
             pos = torch.tensor([position + step], device=device)
             for layer, (keys, values) in enumerate(cache):
-                hidden, k, v = r.run_layer(layer, hidden, pos, keys, values)
-                cache[layer] = (torch.cat([keys, k], dim=1), torch.cat([values, v], dim=1))
-            token = int(r.logits(hidden[-1:])[0].argmax())
+                q, k, v = s.project(layer, hidden, pos)
+                keys, values = torch.cat([keys, k], dim=1), torch.cat([values, v], dim=1)
+                hidden = s.finish(layer, hidden, q, keys, values, keys.shape[1] - 1)
+                cache[layer] = (keys, values)
+            token = int(s.call(r.logits, hidden[-1:])[0].argmax())
             out.append(token)
-            if on_token is not None:
-                on_token(len(out), token)
+            if job.on_token is not None:
+                job.on_token(len(out), token)
         return out

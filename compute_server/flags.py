@@ -36,6 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy-plugin", dest="policy_plugins", action="append", metavar="MODULE:CLASS",
                         help="also serve this loading policy (a LoadingPolicy subclass; repeatable) "
                         "(env CKV_POLICY_PLUGINS, comma-separated)")
+    parser.add_argument("--max-active-requests", type=int,
+                        help="requests computing at once; more wait in the queue (default 32)")
+    parser.add_argument("--max-queued-requests", type=int,
+                        help="requests waiting for admission; more are refused with RESOURCE_EXHAUSTED (default 256)")
+    parser.add_argument("--max-staged-bytes", type=int,
+                        help="prefix KV bytes the running requests may stage together, host and device "
+                        "(default 8 GiB; a request alone is always admitted)")
+    parser.add_argument("--max-batch", type=int,
+                        help="requests whose next layer shares one batched pass (default 16; 1 = no batching)")
     parser.add_argument("--threads", type=int,
                         help="torch compute threads; 0 = torch's default (on a small shared CPU, 1 avoids "
                         "OpenMP oversubscription with the I/O threads) (env CKV_THREADS)")
@@ -55,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> ComputeServerConfig:
     flags = {k: getattr(args, k, None) for k in
              ("model", "cache", "replication", "write_quorum", "host", "port", "port_file", "device", "dtype",
-              "model_cache_dir", "chunk_size", "metrics_port", "threads", "policy_plugins", *SERVING_FIELDS,
+              "model_cache_dir", "chunk_size", "metrics_port", "threads", "policy_plugins", "max_active_requests",
+              "max_queued_requests", "max_staged_bytes", "max_batch", *SERVING_FIELDS,
               "cache_tls_ca_file", "cache_tls_cert_file", "cache_tls_key_file", "cache_tls_server_name",
               "cache_token_file")}
     return load_config(ComputeServerConfig, flags, file=getattr(args, "config", None))

@@ -72,7 +72,7 @@ async def serve(config: ComputeServerConfig) -> int:
     try:
         await lifecycle.start(config.host, config.port, config.port_file, f"compute server ({model.name})",
                               credentials, config.health_port)
-        await lifecycle.wait_and_drain(config.grace_seconds)
+        await lifecycle.wait_and_drain(config.grace_seconds, lambda: core.begin_shutdown(config.grace_seconds))
     finally:
         await cache.close()
         core.close()

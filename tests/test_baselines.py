@@ -35,6 +35,7 @@ from contiguouskv.compute_server.layouts.base import KVGeometry, LayoutCodec
 from contiguouskv.compute_server.layouts.contiguous_codec import ContiguousCodec
 from contiguouskv.compute_server.layouts.impress_codec import ImpressCodec
 from contiguouskv.compute_server.request import ReprefillArgs, ReprefillReport
+from contiguouskv.compute_server.scheduler import LayerScheduler
 from contiguouskv.compute_server.selection.importance import per_chunk
 from contiguouskv.compute_server.policies.impress import ImpressPolicy
 from contiguouskv.compute_server.layouts.impress import ImpressLayout
@@ -321,7 +322,11 @@ def test_one_registration_prefill_feeds_both_layouts(model: LoadedModel) -> None
     chunk, to the `contiguous` layout's chunk importance, and both hold the same keys."""
     runner = ModelRunner(model)
     ids = [random.Random(8).randrange(512) for _ in range(150)]
-    prefix = Engine(runner, prefill_block=64, importance_window=WINDOW).prefill_prefix(ids)
+    scheduler = LayerScheduler(runner)
+    try:
+        prefix = Engine(scheduler, prefill_block=64, importance_window=WINDOW).prefill_prefix(ids)
+    finally:
+        scheduler.close()
     geometry = KVGeometry(4, 4, 2, 16, "float32")
     contiguous = ContiguousCodec.for_prefix(150, geometry)
     impress = ImpressCodec.for_prefix(150, geometry)

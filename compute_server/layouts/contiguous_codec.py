@@ -2,6 +2,9 @@
 
 Byte order and regions: :mod:`.contiguous` (pure geometry). Packing runs once per registered
 prefix; unpacking runs per arriving record batch and only makes views over the received bytes.
+The decode methods a policy calls (:meth:`ContiguousCodec.chunk_keys`, ``layer_keys``, ``digest``,
+``importance``) take the compute ``device`` and hand their result over through
+:func:`~..kvio.staging.to_device_now` (decoded into pinned memory on CUDA; no copy on the CPU).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from contiguouskv.compute_server.kvio.staging import host_buffer, to_device_now
 from contiguouskv.compute_server.layouts.base import KVGeometry, KVRecord, LayoutCodec, PrefilledPrefix
 from contiguouskv.compute_server.layouts.contiguous import LAYOUT_KIND, ContiguousLayout
 from contiguouskv.compute_server.layouts.tensors import TORCH_DTYPES, Payload, as_bytes, batches, frombuffer
@@ -124,28 +128,32 @@ class ContiguousCodec(LayoutCodec[ContiguousLayout]):
         torch.cat([v for _, v in parts], dim=1, out=values)
         return keys[:, :real], values[:, :real]
 
-    def chunk_keys(self, records: Sequence[memoryview | bytes]) -> torch.Tensor:
-        """``idkeys`` records of some chunks -> their keys ``[kv_heads, len * c, d]`` (a copy)."""
+    def chunk_keys(self, records: Sequence[memoryview | bytes], device: torch.device | str = "cpu") -> torch.Tensor:
+        """``idkeys`` records of some chunks -> their keys ``[kv_heads, len * c, d]`` on ``device`` (a copy)."""
         lay = self.geometry
         dtype = TORCH_DTYPES[lay.dtype]
-        if not records:
-            return torch.empty(lay.num_kv_heads, 0, lay.head_dim, dtype=dtype)
-        return torch.cat([frombuffer(r, dtype).view(lay.num_kv_heads, lay.chunk_size, lay.head_dim)
-                          for r in records], dim=1)
+        host = host_buffer((lay.num_kv_heads, len(records) * lay.chunk_size, lay.head_dim), dtype, device)
+        if records:
+            torch.cat([frombuffer(r, dtype).view(lay.num_kv_heads, lay.chunk_size, lay.head_dim)
+                       for r in records], dim=1, out=host)
+        return to_device_now(host, device)
 
-    def layer_keys(self, records: Sequence[memoryview | bytes]) -> torch.Tensor:
-        """All ``idkeys`` records of a layer -> every prefix key ``[kv_heads, n, d]``."""
-        return self.chunk_keys(records)[:, : self.geometry.num_tokens]
+    def layer_keys(self, records: Sequence[memoryview | bytes], device: torch.device | str = "cpu") -> torch.Tensor:
+        """All ``idkeys`` records of a layer -> every prefix key ``[kv_heads, n, d]`` on ``device``."""
+        return self.chunk_keys(records, device)[:, : self.geometry.num_tokens]
 
-    def digest(self, record: memoryview | bytes) -> torch.Tensor:
-        """A ``digest`` record -> mean key per chunk and KV head, float32 ``[m, kv_heads, d]``."""
+    def digest(self, record: memoryview | bytes, device: torch.device | str = "cpu") -> torch.Tensor:
+        """A ``digest`` record -> mean key per chunk and KV head, float32 ``[m, kv_heads, d]`` on
+        ``device`` (on the CPU: a read-only view over ``record``)."""
         lay = self.geometry
-        return frombuffer(record, torch.float32).view(lay.num_chunks, lay.num_kv_heads, lay.head_dim)
+        view = frombuffer(record, torch.float32).view(lay.num_chunks, lay.num_kv_heads, lay.head_dim)
+        return to_device_now(view, device)
 
-    def importance(self, record: memoryview | bytes) -> torch.Tensor:
-        """The ``stats`` record -> static chunk importance, float32 ``[L, m]``."""
+    def importance(self, record: memoryview | bytes, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The ``stats`` record -> static chunk importance, float32 ``[L, m]`` on ``device`` (on the
+        CPU: a read-only view over ``record``)."""
         lay = self.geometry
-        return frombuffer(record, torch.float32).view(lay.num_layers, lay.num_chunks)
+        return to_device_now(frombuffer(record, torch.float32).view(lay.num_layers, lay.num_chunks), device)
 
     @staticmethod
     def tokens(record: memoryview | bytes) -> list[int]:

@@ -2,7 +2,9 @@
 
 Byte order and regions: :mod:`.impress` (pure geometry). Every record of this layout reaches its
 policy whole (K-only and V-only blocks, probe keys, token importance), so :meth:`kv_records` is the
-base's None and the policies decode blocks with :meth:`ImpressCodec.blocks`.
+base's None and the policies decode blocks with :meth:`ImpressCodec.blocks`, which, like
+:meth:`ImpressCodec.token_importance`, takes the compute ``device`` and hands its result over
+through :func:`~..kvio.staging.to_device_now` (decoded into pinned memory on CUDA; no copy on the CPU).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from contiguouskv.compute_server.kvio.staging import host_buffer, to_device_now
 from contiguouskv.compute_server.layouts.base import KVGeometry, LayoutCodec, PrefilledPrefix
 from contiguouskv.compute_server.layouts.impress import LAYOUT_KIND, ImpressLayout
 from contiguouskv.compute_server.layouts.tensors import TORCH_DTYPES, Payload, as_bytes, batches, frombuffer
@@ -47,18 +50,24 @@ def iter_impress_payloads(layout: ImpressLayout, keys: Sequence[torch.Tensor], v
                        as_bytes(token_importance.to(torch.float32)), batch_bytes)
 
 
-def unpack_blocks(layout: ImpressLayout, records: Sequence[memoryview | bytes], heads: int) -> torch.Tensor:
-    """Block records of ``heads`` heads each -> one tensor [heads, len(records) * b, d] (a copy)."""
+def unpack_blocks(layout: ImpressLayout, records: Sequence[memoryview | bytes], heads: int,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Block records of ``heads`` heads each -> one tensor [heads, len(records) * b, d] on ``device`` (a copy)."""
     dtype = TORCH_DTYPES[layout.dtype]
-    if not records:
-        return torch.empty(heads, 0, layout.head_dim, dtype=dtype)
-    blocks = [frombuffer(r, dtype).view(heads, layout.block_size, layout.head_dim) for r in records]
-    return torch.cat(blocks, dim=1)  # [heads, blocks * b, d]
+    host = host_buffer((heads, len(records) * layout.block_size, layout.head_dim), dtype, device)
+    if records:
+        blocks = [frombuffer(r, dtype).view(heads, layout.block_size, layout.head_dim) for r in records]
+        torch.cat(blocks, dim=1, out=host)  # [heads, blocks * b, d]
+    return to_device_now(host, device)
 
 
-def unpack_token_importance(layout: ImpressLayout, records: Sequence[memoryview | bytes]) -> torch.Tensor:
-    """The `h2o` region's records -> float32 [L, n]."""
-    return torch.stack([frombuffer(r, torch.float32) for r in records])
+def unpack_token_importance(layout: ImpressLayout, records: Sequence[memoryview | bytes],
+                            device: torch.device | str = "cpu") -> torch.Tensor:
+    """The `h2o` region's records -> float32 [L, n] on ``device``."""
+    host = host_buffer((len(records), layout.num_tokens), torch.float32, device)
+    if records:
+        torch.stack([frombuffer(r, torch.float32) for r in records], out=host)
+    return to_device_now(host, device)
 
 
 class ImpressCodec(LayoutCodec[ImpressLayout]):
@@ -82,11 +91,12 @@ class ImpressCodec(LayoutCodec[ImpressLayout]):
                                   for q, k in zip(prefix.last_queries, prefix.keys)])  # [L, n]
         return iter_impress_payloads(self.geometry, prefix.keys, prefix.values, importance, batch_bytes)
 
-    def blocks(self, records: Sequence[memoryview | bytes], heads: int | None = None) -> torch.Tensor:
-        """K, V or probe block records -> ``[heads, len(records) * b, d]`` (``heads``: all KV heads
-        unless given, e.g. the probe KV heads)."""
-        return unpack_blocks(self.geometry, records, self.geometry.num_kv_heads if heads is None else heads)
+    def blocks(self, records: Sequence[memoryview | bytes], heads: int | None = None,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+        """K, V or probe block records -> ``[heads, len(records) * b, d]`` on ``device`` (``heads``:
+        all KV heads unless given, e.g. the probe KV heads)."""
+        return unpack_blocks(self.geometry, records, self.geometry.num_kv_heads if heads is None else heads, device)
 
-    def token_importance(self, records: Sequence[memoryview | bytes]) -> torch.Tensor:
-        """The ``h2o`` records of every layer -> float32 ``[L, n]``."""
-        return unpack_token_importance(self.geometry, records)
+    def token_importance(self, records: Sequence[memoryview | bytes], device: torch.device | str = "cpu") -> torch.Tensor:
+        """The ``h2o`` records of every layer -> float32 ``[L, n]`` on ``device``."""
+        return unpack_token_importance(self.geometry, records, device)

@@ -39,6 +39,7 @@ server); ``docs/architecture.md`` has a worked example.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
@@ -107,7 +108,7 @@ class PeriodChoice:
     predicted: int = 0
     predicted_hits: int = 0
     recall: float = -1.0
-    scores: torch.Tensor | None = None
+    scores: torch.Tensor | None = None  # float32 [m] on the host: for the cache report
 
 
 @dataclass
@@ -115,7 +116,7 @@ class LayerSelection:
     """What a token-level policy read and attended to at one layer."""
 
     layer: int
-    tokens: torch.Tensor = field(repr=False)  # int64 [kv_heads, k], ascending; rows equal when shared
+    tokens: torch.Tensor = field(repr=False)  # int64 [kv_heads, k] on the host, ascending; rows equal when shared
     shared: bool
     blocks: list[int] = field(repr=False)  # K/V blocks holding the selected tokens
     bytes_identification: int = 0
@@ -123,7 +124,7 @@ class LayerSelection:
     bytes_selected: int = 0
     similarity: float = -1.0
     threshold: float = -1.0
-    scores: torch.Tensor | None = field(default=None, repr=False)  # float32 [n]: for the cache report
+    scores: torch.Tensor | None = field(default=None, repr=False)  # float32 [n] on the host: for the cache report
     fetched_blocks: dict[str, list[int]] = field(default_factory=dict, repr=False)  # region -> blocks read
 
 
@@ -197,6 +198,14 @@ class LoadingPolicy(abc.ABC):
         self.chunks = context.chunks
         self.projector = context.projector
         self.params = context.params
+
+    @classmethod
+    def staged_bytes(cls, codec: LayoutCodec, params: PolicyParams) -> int:
+        """What admission reserves for a request of this policy: the prefix KV bytes it may hold
+        (its budget's share of the layout's K/V; all of it for a policy that is not selective, and
+        for one that recomputes it)."""
+        share = params.budget if cls.selective and cls.loads_kv else 1.0
+        return math.ceil(codec.total_kv_bytes() * share)
 
     @property
     def budget(self) -> float:

@@ -37,7 +37,7 @@ class ContiguousPlusPolicy(PeriodicPolicy):
 
     def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         lay = self.chunks
-        digest = self.codec.digest(self._wait_blob(self._ident.pop(start))[0])
+        digest = self.codec.digest(self._wait_blob(self._ident.pop(start))[0], device=self.projector.device)
         rough = digest_chunk_scores(lay, q, k, digest, self.projector.scaling)
         # 3k chunks, but never more than half the prefix unless the budget itself is larger
         shortlist = select_top(rough, max(self.budget, min(0.5, self.SHORTLIST * self.budget)))
@@ -49,5 +49,5 @@ class ContiguousPlusPolicy(PeriodicPolicy):
                  shortlist: list[int]) -> torch.Tensor:
         """Exact mass for shortlisted chunks (their keys read now); the rest keep digest scores."""
         future = self.loader.start_blob(f"idkeys/L{start}", shortlist, priority=2 * start - 1, category="ident")
-        keys = self.codec.chunk_keys(self._wait_blob(future))  # [kv_heads, |shortlist| * c, d]
+        keys = self.codec.chunk_keys(self._wait_blob(future), device=self.projector.device)  # [kv_heads, |sl| * c, d]
         return shortlist_chunk_scores(self.chunks, q, k, digest, shortlist, keys, self.projector.scaling)

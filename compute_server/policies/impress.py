@@ -47,7 +47,7 @@ class ImpressPolicy(TokenPolicy):
         everything = list(range(lay.num_blocks))
         probe_region = lay.probe_region(layer)
         records, waited = self._wait(self._request(probe_region, everything, "ident", 2 * layer))
-        probe_keys = self.codec.blocks(records, len(lay.probe_kv_heads))[:, :n]  # [probe_kv, n, d]
+        probe_keys = self.codec.blocks(records, len(lay.probe_kv_heads), device=self.device)[:, :n]  # [probe_kv, n, d]
         heads = list(lay.probe_query_heads)
         rows = [lay.probe_kv_heads.index(h // lay.group) for h in heads]
         mass = head_token_mass(q, k, probe_keys, heads, rows, self.projector.scaling)  # [P, n]
@@ -68,16 +68,15 @@ class ImpressPolicy(TokenPolicy):
                ) -> tuple[torch.Tensor, torch.Tensor, LayerSelection, float]:
         """One token set for every head: read only the K and V blocks holding it."""
         lay = self.blocks
-        tokens = vote(sets, mass, self.k).cpu()  # [k]
-        sel = self._selection(layer, tokens.expand(lay.num_kv_heads, -1), shared=True)
-        sel.scores = mass.sum(dim=0).cpu()
+        tokens = vote(sets, mass, self.k).expand(lay.num_kv_heads, -1)  # [kv_heads, k], rows equal
+        sel = self._selection(layer, tokens, shared=True, scores=mass.sum(dim=0))
         fk = self._request(lay.k_region(layer), sel.blocks, "kv", 2 * layer)
         fv = self._request(lay.v_region(layer), sel.blocks, "kv", 2 * layer)
         k_records, wk = self._wait(fk)
         v_records, wv = self._wait(fv)
-        positions = self._positions(sel.blocks, sel.tokens)  # [kv_heads, k]
-        keys = self._take(self.codec.blocks(k_records), positions)
-        values = self._take(self.codec.blocks(v_records), positions)
+        positions = self._positions(sel.blocks, tokens)  # [kv_heads, k]
+        keys = self._take(self.codec.blocks(k_records, device=self.device), positions)
+        values = self._take(self.codec.blocks(v_records, device=self.device), positions)
         sel.bytes_kv = 2 * len(sel.blocks) * lay.block_record_size
         sel.fetched_blocks = {lay.k_region(layer): sel.blocks, lay.v_region(layer): sel.blocks}
         return keys, values, sel, wk + wv
@@ -88,16 +87,15 @@ class ImpressPolicy(TokenPolicy):
         lay, n = self.blocks, self.blocks.num_tokens
         everything = list(range(lay.num_blocks))
         k_records, wk = self._wait(self._request(lay.k_region(layer), everything, "kv", 2 * layer))
-        all_keys = self.codec.blocks(k_records)[:, :n]  # [kv_heads, n, d]
+        all_keys = self.codec.blocks(k_records, device=self.device)[:, :n]  # [kv_heads, n, d]
         heads = list(range(lay.num_heads))
         mass = head_token_mass(q, k, all_keys, heads, [h // lay.group for h in heads], self.projector.scaling)
         per_kv = mass.view(lay.num_kv_heads, lay.group, n).sum(dim=1)  # [kv_heads, n]
-        tokens = top_tokens(per_kv, self.k).cpu()  # [kv_heads, k]
-        sel = self._selection(layer, tokens, shared=False)
-        sel.scores = per_kv.sum(dim=0).cpu()
+        tokens = top_tokens(per_kv, self.k)  # [kv_heads, k]
+        sel = self._selection(layer, tokens, shared=False, scores=per_kv.sum(dim=0))
         v_records, wv = self._wait(self._request(lay.v_region(layer), sel.blocks, "kv", 2 * layer))
         keys = self._take(all_keys, tokens)
-        values = self._take(self.codec.blocks(v_records), self._positions(sel.blocks, tokens))
+        values = self._take(self.codec.blocks(v_records, device=self.device), self._positions(sel.blocks, tokens))
         sel.bytes_kv = (len(everything) + len(sel.blocks)) * lay.block_record_size
         sel.fetched_blocks = {lay.k_region(layer): everything, lay.v_region(layer): sel.blocks}
         return keys, values, sel, wk + wv

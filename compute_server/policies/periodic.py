@@ -5,6 +5,12 @@ Before layer 0 they ship a prediction for period 0 (the prior: static importance
 registration). When period k's set S_k is known they request only S_k minus the prediction, cancel
 the predicted chunks not in S_k, and ship S_k as the prediction for period k+1. Predictions go out
 one request per chunk so each can be cancelled alone. Subclasses say how a period is scored.
+
+Devices: identification keys and digests are decoded onto the compute device
+(``self.projector.device``) through the codec, i.e. :func:`~..kvio.staging.to_device_now`, and
+scored there; each period's chunk list is the one ``tolist`` (in ``select_top``), after which the
+period's scores are copied to the host for the attention report. The stored importance prior is
+only read on the event loop before layer 0 to pick period 0's prediction, so it stays on the host.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ class PeriodicPolicy(LoadingPolicy):
             if self.params.evaluate_recall and self.ident_region != "idkeys":
                 self._eval[s] = self.loader.start_blob(f"idkeys/L{s}", range(self.chunks.num_chunks),
                                                        priority=2 * s - 1, category="eval")
-        importance = self.codec.importance((await asyncio.wrap_future(stats))[0])
+        importance = self.codec.importance((await asyncio.wrap_future(stats))[0], device="cpu")  # host decision
         self._predict(0, select_top(importance.sum(dim=0), self.budget))
 
     def _request_ident(self, layer: int) -> Future[Records]:
@@ -98,7 +104,7 @@ class PeriodicPolicy(LoadingPolicy):
 
     def _layer_keys(self, future: Future[Records]) -> torch.Tensor:
         """All prefix keys of a layer, [kv_heads, n, d], from its idkeys records."""
-        return self.codec.layer_keys(self._wait_blob(future))
+        return self.codec.layer_keys(self._wait_blob(future), device=self.projector.device)
 
     def _exact_recall(self, start: int, q: torch.Tensor, k: torch.Tensor, chunks: list[int]) -> float:
         keys = self._layer_keys(self._eval.pop(start))
@@ -108,9 +114,9 @@ class PeriodicPolicy(LoadingPolicy):
     def _choose(self, start: int, q: torch.Tensor, k: torch.Tensor) -> None:
         """Score period ``start`` from the query's q and k there and commit its chunk set."""
         scores = self._score(start, q, k)
-        chunks = select_top(scores, self.budget)
+        chunks = select_top(scores, self.budget)  # synchronises: the scores are ready to copy
         recall = self._exact_recall(start, q, k, chunks) if start in self._eval else -1.0
-        self._commit(start, chunks, scores, recall)
+        self._commit(start, chunks, scores.cpu(), recall)  # host copy for the report (event loop)
 
     @abc.abstractmethod
     def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

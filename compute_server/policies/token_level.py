@@ -1,6 +1,12 @@
 """Shared machinery of the token-level baselines (`h2o`, `impress`): block reads, gathering,
 accounting and the attention report, over the `impress` layout (64-token K/V blocks, probe keys,
 static token importance; :mod:`..layouts.impress`).
+
+Devices: blocks and probe keys are decoded onto the compute device (``self.projector.device``)
+through the codec, i.e. :func:`~..kvio.staging.to_device_now`; selection and gathering run there.
+Per layer, one ``tolist`` (the blocks to read) crosses to the host, and the selection's token
+set and scores are then copied to the host for the usage and the attention report, so the event
+loop never waits on the device.
 """
 
 from __future__ import annotations
@@ -36,11 +42,16 @@ class TokenPolicy(LoadingPolicy):
         return self.loader.wait_blob(future)
 
     # --- gathering -----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """The compute device: where decoded blocks go and selection runs."""
+        return self.projector.device
+
     def _positions(self, blocks: list[int], tokens: torch.Tensor) -> torch.Tensor:
-        """Where each token sits in the concatenation of ``blocks``' records."""
-        b = self.blocks.block_size
-        rank = torch.full((self.blocks.num_blocks,), -1, dtype=torch.int64)
-        rank[torch.tensor(blocks, dtype=torch.int64)] = torch.arange(len(blocks))
+        """Where each token sits in the concatenation of ``blocks``' records (on ``tokens``' device)."""
+        b, device = self.blocks.block_size, tokens.device
+        rank = torch.full((self.blocks.num_blocks,), -1, dtype=torch.int64, device=device)
+        rank[torch.tensor(blocks, dtype=torch.int64, device=device)] = torch.arange(len(blocks), device=device)
         return rank[tokens // b] * b + tokens % b
 
     @staticmethod
@@ -48,10 +59,15 @@ class TokenPolicy(LoadingPolicy):
         """Rows ``positions`` [kv_heads, k] of each head of ``data`` [kv_heads, s, d]: [kv_heads, k, d]."""
         return torch.gather(data, 1, positions[:, :, None].expand(-1, -1, data.shape[2]))
 
-    def _selection(self, layer: int, tokens: torch.Tensor, shared: bool) -> LayerSelection:
+    def _selection(self, layer: int, tokens: torch.Tensor, shared: bool,
+                   scores: torch.Tensor | None = None) -> LayerSelection:
+        """The record of a layer's choice: the blocks holding ``tokens`` (the one ``tolist`` of the
+        selection), and host copies of ``tokens`` and ``scores`` for the usage and the report (made
+        right after that synchronising ``tolist``, so they cost a small copy, not another wait)."""
         blocks = self.blocks.blocks_holding(torch.unique(tokens).tolist())
-        return LayerSelection(layer, tokens, shared, blocks,
-                              bytes_selected=self.blocks.selected_bytes(tokens.shape[1]))
+        return LayerSelection(layer, tokens.cpu(), shared, blocks,
+                              bytes_selected=self.blocks.selected_bytes(tokens.shape[1]),
+                              scores=None if scores is None else scores.cpu())
 
     # --- reporting -----------------------------------------------------------------------------
     def usage(self) -> LoadUsage:

@@ -6,6 +6,10 @@ heads (query head h reads KV head h // (heads / kv_heads)), then summed per chun
 
 Shapes: q [heads, T, d] and k_self [kv_heads, T, d] are the query's post-RoPE projections at the
 scored layer; prefix keys are [kv_heads, n, d]; digests are float32 [m, kv_heads, d].
+
+Devices: every operand must already be on the query's device (prefix keys and digests reach it
+through :func:`~..kvio.staging.to_device_now`, via the codec); every tensor made here is made on
+``q.device`` and scores are returned there. Only :func:`select_top`'s chunk list crosses to Python.
 """
 
 from __future__ import annotations
@@ -44,7 +48,14 @@ def exact_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.
         qg = q[g * groups : (g + 1) * groups].float()
         logits = torch.matmul(qg, prefix_keys[g].float().T) * scale  # [groups, T, n]
         token_mass += _prefix_mass(logits, self_logits[g * groups : (g + 1) * groups])
-    return per_chunk(layout, token_mass.cpu())
+    return per_chunk(layout, token_mass)
+
+
+def _chunk_token_counts(layout: ContiguousLayout, device: torch.device) -> torch.Tensor:
+    """Real tokens per chunk, float32 [m] on ``device`` (every chunk full but maybe the last)."""
+    counts = torch.full((layout.num_chunks,), float(layout.chunk_size), dtype=torch.float32, device=device)
+    counts[-1] = float(layout.num_tokens - (layout.num_chunks - 1) * layout.chunk_size)
+    return counts
 
 
 def digest_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.Tensor,
@@ -52,11 +63,10 @@ def digest_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch
     """Approximate per-chunk mass [m]: every key of chunk j taken as its mean key (the digest)."""
     heads, kv_heads = q.shape[0], digest.shape[1]
     groups = heads // kv_heads
-    counts = torch.tensor([e - s for s, e in map(layout.chunk_tokens, range(layout.num_chunks))],
-                          dtype=torch.float32, device=q.device)
-    mean_keys = digest.to(q.device).float().repeat_interleave(groups, dim=1).transpose(0, 1)  # [heads, m, d]
+    counts = _chunk_token_counts(layout, q.device)
+    mean_keys = digest.float().repeat_interleave(groups, dim=1).transpose(0, 1)  # [heads, m, d]
     logits = torch.matmul(q.float(), mean_keys.transpose(1, 2)) * scale + torch.log(counts)  # [heads, T, m]
-    return _prefix_mass(logits, _self_logits(q, k_self, scale)).cpu()
+    return _prefix_mass(logits, _self_logits(q, k_self, scale))
 
 
 def shortlist_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.Tensor, digest: torch.Tensor,
@@ -67,20 +77,22 @@ def shortlist_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: to
     """
     heads, kv_heads = q.shape[0], digest.shape[1]
     groups = heads // kv_heads
-    c, m = layout.chunk_size, layout.num_chunks
-    chunk_of = torch.tensor(shortlist).repeat_interleave(c)  # [len * c]
-    real = torch.tensor([layout.chunk_tokens(j)[0] + i < layout.num_tokens for j in shortlist for i in range(c)])
+    c, m, device = layout.chunk_size, layout.num_chunks, q.device
+    chunks = torch.tensor(shortlist, dtype=torch.int64, device=device)  # [len]
+    chunk_of = chunks.repeat_interleave(c)  # [len * c]
+    token = chunk_of * c + torch.arange(c, device=device).repeat(len(shortlist))  # prefix position of each key
+    real = token < layout.num_tokens  # False on the padding of a partial last chunk
     exact = torch.matmul(q.float(), keys.float().repeat_interleave(groups, dim=0).transpose(1, 2)) * scale
-    exact = exact.masked_fill(~real, float("-inf"))  # padding of a partial last chunk  [heads, T, len * c]
-    others = torch.ones(m, dtype=torch.bool)
-    others[shortlist] = False
-    counts = torch.tensor([e - s for s, e in map(layout.chunk_tokens, range(m))], dtype=torch.float32)
+    exact = exact.masked_fill(~real, float("-inf"))  # [heads, T, len * c]
+    others = torch.ones(m, dtype=torch.bool, device=device)
+    others[chunks] = False
+    counts = _chunk_token_counts(layout, device)
     means = digest.float().repeat_interleave(groups, dim=1).transpose(0, 1)[:, others]  # [heads, m', d]
     rough = torch.matmul(q.float(), means.transpose(1, 2)) * scale + torch.log(counts[others])
     logits = torch.cat([exact, rough, _self_logits(q, k_self, scale)], dim=-1)
     probs = torch.softmax(logits, dim=-1)[..., : exact.shape[-1]].sum(dim=(0, 1))  # [len * c]
-    out = torch.zeros(m, dtype=torch.float32)
-    out.index_add_(0, chunk_of, probs.cpu())
+    out = torch.zeros(m, dtype=torch.float32, device=device)
+    out.index_add_(0, chunk_of, probs)
     return out
 
 
@@ -92,14 +104,13 @@ def budget_chunks(budget: float, num_chunks: int) -> int:
 def select_top(scores: torch.Tensor, budget: float) -> list[int]:
     """Top ceil(budget x m) chunks by score, always with the first and last; ties to the lower index.
 
-    Returns sorted chunk indices.
+    Returns sorted chunk indices. ``scores`` may be on any device; the one ``tolist`` at the end
+    is the only transfer to the host.
     """
     m = scores.shape[0]
     k = budget_chunks(budget, m)
     forced = sorted({0, m - 1})
-    rest = torch.ones(m, dtype=torch.bool)
-    rest[forced] = False
-    candidates = torch.nonzero(rest).flatten()
-    order = torch.sort(-scores[candidates].double(), stable=True).indices  # ties keep index order
-    picked = candidates[order[: max(0, k - len(forced))]].tolist()
+    inner = scores[1 : m - 1] if m > 2 else scores[:0]  # chunks 1 .. m-2: the candidates
+    order = torch.sort(-inner.double(), stable=True).indices  # ties keep index order
+    picked = (order[: max(0, k - len(forced))] + 1).tolist()
     return sorted(set(forced) | set(picked))

@@ -27,8 +27,8 @@ def window_importance(layout: ContiguousLayout, q: torch.Tensor, keys: torch.Ten
     kv_heads, n, _ = keys.shape
     k = keys.float().repeat_interleave(heads // kv_heads, dim=0)  # [heads, n, d]
     scores = torch.matmul(q.float(), k.transpose(1, 2)) * scale  # [heads, w, n]
-    query_pos = torch.arange(n - w, n)[:, None]  # [w, 1]
-    scores = scores.masked_fill(torch.arange(n)[None, :] > query_pos, float("-inf"))
+    query_pos = torch.arange(n - w, n, device=q.device)[:, None]  # [w, 1]
+    scores = scores.masked_fill(torch.arange(n, device=q.device)[None, :] > query_pos, float("-inf"))
     token_scores = torch.softmax(scores, dim=-1).sum(dim=(0, 1))  # [n]
     return per_chunk(layout, token_scores)
 

@@ -2,6 +2,10 @@
 
 Shapes: q ``[heads, T, d]`` and k_self ``[kv_heads, T, d]`` are the query's post-RoPE projections;
 prefix keys ``[kv_heads or probe_kv, n, d]``; token sets are int64 ``[rows, k]``, ascending per row.
+
+Devices: every operand must already be on the query's device (prefix keys reach it through
+:func:`~..kvio.staging.to_device_now`, via the codec); tensors made here are made on the device of
+the inputs and results stay there.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ def head_token_mass(q: torch.Tensor, k_self: torch.Tensor, keys: torch.Tensor, h
         which = [i for i, r in enumerate(rows) if r == row]
         hs = [heads[i] for i in which]
         qh = q[hs].float()  # [G, T, d]
-        prefix = torch.matmul(qh, keys[row].to(q.device).float().T) * scale  # [G, T, n]
+        prefix = torch.matmul(qh, keys[row].float().T) * scale  # [G, T, n]
         own = torch.stack([k_self[h // group] for h in hs]).float()  # [G, T, d]
         self_logits = (torch.matmul(qh, own.transpose(1, 2)) * scale).masked_fill(causal, float("-inf"))
         norm = torch.logsumexp(torch.cat([prefix, self_logits], dim=-1), dim=-1, keepdim=True)  # [G, T, 1]
@@ -45,15 +49,17 @@ def top_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def mean_pairwise_jaccard(sets: torch.Tensor, num_tokens: int) -> float:
     """Mean Jaccard over all pairs of rows of ``sets`` [rows, k] (1.0 for a single row)."""
-    masks = torch.zeros(sets.shape[0], num_tokens, dtype=torch.bool, device=sets.device)
-    masks.scatter_(1, sets, True)
     pairs = list(itertools.combinations(range(sets.shape[0]), 2))
     if not pairs:
         return 1.0
+    masks = torch.zeros(sets.shape[0], num_tokens, dtype=torch.bool, device=sets.device)
+    masks.scatter_(1, sets, True)
+    inter = (masks[:, None, :] & masks[None, :, :]).sum(dim=-1)  # [rows, rows]
+    union = (masks[:, None, :] | masks[None, :, :]).sum(dim=-1)
+    counts = torch.stack([inter, union]).tolist()  # one transfer to the host
     total = 0.0
     for a, b in pairs:
-        inter = int((masks[a] & masks[b]).sum())
-        total += inter / int((masks[a] | masks[b]).sum())
+        total += counts[0][a][b] / counts[1][a][b]
     return total / len(pairs)
 
 

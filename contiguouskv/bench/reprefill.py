@@ -60,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", type=Path, help="write results as JSON here")
     parser.add_argument("--plot", type=Path, help="write PNG plots into this directory")
     parser.add_argument("--gpu-suite", action="store_true",
-                        help="the GPU run: Qwen2.5-7B and 14B shapes, 16K and 32K prefixes, bf16, cuda, all policies")
+                        help="the GPU run: Qwen2.5-7B and 14B shapes, 16K and 32K prefixes, bf16, cuda, all policies; "
+                        "with --device cpu a dry run of the same suite on the smallest shapes (random:tiny, "
+                        "512-token prefixes, float32, one cold run per cell, no warm stream)")
 
 
 @dataclass
@@ -289,10 +291,24 @@ def _print(results: list[dict[str, object]], gbps: dict[str, float]) -> None:
               f"{r['read_amplification']:>6.2f}  {sp}")
 
 
+GPU_SUITE = [("random:qwen2.5-7b", 16384), ("random:qwen2.5-7b", 32768), ("random:qwen2.5-14b", 16384)]
+"""The GPU suite's runs: (model, prefix tokens), on cuda in bfloat16 with the other options as given."""
+GPU_SUITE_DRY_RUN = [("random:tiny", 512), ("random:tiny", 1024)]
+"""``--gpu-suite --device cpu``: the same suite, loop and report on the smallest shapes (two runs, so
+the per-run merging is exercised too)."""
+DRY_RUN_SETTINGS = {"dtype": "float32", "query_tokens": 8, "budgets": "0.1,0.5", "repeats": 1,
+                    "warm_prefixes": 0}
+"""What a dry run overrides besides the shapes: whatever keeps each cell one quick request."""
+
+
 def _suite(args: argparse.Namespace) -> list[tuple[str, int]]:
+    if args.gpu_suite and args.device == "cpu":  # the dry run: same code path, smallest shapes
+        for name, value in DRY_RUN_SETTINGS.items():
+            setattr(args, name, value)
+        return list(GPU_SUITE_DRY_RUN)
     if args.gpu_suite:
         args.device, args.dtype = "cuda", "bfloat16"
-        return [("random:qwen2.5-7b", 16384), ("random:qwen2.5-7b", 32768), ("random:qwen2.5-14b", 16384)]
+        return list(GPU_SUITE)
     return [(args.model, args.prefix_tokens)]
 
 

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -100,8 +100,10 @@ class ServerLifecycle:
         log.info("%s listening on %s:%d (%s)", what, host, bound, "TLS" if credentials is not None else "plaintext")
         return bound
 
-    async def wait_and_drain(self, grace_seconds: float) -> None:
-        """Block until SIGTERM/SIGINT (or :meth:`request_stop`); then NOT_SERVING and a graceful stop."""
+    async def wait_and_drain(self, grace_seconds: float, on_drain: Callable[[], None] | None = None) -> None:
+        """Block until SIGTERM/SIGINT (or :meth:`request_stop`); then NOT_SERVING and a graceful stop.
+
+        ``on_drain`` runs first (the compute server refuses queued work and bounds the running)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -111,6 +113,8 @@ class ServerLifecycle:
             log.info("%s draining: not serving new requests, %.1fs grace for in-flight ones",
                      self._what, grace_seconds)
             await self.health.enter_graceful_shutdown()
+            if on_drain is not None:
+                on_drain()
             await self.server.stop(grace_seconds)
             if self._health_server is not None:
                 await self._health_server.stop(0)

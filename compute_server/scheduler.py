@@ -1,0 +1,183 @@
+"""The compute thread: every model op of every request runs here, same-layer ops of requests in one batch.
+
+Requests run their layer loops on their own threads (:class:`~.engine.Engine`), where they may block
+on records without holding anyone up. Each model stage they need is an *op* queued here:
+
+- ``project(layer, hidden, positions)``: input norm, q/k/v projections, RoPE;
+- ``finish(layer, hidden, q, keys, values, num_past)``: attention over the request's own prefix
+  K/V (one call per request: ragged), then o_proj, residual, MLP;
+- ``call(fn, ...)``: anything else, alone (embeddings, logits, a whole prefill).
+
+The compute thread takes every queued op, groups ``project`` and ``finish`` ops of one layer and
+runs each group as one pass over the requests' tokens concatenated (at most ``max_batch``
+requests per pass; 1 turns batching off), so the weights of a layer are read once for all of them.
+Every op of the model's projections and MLP is per token, so a batched pass gives each request
+what it gets alone, up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from contiguouskv.compute_server.model.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class _Op:
+    kind: str  # "project" | "finish" | "call"
+    layer: int
+    args: tuple[Any, ...]
+    future: Future[Any] = field(default_factory=Future)
+
+
+@dataclass
+class SchedulerStats:
+    """Counters of the compute thread (read from any thread; approximate while it runs)."""
+
+    passes: int = 0
+    batched_passes: int = 0  # passes that served more than one request
+    ops: int = 0
+    largest_batch: int = 0
+
+
+class LayerScheduler:
+    """Runs model ops on one thread; see the module docstring. ``close`` stops it."""
+
+    def __init__(self, runner: ModelRunner, max_batch: int = 16) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.runner = runner
+        self.max_batch = max_batch
+        self.stats = SchedulerStats()
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="compute", daemon=True)
+        self._thread.start()
+
+    # --- request threads -------------------------------------------------------------------------
+    def project(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> QKV:
+        """Blocks until the op ran: q ``[H, T, d]``, k and v ``[kvH, T, d]`` (see ModelRunner.project)."""
+        return self._submit(_Op("project", layer, (hidden, positions))).future.result()
+
+    def finish(self, layer: int, hidden: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               num_past: int) -> torch.Tensor:
+        """Blocks until the op ran: attention of q over ``keys``/``values`` ``[kvH, num_past + T, d]``,
+        then the rest of the layer; returns the hidden state leaving it ``[T, D]``."""
+        return self._submit(_Op("finish", layer, (hidden, q, keys, values, num_past))).future.result()
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Blocks until ``fn(*args)`` ran on the compute thread, alone."""
+        return self._submit(_Op("call", -1, (fn, *args))).future.result()  # type: ignore[no-any-return]
+
+    def _submit(self, op: _Op) -> _Op:
+        if not self._thread.is_alive():
+            raise RuntimeError("the compute thread has stopped")
+        self._queue.put(op)
+        return op
+
+    def close(self) -> None:
+        """Stop the thread after the ops already queued."""
+        self._queue.put(None)
+
+    # --- the compute thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                first = self._queue.get()
+                if first is None:
+                    return
+                ops = [first]
+                while True:  # everything queued now is one round
+                    try:
+                        op = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if op is None:
+                        self._run_round(ops)
+                        return
+                    ops.append(op)
+                self._run_round(ops)
+
+    def _run_round(self, ops: list[_Op]) -> None:
+        groups: dict[tuple[str, int], list[_Op]] = {}
+        for op in ops:
+            if op.kind == "call":
+                self._run([op], self._call)
+            else:
+                groups.setdefault((op.kind, op.layer), []).append(op)
+        for (kind, _), group in groups.items():
+            run = self._project if kind == "project" else self._finish
+            for start in range(0, len(group), self.max_batch):
+                self._run(group[start : start + self.max_batch], run)
+
+    def _run(self, ops: list[_Op], run: Callable[[list[_Op]], list[Any]]) -> None:
+        live = [op for op in ops if op.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        s = self.stats
+        s.passes, s.ops = s.passes + 1, s.ops + len(live)
+        s.largest_batch = max(s.largest_batch, len(live))
+        if len(live) > 1:
+            s.batched_passes += 1
+        try:
+            results = run(live)
+        except BaseException as exc:  # noqa: BLE001 - every waiter learns of it
+            for op in live:
+                op.future.set_exception(exc)
+            return
+        for op, result in zip(live, results):
+            op.future.set_result(result)
+
+    @staticmethod
+    def _call(ops: list[_Op]) -> list[Any]:
+        fn, *args = ops[0].args
+        return [fn(*args)]
+
+    def _project(self, ops: list[_Op]) -> list[QKV]:
+        layer = ops[0].layer
+        if len(ops) == 1:
+            return [self.runner.project(layer, *ops[0].args)]
+        sizes = [op.args[0].shape[0] for op in ops]
+        hidden = torch.cat([op.args[0] for op in ops])  # [sum T, D]
+        positions = torch.cat([op.args[1] for op in ops])
+        q, k, v = self.runner.project(layer, hidden, positions)
+        return [(qi.contiguous(), ki.contiguous(), vi.contiguous())
+                for qi, ki, vi in zip(q.split(sizes, dim=1), k.split(sizes, dim=1), v.split(sizes, dim=1))]
+
+    def _finish(self, ops: list[_Op]) -> list[torch.Tensor]:
+        layer, r = ops[0].layer, self.runner
+        attended = [r.attend(q, keys, values, num_past) for _, q, keys, values, num_past in (op.args for op in ops)]
+        if len(ops) == 1:
+            return [r.finish(layer, ops[0].args[0], attended[0])]
+        sizes = [op.args[0].shape[0] for op in ops]
+        hidden = r.finish(layer, torch.cat([op.args[0] for op in ops]), torch.cat(attended))  # [sum T, D]
+        return list(hidden.split(sizes))
+
+
+class ScheduledProjector:
+    """The policies' view of the model (``policies.base.Projector``): projections run as scheduler ops."""
+
+    def __init__(self, scheduler: LayerScheduler) -> None:
+        self._scheduler = scheduler
+
+    @property
+    def scaling(self) -> float:
+        return self._scheduler.runner.scaling
+
+    @property
+    def device(self) -> torch.device:
+        return self._scheduler.runner.device
+
+    def project(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> QKV:
+        return self._scheduler.project(layer, hidden, positions)
