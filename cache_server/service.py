@@ -33,6 +33,7 @@ from contiguouskv.cache_server.fetch import (
 )
 from contiguouskv.cache_server.keys import ObjectKey
 from contiguouskv.cache_server.manifest import Manifest
+from contiguouskv.cache_server.reader import ObjectReader
 from contiguouskv.cache_server.store import RecordStore
 from contiguouskv.common.fetch_wire import serialize_fetch_response
 from contiguouskv.common.status import status_details
@@ -86,6 +87,11 @@ def _rpc(method: F) -> F:
             await _abort(context, method.__name__, exc)
 
     return cast(F, unary)
+
+
+def _close_opened(opening: asyncio.Future[ObjectReader]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
 
 
 def manifest_to_pb(manifest: Manifest, with_metadata: bool = True) -> pb.Manifest:
@@ -157,6 +163,16 @@ class CacheServicer:
             if writer is not None:  # failed or cancelled: shielded, the temp file always goes
                 await asyncio.shield(asyncio.to_thread(self._store.abort, writer))
 
+    async def _open(self, key: ObjectKey) -> ObjectReader:
+        """The object's reader, opened off the loop; a call cancelled meanwhile closes it once open
+        (else its descriptor would outlive the stream)."""
+        opening = asyncio.ensure_future(asyncio.to_thread(self._store.open_object, key))
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_opened)
+            raise
+
     @_rpc
     async def GetManifest(
         self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext
@@ -176,7 +192,7 @@ class CacheServicer:
         key = ObjectKey(first.open.prefix_id, first.open.layout)
         wanted = first.open.max_batch_bytes
         batch_bytes = min(wanted, self._max_batch_bytes) if wanted else self._max_batch_bytes
-        with await asyncio.to_thread(self._store.open_object, key) as reader:
+        with await self._open(key) as reader:
             assembler = BatchAssembler(reader, self._cache, self._buffers, self._store.counters)
             session = FetchSession(
                 reader,

@@ -84,7 +84,7 @@ async def serve(config: ComputeServerConfig) -> int:
 
 def run(config: ComputeServerConfig) -> int:
     """Serve until SIGTERM; tracing (service ``contiguouskv-compute``) is set up for the process here."""
-    keep_freed_buffers(os.environ)  # reuse the ~1 MiB Fetch response buffers (common/malloc.py)
+    keep_freed_buffers(os.environ, max_arenas=2)  # reuse ~1 MiB Fetch buffers; bounded arenas (common/malloc.py)
     with telemetry.tracing("contiguouskv-compute"):
         telemetry.instrument_aio_channels()  # the cache client's channels: RPC spans, W3C context out
         return run_async(serve(config))

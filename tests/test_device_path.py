@@ -40,7 +40,9 @@ from contiguouskv.compute_server.cachenet.cache_client import CacheClient
 from contiguouskv.compute_server.config import ComputeServerConfig, default_cache_dir
 from contiguouskv.compute_server.core import ComputeCore
 from contiguouskv.compute_server.kvio.staging import to_device_now
+from contiguouskv.compute_server.layouts.base import KVGeometry
 from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
+from contiguouskv.compute_server.layouts.contiguous_codec import ContiguousCodec
 from contiguouskv.compute_server.model.loading import load_model
 from contiguouskv.compute_server.model.runner import ModelRunner
 from contiguouskv.compute_server.policies.impress import ImpressPolicy
@@ -152,9 +154,6 @@ def test_to_device_now_on_the_cpu_is_the_tensor_itself() -> None:
 
 
 def test_codecs_decode_onto_the_device_through_staging() -> None:
-    from contiguouskv.compute_server.layouts.contiguous_codec import ContiguousCodec
-    from contiguouskv.compute_server.layouts.base import KVGeometry
-
     codec = ContiguousCodec.for_prefix(40, KVGeometry(2, 4, 2, 8, "float32", 16, 1))
     lay = codec.geometry
     keys = torch.randn(lay.num_kv_heads, lay.num_chunks * lay.chunk_size, lay.head_dim)

@@ -15,7 +15,6 @@ event the compute stream waits on; on the CPU it is used as it is.
 from __future__ import annotations
 
 import threading
-from collections import deque
 
 import torch
 
@@ -58,19 +57,18 @@ class _InFlight:
     A non-blocking copy reads its pinned source after the call returns, so the source must outlive
     the copy. A host tensor has no ``record_stream``, and PyTorch's caching host allocator only
     defers reusing a freed pinned block for memory it allocated itself; holding the reference here
-    until the event has completed makes the lifetime explicit for any pinned source. Entries are
-    dropped (in order: copies complete in issue order per stream, and an unfinished one only keeps
-    later ones a little longer) on each new copy, so the list stays as short as the copies in flight.
+    until the event has completed makes the lifetime explicit for any pinned source. Completed
+    entries are dropped on each new copy (``Event.query`` does not block), so the list holds about
+    the copies still in flight.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._held: deque[tuple[torch.cuda.Event, torch.Tensor]] = deque()
+        self._held: list[tuple[torch.cuda.Event, torch.Tensor]] = []
 
     def hold(self, event: torch.cuda.Event, source: torch.Tensor) -> None:
         with self._lock:
-            while self._held and self._held[0][0].query():
-                self._held.popleft()
+            self._held = [(e, t) for e, t in self._held if not e.query()]
             self._held.append((event, source))
 
 
@@ -98,7 +96,10 @@ def to_device_now(host: torch.Tensor, device: torch.device | str) -> torch.Tenso
         return host if host.device == device else host.to(device)
     if host.device.type == "cuda":
         return host if host.device == device or device.index is None else host.to(device)
-    pinned = host if host.is_pinned() else host_buffer(tuple(host.shape), host.dtype, device).copy_(host)
+    if host.is_pinned() and host.is_contiguous():
+        pinned = host
+    else:  # a pageable (or strided) source: one host copy into pinned memory, then the DMA
+        pinned = host_buffer(tuple(host.shape), host.dtype, device).copy_(host)
     (out,), event = _side_copy((pinned,), device)
     wait_copy(event, device)
     _IN_FLIGHT.hold(event, pinned)  # type: ignore[arg-type]

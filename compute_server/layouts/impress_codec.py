@@ -97,6 +97,7 @@ class ImpressCodec(LayoutCodec[ImpressLayout]):
         all KV heads unless given, e.g. the probe KV heads)."""
         return unpack_blocks(self.geometry, records, self.geometry.num_kv_heads if heads is None else heads, device)
 
-    def token_importance(self, records: Sequence[memoryview | bytes], device: torch.device | str = "cpu") -> torch.Tensor:
+    def token_importance(self, records: Sequence[memoryview | bytes],
+                         device: torch.device | str = "cpu") -> torch.Tensor:
         """The ``h2o`` records of every layer -> float32 ``[L, n]`` on ``device``."""
         return unpack_token_importance(self.geometry, records, device)
