@@ -128,14 +128,15 @@ class ComputeCore:
 
     def begin_shutdown(self, grace_s: float) -> None:
         """Draining: refuse new and queued requests (UNAVAILABLE) now; stop the running ones with
-        UNAVAILABLE at 80 % of ``grace_s`` unless they finish before."""
+        UNAVAILABLE at half of ``grace_s`` unless they finish before (the other half is for them to
+        reach their next layer and answer, well inside the grace gRPC gives them)."""
         self.admission.drain("the compute server is shutting down")
 
         def stop_running() -> None:
             for cancellation in list(self._running):
                 cancellation.cancel(Unavailable("the compute server is shutting down"))
 
-        asyncio.get_running_loop().call_later(0.8 * grace_s, stop_running)
+        asyncio.get_running_loop().call_later(0.5 * grace_s, stop_running)
 
     # --- register --------------------------------------------------------------------------------
     async def register(self, prefix: str | list[int], extra_layouts: Sequence[str] = ()) -> RegisterReport:
@@ -263,8 +264,10 @@ class ComputeCore:
                          f"({args.max_new_tokens}) exceed the model's {self.model.max_position_embeddings} positions")
         codec = await self._stored_layout(args.prefix_id, primary, cls)
         job = QueryJob(query, chunks.num_tokens, args.max_new_tokens, self.model.eos_token_ids, on_token)
-        async with self.admission.slot(cls.staged_bytes(codec, params)):
-            policy, loader, outcome = await self._load_and_answer(args.prefix_id, cls, codec, chunks, params, job)
+        staged = cls.staged_bytes(codec, params)
+        async with self.admission.slot(staged):
+            policy, loader, outcome = await self._load_and_answer(args.prefix_id, cls, codec, chunks, params, job,
+                                                                  staged)
         self._report(args.prefix_id, codec.name, policy.attention_report())
         fetch_s = (loader.last_arrival_at or 0.0) - (loader.first_request_at or 0.0)
         return ReprefillReport(
@@ -275,13 +278,15 @@ class ComputeCore:
             usage=policy.usage(), bytes_kv_record=chunks.kv_record_size)
 
     async def _load_and_answer(self, prefix_id: str, cls: type[LoadingPolicy], codec: LayoutCodec,
-                               chunks: ContiguousLayout, params: PolicyParams,
-                               job: QueryJob) -> tuple[LoadingPolicy, KVLoader, QueryOutcome]:
+                               chunks: ContiguousLayout, params: PolicyParams, job: QueryJob,
+                               staged: int) -> tuple[LoadingPolicy, KVLoader, QueryOutcome]:
         """Open the Fetch stream, run the policy's loading and the query; the stream is closed and
-        every wait woken however this ends."""
+        every wait woken however this ends. The stream is read no faster than the request may hold
+        records: ``staged`` bytes (what admission reserved), or a few batches at least."""
         loop = asyncio.get_running_loop()
         stream = await self.cache.open_stream(prefix_id, codec.name, self.config.fetch_batch_bytes)
-        loader = KVLoader(codec, stream, loop, self.runner.device, self._stager)
+        held = max(staged, 4 * self.config.fetch_batch_bytes)
+        loader = KVLoader(codec, stream, loop, self.runner.device, self._stager, max_held_bytes=held)
         io = asyncio.create_task(loader.run())
         job.cancellation.on_cancel(lambda: loop.call_soon_threadsafe(io.cancel))  # wakes every wait
         try:

@@ -167,7 +167,7 @@ class Engine:
         r = self.runner
         start = time.perf_counter()
         job.cancellation.check()
-        result = self.scheduler.call(r.prefill, torch.tensor(prefix_ids + job.query_ids), self._block)
+        result = self.scheduler.call(r.prefill, torch.tensor(prefix_ids + job.query_ids, device=r.device), self._block)
         logits = result.logits.reshape(-1).float().cpu()
         out = QueryOutcome(token_id=int(logits.argmax()), logits=logits)
         out.first_token_s = out.compute_s = time.perf_counter() - start

@@ -35,13 +35,18 @@ def _check_level(level: Any, concurrency: int) -> None:
     assert 0 < level["ttft_ms_p50"] <= level["ttft_ms_p95"] <= level["ttft_ms_p99"]
 
 
-def test_levels_on_own_servers(tmp_path: Path) -> None:
-    report = _bench(tmp_path, "--concurrency", "2,4", "--seconds", "3")
+def test_levels_on_own_servers_batched_and_not(tmp_path: Path) -> None:
+    report = _bench(tmp_path, "--concurrency", "2,4", "--seconds", "3", "--max-batch", "1,8",
+                    "--policy", "contiguous,full", "--budget", "0.25,0.5")
     levels = report["results"]
-    assert [r["concurrency"] for r in levels] == [2, 4]
-    for level, concurrency in zip(levels, (2, 4)):
-        _check_level(level, concurrency)
-        assert level["rss_growth_pct"] is None
+    assert [(r["max_batch"], r["concurrency"]) for r in levels] == [(1, 2), (1, 4), (8, 2), (8, 4)]
+    for level in levels:
+        _check_level(level, level["concurrency"])
+        assert level["rss_growth_pct"] is None and level["peak_rss_mb"]["compute"] > 50
+        assert level["policy"] == "contiguous,full" and level["budget"] == "0.25,0.5"
+    ratios = report["rps_over_unbatched"]
+    assert set(ratios) == {"8@2", "8@4"}
+    assert ratios["8@4"] == levels[3]["rps"] / levels[1]["rps"]
     assert report["config"]["model"] == "random:tiny"
     assert not list(tmp_path.glob("ckv-bench-*"))  # the temp store is gone
 

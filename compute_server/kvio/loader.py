@@ -15,10 +15,11 @@ copied to the device on a side stream (:mod:`.staging`); ``wait_for_layer`` then
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ from contiguouskv.common.fetch_wire import FetchBatch
 from contiguouskv.compute_server.cachenet.record_stream import FetchStream
 from contiguouskv.compute_server.errors import ComputeError
 from contiguouskv.compute_server.kvio.pump import FetchPump
-from contiguouskv.compute_server.kvio.staging import to_device, wait_copy
+from contiguouskv.compute_server.kvio.staging import to_device, to_device_now, wait_copy
 from contiguouskv.compute_server.layouts.base import LayoutCodec
 
 KVPair = tuple[torch.Tensor, torch.Tensor]
@@ -54,11 +55,16 @@ class KVLoader:
     """Records of one prefix object for one request; see the module docstring."""
 
     def __init__(self, codec: LayoutCodec, stream: FetchStream, loop: asyncio.AbstractEventLoop,
-                 device: torch.device | str = "cpu", stager: Executor | None = None) -> None:
+                 device: torch.device | str = "cpu", stager: Executor | None = None,
+                 max_held_bytes: int = 0) -> None:
         self.codec = codec
         self._device = torch.device(device)
         self._stager = stager
-        self._pump = FetchPump(stream, loop, self._on_batch, self._fail)
+        self._max_held = max_held_bytes  # 0: no back-pressure
+        self._held = 0  # K/V record bytes arrived and not yet released
+        self._held_by_layer: dict[int, int] = {}
+        self._waiters = 0
+        self._pump = FetchPump(stream, loop, self._on_batch, self._fail, self._has_room)
         self._cond = threading.Condition()
         self._arrived: dict[int, dict[int, KVPair]] = {}  # layer -> unit -> (K, V) views
         self._expected: dict[int, list[int]] = {}
@@ -155,11 +161,14 @@ class KVLoader:
         if records is None:
             return  # a late record of a cancelled blob request
         self.bytes_by_category["kv"] = self.bytes_by_category.get("kv", 0) + len(data)
+        size = len(data) // len(records)
         with self._cond:
             layers = set()
             for layer, unit, k, v in records:
                 self._arrived.setdefault(layer, {})[unit] = (k, v)
+                self._held_by_layer[layer] = self._held_by_layer.get(layer, 0) + size
                 layers.add(layer)
+            self._held += size * len(records)
             self.kv_records_received += len(records)
             for layer in layers:
                 self._maybe_stage(layer)
@@ -219,7 +228,22 @@ class KVLoader:
 
         Raises the stream's error, or CANCELLED once the request's loading ended."""
         start = time.perf_counter()
+        if not future.done():
+            with self._blocked():
+                future.result()
         return future.result(), time.perf_counter() - start
+
+    @contextlib.contextmanager
+    def _blocked(self) -> Iterator[None]:
+        """Count a blocked wait (the pump reads on whatever the back-pressure says)."""
+        with self._cond:
+            self._waiters += 1
+        self._pump.room_made()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._waiters -= 1
 
     def wait_for_layer(self, layer: int, units: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Block until every record of ``units`` at ``layer`` has arrived.
@@ -241,11 +265,16 @@ class KVLoader:
                 if not staged and all(c in have for c in want):
                     parts = [have[c] for c in want]
                     break
-                self._cond.wait()
+                self._waiters += 1
+                self._pump.room_made()
+                try:
+                    self._cond.wait()
+                finally:
+                    self._waiters -= 1
         waited = time.perf_counter() - start
-        if not staged:
-            keys, values = self.codec.gather(want, parts, pin=False)
-            return keys, values, waited
+        if not staged:  # gathered here, on the request's thread, and staged through the same path
+            keys, values = self.codec.gather(want, parts, pin=self._device.type == "cuda")
+            return to_device_now(keys, self._device), to_device_now(values, self._device), waited
         wait_copy(ready.copied, self._device)
         return ready.keys, ready.values, waited
 
@@ -255,3 +284,15 @@ class KVLoader:
             self._arrived.pop(layer, None)
             self._staged.pop(layer, None)
             self._staging.discard(layer)
+            self._held -= self._held_by_layer.pop(layer, 0)
+        self._pump.room_made()
+
+    @property
+    def held_bytes(self) -> int:
+        """K/V record bytes arrived and not released yet."""
+        return self._held
+
+    def _has_room(self) -> bool:
+        """Event loop: read on while under ``max_held_bytes``, or while a wait is blocked (the
+        records it needs may be next in the stream: pausing then could never resume)."""
+        return not self._max_held or self._held < self._max_held or self._waiters > 0

@@ -46,8 +46,11 @@ class FetchPump:
     """Sends and receives on one :class:`FetchStream`; ``on_batch`` files records, ``on_error`` ends waits."""
 
     def __init__(self, stream: FetchStream, loop: asyncio.AbstractEventLoop, on_batch: Callable[[FetchBatch], None],
-                 on_error: Callable[[BaseException], None]) -> None:
+                 on_error: Callable[[BaseException], None],
+                 has_room: Callable[[], bool] = lambda: True) -> None:
         self._stream = stream
+        self._has_room = has_room
+        self._room = asyncio.Event()
         self._loop = loop
         self._on_batch = on_batch
         self._on_error = on_error
@@ -88,7 +91,11 @@ class FetchPump:
         """Receive until the stream breaks; returns why."""
         try:
             async with contextlib.aclosing(self._stream.responses()) as batches:
-                async for batch in batches:
+                while True:
+                    await self._wait_for_room()
+                    batch = await anext(batches, None)
+                    if batch is None:
+                        break
                     error = self._on_message(batch)
                     if error is not None:
                         return error
@@ -97,6 +104,19 @@ class FetchPump:
             raise
         except BaseException as exc:  # noqa: BLE001 - any failure must wake the compute thread
             return exc if isinstance(exc, ComputeError) else ComputeError(f"fetch stream failed: {exc!r}")
+
+    def room_made(self) -> None:
+        """Any thread: the loader may take more (records released, or someone waits)."""
+        self._loop.call_soon_threadsafe(self._room.set)
+
+    async def _wait_for_room(self) -> None:
+        """Back-pressure: read the next batch only while the loader has room for it; unread batches
+        stay in gRPC's flow-control window and then on the cache server."""
+        while not self._has_room():
+            self._room.clear()
+            if self._has_room():  # released between the check and the clear
+                return
+            await self._room.wait()
 
     def _on_message(self, batch: FetchBatch) -> ComputeError | None:
         """File one batch; returns an in-band error to fail over on, else None."""

@@ -14,8 +14,6 @@ event the compute stream waits on; on the CPU it is used as it is.
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
 
@@ -51,30 +49,6 @@ def wait_copy(event: object, device: torch.device) -> None:
         torch.cuda.current_stream(device).wait_event(event)
 
 
-class _InFlight:
-    """Pinned host sources of :func:`to_device_now` copies, held until their copy event completes.
-
-    A non-blocking copy reads its pinned source after the call returns, so the source must outlive
-    the copy. A host tensor has no ``record_stream``, and PyTorch's caching host allocator only
-    defers reusing a freed pinned block for memory it allocated itself; holding the reference here
-    until the event has completed makes the lifetime explicit for any pinned source. Completed
-    entries are dropped on each new copy (``Event.query`` does not block), so the list holds about
-    the copies still in flight.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._held: list[tuple[torch.cuda.Event, torch.Tensor]] = []
-
-    def hold(self, event: torch.cuda.Event, source: torch.Tensor) -> None:
-        with self._lock:
-            self._held = [(e, t) for e, t in self._held if not e.query()]
-            self._held.append((event, source))
-
-
-_IN_FLIGHT = _InFlight()
-
-
 def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """An empty host tensor to decode into: pinned when ``device`` is CUDA (so :func:`to_device_now`
     copies it without another host copy), ordinary memory otherwise."""
@@ -87,9 +61,8 @@ def to_device_now(host: torch.Tensor, device: torch.device | str) -> torch.Tenso
     On the CPU (``host`` already there) it returns ``host`` itself: no copy. On CUDA, ``host``
     (copied into a pinned buffer first unless it is pinned already) is copied on a side stream and
     the current stream waits on the copy's event, so later work on the current stream sees the
-    data while the calling thread does not block. The pinned source is held until the copy is done
-    (:class:`_InFlight`). A tensor already on ``device`` is returned as it is; any other device
-    gets a plain ``.to``.
+    data while the calling thread does not block. A tensor already on ``device`` is returned as it
+    is; any other device gets a plain ``.to``.
     """
     device = torch.device(device)
     if device.type != "cuda":
@@ -102,5 +75,7 @@ def to_device_now(host: torch.Tensor, device: torch.device | str) -> torch.Tenso
         pinned = host_buffer(tuple(host.shape), host.dtype, device).copy_(host)
     (out,), event = _side_copy((pinned,), device)
     wait_copy(event, device)
-    _IN_FLIGHT.hold(event, pinned)  # type: ignore[arg-type]
+    # ``pinned`` may be freed when this returns, the copy still running: it was allocated by torch's
+    # caching host allocator (host_buffer, pin_memory), which records the copy's stream on a
+    # non-blocking copy and does not hand the block out again before that copy has completed.
     return out

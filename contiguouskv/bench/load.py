@@ -16,6 +16,10 @@ the last one, per process.
 
 By default it starts a cache server and a compute server (``--threads 1`` on machines with <= 4
 cores) in a temp dir under the current one; ``--compute HOST:PORT`` targets running servers.
+``--max-batch 1,16`` runs every level once per value, each against a compute server started with
+that ``--max-batch`` (1: no batched layer passes) over the same cache server and prefixes, so the
+rows compare batching side by side. ``--policy``/``--budget`` take comma lists: each worker cycles
+through every (policy, budget) pair, a mixed load. Each row carries the compute server's peak RSS.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ CONNECT_TIMEOUT_S = 60.0
 ERROR_PAUSE_S = 0.05  # a worker's pause after a failed call
 Json = dict[str, Any]  # an object of the JSON report
 CONFIG_KEYS = ("concurrency", "seconds", "prefixes", "model", "prefix_tokens", "query_tokens", "policy", "budget",
-               "timeout", "soak", "soak_concurrency", "sample_every", "compute", "pid", "compute_threads", "seed")
+               "timeout", "soak", "soak_concurrency", "sample_every", "compute", "pid", "compute_threads", "seed",
+               "max_batch", "max_active_requests")
 
 
 def _levels(raw: str) -> list[int]:
@@ -72,8 +77,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--model", default="random:tiny", help="model of the started compute server (default random:tiny)")
     a("--prefix-tokens", type=int, default=1024, help="tokens per prefix (default 1024)")
     a("--query-tokens", type=int, default=32, help="tokens per query (default 32)")
-    a("--policy", default="contiguous", help="Re-Prefill policy (default contiguous)")
-    a("--budget", type=float, default=0.25, help="fraction of the prefix to load (default 0.25)")
+    a("--policy", default="contiguous",
+      help="Re-Prefill policy, or a comma list cycled through by every worker (default contiguous)")
+    a("--budget", default="0.25", help="fraction of the prefix to load, or a comma list (default 0.25)")
+    a("--max-batch", type=_levels, default=[1, 16],
+      help="the started compute server's --max-batch, one run of every level per value (default 1,16; "
+      "a --soak uses the last)")
+    a("--max-active-requests", type=_positive, default=64,
+      help="the started compute server's --max-active-requests (default 64)")
     a("--timeout", type=float, default=60.0, help="seconds per call (default 60)")
     a("--soak", type=float, metavar="MINUTES", help="run one level this long and sample server RSS and fds")
     a("--soak-concurrency", type=_positive, default=32, help="clients of the soak level (default 32)")
@@ -150,9 +161,10 @@ def _progress(message: str) -> None:
 class LoadGenerator:
     """Registers the prefixes once, then runs levels against one compute server address."""
 
-    def __init__(self, args: argparse.Namespace, address: str) -> None:
+    def __init__(self, args: argparse.Namespace, address: str, max_batch: int | None = None) -> None:
         self.args = args
         self.address = address
+        self.max_batch = max_batch  # of the compute server under test; None: not known (--compute)
         self.rng = random.Random(args.seed)
         self.prefixes: list[str] = []
         self.vocab = 0
@@ -176,15 +188,17 @@ class LoadGenerator:
     async def _worker(self, index: int, client: AsyncContiguousKVClient, end: float, tally: Tally) -> float:
         """Requests back to back until ``end``; returns when its last call finished."""
         rng = random.Random(self.args.seed * 1_000_003 + index)
+        mix = [(p, float(b)) for p in self.args.policy.split(",") for b in str(self.args.budget).split(",")]
         n = index
         while time.monotonic() < end:
             prefix = self.prefixes[n % len(self.prefixes)]
+            policy, budget = mix[n % len(mix)]
             n += 1
             query = self._tokens(rng, self.args.query_tokens)
             start = time.monotonic()
             try:  # the SDK's deadline ends the call; wait_for is a backstop should it not
-                await asyncio.wait_for(client.reprefill(prefix, query, policy=self.args.policy,
-                                                        budget=self.args.budget, timeout=self.args.timeout),
+                await asyncio.wait_for(client.reprefill(prefix, query, policy=policy,
+                                                        budget=budget, timeout=self.args.timeout),
                                        self.args.timeout * 1.1 + 1)
             except Exception as err:  # counted, not raised: a load test goes on through errors
                 tally.fail(err)
@@ -216,7 +230,9 @@ class LoadGenerator:
             await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
         elapsed = max(finished) - start
         ordered = sorted(tally.ttft_ms)
-        return {"concurrency": concurrency, "seconds": elapsed, "requests": len(ordered),
+        return {"concurrency": concurrency, "max_batch": self.max_batch, "policy": self.args.policy,
+                "budget": self.args.budget, "seconds": elapsed,
+                "peak_rss_mb": {p.name: max(p.rss_bytes) / 2**20 for p in watched if p.rss_bytes} or None, "requests": len(ordered),
                 "rps": len(ordered) / elapsed, "ttft_ms_p50": _percentile(ordered, 0.50),
                 "ttft_ms_p95": _percentile(ordered, 0.95), "ttft_ms_p99": _percentile(ordered, 0.99),
                 "ttft_ms_max": ordered[-1] if ordered else None,
@@ -242,16 +258,21 @@ class LoadGenerator:
             return [result]
         results = []
         for concurrency in self.args.concurrency:
-            _progress(f"{concurrency} clients for {self.args.seconds:g}s")
-            results.append(await self.level(concurrency, self.args.seconds, []))
+            _progress(f"{concurrency} clients for {self.args.seconds:g}s (max_batch {self.max_batch})")
+            watched_now = [ProcessSamples(p.name, p.pid) for p in watched]  # fresh samples per level
+            results.append(await self.level(concurrency, self.args.seconds, watched_now))
         return results
 
 
-def _start_servers(args: argparse.Namespace, root: Path,
-                   stack: contextlib.ExitStack) -> dict[str, launch.ServiceProcess]:
+def _start_cache(root: Path, stack: contextlib.ExitStack) -> launch.ServiceProcess:
     cache = launch.cache_server(root / "store", log_path=root / "cache.log")
     stack.callback(cache.stop)
     cache.wait_ready(timeout=120)
+    return cache
+
+
+def _start_compute(args: argparse.Namespace, root: Path, cache: launch.ServiceProcess, max_batch: int,
+                   stack: contextlib.ExitStack) -> launch.ServiceProcess:
     threads = args.compute_threads
     if threads is None:
         threads = 1 if (os.cpu_count() or 1) <= 4 else 0
@@ -260,44 +281,70 @@ def _start_servers(args: argparse.Namespace, root: Path,
     clients = max([*args.concurrency, args.soak_concurrency])
     compute = launch.compute_server(args.model, cache.address, "--threads", str(threads),
                                     "--max-streams-per-client", str(max(64, clients)),
-                                    log_path=root / "compute.log")
+                                    "--max-batch", str(max_batch),
+                                    "--max-active-requests", str(args.max_active_requests),
+                                    log_path=root / f"compute-b{max_batch}.log")
     stack.callback(compute.stop)
-    _progress(f"starting compute server ({args.model}) ...")
+    _progress(f"starting compute server ({args.model}, max_batch {max_batch}) ...")
     compute.wait_ready(timeout=900)
-    return {"cache": cache, "compute": compute}
+    return compute
 
 
 def _print(results: list[Json]) -> None:
-    print(f"{'clients':>7}{'requests':>10}{'rps':>9}{'TTFT p50':>10}{'p95':>9}{'p99':>9}  errors")
+    print(f"{'batch':>5}{'clients':>8}{'requests':>10}{'rps':>9}{'TTFT p50':>10}{'p95':>9}{'p99':>9}"
+          f"{'peak RSS':>10}  errors")
     for r in results:
         ms = [f"{v:>9.1f}" if v is not None else f"{'-':>9}" for v in
               (r["ttft_ms_p50"], r["ttft_ms_p95"], r["ttft_ms_p99"])]
         errors = ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0"
-        print(f"{r['concurrency']:>7}{r['requests']:>10}{r['rps']:>9.1f} {ms[0]}{ms[1]}{ms[2]}  {errors}")
+        rss = (r.get("peak_rss_mb") or {}).get("compute")
+        print(f"{r['max_batch'] if r['max_batch'] is not None else '-':>5}{r['concurrency']:>8}{r['requests']:>10}"
+              f"{r['rps']:>9.1f} {ms[0]}{ms[1]}{ms[2]}{'-' if rss is None else round(rss):>10}  {errors}")
         for p in r.get("processes", []):
             if p["rss_growth_pct"] is not None:
                 print(f"  {p['name']} (pid {p['pid']}): RSS {p['rss_mb_warm']:.1f} -> {p['rss_mb_end']:.1f} MiB "
                       f"({p['rss_growth_pct']:+.2f} %), fds {p['fds_warm']} -> {p['fds_end']}, "
                       f"{p['samples']} samples")
+    _print_ratios(results)
+
+
+def _print_ratios(results: list[Json]) -> None:
+    """Requests per second of each batched run over the unbatched one at the same concurrency."""
+    alone = {r["concurrency"]: r["rps"] for r in results if r["max_batch"] == 1}
+    for r in results:
+        if r["max_batch"] not in (None, 1) and alone.get(r["concurrency"]):
+            print(f"max_batch {r['max_batch']} / 1 at {r['concurrency']} clients: "
+                  f"{r['rps'] / alone[r['concurrency']]:.2f}x requests per second")
+
+
+def batch_ratios(results: list[Json]) -> dict[str, float]:
+    """``{"<max_batch>@<clients>": rps over the max_batch 1 row's}`` for the JSON report."""
+    alone = {r["concurrency"]: r["rps"] for r in results if r["max_batch"] == 1}
+    return {f"{r['max_batch']}@{r['concurrency']}": r["rps"] / alone[r["concurrency"]] for r in results
+            if r["max_batch"] not in (None, 1) and alone.get(r["concurrency"])}
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the load test; prints a table, writes ``--json``; returns 0 (1 if any call failed)."""
+    results: list[Json] = []
     with contextlib.ExitStack() as stack:
         if args.compute:
-            address = args.compute
             watched = [ProcessSamples(f"pid{pid}", pid) for pid in args.pid]
+            results = asyncio.run(LoadGenerator(args, args.compute).run(watched))
         else:
             base = args.workdir or Path.cwd()
             base.mkdir(parents=True, exist_ok=True)
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ckv-bench-", dir=base)))
-            servers = _start_servers(args, root, stack)
-            address = servers["compute"].address
-            watched = [ProcessSamples(name, s.proc.pid) for name, s in servers.items()]
-        results = asyncio.run(LoadGenerator(args, address).run(watched))
+            cache = _start_cache(root, stack)
+            for max_batch in (args.max_batch if args.soak is None else args.max_batch[-1:]):  # a soak: one run
+                with contextlib.ExitStack() as per_run:
+                    compute = _start_compute(args, root, cache, max_batch, per_run)
+                    watched = [ProcessSamples("cache", cache.proc.pid), ProcessSamples("compute", compute.proc.pid)]
+                    results += asyncio.run(LoadGenerator(args, compute.address, max_batch).run(watched))
     _print(results)
     if args.json_path:
         config = {k: getattr(args, k) for k in CONFIG_KEYS}
         machine = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
-        args.json_path.write_text(json.dumps({"machine": machine, "config": config, "results": results}, indent=2))
+        args.json_path.write_text(json.dumps({"machine": machine, "config": config, "results": results,
+                                              "rps_over_unbatched": batch_ratios(results)}, indent=2))
     return 1 if any(r["errors_total"] for r in results) else 0
