@@ -188,7 +188,8 @@ class LoadGenerator:
     async def _worker(self, index: int, client: AsyncContiguousKVClient, end: float, tally: Tally) -> float:
         """Requests back to back until ``end``; returns when its last call finished."""
         rng = random.Random(self.args.seed * 1_000_003 + index)
-        mix = [(p, float(b)) for p in self.args.policy.split(",") for b in str(self.args.budget).split(",")]
+        budgets = [None] if self.args.budget is None else [float(b) for b in str(self.args.budget).split(",")]
+        mix = [(p, b) for p in self.args.policy.split(",") for b in budgets]
         n = index
         while time.monotonic() < end:
             prefix = self.prefixes[n % len(self.prefixes)]
