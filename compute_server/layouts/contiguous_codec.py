@@ -104,13 +104,16 @@ class ContiguousCodec(LayoutCodec[ContiguousLayout]):
         group = lay.group_of_region(region)
         if group is None:
             return None
-        size = lay.kv_record_size
-        out: list[KVRecord] = []
-        for i, index in enumerate(indices):
-            chunk, layer = lay.kv_record_owner(group, index)
-            k, v = unpack_kv_record(lay, data[i * size : (i + 1) * size])
-            out.append((layer, chunk, k, v))
-        return out
+        # One tensor over the whole batch, unbound into per-record views in C++: a Python-level view
+        # per record cost ~40 % of the event loop under load (32 clients, bench load).
+        records = frombuffer(data, TORCH_DTYPES[lay.dtype]).view(
+            len(indices), 2, lay.num_kv_heads, lay.chunk_size, lay.head_dim)  # [n, K/V, kv_heads, c, d]
+        keys, values = records[:, 0].unbind(0), records[:, 1].unbind(0)
+        g = lay.layers_in_group(group)
+        first = group * lay.group_size
+        if indices and not 0 <= min(indices) <= max(indices) < lay.num_chunks * g:
+            raise IndexError(f"record index outside kv/G{group} of {lay.num_chunks * g}")
+        return [(first + index % g, index // g, k, v) for index, k, v in zip(indices, keys, values)]
 
     def kv_requests(self, units: Sequence[int], layers: range) -> dict[str, list[int]]:
         return self.geometry.kv_requests(list(units), layers)
