@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from contiguouskv import launch
+from contiguouskv.bench.policies import extra_layouts, resolve
 from contiguouskv.client import NO_RETRY, AsyncContiguousKVClient, ContiguousKVError
 from contiguouskv.connection import add_connection_arguments, tls_from_args, token_from_args
 
@@ -179,10 +180,13 @@ class LoadGenerator:
 
     async def register(self) -> None:
         async with self._client() as client:
-            self.vocab = (await client.model_info(timeout=CONNECT_TIMEOUT_S)).vocab_size
+            info = await client.model_info(timeout=CONNECT_TIMEOUT_S)
+            self.vocab = info.vocab_size
+            extra = extra_layouts(resolve(self.args.policy, info))  # what every policy of the mix reads
             for i in range(self.args.prefixes):
                 _progress(f"registering prefix {i + 1}/{self.args.prefixes} ({self.args.prefix_tokens} tokens)")
-                reg = await client.register(token_ids=self._tokens(self.rng, self.args.prefix_tokens), timeout=600)
+                reg = await client.register(token_ids=self._tokens(self.rng, self.args.prefix_tokens),
+                                            extra_layouts=extra, timeout=600)
                 self.prefixes.append(reg.prefix_id)
 
     async def _worker(self, index: int, client: AsyncContiguousKVClient, end: float, tally: Tally) -> float:
