@@ -62,6 +62,7 @@ class LayerScheduler:
         self.max_batch = max_batch
         self.stats = SchedulerStats()
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name="compute", daemon=True)
         self._thread.start()
 
@@ -81,14 +82,25 @@ class LayerScheduler:
         return self._submit(_Op("call", -1, (fn, *args))).future.result()  # type: ignore[no-any-return]
 
     def _submit(self, op: _Op) -> _Op:
-        if not self._thread.is_alive():
+        if self._closed or not self._thread.is_alive():
             raise RuntimeError("the compute thread has stopped")
         self._queue.put(op)
         return op
 
-    def close(self) -> None:
-        """Stop the thread after the ops already queued."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread after the ops already queued, and wait for it (a thread still running
+        torch while the interpreter finalizes can abort the process)."""
+        self._closed = True
         self._queue.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        while True:  # ops that raced the close: their requests learn it instead of waiting forever
+            try:
+                op = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if op is not None and op.future.set_running_or_notify_cancel():
+                op.future.set_exception(RuntimeError("the compute thread has stopped"))
 
     # --- the compute thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -105,7 +117,7 @@ class LayerScheduler:
                         break
                     if op is None:
                         self._run_round(ops)
-                        return
+                        return  # close() fails whatever was queued after
                     ops.append(op)
                 self._run_round(ops)
 
