@@ -84,12 +84,9 @@ class ComputeCore:
         self.kv_dtype = dtype_name(runner.dtype)
         self.geometry = KVGeometry(model.num_layers, model.num_attention_heads, model.num_kv_heads, model.head_dim,
                                    self.kv_dtype, config.chunk_size, config.group_size)
-        self._reports: set[asyncio.Task[None]] = set()
-
-    @property
-    def layout_name(self) -> str:
+        self.layout_name = build_codec(PRIMARY_LAYOUT, 1, self.geometry).name
         """The name of the primary (`contiguous`) layout this server stores and reads."""
-        return build_codec(PRIMARY_LAYOUT, 1, self.geometry).name
+        self._reports: set[asyncio.Task[None]] = set()
 
     # --- tokens ----------------------------------------------------------------------------------
     def tokens(self, value: str | list[int], field_name: str) -> list[int]:
