@@ -71,15 +71,16 @@ def result(r: compute_pb2.ReprefillResponse) -> ReprefillResult:
     t = r.timings
     timings = Timings(t.ttft_ms, t.fetch_wait_ms, t.compute_ms, t.fetch_ms, t.total_ms,
                       tuple(LayerTiming(x.layer, x.wait_ms, x.compute_ms, x.bytes, x.bytes_identification,
-                                        x.bytes_selected) for x in t.layers))
+                                        x.bytes_selected, x.ident_wait_ms) for x in t.layers))
     token_layers = tuple(TokenLayerSelection(x.layer, x.tokens, x.shared, x.similarity, x.threshold, x.blocks)
                          for x in r.token_layers)
     periods = tuple(PeriodSelection(p.period, p.first_layer, p.num_layers, tuple(p.chunks), p.predicted,
-                                    p.predicted_hits, p.recall) for p in r.periods)
+                                    p.predicted_hits, p.recall, p.mass_recall) for p in r.periods)
     return ReprefillResult(r.token_id, r.text, r.policy, r.budget, timings, r.bytes_fetched, r.prefix_tokens,
                            r.query_tokens, tuple(r.generated_ids), r.generated_text, r.chunks_loaded, r.num_chunks,
                            tuple(r.logits), periods, r.prediction_hit_rate, r.recall, r.bytes_identification,
-                           r.bytes_kv, r.bytes_wasted, r.bytes_selected, r.read_amplification, token_layers)
+                           r.bytes_kv, r.bytes_wasted, r.bytes_selected, r.read_amplification, token_layers,
+                           r.mass_recall, r.bytes_identification_cached)
 
 
 def token(r: compute_pb2.GenerateResponse) -> GeneratedToken:

@@ -30,6 +30,8 @@ class LayerTiming:
     bytes: int = 0
     bytes_identification: int = 0
     bytes_selected: int = 0
+    ident_wait_ms: float = 0.0
+    """Part of ``wait_ms`` blocked on identification data, not K/V records."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class PeriodSelection:
     predicted: int
     predicted_hits: int
     recall: float
+    mass_recall: float = -1.0
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,10 @@ class ReprefillResult:
     read_amplification: float = 0.0
     """``bytes_kv / bytes_selected`` (identification reads apart); 0 for recompute."""
     token_layers: tuple[TokenLayerSelection, ...] = ()
+    mass_recall: float = -1.0
+    """With ``evaluate_recall``: exact attention mass of the chosen chunks over the exact top-k's."""
+    bytes_identification_cached: int = 0
+    """Identification bytes the compute server had resident (no I/O)."""
 
     @property
     def answer(self) -> str:

@@ -53,6 +53,8 @@ class ComputeServerConfig:
     max_queued_requests: int = 256
     max_staged_bytes: int = 8 << 30
     max_batch: int = 16
+    # Identification data (quantised keys, digests) of hot prefixes kept resident; 0 = off.
+    ident_cache_bytes: int = 1 << 30
     fetch_batch_bytes: int = 1 << 20
     rpc_timeout_s: float = 600.0
     grace_seconds: float = 5.0
@@ -110,6 +112,8 @@ class ComputeServerConfig:
         for name in ("max_active_requests", "max_staged_bytes", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.ident_cache_bytes < 0:
+            raise ValueError(f"ident_cache_bytes: must be >= 0 (0 = off), got {self.ident_cache_bytes}")
         if self.max_queued_requests < 0:
             raise ValueError(f"max_queued_requests: must be >= 0, got {self.max_queued_requests}")
         if self.max_new_tokens < 0:

@@ -26,6 +26,7 @@ from contiguouskv.compute_server.cachenet.cache_client import CacheClient
 from contiguouskv.compute_server.config import ComputeServerConfig
 from contiguouskv.compute_server.engine import Cancellation, Engine, QueryJob
 from contiguouskv.compute_server.errors import BadRequest, ComputeError, NotRegistered, NotServable, Unavailable
+from contiguouskv.compute_server.kvio.identcache import IdentCache
 from contiguouskv.compute_server.kvio.loader import KVLoader
 from contiguouskv.compute_server.layouts.base import KVGeometry, LayoutCodec
 from contiguouskv.compute_server.engine import QueryOutcome
@@ -76,6 +77,7 @@ class ComputeCore:
         self.projector = ScheduledProjector(self.scheduler)
         self.engine = Engine(self.scheduler, prefill_block=config.prefill_block,
                              importance_window=config.importance_window)
+        self.ident_cache = IdentCache(config.ident_cache_bytes) if config.ident_cache_bytes else None
         self.admission = Admission(config.max_active_requests, config.max_queued_requests, config.max_staged_bytes)
         # admitted requests each get a thread (their waits block only them); +1 for a registration
         self._requests = ThreadPoolExecutor(max_workers=config.max_active_requests + 1, thread_name_prefix="request")
@@ -287,7 +289,8 @@ class ComputeCore:
         io = asyncio.create_task(loader.run())
         job.cancellation.on_cancel(lambda: loop.call_soon_threadsafe(io.cancel))  # wakes every wait
         try:
-            policy = self.policies.create(cls.name, PolicyContext(loader, codec, chunks, self.projector, params))
+            policy = self.policies.create(cls.name, PolicyContext(loader, codec, chunks, self.projector, params,
+                                                                         self.ident_cache, prefix_id))
             await policy.start_load_kv()
             outcome = await self._on_request_thread(job.cancellation, policy.compute, self.engine, job)
         except asyncio.CancelledError:

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-staged-bytes", type=int,
                         help="prefix KV bytes the running requests may stage together, host and device "
                         "(default 8 GiB; a request alone is always admitted)")
+    parser.add_argument("--ident-cache-bytes", type=int,
+                        help="identification data of hot prefixes kept resident, so their requests read only "
+                        "the K/V they select (default 1 GiB; per-prefix LRU; 0 = off)")
     parser.add_argument("--max-batch", type=int,
                         help="requests whose next layer shares one batched pass (default 16; 1 = no batching)")
     parser.add_argument("--threads", type=int,
@@ -65,7 +68,7 @@ def config_from_args(args: argparse.Namespace) -> ComputeServerConfig:
     flags = {k: getattr(args, k, None) for k in
              ("model", "cache", "replication", "write_quorum", "host", "port", "port_file", "device", "dtype",
               "model_cache_dir", "chunk_size", "metrics_port", "threads", "policy_plugins", "max_active_requests",
-              "max_queued_requests", "max_staged_bytes", "max_batch", *SERVING_FIELDS,
+              "max_queued_requests", "max_staged_bytes", "max_batch", "ident_cache_bytes", *SERVING_FIELDS,
               "cache_tls_ca_file", "cache_tls_cert_file", "cache_tls_key_file", "cache_tls_server_name",
               "cache_token_file")}
     return load_config(ComputeServerConfig, flags, file=getattr(args, "config", None))

@@ -73,14 +73,15 @@ def _reply(result: ReprefillReport, with_logits: bool = False) -> compute_pb2.Re
     layers = [compute_pb2.LayerTiming(layer=t.layer, wait_ms=t.wait_s * 1e3, compute_ms=t.compute_s * 1e3,
                                       bytes=u.layer_bytes[t.layer] if u.layer_bytes else 0,
                                       bytes_identification=u.layer_identification[t.layer] if u.layer_identification else 0,
-                                      bytes_selected=u.layer_selected[t.layer] if u.layer_selected else 0)
+                                      bytes_selected=u.layer_selected[t.layer] if u.layer_selected else 0,
+                                      ident_wait_ms=u.layer_ident_wait[t.layer] * 1e3 if u.layer_ident_wait else 0.0)
               for t in o.layers]
     token_layers = [compute_pb2.TokenLayerSelection(layer=s.layer, tokens=s.tokens.shape[1], shared=s.shared,
                                                     similarity=s.similarity, threshold=s.threshold,
                                                     blocks=len(s.blocks)) for s in u.token_layers]
     periods = [compute_pb2.PeriodSelection(period=p.period, first_layer=p.first_layer, num_layers=p.num_layers,
                                            chunks=p.chunks, predicted=p.predicted, predicted_hits=p.predicted_hits,
-                                           recall=p.recall) for p in u.periods]
+                                           recall=p.recall, mass_recall=p.mass_recall) for p in u.periods]
     timings = compute_pb2.Timings(ttft_ms=result.ttft_s * 1e3, fetch_wait_ms=o.wait_s * 1e3,
                                   compute_ms=o.compute_s * 1e3, fetch_ms=result.fetch_s * 1e3,
                                   total_ms=(result.ttft_s + o.decode_s) * 1e3, layers=layers)
@@ -92,7 +93,8 @@ def _reply(result: ReprefillReport, with_logits: bool = False) -> compute_pb2.Re
         logits=o.logits.tolist() if with_logits and o.logits is not None else [],
         periods=periods, prediction_hit_rate=u.prediction_hit_rate, recall=u.recall,
         bytes_identification=u.bytes_identification, bytes_kv=u.bytes_kv, bytes_wasted=u.bytes_wasted,
-        bytes_selected=u.bytes_selected, read_amplification=u.read_amplification, token_layers=token_layers)
+        bytes_selected=u.bytes_selected, read_amplification=u.read_amplification, token_layers=token_layers,
+        mass_recall=u.mass_recall, bytes_identification_cached=u.bytes_identification_cached)
 
 
 class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):

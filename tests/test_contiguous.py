@@ -55,9 +55,66 @@ def _chunk_sums(token_mass: torch.Tensor, n: int) -> list[float]:
     return [float(token_mass[s : min(s + C, n)].sum()) for s in range(0, n, C)]
 
 
+def _quantized(keys: torch.Tensor, group: int = 64, bits: int = 2) -> torch.Tensor:
+    """Keys [kv_heads, n, d] through 2-bit per-channel quantisation over 64-token groups, written
+    independently of the server's packer: float16 min and step per group, round to nearest level."""
+    out = torch.empty_like(keys, dtype=torch.float32)
+    for a in range(0, keys.shape[1], group):
+        g = keys[:, a : a + group].float()
+        lo = g.amin(dim=1, keepdim=True).half().float()
+        step = ((g.amax(dim=1, keepdim=True) - lo) / (2**bits - 1)).half().float()
+        codes = torch.where(step > 0, torch.round((g - lo) / torch.where(step > 0, step, 1.0)), 0.0).clamp(0, 3)
+        out[:, a : a + group] = lo + codes * step
+    return out
+
+
+def _scores(method: str, runner: ModelRunner, layer_keys: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor,
+            n: int, budget: float) -> list[float]:
+    """Chunk scores of one layer by ``method``, every product materialised."""
+    heads, t = runner.num_heads, qs.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+    self_logits = (qs @ _expand(ks, heads).transpose(1, 2) * runner.scaling).masked_fill(causal, -torch.inf)
+    bounds = [(s, min(s + C, n)) for s in range(0, n, C)]
+    counts = torch.tensor([b - a for a, b in bounds], dtype=torch.float32)
+    if method == "digest":  # digest shortlist of 3k chunks, then exact mass for the shortlist
+        means = torch.stack([layer_keys[:, a:b].mean(dim=1) for a, b in bounds], dim=1)
+        pl = qs @ _expand(means, heads).transpose(1, 2) * runner.scaling + counts.log()
+        probs = torch.softmax(torch.cat([pl, self_logits], dim=-1), dim=-1)
+        rough = probs[:, :, : means.shape[1]].sum(dim=(0, 1)).tolist()
+        short = _top(rough, max(budget, min(0.5, 3 * budget)))
+        tokens = [tok for j in short for tok in range(*bounds[j])]
+        exact = qs @ _expand(layer_keys[:, tokens], heads).transpose(1, 2) * runner.scaling
+        rest = [j for j in range(len(bounds)) if j not in short]
+        probs = torch.softmax(torch.cat([exact, pl[:, :, rest], self_logits], dim=-1), dim=-1)
+        mass = probs[:, :, : len(tokens)].sum(dim=(0, 1))
+        scores = [0.0] * len(bounds)
+        for i, tok in enumerate(tokens):
+            scores[tok // C] += float(mass[i])
+        return scores
+    if method == "quest":  # per chunk: sum over channels of max(q * min, q * max), for every key of it
+        lo = torch.stack([layer_keys[:, a:b].amin(dim=1) for a, b in bounds], dim=1)  # [kv_heads, m, d]
+        hi = torch.stack([layer_keys[:, a:b].amax(dim=1) for a, b in bounds], dim=1)
+        qe = qs[:, :, None, :]  # [H, T, 1, d]
+        upper = torch.maximum(qe * _expand(lo, heads)[:, None], qe * _expand(hi, heads)[:, None]).sum(dim=-1)
+        pl = upper * runner.scaling + counts.log()
+        probs = torch.softmax(torch.cat([pl, self_logits], dim=-1), dim=-1)
+        return probs[:, :, : len(bounds)].sum(dim=(0, 1)).tolist()
+    keys = _quantized(layer_keys) if method == "qkeys" else layer_keys
+    pl = qs @ _expand(keys, heads).transpose(1, 2) * runner.scaling
+    probs = torch.softmax(torch.cat([pl, self_logits], dim=-1), dim=-1)
+    return _chunk_sums(probs[:, :, :n].sum(dim=(0, 1)), n)
+
+
+METHODS = {"contiguous": "exact", "oracle": "exact", "contiguous+digest": "digest", "contiguous+": "qkeys",
+           "contiguous+quest": "quest"}
+SPECULATIVE = {"contiguous+", "contiguous+quest"}  # speculate from the hidden state a layer early, then correct
+
+
 def reference(runner: ModelRunner, prefix: list[int], query: list[int], budget: float, period: int,
-              digest: bool) -> tuple[list[list[int]], torch.Tensor]:
-    """Selections per period and last-position logits, with materialised attention."""
+              policy: str) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
+    """Selections per period, speculative selections per period (empty when none), and
+    last-position logits, with materialised attention."""
+    method = METHODS[policy]
     with torch.inference_mode():
         pre = runner.prefill(torch.tensor(prefix))
         n, t, heads = len(prefix), len(query), runner.num_heads
@@ -65,6 +122,7 @@ def reference(runner: ModelRunner, prefix: list[int], query: list[int], budget: 
         causal = torch.ones(t, t, dtype=torch.bool).triu(1)
         hidden = runner.embed(torch.tensor(query))
         selections: list[list[int]] = []
+        speculated: list[list[int]] = []
         keep = torch.ones(n, dtype=torch.bool)
         entering: list[torch.Tensor] = []
         for layer in range(runner.num_layers):
@@ -72,30 +130,12 @@ def reference(runner: ModelRunner, prefix: list[int], query: list[int], budget: 
             q, k, v = runner.project(layer, hidden, pos)
             if layer % period == 0:
                 qs, ks = (q, k)
-                if digest and layer > 0:  # contiguous+: scored from the hidden state entering layer - 1
+                if method == "digest" and layer > 0:  # contiguous+digest: scored from the hidden state entering layer - 1
                     qs, ks, _ = runner.project(layer, entering[layer - 1], pos)
-                self_logits = (qs @ _expand(ks, heads).transpose(1, 2) * runner.scaling).masked_fill(causal, -torch.inf)
-                if digest:  # digest shortlist of 3k chunks, then exact mass for the shortlist
-                    bounds = [(s, min(s + C, n)) for s in range(0, n, C)]
-                    means = torch.stack([pre.keys[layer][:, a:b].mean(dim=1) for a, b in bounds], dim=1)
-                    counts = torch.tensor([b - a for a, b in bounds], dtype=torch.float32)
-                    pl = qs @ _expand(means, heads).transpose(1, 2) * runner.scaling + counts.log()
-                    probs = torch.softmax(torch.cat([pl, self_logits], dim=-1), dim=-1)
-                    rough = probs[:, :, : means.shape[1]].sum(dim=(0, 1)).tolist()
-                    short = _top(rough, max(budget, min(0.5, 3 * budget)))
-                    tokens = [tok for j in short for tok in range(*bounds[j])]
-                    exact = qs @ _expand(pre.keys[layer][:, tokens], heads).transpose(1, 2) * runner.scaling
-                    rest = [j for j in range(len(bounds)) if j not in short]
-                    probs = torch.softmax(torch.cat([exact, pl[:, :, rest], self_logits], dim=-1), dim=-1)
-                    mass = probs[:, :, : len(tokens)].sum(dim=(0, 1))
-                    scores = [0.0] * len(bounds)
-                    for i, tok in enumerate(tokens):
-                        scores[tok // C] += float(mass[i])
-                else:
-                    pl = qs @ _expand(pre.keys[layer], heads).transpose(1, 2) * runner.scaling
-                    probs = torch.softmax(torch.cat([pl, self_logits], dim=-1), dim=-1)
-                    scores = _chunk_sums(probs[:, :, :n].sum(dim=(0, 1)), n)
-                chosen = _top(scores, budget)
+                if policy in SPECULATIVE and layer > 0:
+                    qe, ke, _ = runner.project(layer, entering[layer - 1], pos)
+                    speculated.append(_top(_scores(method, runner, pre.keys[layer], qe, ke, n, budget), budget))
+                chosen = _top(_scores(method, runner, pre.keys[layer], qs, ks, n, budget), budget)
                 selections.append(chosen)
                 keep = torch.zeros(n, dtype=torch.bool)
                 for j in chosen:
@@ -106,7 +146,7 @@ def reference(runner: ModelRunner, prefix: list[int], query: list[int], budget: 
             mask = torch.cat([~keep.expand(t, n), causal], dim=1)
             out = torch.softmax(logits.masked_fill(mask, -torch.inf), dim=-1) @ values  # [H, T, d]
             hidden = runner.finish(layer, hidden, out.transpose(0, 1).reshape(t, -1))
-        return selections, runner.logits(hidden[-1:])[0]
+        return selections, speculated, runner.logits(hidden[-1:])[0]
 
 
 CASES = [  # prefix tokens, query tokens, budget, period, sub_period, seed
@@ -117,7 +157,7 @@ CASES = [  # prefix tokens, query tokens, budget, period, sub_period, seed
 ]
 
 
-@pytest.mark.parametrize("policy", ["contiguous", "contiguous+"])
+@pytest.mark.parametrize("policy", sorted(METHODS))
 @pytest.mark.parametrize("n,t,budget,period,sub,seed", CASES)
 def test_selection_and_output_match_the_reference(client: ContiguousKVClient, runner: ModelRunner, policy: str,
                                                   n: int, t: int, budget: float, period: int, sub: int,
@@ -128,7 +168,7 @@ def test_selection_and_output_match_the_reference(client: ContiguousKVClient, ru
     reg = client.register(token_ids=prefix)
     got = client.reprefill(reg.prefix_id, query, policy=policy, budget=budget, period=period, sub_period=sub,
                            return_logits=True)
-    selections, logits = reference(runner, prefix, query, budget, period, digest=policy == "contiguous+")
+    selections, speculated, logits = reference(runner, prefix, query, budget, period, policy)
     assert [list(p.chunks) for p in got.periods] == selections
     assert [p.first_layer for p in got.periods] == list(range(0, runner.num_layers, period))
     assert got.token_id == int(logits.argmax())
@@ -140,13 +180,15 @@ def test_selection_and_output_match_the_reference(client: ContiguousKVClient, ru
     assert got.bytes_kv == used + got.bytes_wasted
     assert [lt.bytes for lt in got.timings.layers] == [
         len(p.chunks) * record for p in got.periods for _ in range(p.num_layers)]
-    # predictions: period k+1 was predicted from period k's set. With p = 1, contiguous+ scores
-    # each period one layer early, which replaces the prediction: nothing predicted after the prior.
-    unpredicted = set(range(1, len(got.periods))) if policy == "contiguous+" and period == 1 else set()
+    # predictions: period k+1 was predicted from period k's set, or (speculative policies) from the
+    # speculative scores. With p = 1, contiguous+digest scores each period one layer early, which
+    # replaces the prediction: nothing predicted after the prior.
+    unpredicted = set(range(1, len(got.periods))) if policy == "contiguous+digest" and period == 1 else set()
     assert got.periods[0].predicted == len(selections[0])  # the prior: as many chunks as the budget
     for i, (prev, cur) in enumerate(zip(got.periods, got.periods[1:]), start=1):
-        assert cur.predicted == (0 if i in unpredicted else len(prev.chunks))
-        assert cur.predicted_hits == (0 if i in unpredicted else len(set(prev.chunks) & set(cur.chunks)))
+        shipped = speculated[i - 1] if policy in SPECULATIVE else prev.chunks
+        assert cur.predicted == (0 if i in unpredicted else len(shipped))
+        assert cur.predicted_hits == (0 if i in unpredicted else len(set(shipped) & set(cur.chunks)))
 
 
 def test_same_input_same_output_and_cheaper_than_full(client: ContiguousKVClient) -> None:
@@ -166,7 +208,28 @@ def test_same_input_same_output_and_cheaper_than_full(client: ContiguousKVClient
     exact = client.reprefill(reg.prefix_id, query, policy="contiguous+", budget=1.0, evaluate_recall=True)
     assert exact.recall == 1.0
     plain = client.reprefill(reg.prefix_id, query, policy="contiguous", budget=0.1, period=2)
-    assert plain.recall == -1.0 and plain.bytes_identification > plus.bytes_identification
+    assert plain.recall == -1.0
+    ident = {r.policy: r.bytes_identification + r.bytes_identification_cached for r in (plain, plus)}
+    assert ident["contiguous"] > ident["contiguous+"] > 0
+
+
+@pytest.mark.parametrize("policy", ["contiguous+", "contiguous+quest", "contiguous+digest", "oracle", "contiguous"])
+def test_identification_cache_serves_hot_prefixes_without_identification_io(client: ContiguousKVClient,
+                                                                            policy: str) -> None:
+    rng = random.Random(hash(policy) % 1000)
+    reg = client.register(token_ids=[rng.randrange(512) for _ in range(500)])
+    query = [rng.randrange(512) for _ in range(6)]
+    cold = client.reprefill(reg.prefix_id, query, policy=policy, budget=0.2, return_logits=True)
+    warm = client.reprefill(reg.prefix_id, query, policy=policy, budget=0.2, return_logits=True)
+    assert cold.bytes_identification > 0 and cold.bytes_identification_cached == 0
+    assert sum(lt.bytes_identification for lt in cold.timings.layers) == cold.bytes_identification
+    assert warm.bytes_identification_cached > 0  # contiguous+digest still reads its shortlists' keys
+    assert warm.bytes_identification + warm.bytes_identification_cached == cold.bytes_identification
+    if policy != "contiguous+digest":
+        assert warm.bytes_identification == 0
+        assert all(lt.ident_wait_ms == 0.0 for lt in warm.timings.layers)
+    assert (warm.token_id, warm.periods, warm.logits) == (cold.token_id, cold.periods, cold.logits)
+    assert warm.bytes_fetched < cold.bytes_fetched
 
 
 def test_period_options_are_validated(client: ContiguousKVClient) -> None:

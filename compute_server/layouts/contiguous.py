@@ -11,6 +11,11 @@ region           records            one record holds
                                     ``j * g_i + k`` = chunk j, layer ``i * g + k``
 ``idkeys/L{l}``  m                  K of one chunk at layer l, ``[kv_heads, c, head_dim]``
 ``digest/L{l}``  1                  mean key per chunk and KV head, float32 ``[m, kv_heads, d]``
+``qkeys/L{l}``   1                  K of layer l quantised to ``QKEY_BITS`` bits per value with a
+                                    float16 (min, step) per KV head and channel over groups of
+                                    ``QKEY_GROUP`` tokens (:mod:`..selection.keyquant`): 7.8 % of
+                                    the layer's K+V at 2 bits
+``minmax/L{l}``  1                  per-chunk min and max key (Quest), layout dtype ``[m, kv_heads, 2, d]``
 ``stats``        1                  static chunk importance, float32 ``[L, m]``
 ``tokens``       1                  the prefix token ids, int32 ``[n]``
 ===============  =================  ==========================================================
@@ -27,8 +32,12 @@ from dataclasses import asdict, dataclass, field
 
 from contiguouskv.compute_server.layouts.region import DTYPE_BYTES, Region, ceil_div
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # v2 added the qkeys and minmax identification regions
 LAYOUT_KIND = "contiguous"
+QKEY_BITS = 2
+"""Bits per quantised identification key value (see the ``qkeys`` region)."""
+QKEY_GROUP = 64
+"""Tokens sharing one (min, step) pair per KV head and channel in the ``qkeys`` region."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +159,31 @@ class ContiguousLayout:
     def digest_record_size(self) -> int:
         return self.num_chunks * self.num_kv_heads * self.head_dim * 4
 
+    @property
+    def qkey_groups(self) -> int:
+        """Token groups of the ``qkeys`` region (the last one may be partial)."""
+        return ceil_div(self.num_tokens, QKEY_GROUP)
+
+    @property
+    def qkeys_record_size(self) -> int:
+        """One ``qkeys`` record: float16 (min, step) then the packed codes, per group, KV head, channel."""
+        per_channel = 2 * 2 + QKEY_GROUP * QKEY_BITS // 8
+        return self.qkey_groups * self.num_kv_heads * self.head_dim * per_channel
+
+    @property
+    def minmax_record_size(self) -> int:
+        """One ``minmax`` record: a min and a max key per chunk and KV head, in the layout dtype."""
+        return self.num_chunks * self.num_kv_heads * 2 * self.head_dim * self.dtype_bytes
+
+    def ident_record_size(self, kind: str) -> int:
+        """Bytes of one layer's identification data of ``kind`` read whole: ``idkeys`` (every
+        key), ``digest``, ``qkeys`` or ``minmax``."""
+        sizes = {"idkeys": self.num_chunks * self.token_bytes, "digest": self.digest_record_size,
+                 "qkeys": self.qkeys_record_size, "minmax": self.minmax_record_size}
+        if kind not in sizes:
+            raise ValueError(f"unknown identification region {kind!r}; one of {sorted(sizes)}")
+        return sizes[kind]
+
     def regions(self) -> list[Region]:
         """Every region of this layout, in file order."""
         out = [
@@ -158,6 +192,8 @@ class ContiguousLayout:
         ]
         out += [Region(f"idkeys/L{l}", self.num_chunks, self.token_bytes) for l in range(self.num_layers)]
         out += [Region(f"digest/L{l}", 1, self.digest_record_size) for l in range(self.num_layers)]
+        out += [Region(f"qkeys/L{l}", 1, self.qkeys_record_size) for l in range(self.num_layers)]
+        out += [Region(f"minmax/L{l}", 1, self.minmax_record_size) for l in range(self.num_layers)]
         out.append(Region("stats", 1, self.num_layers * self.num_chunks * 4))
         out.append(Region("tokens", 1, self.num_tokens * 4))
         return out

@@ -15,9 +15,10 @@ import torch
 
 from contiguouskv.compute_server.kvio.staging import host_buffer, to_device_now
 from contiguouskv.compute_server.layouts.base import KVGeometry, KVRecord, LayoutCodec, PrefilledPrefix
-from contiguouskv.compute_server.layouts.contiguous import LAYOUT_KIND, ContiguousLayout
+from contiguouskv.compute_server.layouts.contiguous import LAYOUT_KIND, QKEY_BITS, QKEY_GROUP, ContiguousLayout
 from contiguouskv.compute_server.layouts.tensors import TORCH_DTYPES, Payload, as_bytes, batches, frombuffer
 from contiguouskv.compute_server.selection.importance import window_importance
+from contiguouskv.compute_server.selection.keyquant import dequantize_keys, quantize_keys
 
 
 def _chunked(layout: ContiguousLayout, k: torch.Tensor) -> torch.Tensor:
@@ -46,6 +47,15 @@ def chunk_digest(layout: ContiguousLayout, k: torch.Tensor) -> torch.Tensor:
     return chunked.sum(dim=2) / counts[:, None, None]
 
 
+def chunk_minmax(layout: ContiguousLayout, k: torch.Tensor) -> torch.Tensor:
+    """Per-chunk min and max key over the chunk's real tokens, [m, kv_heads, 2, d] in ``k``'s dtype."""
+    pad = layout.num_chunks * layout.chunk_size - k.shape[1]
+    if pad:  # repeat the last key: min and max of the partial chunk stay those of its real tokens
+        k = torch.cat([k, k[:, -1:].expand(k.shape[0], pad, k.shape[2])], dim=1)
+    chunked = _chunked(layout, k)  # [m, kv_heads, c, d]
+    return torch.stack([chunked.amin(dim=2), chunked.amax(dim=2)], dim=2)
+
+
 def iter_region_payloads(layout: ContiguousLayout, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
                          importance: torch.Tensor, token_ids: Sequence[int],
                          batch_bytes: int = 1 << 20) -> Iterator[Payload]:
@@ -62,6 +72,10 @@ def iter_region_payloads(layout: ContiguousLayout, keys: Sequence[torch.Tensor],
                            as_bytes(_chunked(layout, keys[layer])), batch_bytes)
     for layer in range(layout.num_layers):
         yield layout.digest_region(layer), 0, as_bytes(chunk_digest(layout, keys[layer]))
+    for layer in range(layout.num_layers):
+        yield f"qkeys/L{layer}", 0, as_bytes(quantize_keys(keys[layer], QKEY_BITS, QKEY_GROUP))
+    for layer in range(layout.num_layers):
+        yield f"minmax/L{layer}", 0, as_bytes(chunk_minmax(layout, keys[layer]))
     if tuple(importance.shape) != (layout.num_layers, layout.num_chunks):
         raise ValueError(f"importance must be [L, m], got {tuple(importance.shape)}")
     yield "stats", 0, as_bytes(importance.to(torch.float32))
@@ -150,6 +164,19 @@ class ContiguousCodec(LayoutCodec[ContiguousLayout]):
         ``device`` (on the CPU: a read-only view over ``record``)."""
         lay = self.geometry
         view = frombuffer(record, torch.float32).view(lay.num_chunks, lay.num_kv_heads, lay.head_dim)
+        return to_device_now(view, device)
+
+    def qkeys(self, record: memoryview | bytes, device: torch.device | str = "cpu") -> torch.Tensor:
+        """A ``qkeys`` record -> the layer's keys dequantised, float32 ``[kv_heads, n, d]`` on ``device``
+        (the packed bytes cross to the device; decoding runs there)."""
+        lay = self.geometry
+        packed = to_device_now(frombuffer(record, torch.uint8), device)
+        return dequantize_keys(packed, lay.num_tokens, lay.num_kv_heads, lay.head_dim, QKEY_BITS, QKEY_GROUP)
+
+    def minmax(self, record: memoryview | bytes, device: torch.device | str = "cpu") -> torch.Tensor:
+        """A ``minmax`` record -> per-chunk min and max key ``[m, kv_heads, 2, d]`` on ``device``."""
+        lay = self.geometry
+        view = frombuffer(record, TORCH_DTYPES[lay.dtype]).view(lay.num_chunks, lay.num_kv_heads, 2, lay.head_dim)
         return to_device_now(view, device)
 
     def importance(self, record: memoryview | bytes, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -35,6 +35,7 @@ try:
 except ImportError as err:  # a base dependency, but some machines run without it
     raise ImportError("--metrics-port needs prometheus-client: pip install prometheus-client==0.26.0") from err
 
+from contiguouskv.compute_server.kvio.identcache import IdentCache
 from contiguouskv.v1 import compute_pb2
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ LAYER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 class ComputeMetrics:
     """The compute server's metric families, in a registry of their own."""
 
-    def __init__(self) -> None:
+    def __init__(self, ident_cache: IdentCache | None = None) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(PREFIX + "requests", "ComputeService RPCs by method and final status code.",
                                 ["method", "code"], registry=r)
@@ -75,6 +76,15 @@ class ComputeMetrics:
                               registry=r)
         self.registrations = Counter(PREFIX + "registrations", "Successful registrations by outcome.",
                                      ["outcome"], registry=r)
+        self.ident_bytes = Gauge(PREFIX + "ident_cache_bytes", "Identification data resident in the ident cache.",
+                                 registry=r)
+        self.ident_lookups = Gauge(PREFIX + "ident_cache_lookups", "Ident cache lookups since start, by result.",
+                                   ["result"], registry=r)
+        if ident_cache is not None:
+            cache = ident_cache
+            self.ident_bytes.set_function(lambda: cache.stats().bytes)
+            self.ident_lookups.labels("hit").set_function(lambda: cache.stats().hits)
+            self.ident_lookups.labels("miss").set_function(lambda: cache.stats().misses)
 
     def observe_reprefill(self, reply: compute_pb2.ReprefillResponse) -> None:
         """Record the timings and bytes one Re-Prefill reply carries."""

@@ -48,6 +48,7 @@ import torch
 
 from contiguouskv.compute_server.cachenet.attention import RegionScores
 from contiguouskv.compute_server.engine import Engine, QueryJob, QueryOutcome
+from contiguouskv.compute_server.kvio.identcache import IdentCache
 from contiguouskv.compute_server.kvio.loader import KVLoader
 from contiguouskv.compute_server.layouts.base import LayoutCodec
 from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
@@ -95,6 +96,9 @@ class PolicyContext:
     chunks: ContiguousLayout
     projector: Projector
     params: PolicyParams
+    ident_cache: IdentCache | None = None
+    """The server's resident identification data (None: every request reads its own)."""
+    prefix_id: str = ""
 
 
 @dataclass
@@ -108,6 +112,7 @@ class PeriodChoice:
     predicted: int = 0
     predicted_hits: int = 0
     recall: float = -1.0
+    mass_recall: float = -1.0
     scores: torch.Tensor | None = None  # float32 [m] on the host: for the cache report
 
 
@@ -134,8 +139,8 @@ class LoadUsage:
 
     ``layer_chunks`` counts the layout's units per layer (ContiguousChunks, or 64-token blocks for
     the token-level baselines). Per layer ``layer_bytes`` are K/V record bytes read,
-    ``layer_identification`` identification-only bytes, ``layer_selected`` the bytes of the K/V
-    attended to.
+    ``layer_identification`` identification-only bytes read, ``layer_selected`` the bytes of the K/V
+    attended to, ``layer_ident_wait`` the seconds blocked on identification data.
     """
 
     periods: tuple[PeriodChoice, ...] = ()
@@ -149,6 +154,9 @@ class LoadUsage:
     layer_identification: tuple[int, ...] = ()
     layer_selected: tuple[int, ...] = ()
     token_layers: tuple[LayerSelection, ...] = ()
+    mass_recall: float = -1.0
+    layer_ident_wait: tuple[float, ...] = ()
+    bytes_identification_cached: int = 0
 
     @property
     def bytes_selected(self) -> int:
@@ -162,20 +170,23 @@ class LoadUsage:
 
 def chunk_usage(loader: KVLoader, layout: ContiguousLayout, chunks_at: Callable[[int], Sequence[int]],
                 periods: Sequence[PeriodChoice] = (), identification: Sequence[int] = (),
-                prediction_hit_rate: float = 1.0) -> LoadUsage:
+                prediction_hit_rate: float = 1.0, recalls: Sequence[tuple[float, float]] = (),
+                ident_wait: Sequence[float] = (), ident_cached: int = 0) -> LoadUsage:
     """The usage of a policy that reads the `contiguous` layout's K/V records by chunk.
 
     ``chunks_at(layer)``: the chunks the layer attended to; ``identification``: identification
-    bytes per layer (zeros when empty).
+    bytes read per layer (zeros when empty); ``recalls``: (set, mass) recall of the exact top-k per
+    evaluated layer; ``ident_wait``: seconds blocked on identification data per layer.
     """
     layers = range(layout.num_layers)
     counts = tuple(len(chunks_at(l)) for l in layers)
     per_token = layout.kv_record_size // layout.chunk_size  # K and V of one token, all KV heads
-    recalls = [p.recall for p in periods if p.recall >= 0]
     used = sum(counts) * layout.kv_record_size
     return LoadUsage(
         periods=tuple(periods), layer_chunks=counts, prediction_hit_rate=prediction_hit_rate,
-        recall=sum(recalls) / len(recalls) if recalls else -1.0,
+        recall=sum(r for r, _ in recalls) / len(recalls) if recalls else -1.0,
+        mass_recall=sum(m for _, m in recalls) / len(recalls) if recalls else -1.0,
+        layer_ident_wait=tuple(ident_wait) or tuple(0.0 for _ in layers), bytes_identification_cached=ident_cached,
         bytes_identification=loader.bytes_by_category.get("ident", 0), bytes_kv=loader.bytes_by_category.get("kv", 0),
         bytes_wasted=max(0, loader.kv_records_received * layout.kv_record_size - used),
         layer_bytes=tuple(c * layout.kv_record_size for c in counts),

@@ -37,7 +37,8 @@ class PeriodicPolicy(LoadingPolicy):
     """One chunk set per period, predicted ahead; see the module docstring."""
 
     ident_region: ClassVar[str] = "idkeys"
-    """The region read to score a period's first layer: ``idkeys`` (every key) or ``digest``."""
+    """The region read to score a period's first layer: ``idkeys`` (every key), ``digest``,
+    ``qkeys`` or ``minmax``; read whole, through the server's identification cache."""
 
     def __init__(self, context: PolicyContext) -> None:
         super().__init__(context)
@@ -52,22 +53,45 @@ class PeriodicPolicy(LoadingPolicy):
         self._predicted: dict[int, dict[int, list[int]]] = {}
         self._selected: dict[int, list[int]] = {}
         self._pending_wait = 0.0
+        self._layer = 0  # the layer the compute thread is on: waits are charged to it
+        self._ident_read = [0] * L  # identification bytes read (not from the cache) per layer
+        self._ident_cached = 0
+        self._ident_wait = [0.0] * L
+        self._recalls: dict[int, tuple[float, float]] = {}  # layer -> (set, mass) recall of the exact top-k
         self.periods: list[PeriodChoice] = []
 
     async def start_load_kv(self) -> None:
         stats = self.loader.start_blob("stats", [0], priority=STATS_PRIORITY)
         for s in self.starts:
             self._ident[s] = self._request_ident(s)
-            if self.params.evaluate_recall and self.ident_region != "idkeys":
-                self._eval[s] = self.loader.start_blob(f"idkeys/L{s}", range(self.chunks.num_chunks),
-                                                       priority=2 * s - 1, category="eval")
+        if self.params.evaluate_recall:
+            for layer in range(self.chunks.num_layers):
+                self._eval[layer] = self.loader.start_blob(f"idkeys/L{layer}", range(self.chunks.num_chunks),
+                                                           priority=2 * layer - 1, category="eval")
         importance = self.codec.importance((await asyncio.wrap_future(stats))[0], device="cpu")  # host decision
         self._predict(0, select_top(importance.sum(dim=0), self.budget))
 
+    def before_layer(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> None:
+        self._layer = layer
+
     def _request_ident(self, layer: int) -> Future[Records]:
+        """Layer ``layer``'s identification data, whole: resident in the server's cache, or read."""
+        region = f"{self.ident_region}/L{layer}"
+        cache, prefix, layout = self.context.ident_cache, self.context.prefix_id, self.codec.name
+        if cache is not None and (records := cache.get(prefix, layout, region)) is not None:
+            self._ident_cached += sum(len(r) for r in records)
+            done: Future[Records] = Future()
+            done.set_result(list(records))  # type: ignore[arg-type]
+            return done
         indices = range(self.chunks.num_chunks) if self.ident_region == "idkeys" else [0]
-        return self.loader.start_blob(f"{self.ident_region}/L{layer}", indices, priority=2 * layer - 1,
-                                      category="ident")
+        future = self.loader.start_blob(region, indices, priority=2 * layer - 1, category="ident")
+        self._ident_read[layer] = self.chunks.ident_record_size(self.ident_region)
+        if cache is not None:
+            def keep(f: Future[Records]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    cache.put(prefix, layout, region, tuple(bytes(r) for r in f.result()))
+            future.add_done_callback(keep)
+        return future
 
     def _predict(self, start: int, chunks: list[int]) -> None:
         tags: dict[int, list[int]] = {}
@@ -76,8 +100,9 @@ class PeriodicPolicy(LoadingPolicy):
                 tags.setdefault(chunk, []).extend(run_tags)
         self._predicted[start] = tags
 
-    def _commit(self, start: int, chunks: list[int], scores: torch.Tensor, recall: float = -1.0) -> None:
-        """Period ``start`` attends to ``chunks``: fetch what was not predicted, cancel the rest."""
+    def _commit(self, start: int, chunks: list[int], scores: torch.Tensor) -> None:
+        """Period ``start`` attends to ``chunks``: fetch what was not predicted, cancel the rest, and
+        ship ``chunks`` as the following period's prediction unless one is out already."""
         predicted = self._predicted.pop(start, {})
         chosen = set(chunks)
         missing = sorted(chosen - set(predicted))
@@ -91,32 +116,45 @@ class PeriodicPolicy(LoadingPolicy):
         self.loader.expect(range(start, min(start + period, self.chunks.num_layers)), chunks)
         layers = min(period, self.chunks.num_layers - start)
         self.periods.append(PeriodChoice(index, start, layers, chunks, len(predicted),
-                                         len(chosen & set(predicted)), recall, scores))
+                                         len(chosen & set(predicted)), scores=scores))
         self.periods.sort(key=lambda p: p.first_layer)
         following = self.starts[index + 1] if index + 1 < len(self.starts) else None
-        if following is not None and following not in self._selected:  # p = 1 may speculate first
+        if (following is not None and following not in self._selected and following not in self._predicted
+                and not self._speculates(following)):
             self._predict(following, chunks)
 
+    def _speculates(self, start: int) -> bool:
+        """Whether period ``start``'s prediction will come from speculative scoring (then no
+        prediction ships at the previous commit)."""
+        return False
+
     def _wait_blob(self, future: Future[Records]) -> Records:
+        if future.done() and not future.cancelled() and future.exception() is None:
+            return future.result()  # resident or already in: no wait to charge
         records, waited = self.loader.wait_blob(future)
         self._pending_wait += waited
+        self._ident_wait[self._layer] += waited
         return records
 
     def _layer_keys(self, future: Future[Records]) -> torch.Tensor:
         """All prefix keys of a layer, [kv_heads, n, d], from its idkeys records."""
         return self.codec.layer_keys(self._wait_blob(future), device=self.projector.device)
 
-    def _exact_recall(self, start: int, q: torch.Tensor, k: torch.Tensor, chunks: list[int]) -> float:
-        keys = self._layer_keys(self._eval.pop(start))
-        exact = select_top(exact_chunk_scores(self.chunks, q, k, keys, self.projector.scaling), self.budget)
-        return len(set(exact) & set(chunks)) / len(exact)
+    def _evaluate(self, layer: int, q: torch.Tensor, k: torch.Tensor, chunks: list[int]) -> None:
+        """evaluate_recall: set and mass recall of ``chunks`` against the exact top-k at ``layer``."""
+        records, _ = self.loader.wait_blob(self._eval.pop(layer))  # evaluation reads are not charged
+        keys = self.codec.layer_keys(records, device=self.projector.device)
+        exact = exact_chunk_scores(self.chunks, q, k, keys, self.projector.scaling)
+        top = select_top(exact, self.budget)
+        mass = float(exact[top].sum())
+        self._recalls[layer] = (len(set(top) & set(chunks)) / len(top),
+                                float(exact[chunks].sum()) / mass if mass > 0 else 1.0)
 
     def _choose(self, start: int, q: torch.Tensor, k: torch.Tensor) -> None:
         """Score period ``start`` from the query's q and k there and commit its chunk set."""
         scores = self._score(start, q, k)
         chunks = select_top(scores, self.budget)  # synchronises: the scores are ready to copy
-        recall = self._exact_recall(start, q, k, chunks) if start in self._eval else -1.0
-        self._commit(start, chunks, scores.cpu(), recall)  # host copy for the report (event loop)
+        self._commit(start, chunks, scores.cpu())  # host copy for the report (event loop)
 
     @abc.abstractmethod
     def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -124,9 +162,12 @@ class PeriodicPolicy(LoadingPolicy):
 
     def wait_for_layer_load(self, layer: int, q: torch.Tensor,
                             k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        self._layer = layer
         start = layer - layer % self.params.period
         if start not in self._selected:
             self._choose(start, q, k)
+        if layer in self._eval:
+            self._evaluate(layer, q, k, self._selected[start])
         keys, values, waited = self.loader.wait_for_layer(layer, self._selected[start])
         self.loader.release_layer(layer)
         waited, self._pending_wait = waited + self._pending_wait, 0.0
@@ -142,12 +183,14 @@ class PeriodicPolicy(LoadingPolicy):
         return sum(p.predicted_hits for p in self.periods) / predicted if predicted else 1.0
 
     def usage(self) -> LoadUsage:
-        lay = self.chunks
-        size = lay.num_chunks * lay.token_bytes if self.ident_region == "idkeys" else lay.digest_record_size
-        ident = [0] * lay.num_layers
-        for start in self.starts:
-            ident[start] = size
-        return chunk_usage(self.loader, lay, self.chunks_at, self.periods, ident, self.prediction_hit_rate)
+        for p in self.periods:  # a period's recall: the mean over its evaluated layers
+            got = [self._recalls[l] for l in range(p.first_layer, p.first_layer + p.num_layers) if l in self._recalls]
+            if got:
+                p.recall = sum(r for r, _ in got) / len(got)
+                p.mass_recall = sum(m for _, m in got) / len(got)
+        return chunk_usage(self.loader, self.chunks, self.chunks_at, self.periods, self._ident_read,
+                           self.prediction_hit_rate, [self._recalls[l] for l in sorted(self._recalls)],
+                           self._ident_wait, self._ident_cached)
 
     def attention_report(self) -> list[RegionScores]:
         return attention_report(self.chunks, self.periods)

@@ -69,6 +69,22 @@ def digest_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch
     return _prefix_mass(logits, _self_logits(q, k_self, scale))
 
 
+def quest_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.Tensor,
+                       minmax: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-chunk mass [m] from Quest's upper bound of q.k: per channel the larger of q*min and q*max,
+    summed over channels, stands for every key of the chunk (``minmax``: [m, kv_heads, 2, d])."""
+    heads, kv_heads = q.shape[0], minmax.shape[1]
+    groups = heads // kv_heads
+    counts = _chunk_token_counts(layout, q.device)
+    bounds = minmax.float().repeat_interleave(groups, dim=1).transpose(0, 1)  # [heads, m, 2, d]
+    center = (bounds[:, :, 0] + bounds[:, :, 1]) / 2  # max(q*lo, q*hi) = q*center + |q|*radius
+    radius = (bounds[:, :, 1] - bounds[:, :, 0]) / 2
+    qf = q.float()
+    upper = torch.matmul(qf, center.transpose(1, 2)) + torch.matmul(qf.abs(), radius.transpose(1, 2))
+    logits = upper * scale + torch.log(counts)  # [heads, T, m]
+    return _prefix_mass(logits, _self_logits(q, k_self, scale))
+
+
 def shortlist_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.Tensor, digest: torch.Tensor,
                            shortlist: list[int], keys: torch.Tensor, scale: float) -> torch.Tensor:
     """Chunk mass [m]: exact for ``shortlist`` (``keys`` = their keys, [kv_heads, len * c, d], chunks

@@ -204,6 +204,7 @@ class PeriodSelection(_message.Message):
     PREDICTED_FIELD_NUMBER: _builtins.int
     PREDICTED_HITS_FIELD_NUMBER: _builtins.int
     RECALL_FIELD_NUMBER: _builtins.int
+    MASS_RECALL_FIELD_NUMBER: _builtins.int
     period: _builtins.int
     first_layer: _builtins.int
     num_layers: _builtins.int
@@ -211,7 +212,13 @@ class PeriodSelection(_message.Message):
     """Chunks shipped ahead as the prediction, and how many of them were selected."""
     predicted_hits: _builtins.int
     recall: _builtins.float
-    """Recall of the exact top-k (contiguous+ with evaluate_recall), else -1."""
+    """With evaluate_recall: mean over the period's layers of the recall of the exact top-k chunk set
+    (scored from all of the layer's keys with the request's own query there), else -1.
+    """
+    mass_recall: _builtins.float
+    """With evaluate_recall: mean over the period's layers of the exact attention mass of the chosen
+    chunks over that of the exact top-k, else -1.
+    """
     @_builtins.property
     def chunks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Selected chunk indices, ascending."""
@@ -226,10 +233,11 @@ class PeriodSelection(_message.Message):
         predicted: _builtins.int = ...,
         predicted_hits: _builtins.int = ...,
         recall: _builtins.float = ...,
+        mass_recall: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "first_layer", b"first_layer", "num_layers", b"num_layers", "period", b"period", "predicted", b"predicted", "predicted_hits", b"predicted_hits", "recall", b"recall"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "first_layer", b"first_layer", "mass_recall", b"mass_recall", "num_layers", b"num_layers", "period", b"period", "predicted", b"predicted", "predicted_hits", b"predicted_hits", "recall", b"recall"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -247,6 +255,7 @@ class LayerTiming(_message.Message):
     BYTES_FIELD_NUMBER: _builtins.int
     BYTES_IDENTIFICATION_FIELD_NUMBER: _builtins.int
     BYTES_SELECTED_FIELD_NUMBER: _builtins.int
+    IDENT_WAIT_MS_FIELD_NUMBER: _builtins.int
     layer: _builtins.int
     wait_ms: _builtins.float
     compute_ms: _builtins.float
@@ -258,6 +267,10 @@ class LayerTiming(_message.Message):
     """Bytes of identification-only data read for this layer (idkeys, digests, probe keys, h2o scores)."""
     bytes_selected: _builtins.int
     """Bytes of the K and V of the prefix tokens this layer attended to (unpadded, all KV heads)."""
+    ident_wait_ms: _builtins.float
+    """Part of wait_ms spent blocked on identification data (keys, digests, quantised keys) rather
+    than on K/V records: the identification I/O speculation did not hide.
+    """
     def __init__(
         self,
         *,
@@ -267,10 +280,11 @@ class LayerTiming(_message.Message):
         bytes: _builtins.int = ...,
         bytes_identification: _builtins.int = ...,
         bytes_selected: _builtins.int = ...,
+        ident_wait_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "bytes_identification", b"bytes_identification", "bytes_selected", b"bytes_selected", "compute_ms", b"compute_ms", "layer", b"layer", "wait_ms", b"wait_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "bytes_identification", b"bytes_identification", "bytes_selected", b"bytes_selected", "compute_ms", b"compute_ms", "ident_wait_ms", b"ident_wait_ms", "layer", b"layer", "wait_ms", b"wait_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -389,6 +403,8 @@ class ReprefillResponse(_message.Message):
     BYTES_SELECTED_FIELD_NUMBER: _builtins.int
     READ_AMPLIFICATION_FIELD_NUMBER: _builtins.int
     TOKEN_LAYERS_FIELD_NUMBER: _builtins.int
+    MASS_RECALL_FIELD_NUMBER: _builtins.int
+    BYTES_IDENTIFICATION_CACHED_FIELD_NUMBER: _builtins.int
     token_id: _builtins.int
     text: _builtins.str
     policy: _builtins.str
@@ -402,7 +418,7 @@ class ReprefillResponse(_message.Message):
     prediction_hit_rate: _builtins.float
     """Fraction of predicted chunks that the real selection kept (1 when nothing was predicted)."""
     recall: _builtins.float
-    """Mean recall over periods (contiguous+ with evaluate_recall), else -1."""
+    """With evaluate_recall: mean recall of the exact top-k chunk set over layers, else -1."""
     bytes_identification: _builtins.int
     """Bytes of identification data (keys or digests), of kv records, and of kv records fetched
     but never used (cancelled predictions that had already been sent). bytes_fetched is their sum
@@ -416,6 +432,12 @@ class ReprefillResponse(_message.Message):
     """bytes_kv / bytes_selected: K/V bytes read per byte attended to (identification reads are
     counted apart, in bytes_identification); 0 when nothing was loaded (recompute).
     """
+    mass_recall: _builtins.float
+    """With evaluate_recall: mean over layers of the exact attention mass the chosen chunks cover,
+    relative to the exact top-k's, else -1.
+    """
+    bytes_identification_cached: _builtins.int
+    """Identification bytes served from the compute server's identification cache (no I/O)."""
     @_builtins.property
     def timings(self) -> Global___Timings: ...
     @_builtins.property
@@ -457,10 +479,12 @@ class ReprefillResponse(_message.Message):
         bytes_selected: _builtins.int = ...,
         read_amplification: _builtins.float = ...,
         token_layers: _abc.Iterable[Global___TokenLayerSelection] | None = ...,
+        mass_recall: _builtins.float = ...,
+        bytes_identification_cached: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "bytes_fetched", b"bytes_fetched", "bytes_identification", b"bytes_identification", "bytes_kv", b"bytes_kv", "bytes_selected", b"bytes_selected", "bytes_wasted", b"bytes_wasted", "chunks_loaded", b"chunks_loaded", "generated_ids", b"generated_ids", "generated_text", b"generated_text", "logits", b"logits", "num_chunks", b"num_chunks", "periods", b"periods", "policy", b"policy", "prediction_hit_rate", b"prediction_hit_rate", "prefix_tokens", b"prefix_tokens", "query_tokens", b"query_tokens", "read_amplification", b"read_amplification", "recall", b"recall", "text", b"text", "timings", b"timings", "token_id", b"token_id", "token_layers", b"token_layers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "bytes_fetched", b"bytes_fetched", "bytes_identification", b"bytes_identification", "bytes_identification_cached", b"bytes_identification_cached", "bytes_kv", b"bytes_kv", "bytes_selected", b"bytes_selected", "bytes_wasted", b"bytes_wasted", "chunks_loaded", b"chunks_loaded", "generated_ids", b"generated_ids", "generated_text", b"generated_text", "logits", b"logits", "mass_recall", b"mass_recall", "num_chunks", b"num_chunks", "periods", b"periods", "policy", b"policy", "prediction_hit_rate", b"prediction_hit_rate", "prefix_tokens", b"prefix_tokens", "query_tokens", b"query_tokens", "read_amplification", b"read_amplification", "recall", b"recall", "text", b"text", "timings", b"timings", "token_id", b"token_id", "token_layers", b"token_layers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,107 @@
+"""Per-layer chunk selection from compact identification data: `contiguous+`, `contiguous+quest`, `oracle`.
+
+Each layer (``default_period`` 1) is scored from that layer's identification record, read whole
+and early: every layer's record is requested before layer 0 at a priority just ahead of that
+layer's K/V (or found resident in the server's identification cache, and then not read at all).
+
+Speculate, then correct. Before layer ``l`` runs, the hidden state entering ``l`` is projected with
+layer ``l + 1``'s weights and scored against ``l + 1``'s identification data; the chosen chunks are
+shipped at once, so their reads overlap layer ``l``'s compute (InfiniGen's observation: adjacent
+layers' inputs are similar). When layer ``l + 1`` starts, its real query rescores the same data
+(already decoded: no I/O), the chunks the speculation missed are requested, and those it picked
+wrongly are cancelled. On the real Qwen model the correction is what keeps the answers: choosing
+from the speculative scores alone loses some (docs/selection.md). Layer 0's prediction is the stored
+static importance; its real query corrects it the same way.
+
+What each policy scores with (fractions of the prefix's K+V bytes in bf16; docs/selection.md):
+
+- `contiguous+` — ``qkeys``: the keys at 2 bits with per-channel float16 (min, step) over 64-token
+  groups (7.8 %), dequantised and scored exactly like the full keys.
+- `contiguous+quest` — ``minmax``: Quest's per-chunk min and max key (6.3 %), scored by the
+  upper bound of q.k.
+- `oracle` — ``idkeys``: every key of every layer (50 %), scored with the real query only (no
+  speculation): the exact per-layer top-k, the ceiling the others are measured against.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from contiguouskv.compute_server.kvio.loader import Records
+from contiguouskv.compute_server.policies.periodic import PeriodicPolicy
+from contiguouskv.compute_server.selection.chunks import exact_chunk_scores, quest_chunk_scores, select_top
+
+
+class IdentifiedPolicy(PeriodicPolicy):
+    """Per-layer selection from one identification record per layer; see the module docstring."""
+
+    default_period = 1
+    speculate: ClassVar[bool] = True
+    """Ship layer ``l + 1``'s chunks from the hidden state entering ``l`` (then correct at ``l + 1``)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._decoded: dict[int, torch.Tensor] = {}
+
+    def before_layer(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> None:
+        super().before_layer(layer, hidden, positions)
+        start = layer + 1
+        if (self.speculate and start < self.chunks.num_layers and start % self.params.period == 0
+                and start not in self._selected and start not in self._predicted):
+            q, k, _ = self.projector.project(start, hidden, positions)
+            self._predict(start, select_top(self._score(start, q, k), self.budget))
+
+    def _speculates(self, start: int) -> bool:
+        return self.speculate and start > 0
+
+    def _ident_data(self, start: int) -> torch.Tensor:
+        """Layer ``start``'s identification data on the compute device, decoded once."""
+        if start not in self._decoded:
+            self._decoded[start] = self._decode(self._wait_blob(self._ident.pop(start)))
+        return self._decoded[start]
+
+    def _choose(self, start: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        super()._choose(start, q, k)
+        self._decoded.pop(start, None)  # scored for good: free it
+
+    def _decode(self, records: Records) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return exact_chunk_scores(self.chunks, q, k, self._ident_data(start), self.projector.scaling)
+
+
+class ContiguousPlusPolicy(IdentifiedPolicy):
+    """2-bit keys per layer, speculated a layer early and corrected with the real query."""
+
+    name = "contiguous+"
+    ident_region = "qkeys"
+
+    def _decode(self, records: Records) -> torch.Tensor:
+        return self.codec.qkeys(records[0], device=self.projector.device)
+
+
+class QuestPolicy(IdentifiedPolicy):
+    """Quest's per-chunk min/max keys per layer, speculated and corrected like `contiguous+`."""
+
+    name = "contiguous+quest"
+    ident_region = "minmax"
+
+    def _decode(self, records: Records) -> torch.Tensor:
+        return self.codec.minmax(records[0], device=self.projector.device)
+
+    def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return quest_chunk_scores(self.chunks, q, k, self._ident_data(start), self.projector.scaling)
+
+
+class OraclePolicy(IdentifiedPolicy):
+    """Exact per-layer top-k from all of the layer's keys with the real query: the quality ceiling."""
+
+    name = "oracle"
+    ident_region = "idkeys"
+    speculate = False
+
+    def _decode(self, records: Records) -> torch.Tensor:
+        return self.codec.layer_keys(records, device=self.projector.device)

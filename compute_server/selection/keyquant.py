@@ -1,0 +1,76 @@
+"""Low-bit keys for chunk identification (KIVI-style per-channel quantisation; pure torch, no I/O).
+
+Keys ``[kv_heads, n, d]`` are cut into groups of ``group`` tokens. Per group, KV head and channel
+one float16 pair (min, step) is kept, step = (max - min) / (2^bits - 1), and every value becomes
+``round((k - min) / step)`` in ``bits`` bits, packed ``8 // bits`` tokens to a byte (the earliest
+token in the lowest bits). Channels are quantised separately because post-RoPE keys have a few
+large-magnitude channels: a per-token scale would spend all levels on them.
+
+Byte format of one layer (the ``qkeys`` record): float16 ``[G, kv_heads, 2, d]`` (min, step), then
+uint8 ``[G, kv_heads, group * bits // 8, d]`` codes; ``G = ceil(n / group)``; tokens past ``n`` in
+the last group repeat the last real key and are dropped on decode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BITS = (1, 2, 4, 8)
+
+
+def _check(bits: int, group: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    per_byte = 8 // bits
+    if group < 1 or group % per_byte:
+        raise ValueError(f"group must be a positive multiple of {per_byte} for {bits}-bit codes, got {group}")
+    return per_byte
+
+
+def quantized_bytes(num_tokens: int, kv_heads: int, head_dim: int, bits: int, group: int) -> int:
+    """Size of :func:`quantize_keys`' output."""
+    _check(bits, group)
+    groups = -(-num_tokens // group)
+    return groups * kv_heads * head_dim * (4 + group * bits // 8)
+
+
+def quantize_keys(keys: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Keys ``[kv_heads, n, d]`` (any float dtype) -> the packed record, flat uint8 on the CPU."""
+    per_byte = _check(bits, group)
+    kv_heads, n, d = keys.shape
+    if n < 1:
+        raise ValueError("no keys to quantise")
+    groups = -(-n // group)
+    k = keys.detach().to("cpu", torch.float32)
+    if groups * group > n:  # pad by repeating the last key: it leaves min and max unchanged
+        k = torch.cat([k, k[:, -1:].expand(kv_heads, groups * group - n, d)], dim=1)
+    k = k.view(kv_heads, groups, group, d).transpose(0, 1)  # [G, kv_heads, group, d]
+    lo = k.amin(dim=2).to(torch.float16)  # [G, kv_heads, d]
+    levels = (1 << bits) - 1
+    step = ((k.amax(dim=2) - lo.float()) / levels).to(torch.float16)
+    safe = torch.where(step.float() > 0, step.float(), torch.ones_like(step, dtype=torch.float32))
+    codes = torch.round((k - lo.float()[:, :, None]) / safe[:, :, None]).clamp_(0, levels).to(torch.uint8)
+    codes = codes.view(groups, kv_heads, group // per_byte, per_byte, d)
+    packed = torch.zeros(groups, kv_heads, group // per_byte, d, dtype=torch.uint8)
+    for i in range(per_byte):
+        packed |= codes[:, :, :, i] << (i * bits)
+    scales = torch.stack([lo, step], dim=2)  # [G, kv_heads, 2, d]
+    return torch.cat([scales.contiguous().view(torch.uint8).reshape(-1), packed.reshape(-1)])
+
+
+def dequantize_keys(record: torch.Tensor, num_tokens: int, kv_heads: int, head_dim: int, bits: int,
+                    group: int) -> torch.Tensor:
+    """A packed record (flat uint8, on any device) -> float32 keys ``[kv_heads, n, d]`` on that device."""
+    per_byte = _check(bits, group)
+    expected = quantized_bytes(num_tokens, kv_heads, head_dim, bits, group)
+    if record.dtype != torch.uint8 or record.numel() != expected:
+        raise ValueError(f"qkeys record: expected {expected} uint8 bytes, got {record.numel()} {record.dtype}")
+    groups, d = -(-num_tokens // group), head_dim
+    split = groups * kv_heads * 2 * d * 2
+    scales = record[:split].view(torch.float16).view(groups, kv_heads, 2, d).float()
+    packed = record[split:].view(groups, kv_heads, group // per_byte, 1, d)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=record.device).view(1, 1, 1, per_byte, 1)
+    codes = (packed >> shifts) & ((1 << bits) - 1)  # [G, kv_heads, group/per_byte, per_byte, d]
+    codes = codes.view(groups, kv_heads, group, d).float()
+    keys = scales[:, :, 0:1] + codes * scales[:, :, 1:2]  # [G, kv_heads, group, d]
+    return keys.transpose(0, 1).reshape(kv_heads, groups * group, d)[:, :num_tokens]
