@@ -34,6 +34,7 @@ class ComputeServerConfig:
     metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port (None = off, 0 = any free port)
     device: str = "auto"
     dtype: str = "auto"
+    kv_dtype: str | None = None  # stored prefix KV; None = the compute dtype
     model_cache_dir: Path | None = None
     chunk_size: int = 16
     group_size: int = 8
@@ -94,6 +95,8 @@ class ComputeServerConfig:
             raise ValueError(f"cache_refresh_s: must be > 0, got {self.cache_refresh_s}")
         if self.device not in DEVICES:
             raise ValueError(f"device: must be one of {DEVICES}, got {self.device!r}")
+        if self.kv_dtype is not None and self.kv_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"kv_dtype: must be float32, bfloat16 or float16, got {self.kv_dtype!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {DTYPES}, got {self.dtype!r}")
         if not 0 <= self.port <= 65535:

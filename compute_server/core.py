@@ -33,7 +33,7 @@ from contiguouskv.compute_server.engine import QueryOutcome
 from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
 from contiguouskv.compute_server.layouts.contiguous_codec import ContiguousCodec
 from contiguouskv.compute_server.layouts.registry import PRIMARY_LAYOUT, build_codec, layout_kinds, parse_codec
-from contiguouskv.compute_server.layouts.tensors import dtype_name
+from contiguouskv.compute_server.layouts.tensors import TORCH_DTYPES, dtype_name
 from contiguouskv.compute_server.model.loading import LoadedModel
 from contiguouskv.compute_server.model.runner import ModelRunner
 from contiguouskv.compute_server.observability.tracing import traced_reprefill
@@ -76,14 +76,15 @@ class ComputeCore:
         self.scheduler = LayerScheduler(runner, config.max_batch)
         self.projector = ScheduledProjector(self.scheduler)
         self.engine = Engine(self.scheduler, prefill_block=config.prefill_block,
-                             importance_window=config.importance_window)
+                             importance_window=config.importance_window,
+                             kv_dtype=TORCH_DTYPES[config.kv_dtype] if config.kv_dtype else None)
         self.ident_cache = IdentCache(config.ident_cache_bytes) if config.ident_cache_bytes else None
         self.admission = Admission(config.max_active_requests, config.max_queued_requests, config.max_staged_bytes)
         # admitted requests each get a thread (their waits block only them); +1 for a registration
         self._requests = ThreadPoolExecutor(max_workers=config.max_active_requests + 1, thread_name_prefix="request")
         self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self._running: set[Cancellation] = set()
-        self.kv_dtype = dtype_name(runner.dtype)
+        self.kv_dtype = config.kv_dtype or dtype_name(runner.dtype)
         self.geometry = KVGeometry(model.num_layers, model.num_attention_heads, model.num_kv_heads, model.head_dim,
                                    self.kv_dtype, config.chunk_size, config.group_size)
         self.layout_name = build_codec(PRIMARY_LAYOUT, 1, self.geometry).name

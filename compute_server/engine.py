@@ -117,19 +117,24 @@ class QueryJob:
 class Engine:
     """Runs prefills and queries through a :class:`LayerScheduler`; owns no I/O."""
 
-    def __init__(self, scheduler: LayerScheduler, *, prefill_block: int, importance_window: int) -> None:
+    def __init__(self, scheduler: LayerScheduler, *, prefill_block: int, importance_window: int,
+                 kv_dtype: torch.dtype | None = None) -> None:
         self.scheduler = scheduler
+        self._kv_dtype = kv_dtype
         self.runner = scheduler.runner
         self._block = prefill_block
         self._window = importance_window
 
     def prefill_prefix(self, token_ids: list[int]) -> PrefilledPrefix:
-        """Full prefill of the prefix: K/V in the storage dtype on the CPU, and the last
+        """Full prefill of the prefix: K/V in the storage dtype (``kv_dtype``, else the compute
+        dtype) on the CPU, and the last
         ``importance_window`` queries of every layer for the layouts' static importance."""
         r = self.runner
         w = min(self._window, len(token_ids))
         result = self.scheduler.call(r.prefill, torch.tensor(token_ids), self._block, w)
-        return PrefilledPrefix(list(token_ids), [k.cpu() for k in result.keys], [v.cpu() for v in result.values],
+        kv = self._kv_dtype or r.dtype
+        return PrefilledPrefix(list(token_ids), [k.to("cpu", kv) for k in result.keys],
+                               [v.to("cpu", kv) for v in result.values],
                                [q.cpu() for q in result.last_queries], r.scaling)
 
     def answer(self, job: QueryJob, source: PrefixKVSource) -> QueryOutcome:

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), help="compute device (default auto)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"),
                         help="compute and KV dtype (default auto: bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--kv-dtype", choices=("float32", "bfloat16", "float16"),
+                        help="dtype of the prefix KV this server stores (default: the compute dtype); e.g. "
+                        "bfloat16 KV under float32 compute on a CPU without fast bfloat16")
     parser.add_argument("--model-cache-dir", help="where converted models are kept (default ~/.cache/contiguouskv)")
     parser.add_argument("--chunk-size", type=int, help="tokens per ContiguousChunk at registration (default 16)")
     parser.add_argument("--policy-plugin", dest="policy_plugins", action="append", metavar="MODULE:CLASS",
@@ -66,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ComputeServerConfig:
     flags = {k: getattr(args, k, None) for k in
-             ("model", "cache", "replication", "write_quorum", "host", "port", "port_file", "device", "dtype",
+             ("model", "cache", "replication", "write_quorum", "host", "port", "port_file", "device", "dtype", "kv_dtype",
               "model_cache_dir", "chunk_size", "metrics_port", "threads", "policy_plugins", "max_active_requests",
               "max_queued_requests", "max_staged_bytes", "max_batch", "ident_cache_bytes", *SERVING_FIELDS,
               "cache_tls_ca_file", "cache_tls_cert_file", "cache_tls_key_file", "cache_tls_server_name",

@@ -85,14 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--prefix", required=True, help="prefix id printed by `register`")
     _add_input(query, "query", with_file=False)
     query.add_argument("--policy", default="full",
-                       help="recompute | full | contiguous | contiguous+ | h2o | impress (default full); h2o and "
-                       "impress need a prefix registered with --layouts impress")
+                       help="a policy the server serves (`contiguouskv models` / GetModelInfo lists them): "
+                       "recompute, full, contiguous, contiguous+, contiguous+quest, contiguous+digest, oracle, h2o, "
+                       "impress (default full); h2o and impress need a prefix registered with --layouts impress")
     query.add_argument("--budget", type=float,
                        help="fraction of the prefix to load (chunks; tokens for h2o/impress), in (0, 1] (default 1)")
     query.add_argument("--period", type=int, help="layers sharing one chunk selection (default 8)")
     query.add_argument("--sub-period", type=int, help="layers fetched per request run (default 4)")
     query.add_argument("--evaluate-recall", action="store_true",
-                       help="contiguous+: also read exact keys and report recall of the exact top-k")
+                       help="chunk policies: also read every exact key and report the recall of the exact "
+                       "top-k chunk set and of its attention mass, per layer")
     query.add_argument("--max-new-tokens", type=int, default=0, help="greedy tokens after the first")
     query.add_argument("--json", action="store_true", help="print one JSON object")
     query.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")

@@ -62,7 +62,8 @@ def _check_anchor(client: ContiguousKVClient, model: str, prefix: list[int], que
     reg = client.register(token_ids=prefix, extra_layouts=["impress"])
     assert reg.num_tokens == len(prefix) and reg.num_chunks == -(-len(prefix) // 16)
     for policy, period in (("full", None), ("recompute", None), ("contiguous", None), ("contiguous+", None),
-                           ("contiguous", 1), ("contiguous+", 3), ("h2o", None), ("impress", None)):
+                           ("contiguous", 1), ("contiguous+", 3), ("h2o", None), ("impress", None),
+                           ("contiguous+quest", None), ("contiguous+digest", None), ("oracle", None)):
         r = client.reprefill(reg.prefix_id, query, policy=policy, budget=1.0, period=period,
                              sub_period=1 if period else None, return_logits=True)
         got = torch.tensor(r.logits)
@@ -86,6 +87,24 @@ def test_anchor_random_preset(tiny: ContiguousKVClient, prefix_len: int, query_l
 @pytest.mark.parametrize("prefix_len,query_len", [(45, 1), (181, 103)])
 def test_anchor_smollm2(smol: ContiguousKVClient, prefix_len: int, query_len: int) -> None:
     _check_anchor(smol, SMOL, _ids(prefix_len, 49152, prefix_len), _ids(query_len, 49152, query_len + 7))
+
+
+def test_bfloat16_kv_under_float32_compute(cache: launch.ServiceProcess) -> None:
+    """--kv-dtype stores the prefix KV narrower than the compute dtype: half the bytes, and the
+    answer at budget 1.0 stays the model's own within bfloat16 rounding of the KV."""
+    prefix, query = _ids(150, 512, 5), _ids(9, 512, 6)
+    ref = _reference(TINY, prefix + query)
+    with launch.compute_server(TINY, cache.address, "--dtype", "float32", "--kv-dtype", "bfloat16") as compute:
+        with ContiguousKVClient(compute.address, timeout=120) as client:
+            assert client.model_info().dtype == "bfloat16"
+            reg = client.register(token_ids=prefix)
+            for policy in ("full", "contiguous+", "oracle"):
+                r = client.reprefill(reg.prefix_id, query, policy=policy, budget=1.0, return_logits=True)
+                assert r.token_id == int(ref.argmax())
+                assert float((torch.tensor(r.logits) - ref).abs().max() / ref.abs().max()) < 3e-2
+                if policy == "full":
+                    info = client.model_info()
+                    assert r.bytes_kv == 2 * info.num_layers * reg.num_chunks * info.num_kv_heads * 16 * info.head_dim * 2
 
 
 def test_text_prefix_and_generation_agree(smol: ContiguousKVClient) -> None:

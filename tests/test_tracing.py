@@ -275,7 +275,8 @@ def test_layer_spans_are_placed_at_the_measured_times(memory_spans: Any) -> None
               LayerRun(2, 0.001, 0.001, t0 + 0.007)]
     usage = SimpleNamespace(periods=[SimpleNamespace(period=0, first_layer=0, num_layers=2),
                                      SimpleNamespace(period=1, first_layer=2, num_layers=2)],
-                            layer_chunks=(3, 3, 5), layer_bytes=(300, 300, 500), layer_identification=(10, 0, 10))
+                            layer_chunks=(3, 3, 5), layer_bytes=(300, 300, 500), layer_identification=(10, 0, 10),
+                            layer_ident_wait=(0.0, 0.0, 0.0005))
     result = SimpleNamespace(outcome=SimpleNamespace(layers=layers), usage=usage)
     with tracer.span("run reprefill") as parent:
         record_layers(parent, result)  # type: ignore[arg-type]
@@ -289,7 +290,8 @@ def test_layer_spans_are_placed_at_the_measured_times(memory_spans: Any) -> None
     assert dict(third.attributes) == {
         telemetry.ATTR_LAYER: 2, telemetry.ATTR_PERIOD: 1, telemetry.ATTR_CHUNKS_SELECTED: 5,
         telemetry.ATTR_IO_WAIT_MS: pytest.approx(1.0), telemetry.ATTR_COMPUTE_MS: pytest.approx(1.0),
-        telemetry.ATTR_BYTES: 500, telemetry.ATTR_BYTES_IDENTIFICATION: 10}
+        telemetry.ATTR_BYTES: 500, telemetry.ATTR_BYTES_IDENTIFICATION: 10,
+        telemetry.ATTR_IDENT_WAIT_MS: pytest.approx(0.5)}
 
 
 def test_json_log_lines_carry_the_current_trace(memory_spans: Any) -> None:

@@ -59,7 +59,8 @@ def _period_of(result: ReprefillReport) -> dict[int, int]:
 
 def layer_attributes(result: ReprefillReport) -> list[dict[str, t.AttributeValue]]:
     """Per layer of the outcome: layer, period (when the policy has periods), chunks selected (64-token
-    blocks for h2o/impress), io wait and compute ms, K/V bytes read and identification bytes read."""
+    blocks for h2o/impress), io wait (and the part of it spent on identification data) and compute
+    ms, K/V bytes read and identification bytes read."""
     usage, periods = result.usage, _period_of(result)
     rows = []
     for timing in result.outcome.layers:
@@ -70,6 +71,8 @@ def layer_attributes(result: ReprefillReport) -> list[dict[str, t.AttributeValue
             t.ATTR_BYTES: usage.layer_bytes[layer] if layer < len(usage.layer_bytes) else 0,
             t.ATTR_BYTES_IDENTIFICATION:
                 usage.layer_identification[layer] if layer < len(usage.layer_identification) else 0,
+            t.ATTR_IDENT_WAIT_MS:
+                usage.layer_ident_wait[layer] * 1e3 if layer < len(usage.layer_ident_wait) else 0.0,
         }
         if layer in periods:
             row[t.ATTR_PERIOD] = periods[layer]

@@ -1,118 +1,68 @@
-"""``contiguouskv bench quality``: answers and next-token agreement of every policy on a real model.
+"""``contiguouskv bench quality``: answers kept and bytes read of every policy on a real model.
 
-Cases are generated from fixed seeds, not picked: needle-in-a-haystack and passkey retrieval over
-the Paul Graham essays at several depths and lengths, a multi-needle variant, and retrieval of a
-constant planted in Python standard-library source code. Each case is registered once; every policy
-and budget answers it greedily; we score exact match (the expected string appears in the answer),
-top-1 agreement of the first token with `full`, and KL(full || policy) of the first-token
-distribution.
+Cases come from :mod:`.quality_tasks` (seven long-context retrieval tasks over the essays and the
+standard library, generated from a seed). Each case is registered once; `full` answers it first
+(the reference), then every (policy, budget) answers it greedily with ``evaluate_recall`` (the
+server scores every layer exactly as well, from all keys, and reports how much of the exact top-k
+chunk set and of its attention mass the policy's choice covered; those evaluation reads are not
+counted). Per (policy, budget, prefix length) the bench reports:
+
+- ``accuracy`` — every expected value in the answer; ``answers_kept`` — of the cases `full`
+  answered right, the fraction this policy answered right too;
+- ``top1_agreement`` and ``kl`` — first token against `full`'s, KL(full || policy) of its distribution;
+- ``oracle_recall`` / ``oracle_mass_recall`` — chunk-level policies only;
+- ``bytes_read_pct`` — identification + K/V (cancelled predictions that were sent included) as a
+  percentage of `full`'s K/V, cold: the compute server runs without its identification cache, so
+  every request reads its identification data; ``bytes_read_warm_pct`` — the same request on a
+  prefix whose identification data is resident (the K/V part alone: a warm request reads no
+  identification data and selects the same chunks, tests/test_contiguous.py);
+- ``ident_wait_ms`` and ``ttft_ms`` — means (timings on a shared CPU are indicative only).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
-import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from contiguouskv import launch
-from contiguouskv.bench.policies import PRIMARY_LAYOUT, cells, extra_layouts, resolve
-from contiguouskv.client import ContiguousKVClient, PolicyInfo
-from contiguouskv.demo import essay_dir
+from contiguouskv.bench.policies import cells, extra_layouts, resolve
+from contiguouskv.bench.quality_tasks import TASKS, Case, make_cases
+from contiguouskv.client import ContiguousKVClient, ReprefillResult
 
-WORDS = ("amber", "falcon", "cobalt", "maple", "orbit", "quartz", "saffron", "tundra", "velvet", "zephyr")
-
-
-@dataclass(frozen=True)
-class Case:
-    task: str
-    prefix: str
-    question: str
-    answer: str
+DEFAULT_POLICIES = "oracle,contiguous+,contiguous+quest,contiguous+digest,contiguous,impress,h2o"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="a real model with a tokenizer")
-    parser.add_argument("--lengths", default="2048,4096", help="approximate prefix tokens, comma-separated")
-    parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths in the haystack")
-    parser.add_argument("--budgets", default="0.05,0.1,0.25,0.5", help="comma-separated fractions of the prefix")
-    parser.add_argument("--policies", default="all",
-                        help="comma-separated policies (default all: every policy the server serves that loads KV)")
-    parser.add_argument("--tasks", default="needle,passkey,multi_needle,code",
-                        help="comma-separated tasks (default needle,passkey,multi_needle,code)")
-    parser.add_argument("--dtype", default="bfloat16", help="compute/KV dtype (default bfloat16)")
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct",
+                        help="a real model with a tokenizer (qwen2.5-coder-0.5b-instruct, smollm2-135m-instruct)")
+    parser.add_argument("--lengths", default="2048,4096",
+                        help="approximate prefix tokens, comma-separated (up to 32768 for Qwen)")
+    parser.add_argument("--cases", type=int, default=30, help="cases per length (default 30; tasks round-robin)")
+    parser.add_argument("--budgets", default="0.05,0.1", help="comma-separated fractions of the prefix")
+    parser.add_argument("--policies", default=DEFAULT_POLICIES,
+                        help=f"comma-separated policies besides full, or all (default {DEFAULT_POLICIES})")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks (default all seven)")
+    parser.add_argument("--dtype", default="float32",
+                        help="compute dtype (default float32: several times faster than bfloat16 on CPUs without "
+                        "bfloat16 instructions)")
+    parser.add_argument("--kv-dtype", default="bfloat16",
+                        help="stored KV dtype (default bfloat16, what a deployment stores; byte shares refer to it)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the task generator (default 0)")
-    parser.add_argument("--period", type=int,
-                        help="layers per period for the selective chunk policies (default: each policy's own)")
     parser.add_argument("--json", dest="json_path", type=Path, help="write results as JSON here")
-
-
-def _chat(docs: str) -> str:
-    return ("<|im_start|>system\nYou are a helpful assistant. Answer with the exact value only.<|im_end|>\n"
-            f"<|im_start|>user\n{docs}")
 
 
 def _query(question: str) -> str:
     return f"\n\nQuestion: {question}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def _haystack(chars: int, rng: random.Random) -> str:
-    files = sorted(essay_dir().glob("*.txt"))
-    rng.shuffle(files)
-    text = ""
-    for f in files:
-        if len(text) >= chars:
-            break
-        text += f.read_text() + "\n\n"
-    return text[:chars]
-
-
-def _insert(text: str, depth: float, sentence: str) -> str:
-    cut = text.rfind(". ", 0, int(len(text) * depth)) + 2 or int(len(text) * depth)
-    return text[:cut] + sentence + " " + text[cut:]
-
-
-def _code(chars: int, rng: random.Random) -> str:
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    text = ""
-    while len(text) < chars:
-        text += f"# file: {rng.choice(files).name}\n" + rng.choice(files).read_text(errors="replace")[:6000] + "\n"
-    return text[:chars]
-
-
-def make_cases(tasks: list[str], lengths: list[int], depths: list[float], seed: int) -> list[Case]:
-    """Cases from the seed alone: same arguments, same cases."""
-    rng = random.Random(seed)
-    out = []
-    for length in lengths:
-        chars = int(length * 3.6)  # about 3.6 characters per token of English prose for these tokenizers
-        for depth in depths:
-            key = f"{rng.choice(WORDS)}-{rng.choice(WORDS)}-{rng.randrange(10, 99)}"
-            if "needle" in tasks:
-                hay = _insert(_haystack(chars, rng), depth, f"The secret passphrase is {key}.")
-                out.append(Case("needle", _chat(hay), "What is the secret passphrase?", key))
-            if "passkey" in tasks:
-                code = str(rng.randrange(10000, 99999))
-                hay = _insert(_haystack(chars, rng), depth, f"The pass key is {code}. Remember it. {code} is the pass key.")
-                out.append(Case("passkey", _chat(hay), "What is the pass key?", code))
-            if "multi_needle" in tasks:
-                doors = {c: str(rng.randrange(100, 999)) for c in ("red", "green", "blue")}
-                hay = _haystack(chars, rng)
-                for i, (color, num) in enumerate(doors.items()):
-                    hay = _insert(hay, (depth + i / 3) % 1.0, f"The code for the {color} door is {num}.")
-                color = rng.choice(sorted(doors))
-                out.append(Case("multi_needle", _chat(hay), f"What is the code for the {color} door?", doors[color]))
-            if "code" in tasks:
-                value = str(rng.randrange(1000, 9999))
-                src = _insert(_code(chars, rng), depth, f"\nCKV_RETRY_BUDGET_MS = {value}\n")
-                out.append(Case("code", _chat(f"Source code:\n{src}"),
-                                "What is the value of CKV_RETRY_BUDGET_MS in the source code?", value))
-    return out
+def _new_tokens(case: Case) -> int:
+    """Enough greedy tokens for the expected values (about 2.5 characters a token) and some slack."""
+    return min(48, 6 + len(", ".join(case.expected)) * 2 // 5)
 
 
 def _kl(p_logits: tuple[float, ...], q_logits: tuple[float, ...]) -> float:
@@ -123,63 +73,112 @@ def _kl(p_logits: tuple[float, ...], q_logits: tuple[float, ...]) -> float:
     return float((p.exp() * (p - q)).sum())
 
 
+@dataclass
+class Cell:
+    """What one (policy, budget, length) did over its cases."""
+
+    correct: list[bool] = field(default_factory=list)
+    kept: list[bool] = field(default_factory=list)  # over the cases full answered right
+    top1: list[bool] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    recall: list[float] = field(default_factory=list)
+    mass_recall: list[float] = field(default_factory=list)
+    read_pct: list[float] = field(default_factory=list)
+    ident_pct: list[float] = field(default_factory=list)
+    warm_pct: list[float] = field(default_factory=list)
+    ident_wait_ms: list[float] = field(default_factory=list)
+    ttft_ms: list[float] = field(default_factory=list)
+    tasks: dict[str, list[bool]] = field(default_factory=dict)
+
+    def add(self, case: Case, r: ReprefillResult, full: ReprefillResult, full_right: bool) -> None:
+        right = case.correct(r.answer)
+        self.correct.append(right)
+        self.tasks.setdefault(case.task, []).append(right)
+        if full_right:
+            self.kept.append(right)
+        self.top1.append(r.token_id == full.token_id)
+        self.kl.append(_kl(full.logits, r.logits))
+        if r.recall >= 0:
+            self.recall.append(r.recall)
+            self.mass_recall.append(r.mass_recall)
+        base = full.bytes_kv or 1
+        self.read_pct.append(100.0 * (r.bytes_identification + r.bytes_kv) / base)
+        self.ident_pct.append(100.0 * r.bytes_identification / base)
+        self.warm_pct.append(100.0 * r.bytes_kv / base)
+        self.ident_wait_ms.append(sum(t.ident_wait_ms for t in r.timings.layers))
+        self.ttft_ms.append(r.timings.ttft_ms)
+
+    def row(self, policy: str, budget: float, length: int, tokens: list[int]) -> dict[str, object]:
+        def mean(v: list[float] | list[bool]) -> float | None:
+            return round(sum(v) / len(v), 4) if v else None
+
+        return {"policy": policy, "budget": budget, "prefix_tokens": round(sum(tokens) / len(tokens)),
+                "length": length, "n": len(self.correct), "accuracy": mean(self.correct),
+                "answers_kept": mean(self.kept), "kept_of": len(self.kept), "top1_agreement": mean(self.top1),
+                "kl": mean(self.kl), "oracle_recall": mean(self.recall), "oracle_mass_recall": mean(self.mass_recall),
+                "bytes_read_pct": mean(self.read_pct), "ident_pct": mean(self.ident_pct),
+                "bytes_read_warm_pct": mean(self.warm_pct), "ident_wait_ms": mean(self.ident_wait_ms),
+                "ttft_ms": mean(self.ttft_ms),
+                "tasks": {t: mean(v) for t, v in sorted(self.tasks.items())}}
+
+
 def run(args: argparse.Namespace) -> int:
-    tasks = args.tasks.split(",")
-    cases = make_cases(tasks, [int(x) for x in args.lengths.split(",")], [float(x) for x in args.depths.split(",")],
-                       args.seed)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    cases = make_cases(lengths, args.cases, args.seed, [t.strip() for t in args.tasks.split(",")])
     budgets = [float(b) for b in args.budgets.split(",")]
-    scores: dict[tuple[str, float, str], list[tuple[bool, bool, float]]] = {}
+    table: dict[tuple[str, float, int], Cell] = {}
+    tokens: dict[int, list[int]] = {}
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ckv-quality-", dir=Path.cwd()) as tmp:
         with launch.cache_server(Path(tmp) / "store", "--dram-cache-bytes", "0") as cache:
-            compute = launch.compute_server(args.model, cache.address, "--dtype", args.dtype)  # greedy: any thread count
+            compute = launch.compute_server(args.model, cache.address, "--dtype", args.dtype, "--kv-dtype",
+                                            args.kv_dtype, "--ident-cache-bytes", "0")  # cold identification for every request
             with compute:
                 compute.wait_ready(timeout=900)
                 with ContiguousKVClient(compute.address, timeout=3600) as client:
                     info = client.model_info()
-                    chosen = resolve(args.policies, info, skip=[p.name for p in info.policy_info if not p.loads_kv])
                     reference = [p for p in info.policy_info if p.loads_kv and not p.selective][:1]  # full KV
+                    chosen = resolve(args.policies, info, skip=[p.name for p in info.policy_info if not p.loads_kv])
                     policies = reference + [p for p in chosen if p not in reference]
-                    periodic = {p.name for p in policies if p.selective and p.layout == PRIMARY_LAYOUT}
+                    extra = extra_layouts(policies)
                     for i, case in enumerate(cases, 1):
-                        _case(client, case, policies, budgets, periodic, scores, i, len(cases), args.period)
-    results = [{"policy": p, "budget": b, "task": t, "n": len(v), "accuracy": sum(a for a, _, _ in v) / len(v),
-                "top1_agreement": sum(t1 for _, t1, _ in v) / len(v), "kl": sum(k for _, _, k in v) / len(v)}
-               for (p, b, t), v in scores.items()]
-    _print(results)
+                        reg = client.register(case.prefix, extra_layouts=extra) if extra else client.register(
+                            case.prefix)
+                        tokens.setdefault(case.prefix_tokens_target, []).append(reg.num_tokens)
+                        full_right = None
+                        full: ReprefillResult | None = None
+                        for policy, budget in cells(policies, budgets):
+                            r = client.reprefill(reg.prefix_id, _query(case.question), policy=policy, budget=budget,
+                                                 max_new_tokens=_new_tokens(case), return_logits=True,
+                                                 evaluate_recall=policy != reference[0].name)
+                            if full is None:
+                                full, full_right = r, case.correct(r.answer)
+                            table.setdefault((policy, budget, case.prefix_tokens_target), Cell()).add(
+                                case, r, full, bool(full_right))
+                        elapsed = time.perf_counter() - start
+                        print(f"[quality {i}/{len(cases)}] {case.task} {reg.num_tokens} tokens, depth "
+                              f"{case.depth:.2f}: full {'right' if full_right else 'wrong'}; {elapsed:.0f} s, "
+                              f"~{elapsed / i * (len(cases) - i):.0f} s left", file=sys.stderr, flush=True)
+    rows = [cell.row(p, b, length, tokens[length]) for (p, b, length), cell in table.items()]
+    _print(rows)
     if args.json_path:
-        args.json_path.write_text(json.dumps({"model": args.model, "cases": len(cases), "results": results}, indent=2))
+        args.json_path.write_text(json.dumps({
+            "model": args.model, "dtype": args.dtype, "kv_dtype": args.kv_dtype, "cases": len(cases), "seed": args.seed,
+            "lengths": lengths, "budgets": budgets, "wall_s": round(time.perf_counter() - start, 1),
+            "results": rows}, indent=2))
     return 0
 
 
-def _case(client: ContiguousKVClient, case: Case, policies: list[PolicyInfo], budgets: list[float],
-          periodic: set[str], scores: dict[tuple[str, float, str], list[tuple[bool, bool, float]]], i: int, total: int,
-          period: int | None = None) -> None:
-    """One case through every (policy, budget); the first policy (full KV) is the reference."""
-    extra = extra_layouts(policies)
-    start = time.perf_counter()
-    reg = client.register(case.prefix, extra_layouts=extra) if extra else client.register(case.prefix)
-    reference = None
-    for policy, budget in cells(policies, budgets):
-        r = client.reprefill(reg.prefix_id, _query(case.question), policy=policy, budget=budget,
-                             max_new_tokens=16, return_logits=True,
-                             period=period if policy in periodic else None,
-                             sub_period=1 if period == 1 and policy in periodic else None)
-        reference = reference or r
-        correct = case.answer.lower() in r.answer.lower()
-        scores.setdefault((policy, budget, case.task), []).append(
-            (correct, r.token_id == reference.token_id, _kl(reference.logits, r.logits)))
-    print(f"[quality {i}/{total}] {case.task} {reg.num_tokens} tokens: full answered "
-          f"{'right' if case.answer.lower() in reference.answer.lower() else 'wrong'} "  # type: ignore[union-attr]
-          f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+def _print(rows: list[dict[str, object]]) -> None:
+    print(f"{'policy':<19}{'budget':>7}{'tokens':>7}{'n':>4}{'acc':>6}{'kept':>6}{'top1':>6}{'KL':>8}"
+          f"{'recall':>7}{'mass':>6}{'read%':>7}{'warm%':>7}{'idwait':>8}")
 
+    def fmt(v: object, spec: str) -> str:
+        return format(v, spec) if isinstance(v, (int, float)) else format("-", ">" + spec.split(".")[0])
 
-def _print(results: list[dict[str, object]]) -> None:
-    print(f"{'policy':<12}{'budget':>7} {'task':<13}{'n':>3}{'exact':>7}{'top1':>7}{'KL':>9}")
-    for r in sorted(results, key=lambda r: (r["task"], r["policy"], r["budget"])):  # type: ignore[arg-type, return-value]
-        print(f"{r['policy']:<12}{r['budget']:>7.2f} {r['task']:<13}{r['n']:>3}{r['accuracy']:>7.2f}"
-              f"{r['top1_agreement']:>7.2f}{r['kl']:>9.4f}")
-    overall: dict[tuple[str, float], list[float]] = {}
-    for r in results:
-        overall.setdefault((r["policy"], r["budget"]), []).append(r["accuracy"])  # type: ignore[arg-type]
-    print("exact match over all tasks: " + ", ".join(
-        f"{p}@{b:g} {sum(v) / len(v):.2f}" for (p, b), v in sorted(overall.items())))
+    for r in sorted(rows, key=lambda r: (r["length"], r["policy"] != "full", r["policy"], r["budget"])):  # type: ignore[return-value]
+        print(f"{r['policy']:<19}{r['budget']:>7.2f}{r['prefix_tokens']:>7}{r['n']:>4}{fmt(r['accuracy'], '6.2f')}"
+              f"{fmt(r['answers_kept'], '6.2f')}{fmt(r['top1_agreement'], '6.2f')}{fmt(r['kl'], '8.4f')}"
+              f"{fmt(r['oracle_recall'], '7.2f')}{fmt(r['oracle_mass_recall'], '6.2f')}"
+              f"{fmt(r['bytes_read_pct'], '7.1f')}{fmt(r['bytes_read_warm_pct'], '7.1f')}"
+              f"{fmt(r['ident_wait_ms'], '8.1f')}")
