@@ -11,6 +11,7 @@ from pathlib import Path
 
 from contiguouskv import rebalance, trace_view
 from contiguouskv.bench import load as bench_load
+from contiguouskv.bench import perhead as bench_perhead
 from contiguouskv.bench import quality as bench_quality
 from contiguouskv.bench import reprefill as bench_reprefill
 from contiguouskv.bench import storage as bench_storage
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench", required=False)
     bench_storage.add_arguments(bench_sub.add_parser("storage", help="disk and Fetch data path of the cache server"))
     bench_quality.add_arguments(bench_sub.add_parser("quality", help="answer quality of every policy on a real model"))
+    bench_perhead.add_arguments(bench_sub.add_parser(
+        "perhead", help="exact chunk selection per KV head against one set per layer, equal bytes (in-process)"))
     bench_load.add_arguments(bench_sub.add_parser(
         "load", help="concurrent clients doing Re-Prefill: rps, TTFT percentiles, errors; --soak samples RSS",
         description=bench_load.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -201,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "rebalance":
             return rebalance.run(args)
         if args.command == "bench":
-            runners = {"storage": bench_storage.run, "quality": bench_quality.run, "load": bench_load.run}
+            runners = {"storage": bench_storage.run, "quality": bench_quality.run, "perhead": bench_perhead.run,
+                       "load": bench_load.run}
             return runners.get(args.bench, bench_reprefill.run)(args)
         return run_demo(args.model, args.essays, args.workdir)
     except ContiguousKVError as err:

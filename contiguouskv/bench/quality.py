@@ -34,7 +34,7 @@ from contiguouskv.bench.policies import cells, extra_layouts, resolve
 from contiguouskv.bench.quality_tasks import TASKS, Case, make_cases
 from contiguouskv.client import ContiguousKVClient, ReprefillResult
 
-DEFAULT_POLICIES = "oracle,contiguous+,contiguous+quest,contiguous+digest,contiguous,impress,h2o"
+DEFAULT_POLICIES = "oracle,contiguous+,contiguous+quest,contiguous+digest,contiguous"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
