@@ -67,6 +67,14 @@ def test_ttft_phases_bytes_and_status_counts(servers: tuple[str, str]) -> None:
     assert m["ckv_compute_registrations_total{outcome=stored}"] == 1
     assert m["ckv_compute_stored_bytes_total{}"] == reg.bytes_stored > 0
     assert m["ckv_compute_register_phase_seconds_count{phase=prefill}"] == 1
+    # identification data the contiguous call read is resident now; one lookup per period, all misses
+    assert m["ckv_compute_ident_cache_bytes{}"] == part.bytes_identification > 0
+    assert m["ckv_compute_ident_cache_lookups{result=miss}"] == len(part.periods)
+    assert m["ckv_compute_ident_cache_lookups{result=hit}"] == 0
+    # admission: nothing running or queued once the calls are answered
+    assert m["ckv_compute_admission_requests{state=running}"] == 0
+    assert m["ckv_compute_admission_requests{state=queued}"] == 0
+    assert m["ckv_compute_admission_staged_bytes{}"] == 0
 
 
 def test_names_follow_the_prometheus_conventions(servers: tuple[str, str]) -> None:

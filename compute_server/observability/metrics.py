@@ -35,6 +35,7 @@ try:
 except ImportError as err:  # a base dependency, but some machines run without it
     raise ImportError("--metrics-port needs prometheus-client: pip install prometheus-client==0.26.0") from err
 
+from contiguouskv.compute_server.admission import Admission
 from contiguouskv.compute_server.kvio.identcache import IdentCache
 from contiguouskv.v1 import compute_pb2
 
@@ -50,7 +51,7 @@ LAYER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 class ComputeMetrics:
     """The compute server's metric families, in a registry of their own."""
 
-    def __init__(self, ident_cache: IdentCache | None = None) -> None:
+    def __init__(self, ident_cache: IdentCache | None = None, admission: Admission | None = None) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(PREFIX + "requests", "ComputeService RPCs by method and final status code.",
                                 ["method", "code"], registry=r)
@@ -80,6 +81,15 @@ class ComputeMetrics:
                                  registry=r)
         self.ident_lookups = Gauge(PREFIX + "ident_cache_lookups", "Ident cache lookups since start, by result.",
                                    ["result"], registry=r)
+        self.admitted = Gauge(PREFIX + "admission_requests", "Requests admitted (running) and queued for admission.",
+                              ["state"], registry=r)
+        self.staged = Gauge(PREFIX + "admission_staged_bytes",
+                            "Staged-KV estimate of the running requests (admission's byte budget in use).", registry=r)
+        if admission is not None:
+            gate = admission
+            self.admitted.labels("running").set_function(lambda: gate.snapshot().active)
+            self.admitted.labels("queued").set_function(lambda: gate.snapshot().queued)
+            self.staged.set_function(lambda: gate.snapshot().staged_bytes)
         if ident_cache is not None:
             cache = ident_cache
             self.ident_bytes.set_function(lambda: cache.stats().bytes)

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", default="2048", help="approximate prefix tokens, comma-separated")
     parser.add_argument("--cases", type=int, default=14, help="cases per length (default 14)")
     parser.add_argument("--budgets", default="0.05,0.1", help="comma-separated fractions of the prefix's chunks")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the task generator (default 0)")
     parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per answer (default 16)")
     parser.add_argument("--json", dest="json_path", type=Path, help="write results as JSON here")
 
