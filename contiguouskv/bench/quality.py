@@ -159,14 +159,22 @@ def run(args: argparse.Namespace) -> int:
                         print(f"[quality {i}/{len(cases)}] {case.task} {reg.num_tokens} tokens, depth "
                               f"{case.depth:.2f}: full {'right' if full_right else 'wrong'}; {elapsed:.0f} s, "
                               f"~{elapsed / i * (len(cases) - i):.0f} s left", file=sys.stderr, flush=True)
-    rows = [cell.row(p, b, length, tokens[length]) for (p, b, length), cell in table.items()]
-    _print(rows)
-    if args.json_path:
-        args.json_path.write_text(json.dumps({
-            "model": args.model, "dtype": args.dtype, "kv_dtype": args.kv_dtype, "cases": len(cases), "seed": args.seed,
-            "lengths": lengths, "budgets": budgets, "wall_s": round(time.perf_counter() - start, 1),
-            "results": rows}, indent=2))
+                        if args.json_path:  # after every case: a long run's partial results stay usable
+                            _write(args, cases[:i], lengths, budgets, table, tokens, start, done=i == len(cases))
+    _print(_rows(table, tokens))
     return 0
+
+
+def _rows(table: dict[tuple[str, float, int], Cell], tokens: dict[int, list[int]]) -> list[dict[str, object]]:
+    return [cell.row(p, b, length, tokens[length]) for (p, b, length), cell in table.items()]
+
+
+def _write(args: argparse.Namespace, cases: list[Case], lengths: list[int], budgets: list[float],
+           table: dict[tuple[str, float, int], Cell], tokens: dict[int, list[int]], start: float, done: bool) -> None:
+    args.json_path.write_text(json.dumps({
+        "model": args.model, "dtype": args.dtype, "kv_dtype": args.kv_dtype, "cases": len(cases), "seed": args.seed,
+        "complete": done, "lengths": lengths, "budgets": budgets, "wall_s": round(time.perf_counter() - start, 1),
+        "results": _rows(table, tokens)}, indent=2))
 
 
 def _print(rows: list[dict[str, object]]) -> None:
