@@ -194,17 +194,29 @@ class Engine:
         r, s = self.runner, self.scheduler
         out: list[int] = []
         device = r.device
+        if not job.max_new_tokens or token in job.eos_ids:
+            return out
+        # Each layer's K/V grows in place in a buffer with room for every new token: re-concatenating
+        # the whole cache per token and layer copied O(prefix) bytes per step.
+        length = cache[0][0].shape[1] if cache else 0
+        buffers = []
+        for keys, values in cache:
+            kb = keys.new_empty((keys.shape[0], length + job.max_new_tokens, keys.shape[2]))
+            vb = values.new_empty((values.shape[0], length + job.max_new_tokens, values.shape[2]))
+            kb[:, :length], vb[:, :length] = keys, values
+            buffers.append((kb, vb))
+        cache.clear()
         for step in range(job.max_new_tokens):
             if token in job.eos_ids:
                 break
             job.cancellation.check()
             hidden = s.call(r.embed, torch.tensor([token], device=device))
             pos = torch.tensor([position + step], device=device)
-            for layer, (keys, values) in enumerate(cache):
+            for layer, (kb, vb) in enumerate(buffers):
                 q, k, v = s.project(layer, hidden, pos)
-                keys, values = torch.cat([keys, k], dim=1), torch.cat([values, v], dim=1)
-                hidden = s.finish(layer, hidden, q, keys, values, keys.shape[1] - 1)
-                cache[layer] = (keys, values)
+                kb[:, length : length + 1], vb[:, length : length + 1] = k, v
+                hidden = s.finish(layer, hidden, q, kb[:, : length + 1], vb[:, : length + 1], length)
+            length += 1
             token = int(s.call(r.logits, hidden[-1:])[0].argmax())
             out.append(token)
             if job.on_token is not None:

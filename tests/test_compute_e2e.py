@@ -89,6 +89,21 @@ def test_anchor_smollm2(smol: ContiguousKVClient, prefix_len: int, query_len: in
     _check_anchor(smol, SMOL, _ids(prefix_len, 49152, prefix_len), _ids(query_len, 49152, query_len + 7))
 
 
+def test_greedy_continuation_is_the_models(tiny: ContiguousKVClient) -> None:
+    """Tokens after the first, at budget 1.0, are the model's own greedy continuation."""
+    prefix, query = _ids(90, 512, 11), _ids(5, 512, 12)
+    loaded = load_model(TINY, cache_dir=default_cache_dir())
+    ids, want = prefix + query, []
+    with torch.inference_mode():
+        for _ in range(8):
+            want.append(int(loaded.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+            ids.append(want[-1])
+    reg = tiny.register(token_ids=prefix)
+    for policy in ("full", "recompute", "contiguous+"):
+        r = tiny.reprefill(reg.prefix_id, query, policy=policy, budget=1.0, max_new_tokens=7)
+        assert [r.token_id, *r.generated_ids] == want, policy
+
+
 def test_bfloat16_kv_under_float32_compute(cache: launch.ServiceProcess) -> None:
     """--kv-dtype stores the prefix KV narrower than the compute dtype: half the bytes, and the
     answer at budget 1.0 stays the model's own within bfloat16 rounding of the KV."""
