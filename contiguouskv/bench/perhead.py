@@ -39,9 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch  # optional: the compute extra
 
-    from contiguouskv.compute_server.config import default_cache_dir
-    from contiguouskv.compute_server.model.loading import load_model
-    from contiguouskv.compute_server.model.runner import ModelRunner
+    from contiguouskv.compute_server.config import default_cache_dir  # optional: the compute extra
+    from contiguouskv.compute_server.model.loading import load_model  # optional: the compute extra
+    from contiguouskv.compute_server.model.runner import ModelRunner  # optional: the compute extra
 
     torch.set_grad_enabled(False)
     loaded = load_model(args.model, cache_dir=default_cache_dir(), dtype=torch.float32)
