@@ -21,6 +21,7 @@ from contiguouskv.client import ContiguousKVClient, InvalidArgumentError
 from contiguouskv.compute_server.config import default_cache_dir
 from contiguouskv.compute_server.model.loading import load_model
 from contiguouskv.compute_server.model.runner import ModelRunner
+from contiguouskv.compute_server.selection.keyquant import dequantize_keys, quantize_keys
 
 MODEL = "random:tiny"
 C = 16
@@ -99,15 +100,19 @@ def _scores(method: str, runner: ModelRunner, layer_keys: torch.Tensor, qs: torc
         pl = upper * runner.scaling + counts.log()
         probs = torch.softmax(torch.cat([pl, self_logits], dim=-1), dim=-1)
         return probs[:, :, : len(bounds)].sum(dim=(0, 1)).tolist()
-    keys = _quantized(layer_keys) if method == "qkeys" else layer_keys
+    if method == "qkeys1":  # the 1-bit least-squares format: its round trip is property-tested on its own
+        keys = dequantize_keys(quantize_keys(layer_keys, 1, 128, "lloyd"), n, layer_keys.shape[0],
+                               layer_keys.shape[2], 1, 128)
+    else:
+        keys = _quantized(layer_keys) if method == "qkeys" else layer_keys
     pl = qs @ _expand(keys, heads).transpose(1, 2) * runner.scaling
     probs = torch.softmax(torch.cat([pl, self_logits], dim=-1), dim=-1)
     return _chunk_sums(probs[:, :, :n].sum(dim=(0, 1)), n)
 
 
 METHODS = {"contiguous": "exact", "oracle": "exact", "contiguous+digest": "digest", "contiguous+": "qkeys",
-           "contiguous+quest": "quest"}
-SPECULATIVE = {"contiguous+", "contiguous+quest"}  # speculate from the hidden state a layer early, then correct
+           "contiguous+quest": "quest", "contiguous+1bit": "qkeys1"}
+SPECULATIVE = {"contiguous+", "contiguous+quest", "contiguous+1bit"}  # speculate from the hidden state a layer early, then correct
 
 
 def reference(runner: ModelRunner, prefix: list[int], query: list[int], budget: float, period: int,

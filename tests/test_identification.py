@@ -38,11 +38,31 @@ def test_quantised_keys_round_trip_within_half_a_step(n: int, kv_heads: int, d: 
     assert torch.allclose(back[:, :group].amin(dim=1), lo, rtol=2e-3, atol=2e-3)
 
 
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 400), bits=st.sampled_from([1, 2, 4]), group=st.sampled_from([64, 128]),
+       seed=st.integers(0, 1000), heavy=st.booleans())
+def test_least_squares_levels_never_do_worse_than_min_max(n: int, bits: int, group: int, seed: int,
+                                                          heavy: bool) -> None:
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(2, n, 16, generator=g) * 4
+    if heavy:  # heavy-tailed channels: where min/max levels waste the most
+        keys = keys ** 3 / 16
+    err = {}
+    for fit in ("minmax", "lloyd"):
+        back = dequantize_keys(quantize_keys(keys, bits, group, fit), n, 2, 16, bits, group)
+        err[fit] = float(((back - keys) ** 2).mean())
+    assert err["lloyd"] <= err["minmax"] * 1.0001 + 1e-6
+    if bits == 1 and n >= 64:  # at 1 bit the means of either side beat the extremes by far
+        assert err["lloyd"] < 0.7 * err["minmax"]
+
+
 def test_quantisation_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="bits"):
         quantize_keys(torch.zeros(1, 4, 4), 3, 64)
     with pytest.raises(ValueError, match="group"):
         quantize_keys(torch.zeros(1, 4, 4), 2, 6)
+    with pytest.raises(ValueError, match="fit"):
+        quantize_keys(torch.zeros(1, 4, 4), 2, 64, "median")
     with pytest.raises(ValueError, match="expected"):
         dequantize_keys(torch.zeros(10, dtype=torch.uint8), 4, 1, 4, 2, 64)
 
@@ -60,6 +80,11 @@ def test_codec_round_trips_identification_regions() -> None:
     assert len(record) == lay.qkeys_record_size == lay.ident_record_size("qkeys")
     assert torch.equal(codec.qkeys(record), dequantize_keys(quantize_keys(keys, QKEY_BITS, QKEY_GROUP), 150, 2, 8,
                                                             QKEY_BITS, QKEY_GROUP))
+    one_bit = bytes(as_bytes(quantize_keys(keys, 1, 128, "lloyd")))
+    # 2 groups of 128 x 2 heads x 8 channels x (4 + 16) bytes, against 3 groups of 64 x ... x (4 + 16)
+    assert len(one_bit) == lay.ident_record_size("qkeys1") == 640 and lay.ident_record_size("qkeys") == 960
+    assert torch.equal(codec.qkeys(one_bit, kind="qkeys1"),
+                       dequantize_keys(quantize_keys(keys, 1, 128, "lloyd"), 150, 2, 8, 1, 128))
     mm = chunk_minmax(lay, keys)
     assert len(bytes(as_bytes(mm))) == lay.minmax_record_size
     assert torch.equal(codec.minmax(bytes(as_bytes(mm))), mm)

@@ -15,6 +15,8 @@ region           records            one record holds
                                     float16 (min, step) per KV head and channel over groups of
                                     ``QKEY_GROUP`` tokens (:mod:`..selection.keyquant`): 7.8 % of
                                     the layer's K+V at 2 bits
+``qkeys1/L{l}``  1                  the same at 1 bit over 128-token groups, levels fitted by least
+                                    squares (``lloyd``): 3.9 % of the layer's K+V in bf16
 ``minmax/L{l}``  1                  per-chunk min and max key (Quest), layout dtype ``[m, kv_heads, 2, d]``
 ``stats``        1                  static chunk importance, float32 ``[L, m]``
 ``tokens``       1                  the prefix token ids, int32 ``[n]``
@@ -38,6 +40,8 @@ QKEY_BITS = 2
 """Bits per quantised identification key value (see the ``qkeys`` region)."""
 QKEY_GROUP = 64
 """Tokens sharing one (min, step) pair per KV head and channel in the ``qkeys`` region."""
+QUANTIZED_KEYS = {"qkeys": (QKEY_BITS, QKEY_GROUP, "minmax"), "qkeys1": (1, 128, "lloyd")}
+"""Quantised identification key regions: (bits, group tokens, level fit) of each."""
 
 
 @dataclass(frozen=True)
@@ -159,16 +163,16 @@ class ContiguousLayout:
     def digest_record_size(self) -> int:
         return self.num_chunks * self.num_kv_heads * self.head_dim * 4
 
-    @property
-    def qkey_groups(self) -> int:
-        """Token groups of the ``qkeys`` region (the last one may be partial)."""
-        return ceil_div(self.num_tokens, QKEY_GROUP)
+    def quantized_record_size(self, kind: str = "qkeys") -> int:
+        """One record of a quantised key region (:data:`QUANTIZED_KEYS`): float16 (min, step) then
+        the packed codes, per token group, KV head and channel."""
+        bits, group, _ = QUANTIZED_KEYS[kind]
+        per_channel = 2 * 2 + group * bits // 8
+        return ceil_div(self.num_tokens, group) * self.num_kv_heads * self.head_dim * per_channel
 
     @property
     def qkeys_record_size(self) -> int:
-        """One ``qkeys`` record: float16 (min, step) then the packed codes, per group, KV head, channel."""
-        per_channel = 2 * 2 + QKEY_GROUP * QKEY_BITS // 8
-        return self.qkey_groups * self.num_kv_heads * self.head_dim * per_channel
+        return self.quantized_record_size("qkeys")
 
     @property
     def minmax_record_size(self) -> int:
@@ -179,7 +183,7 @@ class ContiguousLayout:
         """Bytes of one layer's identification data of ``kind`` read whole: ``idkeys`` (every
         key), ``digest``, ``qkeys`` or ``minmax``."""
         sizes = {"idkeys": self.num_chunks * self.token_bytes, "digest": self.digest_record_size,
-                 "qkeys": self.qkeys_record_size, "minmax": self.minmax_record_size}
+                 "minmax": self.minmax_record_size, **{q: self.quantized_record_size(q) for q in QUANTIZED_KEYS}}
         if kind not in sizes:
             raise ValueError(f"unknown identification region {kind!r}; one of {sorted(sizes)}")
         return sizes[kind]
@@ -192,7 +196,8 @@ class ContiguousLayout:
         ]
         out += [Region(f"idkeys/L{l}", self.num_chunks, self.token_bytes) for l in range(self.num_layers)]
         out += [Region(f"digest/L{l}", 1, self.digest_record_size) for l in range(self.num_layers)]
-        out += [Region(f"qkeys/L{l}", 1, self.qkeys_record_size) for l in range(self.num_layers)]
+        for kind in QUANTIZED_KEYS:
+            out += [Region(f"{kind}/L{l}", 1, self.quantized_record_size(kind)) for l in range(self.num_layers)]
         out += [Region(f"minmax/L{l}", 1, self.minmax_record_size) for l in range(self.num_layers)]
         out.append(Region("stats", 1, self.num_layers * self.num_chunks * 4))
         out.append(Region("tokens", 1, self.num_tokens * 4))

@@ -15,7 +15,7 @@ import torch
 
 from contiguouskv.compute_server.kvio.staging import host_buffer, to_device_now
 from contiguouskv.compute_server.layouts.base import KVGeometry, KVRecord, LayoutCodec, PrefilledPrefix
-from contiguouskv.compute_server.layouts.contiguous import LAYOUT_KIND, QKEY_BITS, QKEY_GROUP, ContiguousLayout
+from contiguouskv.compute_server.layouts.contiguous import LAYOUT_KIND, QUANTIZED_KEYS, ContiguousLayout
 from contiguouskv.compute_server.layouts.tensors import TORCH_DTYPES, Payload, as_bytes, batches, frombuffer
 from contiguouskv.compute_server.selection.importance import window_importance
 from contiguouskv.compute_server.selection.keyquant import dequantize_keys, quantize_keys
@@ -72,8 +72,9 @@ def iter_region_payloads(layout: ContiguousLayout, keys: Sequence[torch.Tensor],
                            as_bytes(_chunked(layout, keys[layer])), batch_bytes)
     for layer in range(layout.num_layers):
         yield layout.digest_region(layer), 0, as_bytes(chunk_digest(layout, keys[layer]))
-    for layer in range(layout.num_layers):
-        yield f"qkeys/L{layer}", 0, as_bytes(quantize_keys(keys[layer], QKEY_BITS, QKEY_GROUP))
+    for kind, (bits, group, fit) in QUANTIZED_KEYS.items():
+        for layer in range(layout.num_layers):
+            yield f"{kind}/L{layer}", 0, as_bytes(quantize_keys(keys[layer], bits, group, fit))
     for layer in range(layout.num_layers):
         yield f"minmax/L{layer}", 0, as_bytes(chunk_minmax(layout, keys[layer]))
     if tuple(importance.shape) != (layout.num_layers, layout.num_chunks):
@@ -166,12 +167,14 @@ class ContiguousCodec(LayoutCodec[ContiguousLayout]):
         view = frombuffer(record, torch.float32).view(lay.num_chunks, lay.num_kv_heads, lay.head_dim)
         return to_device_now(view, device)
 
-    def qkeys(self, record: memoryview | bytes, device: torch.device | str = "cpu") -> torch.Tensor:
-        """A ``qkeys`` record -> the layer's keys dequantised, float32 ``[kv_heads, n, d]`` on ``device``
-        (the packed bytes cross to the device; decoding runs there)."""
+    def qkeys(self, record: memoryview | bytes, device: torch.device | str = "cpu",
+              kind: str = "qkeys") -> torch.Tensor:
+        """A quantised key record (``qkeys``, ``qkeys1``) -> the layer's keys dequantised, float32
+        ``[kv_heads, n, d]`` on ``device`` (the packed bytes cross to the device; decoding runs there)."""
         lay = self.geometry
+        bits, group, _ = QUANTIZED_KEYS[kind]
         packed = to_device_now(frombuffer(record, torch.uint8), device)
-        return dequantize_keys(packed, lay.num_tokens, lay.num_kv_heads, lay.head_dim, QKEY_BITS, QKEY_GROUP)
+        return dequantize_keys(packed, lay.num_tokens, lay.num_kv_heads, lay.head_dim, bits, group)
 
     def minmax(self, record: memoryview | bytes, device: torch.device | str = "cpu") -> torch.Tensor:
         """A ``minmax`` record -> per-chunk min and max key ``[m, kv_heads, 2, d]`` on ``device``."""

@@ -17,6 +17,8 @@ What each policy scores with (fractions of the prefix's K+V bytes in bf16; docs/
 
 - `contiguous+` — ``qkeys``: the keys at 2 bits with per-channel float16 (min, step) over 64-token
   groups (7.8 %), dequantised and scored exactly like the full keys.
+- `contiguous+1bit` — ``qkeys1``: 1 bit per value over 128-token groups, levels fitted by least
+  squares (3.9 %).
 - `contiguous+quest` — ``minmax``: Quest's per-chunk min and max key (6.3 %), scored by the
   upper bound of q.k.
 - `oracle` — ``idkeys``: every key of every layer (50 %), scored with the real query only (no
@@ -81,6 +83,16 @@ class ContiguousPlusPolicy(IdentifiedPolicy):
 
     def _decode(self, records: Records) -> torch.Tensor:
         return self.codec.qkeys(records[0], device=self.projector.device)
+
+
+class OneBitPolicy(ContiguousPlusPolicy):
+    """`contiguous+` from 1-bit keys (128-token groups, least-squares levels): half the identification bytes."""
+
+    name = "contiguous+1bit"
+    ident_region = "qkeys1"
+
+    def _decode(self, records: Records) -> torch.Tensor:
+        return self.codec.qkeys(records[0], device=self.projector.device, kind="qkeys1")
 
 
 class QuestPolicy(IdentifiedPolicy):

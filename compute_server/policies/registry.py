@@ -16,13 +16,15 @@ from contiguouskv.compute_server.policies.contiguous import ContiguousPolicy
 from contiguouskv.compute_server.policies.contiguous_plus import DigestShortlistPolicy
 from contiguouskv.compute_server.policies.full import FullPolicy
 from contiguouskv.compute_server.policies.h2o import H2OPolicy
-from contiguouskv.compute_server.policies.identified import ContiguousPlusPolicy, OraclePolicy, QuestPolicy
+from contiguouskv.compute_server.policies.identified import (
+    ContiguousPlusPolicy, OneBitPolicy, OraclePolicy, QuestPolicy,
+)
 from contiguouskv.compute_server.policies.impress import ImpressPolicy
 from contiguouskv.compute_server.policies.recompute import RecomputePolicy
 
 BUILTIN_POLICIES: tuple[type[LoadingPolicy], ...] = (
     RecomputePolicy, FullPolicy, ContiguousPolicy, ContiguousPlusPolicy, H2OPolicy, ImpressPolicy,
-    QuestPolicy, DigestShortlistPolicy, OraclePolicy,
+    OneBitPolicy, QuestPolicy, DigestShortlistPolicy, OraclePolicy,
 )
 DEFAULT_POLICY = FullPolicy.name
 """What a request that names no policy gets: everything loaded, the reference answer."""
