@@ -63,7 +63,8 @@ def _check_anchor(client: ContiguousKVClient, model: str, prefix: list[int], que
     assert reg.num_tokens == len(prefix) and reg.num_chunks == -(-len(prefix) // 16)
     for policy, period in (("full", None), ("recompute", None), ("contiguous", None), ("contiguous+", None),
                            ("contiguous", 1), ("contiguous+", 3), ("h2o", None), ("impress", None),
-                           ("contiguous+quest", None), ("contiguous+digest", None), ("oracle", None)):
+                           ("contiguous+quest", None), ("contiguous+digest", None), ("oracle", None),
+                           ("contiguous+1bit", None)):
         r = client.reprefill(reg.prefix_id, query, policy=policy, budget=1.0, period=period,
                              sub_period=1 if period else None, return_logits=True)
         got = torch.tensor(r.logits)

@@ -218,7 +218,8 @@ def test_same_input_same_output_and_cheaper_than_full(client: ContiguousKVClient
     assert ident["contiguous"] > ident["contiguous+"] > 0
 
 
-@pytest.mark.parametrize("policy", ["contiguous+", "contiguous+quest", "contiguous+digest", "oracle", "contiguous"])
+@pytest.mark.parametrize("policy", ["contiguous+", "contiguous+1bit", "contiguous+quest", "contiguous+digest", "oracle",
+                                    "contiguous"])
 def test_identification_cache_serves_hot_prefixes_without_identification_io(client: ContiguousKVClient,
                                                                             policy: str) -> None:
     rng = random.Random(hash(policy) % 1000)
