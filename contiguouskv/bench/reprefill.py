@@ -2,8 +2,11 @@
 
 Starts a cache server and a compute server as separate processes, registers random-token prefixes,
 then measures Re-Prefill per policy and budget, *cold* (DRAM cache off, O_DIRECT reads: nothing
-from memory) and *warm* (a skewed stream of queries over several prefixes with a DRAM budget smaller
-than their data, cache server restarted per policy so every policy starts from the same state).
+from memory; the compute server keeps no identification data, so every request reads its own) and
+*warm* (a skewed stream of queries over several prefixes with a DRAM budget smaller than their data,
+cache server restarted per policy so every policy starts from the same state; the compute server's
+identification cache at its default, filled by the warm-up pass). Rows carry ``ident_wait_ms``: the
+time the compute path blocked on identification data, the part of the reads speculation did not hide.
 The physical floor of each row is max(bytes it read / raw O_DIRECT disk bandwidth at its request
 size measured in this run on the same files, its compute-only time).
 """
@@ -77,6 +80,7 @@ class Row:
     ttft_ms: list[float] = field(default_factory=list)
     io_wait_ms: list[float] = field(default_factory=list)
     compute_ms: list[float] = field(default_factory=list)
+    ident_wait_ms: list[float] = field(default_factory=list)
     bytes_from_disk: int = 0
     bytes_from_dram: int = 0
     bytes_requested_from_disk: int = 0
@@ -106,6 +110,8 @@ class Row:
             "bytes_identification": int(ident), "floor_ms": floor_ms,
             "ttft_over_floor": p50 / floor_ms if floor_ms else None,
             "io_wait_ms": statistics.median(self.io_wait_ms), "compute_ms": compute, "recall": self.recall,
+            "ident_wait_ms": statistics.median(self.ident_wait_ms) if self.ident_wait_ms else 0.0,
+            "ident_wait_share": (statistics.median(self.ident_wait_ms) / p50 if self.ident_wait_ms and p50 else 0.0),
         }
 
 
@@ -137,11 +143,15 @@ class Bench:
         self.rng = random.Random(args.seed)
         self.prefixes: list[str] = []
 
-    def _compute(self, cache_address: str) -> launch.ServiceProcess:
+    def _compute(self, cache_address: str, ident_cache: bool = True) -> launch.ServiceProcess:
+        """A compute server; ``ident_cache=False`` makes every request read its identification data
+        (cold), else hot prefixes keep it resident (the server's default)."""
         threads = self.args.compute_threads
         if threads is None:
             threads = 1 if (os.cpu_count() or 1) <= 4 else 0
         extra = ["--dtype", self.args.dtype, "--device", self.args.device, "--threads", str(threads)]
+        if not ident_cache:
+            extra += ["--ident-cache-bytes", "0"]
         proc = launch.compute_server(self.model, cache_address, *extra, log_path=self.root / "compute.log")
         proc.wait_ready(timeout=900)
         return proc
@@ -188,6 +198,7 @@ class Bench:
                     row.ttft_ms.append(r.timings.ttft_ms)
                     row.io_wait_ms.append(r.timings.fetch_wait_ms)
                     row.compute_ms.append(r.timings.compute_ms)
+                    row.ident_wait_ms.append(sum(t.ident_wait_ms for t in r.timings.layers))
                     row.bytes_fetched += r.bytes_fetched
                     row.bytes_kv += r.bytes_kv
                     row.bytes_identification += r.bytes_identification
@@ -210,7 +221,7 @@ class Bench:
         warm = self.args.warm_prefixes
         cache = self._cache(dram_bytes=0)
         try:
-            compute = self._compute(cache.address)
+            compute = self._compute(cache.address, ident_cache=False)  # cold: no resident identification data
             try:
                 with ContiguousKVClient(compute.address, timeout=3600) as client:
                     info = client.model_info()
