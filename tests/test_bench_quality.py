@@ -34,3 +34,21 @@ def test_quality_bench_rows(tmp_path: Path) -> None:
     assert oracle["bytes_read_pct"] - oracle["bytes_read_warm_pct"] > 45
     assert 5 < plus["bytes_read_pct"] - plus["bytes_read_warm_pct"] < 12
     assert plus["bytes_read_warm_pct"] >= 25 * 0.9
+
+
+def test_overall_rows_weight_lengths_by_cases() -> None:
+    from contiguouskv.bench.quality import AVERAGED, overall
+
+    def row(length: int, n: int, kept: float | None, kept_of: int, acc: float, pct: float) -> dict[str, object]:
+        r: dict[str, object] = {key: 0.0 for key in AVERAGED}
+        r.update(policy="p", budget=0.05, length=length, n=n, answers_kept=kept, kept_of=kept_of, accuracy=acc,
+                 bytes_read_pct=pct, prefix_tokens=length, oracle_recall=None)
+        return r
+
+    got = overall([row(2048, 30, 0.9, 20, 0.6, 10.0), row(4096, 10, 0.5, 10, 0.3, 14.0), row(0, 99, 0.0, 1, 0, 0)])
+    assert len(got) == 1
+    (r,) = got
+    assert r["length"] == 0 and r["n"] == 40 and r["kept_of"] == 30
+    assert r["answers_kept"] == round((18 + 5) / 30, 4)  # kept cases, not a mean of the two fractions
+    assert r["accuracy"] == round((0.6 * 30 + 0.3 * 10) / 40, 4) and r["bytes_read_pct"] == 11.0
+    assert r["oracle_recall"] is None and r["prefix_tokens"] == 2560

@@ -28,6 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from contiguouskv import launch
 from contiguouskv.bench.policies import cells, extra_layouts, resolve
@@ -54,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stored KV dtype (default bfloat16, what a deployment stores; byte shares refer to it)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the task generator (default 0)")
     parser.add_argument("--json", dest="json_path", type=Path, help="write results as JSON here")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="instead of running: merge the JSON of runs over the same cases (same seed, lengths, "
+                        "cases; `full` must agree) into --json, with rows over all lengths added")
 
 
 def _query(question: str) -> str:
@@ -123,6 +127,8 @@ class Cell:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.merge:
+        return merge(args.merge, args.json_path)
     lengths = [int(x) for x in args.lengths.split(",")]
     cases = make_cases(lengths, args.cases, args.seed, [t.strip() for t in args.tasks.split(",")])
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -166,7 +172,61 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _rows(table: dict[tuple[str, float, int], Cell], tokens: dict[int, list[int]]) -> list[dict[str, object]]:
-    return [cell.row(p, b, length, tokens[length]) for (p, b, length), cell in table.items()]
+    rows = [cell.row(p, b, length, tokens[length]) for (p, b, length), cell in table.items()]
+    return rows + overall(rows)
+
+
+AVERAGED = ("accuracy", "top1_agreement", "kl", "oracle_recall", "oracle_mass_recall", "bytes_read_pct", "ident_pct",
+            "bytes_read_warm_pct", "ident_wait_ms", "ttft_ms", "prefix_tokens")
+
+
+def overall(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows over every length (``length`` 0) per (policy, budget), from the per-length rows: means
+    weighted by cases, ``answers_kept`` over all the cases `full` answered right."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["length"]:
+            groups.setdefault((r["policy"], r["budget"]), []).append(r)
+    out = []
+    for (policy, budget), parts in groups.items():
+        n = sum(r["n"] for r in parts)
+        kept_of = sum(r["kept_of"] for r in parts)
+        row: dict[str, Any] = {"policy": policy, "budget": budget, "length": 0, "n": n, "kept_of": kept_of,
+                               "answers_kept": round(sum(r["answers_kept"] * r["kept_of"] for r in parts if r["kept_of"])
+                                                     / kept_of, 4) if kept_of else None}
+        for key in AVERAGED:
+            have = [r for r in parts if r[key] is not None]
+            row[key] = round(sum(r[key] * r["n"] for r in have) / sum(r["n"] for r in have), 4) if have else None
+        row["prefix_tokens"] = round(row["prefix_tokens"]) if row["prefix_tokens"] is not None else None
+        out.append(row)
+    return out
+
+
+def merge(paths: list[Path], out: Path | None) -> int:
+    """One JSON from several runs over the same cases (different policies); `full` rows must agree."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    first = runs[0]
+    for other, path in zip(runs[1:], paths[1:]):
+        for key in ("model", "seed", "lengths", "cases", "dtype", "kv_dtype"):
+            if other.get(key) != first.get(key):
+                raise SystemExit(f"{path}: {key} {other.get(key)!r} differs from {paths[0]}'s {first.get(key)!r}")
+    rows: dict[tuple[str, float, int], dict[str, Any]] = {}
+    for run in runs:
+        for r in run["results"]:
+            if not r["length"]:
+                continue
+            where = (r["policy"], r["budget"], r["length"])
+            if where in rows and r["policy"] == "full" and rows[where]["accuracy"] != r["accuracy"]:
+                raise SystemExit(f"full answered differently across runs at length {r['length']}")
+            rows.setdefault(where, r)
+    merged = {**{k: v for k, v in first.items() if k != "results"}, "merged_from": [p.name for p in paths],
+              "wall_s": sum(run.get("wall_s", 0) for run in runs), "complete": all(run.get("complete", True)
+                                                                                  for run in runs)}
+    merged["results"] = list(rows.values()) + overall(list(rows.values()))
+    _print(merged["results"])
+    if out is not None:
+        out.write_text(json.dumps(merged, indent=2))
+    return 0
 
 
 def _write(args: argparse.Namespace, cases: list[Case], lengths: list[int], budgets: list[float],
@@ -184,7 +244,7 @@ def _print(rows: list[dict[str, object]]) -> None:
     def fmt(v: object, spec: str) -> str:
         return format(v, spec) if isinstance(v, (int, float)) else format("-", ">" + spec.split(".")[0])
 
-    for r in sorted(rows, key=lambda r: (r["length"], r["policy"] != "full", r["policy"], r["budget"])):  # type: ignore[return-value]
+    for r in sorted(rows, key=lambda r: (r["length"] or 1 << 30, r["policy"] != "full", r["policy"], r["budget"])):  # type: ignore[return-value]
         print(f"{r['policy']:<19}{r['budget']:>7.2f}{r['prefix_tokens']:>7}{r['n']:>4}{fmt(r['accuracy'], '6.2f')}"
               f"{fmt(r['answers_kept'], '6.2f')}{fmt(r['top1_agreement'], '6.2f')}{fmt(r['kl'], '8.4f')}"
               f"{fmt(r['oracle_recall'], '7.2f')}{fmt(r['oracle_mass_recall'], '6.2f')}"
