@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budgets", default="0.05,0.1", help="comma-separated fractions of the prefix's chunks")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the task generator (default 0)")
     parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per answer (default 16)")
+    parser.add_argument("--modes", default="layer,head",
+                        help="selections to compare: layer (one set per layer, mass summed over query tokens), head "
+                        "(one set per KV head), last (one set per layer from the last query token's attention), max "
+                        "(per chunk the largest mass any query token puts on it) (default layer,head)")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks (default all)")
     parser.add_argument("--json", dest="json_path", type=Path, help="write results as JSON here")
 
 
@@ -46,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_grad_enabled(False)
     loaded = load_model(args.model, cache_dir=default_cache_dir(), dtype=torch.float32)
     runner, tok = ModelRunner(loaded), loaded.tokenizer
-    cases = make_cases([int(x) for x in args.lengths.split(",")], args.cases, args.seed, TASKS)
+    cases = make_cases([int(x) for x in args.lengths.split(",")], args.cases, args.seed, args.tasks.split(","))
+    modes = args.modes.split(",")
     budgets = [float(b) for b in args.budgets.split(",")]
     results: dict[tuple[str, float], list[tuple[bool, bool, bool]]] = {}
     start = time.perf_counter()
@@ -57,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         full_ids = _answer(runner, pre, prefix, query, None, args.new_tokens)
         full_right = case.correct(tok.decode(full_ids))
         for budget in budgets:
-            for mode in ("layer", "head"):
+            for mode in modes:
                 ids = _answer(runner, pre, prefix, query, (mode, budget), args.new_tokens)
                 results.setdefault((mode, budget), []).append(
                     (full_right, case.correct(tok.decode(ids)), ids[:1] == full_ids[:1]))
@@ -128,8 +134,16 @@ def _choose(probs: object, select: tuple[str, float], kvh: int, g: int, n: int, 
 
     mode, budget = select
     k = min(m, max(math.ceil(budget * m - 1e-9), 2))
-    mass = torch.nn.functional.pad(probs.sum(dim=1), (0, m * c - n))  # type: ignore[attr-defined]
-    per_head = mass.view(kvh, g, m, c).sum(dim=(1, 3))  # [kv_heads, m]
+    if mode == "last":
+        probs = probs[:, -1:]  # type: ignore[index]
+    if mode == "max":  # per query token and head: mass per chunk; then the largest over tokens, summed over heads
+        t = probs.shape[1]  # type: ignore[attr-defined]
+        per = torch.nn.functional.pad(probs, (0, m * c - n)).view(kvh * g, t, m, c).sum(dim=3)  # [H, T, m]
+        best = per.amax(dim=1).view(kvh, g, m).sum(dim=(0, 1))  # [m]
+        per_head = best.expand(kvh, m)
+    else:
+        mass = torch.nn.functional.pad(probs.sum(dim=1), (0, m * c - n))  # type: ignore[attr-defined]
+        per_head = mass.view(kvh, g, m, c).sum(dim=(1, 3))  # [kv_heads, m]
     scores = per_head if mode == "head" else per_head.sum(dim=0, keepdim=True).expand(kvh, m)
     scores = scores.clone()
     scores[:, 0] = scores[:, -1] = float("inf")  # the sink and the last chunk, as the policies do
