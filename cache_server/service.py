@@ -19,6 +19,7 @@ from concurrent.futures import Executor
 from typing import Any, TypeVar, cast
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from contiguouskv.cache_server.assemble import BatchAssembler
 from contiguouskv.cache_server.buffers import ReadBuffers
@@ -65,8 +66,14 @@ async def _abort(context: grpc.aio.ServicerContext, rpc: str, error: CacheError)
     await context.abort(code, status_details(str(error)))
 
 
+def _unparsable(exc: DecodeError) -> InvalidArgument:
+    """A message of a request stream that grpc could not parse (it reaches the handler, not grpc)."""
+    return InvalidArgument(f"a request message could not be parsed: {exc}")
+
+
 def _rpc(method: F) -> F:
-    """Turn a ``CacheError`` raised by an RPC (coroutine or async generator) into its status."""
+    """Turn a ``CacheError`` raised by an RPC (coroutine or async generator) into its status, and a
+    request-stream message that cannot be parsed into INVALID_ARGUMENT."""
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
@@ -76,6 +83,8 @@ def _rpc(method: F) -> F:
                     yield response
             except CacheError as exc:
                 await _abort(context, method.__name__, exc)
+            except DecodeError as exc:
+                await _abort(context, method.__name__, _unparsable(exc))
 
         return cast(F, stream)
 
@@ -85,6 +94,8 @@ def _rpc(method: F) -> F:
             return await method(self, request, context)
         except CacheError as exc:
             await _abort(context, method.__name__, exc)
+        except DecodeError as exc:
+            await _abort(context, method.__name__, _unparsable(exc))
 
     return cast(F, unary)
 
@@ -328,5 +339,7 @@ async def _feed(request_iterator: AsyncIterator[pb.FetchRequest], session: Fetch
             else:
                 raise InvalidArgument(f"Fetch: unexpected {kind!r} message after 'open'")
         session.close_input()
+    except DecodeError as exc:  # a garbled message after `open`: the handler answers INVALID_ARGUMENT
+        session.fail(_unparsable(exc))
     except Exception as exc:  # the session re-raises it in the handler, which maps it
         session.fail(exc)

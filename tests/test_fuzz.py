@@ -529,6 +529,23 @@ def test_raw_garbage_on_both_ports(stored: Stored) -> None:
     assert _serving(stored.cache.address) and _serving(stored.compute.address)
 
 
+def test_unparsable_request_stream_messages_get_invalid_argument(stored: Stored) -> None:
+    """A Fetch or PutPrefix stream whose message is not a valid protobuf reaches our handler (not
+    grpc's): it answers INVALID_ARGUMENT, first message or later. Regression: the DecodeError
+    escaped the handler (status UNKNOWN and a traceback in the cache server's log)."""
+    good = cache_pb2.FetchRequest(open=cache_pb2.FetchOpen(prefix_id=stored.prefix_ids[0], layout=LAYOUT))
+    with grpc.insecure_channel(stored.cache.address, options=OPTIONS) as channel:
+        for method, messages in (("Fetch", [b"\xff\xff\xff\xff"]), ("Fetch", [good.SerializeToString(), b"\x0a\xff"]),
+                                 ("PutPrefix", [b"\x12\x80"])):
+            call = channel.stream_stream(f"/contiguouskv.v1.CacheService/{method}")  # raw bytes both ways
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in call(iter(messages), timeout=RPC_TIMEOUT_S):
+                    pass
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, err.value.details())
+            assert "could not be parsed" in (err.value.details() or ""), err.value.details()
+    assert _serving(stored.cache.address)
+
+
 # -- after the fuzzing -------------------------------------------------------------------------
 
 def test_servers_and_data_survive_the_fuzzing(stored: Stored) -> None:
