@@ -27,11 +27,13 @@ What each policy scores with (fractions of the prefix's K+V bytes in bf16; docs/
 
 from __future__ import annotations
 
+import abc
 from typing import ClassVar
 
 import torch
 
 from contiguouskv.compute_server.kvio.loader import Records
+from contiguouskv.compute_server.policies.base import PolicyContext
 from contiguouskv.compute_server.policies.periodic import PeriodicPolicy
 from contiguouskv.compute_server.selection.chunks import exact_chunk_scores, quest_chunk_scores, select_top
 
@@ -43,14 +45,14 @@ class IdentifiedPolicy(PeriodicPolicy):
     speculate: ClassVar[bool] = True
     """Ship layer ``l + 1``'s chunks from the hidden state entering ``l`` (then correct at ``l + 1``)."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, context: PolicyContext) -> None:
+        super().__init__(context)
         self._decoded: dict[int, torch.Tensor] = {}
 
     def before_layer(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> None:
         super().before_layer(layer, hidden, positions)
         start = layer + 1
-        if (self.speculate and start < self.chunks.num_layers and start % self.params.period == 0
+        if (self._speculates(start) and start < self.chunks.num_layers and start % self.params.period == 0
                 and start not in self._selected and start not in self._predicted):
             q, k, _ = self.projector.project(start, hidden, positions)
             self._predict(start, select_top(self._score(start, q, k), self.budget))
@@ -68,8 +70,9 @@ class IdentifiedPolicy(PeriodicPolicy):
         super()._choose(start, q, k)
         self._decoded.pop(start, None)  # scored for good: free it
 
+    @abc.abstractmethod
     def _decode(self, records: Records) -> torch.Tensor:
-        raise NotImplementedError
+        """A layer's identification records -> what :meth:`_score` scores with, on the compute device."""
 
     def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return exact_chunk_scores(self.chunks, q, k, self._ident_data(start), self.projector.scaling)
@@ -82,7 +85,7 @@ class ContiguousPlusPolicy(IdentifiedPolicy):
     ident_region = "qkeys"
 
     def _decode(self, records: Records) -> torch.Tensor:
-        return self.codec.qkeys(records[0], device=self.projector.device)
+        return self.codec.qkeys(records[0], device=self.projector.device, kind=self.ident_region)
 
 
 class OneBitPolicy(ContiguousPlusPolicy):
@@ -90,9 +93,6 @@ class OneBitPolicy(ContiguousPlusPolicy):
 
     name = "contiguous+1bit"
     ident_region = "qkeys1"
-
-    def _decode(self, records: Records) -> torch.Tensor:
-        return self.codec.qkeys(records[0], device=self.projector.device, kind="qkeys1")
 
 
 class QuestPolicy(IdentifiedPolicy):
