@@ -69,7 +69,8 @@ def quantize_keys(keys: torch.Tensor, bits: int, group: int, fit: str = "minmax"
         step = slope.to(torch.float16)
         codes = _codes(k, lo, step, levels)
     if fit == "lloyd":  # keep min/max levels wherever they were better after all (tiny groups, float16 rounding)
-        worse = _error(k, lo, step, codes) > _error(k, *first)
+        real = (torch.arange(groups * group) < n).view(groups, 1, group, 1)  # padding does not count
+        worse = _error(k, lo, step, codes, real) > _error(k, *first, real)
         lo, step = torch.where(worse, first[0], lo), torch.where(worse, first[1], step)
         codes = torch.where(worse[:, :, None], first[2], codes)
     codes = codes.view(groups, kv_heads, group // per_byte, per_byte, d)
@@ -86,10 +87,12 @@ def _codes(k: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, levels: int) -
     return torch.round((k - lo.float()[:, :, None]) / safe[:, :, None]).clamp_(0, levels).to(torch.uint8)
 
 
-def _error(k: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Squared error per group, KV head and channel [G, kv_heads, d] of ``codes`` under (lo, step)."""
+def _error(k: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, codes: torch.Tensor,
+           real: torch.Tensor) -> torch.Tensor:
+    """Squared error over the ``real`` tokens, per group, KV head and channel [G, kv_heads, d], of
+    ``codes`` under (lo, step)."""
     back = lo.float()[:, :, None] + codes.float() * step.float()[:, :, None]
-    return ((back - k) ** 2).sum(dim=2)
+    return (((back - k) ** 2) * real).sum(dim=2)
 
 
 def dequantize_keys(record: torch.Tensor, num_tokens: int, kv_heads: int, head_dim: int, bits: int,
