@@ -58,6 +58,8 @@ class IdentCache:
         size = sum(len(r) for r in records)
         key = (prefix_id, layout)
         with self._lock:
+            if size > self.max_bytes:  # could never fit: refuse without evicting anyone
+                return False
             regions = self._prefixes.setdefault(key, {})
             self._prefixes.move_to_end(key)
             if region in regions:
