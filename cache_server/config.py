@@ -35,6 +35,9 @@ class CacheServerConfig:
     (mutual TLS). ``auth_tokens_file`` requires bearer tokens (see :mod:`contiguouskv.common.security`).
     ``max_streams_per_client`` bounds the calls one client has in flight (0 = unlimited).
     ``health_port`` also serves the health service alone, in plaintext (probes that cannot do TLS).
+    ``shm_socket`` (empty: off) is the Unix socket on which co-located compute servers open a
+    shared-memory data plane (:mod:`.shm_plane`); its directory is created with mode 0700 and only
+    peers of the server's own user are accepted.
     """
 
     root: Path
@@ -58,6 +61,7 @@ class CacheServerConfig:
     auth_tokens_file: Path | None = None
     max_streams_per_client: int = 256
     health_port: int | None = None
+    shm_socket: str = ""
 
     def __post_init__(self) -> None:
         if not str(self.root):
@@ -93,6 +97,8 @@ class CacheServerConfig:
             raise ValueError(f"health_port: {self.health_port} is outside 1..65535")
         if self.max_streams_per_client < 0:
             raise ValueError(f"max_streams_per_client: {self.max_streams_per_client} must be >= 0 (0 = unlimited)")
+        if self.shm_socket and len(self.shm_socket.encode()) > 100:
+            raise ValueError(f"shm_socket: {self.shm_socket!r} is longer than a Unix socket path may be (100 bytes)")
         check_server_files(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file, self.auth_tokens_file)
         if self.max_batch_bytes > self.max_message_bytes // 2:
             raise ValueError(

@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(1; 0 = read in the server's own threads)")
     parser.add_argument("--metrics-port", type=int,
                         help="serve Prometheus metrics on this port (0 = any free port; off if absent)")
+    parser.add_argument("--shm-socket",
+                        help="Unix socket on which co-located compute servers open a shared-memory data plane "
+                             "(off if absent; docs/deploy.md)")
     add_serving_arguments(parser)
     parser.add_argument("--config", type=Path, help="JSON file of config fields")
     # SUPPRESS: as a subcommand, an absent flag must not overwrite the parent parser's value.
@@ -77,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> CacheServerConfig:
         name: getattr(args, name, None)
         for name in ("root", "host", "port", "port_file", "max_batch_bytes", "max_store_bytes",
                      "dram_cache_bytes", "eviction_rule", "max_inflight_bytes", "read_threads",
-                     "read_processes", "metrics_port", *SERVING_FIELDS)
+                     "read_processes", "metrics_port", "shm_socket", *SERVING_FIELDS)
     }
     return load_config(CacheServerConfig, flags=flags, file=args.config, renamed=RENAMED_FIELDS)
 

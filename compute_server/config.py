@@ -10,6 +10,7 @@ from contiguouskv.common.discovery import check_entry, is_dns
 
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+DATA_PATHS = ("auto", "grpc", "shm")
 
 
 def default_cache_dir() -> Path:
@@ -57,6 +58,15 @@ class ComputeServerConfig:
     # Identification data (quantised keys, digests) of hot prefixes kept resident; 0 = off.
     ident_cache_bytes: int = 1 << 30
     fetch_batch_bytes: int = 1 << 20
+    # Data path from the cache (docs/operations.md, "Data path"): "auto" uses the shared-memory plane
+    # of a co-located cache server when ``shm_socket`` reaches one and gRPC bytes otherwise; "grpc"
+    # never uses it; "shm" requires it. ``shm_slots`` x ``shm_slot_bytes`` is the shared buffer.
+    data_path: str = "auto"
+    shm_socket: str = ""
+    shm_slots: int = 64
+    shm_slot_bytes: int = 1 << 20
+    # Fetch streams per request, its reads spread over them (and over the prefix's replicas).
+    fetch_streams: int = 1
     rpc_timeout_s: float = 600.0
     grace_seconds: float = 5.0
     max_message_bytes: int = 64 << 20
@@ -115,6 +125,18 @@ class ComputeServerConfig:
         for name in ("max_active_requests", "max_staged_bytes", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.data_path not in DATA_PATHS:
+            raise ValueError(f"data_path: must be one of {DATA_PATHS}, got {self.data_path!r}")
+        if self.data_path == "shm" and not self.shm_socket:
+            raise ValueError("data_path: shm needs shm_socket (the co-located cache server's socket)")
+        if self.shm_slots < 2 or self.shm_slot_bytes < 4096 or self.shm_slot_bytes % 4096:
+            raise ValueError(f"shm_slots/shm_slot_bytes: need >= 2 slots of a positive multiple of 4096 bytes, "
+                             f"got {self.shm_slots} x {self.shm_slot_bytes}")
+        if self.shm_slot_bytes < self.fetch_batch_bytes:
+            raise ValueError(f"shm_slot_bytes: {self.shm_slot_bytes} must hold a Fetch batch "
+                             f"(fetch_batch_bytes {self.fetch_batch_bytes})")
+        if not 1 <= self.fetch_streams <= 64:
+            raise ValueError(f"fetch_streams: must be in [1, 64], got {self.fetch_streams}")
         if self.ident_cache_bytes < 0:
             raise ValueError(f"ident_cache_bytes: must be >= 0 (0 = off), got {self.ident_cache_bytes}")
         if self.max_queued_requests < 0:

@@ -51,6 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the K/V they select (default 1 GiB; per-prefix LRU; 0 = off)")
     parser.add_argument("--max-batch", type=int,
                         help="requests whose next layer shares one batched pass (default 16; 1 = no batching)")
+    parser.add_argument("--data-path", choices=("auto", "grpc", "shm"),
+                        help="records from the cache: shared memory of a co-located cache server when "
+                             "--shm-socket reaches one (auto), gRPC bytes only (grpc), or shared memory required (shm)")
+    parser.add_argument("--shm-socket", help="the co-located cache server's --shm-socket (off if absent)")
+    parser.add_argument("--shm-slots", type=int, help="slots of the shared buffer (64)")
+    parser.add_argument("--shm-slot-bytes", type=int, help="bytes per slot, a multiple of 4096 (1 MiB)")
+    parser.add_argument("--fetch-streams", type=int,
+                        help="Fetch streams per request, its reads spread over them and the prefix's replicas (1)")
     parser.add_argument("--threads", type=int,
                         help="torch compute threads; 0 = torch's default (on a small shared CPU, 1 avoids "
                         "OpenMP oversubscription with the I/O threads) (env CKV_THREADS)")
@@ -71,7 +79,8 @@ def config_from_args(args: argparse.Namespace) -> ComputeServerConfig:
     flags = {k: getattr(args, k, None) for k in
              ("model", "cache", "replication", "write_quorum", "host", "port", "port_file", "device", "dtype", "kv_dtype",
               "model_cache_dir", "chunk_size", "metrics_port", "threads", "policy_plugins", "max_active_requests",
-              "max_queued_requests", "max_staged_bytes", "max_batch", "ident_cache_bytes", *SERVING_FIELDS,
+              "max_queued_requests", "max_staged_bytes", "max_batch", "ident_cache_bytes", "data_path", "shm_socket",
+              "shm_slots", "shm_slot_bytes", "fetch_streams", *SERVING_FIELDS,
               "cache_tls_ca_file", "cache_tls_cert_file", "cache_tls_key_file", "cache_tls_server_name",
               "cache_token_file")}
     return load_config(ComputeServerConfig, flags, file=getattr(args, "config", None))
