@@ -18,7 +18,7 @@ from contiguouskv.cache_server.manifest import RegionLayout
 from contiguouskv.cache_server.read_process import ReadProcesses
 from contiguouskv.cache_server.reader import ObjectReader, coalesce
 from contiguouskv.cache_server.stats import Counters
-from contiguouskv.common.fetch_wire import BytesLike, encode_fetch_response
+from contiguouskv.common.fetch_wire import BytesLike, encode_fetch_descriptor, encode_fetch_response
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -37,11 +37,17 @@ class Batch:
     cancelled: bool = False
     error_code: int = 0
     error_message: str = ""
+    shm_bytes: int = 0  # payload bytes placed in a shared-memory slot (``wire`` is then a descriptor)
 
     @property
     def data(self) -> memoryview:
-        """The concatenated payloads (a view into ``wire``)."""
+        """The concatenated payloads (a view into ``wire``; empty for a shared-memory batch)."""
         return memoryview(self.wire)[self.data_offset :]
+
+    @property
+    def payload_bytes(self) -> int:
+        """Record payload bytes this batch delivers, in ``wire`` or in shared memory."""
+        return self.shm_bytes or len(self.wire) - self.data_offset
 
     @classmethod
     def notice(cls, tag: int, region: str, cancelled: bool = False, error_code: int = 0,
@@ -129,6 +135,37 @@ class BatchAssembler:
             return self._assemble(tag, layout, indices, done, cached, missing, views)
         finally:
             helpers.release(slot)
+
+    def build_into(self, tag: int, layout: RegionLayout, indices: Sequence[int], done: bool,
+                   dest: memoryview, slot: int) -> Batch:
+        """The batch written into a client's shared-memory slot ``dest``, and its descriptor.
+
+        Records are placed back to back in the order asked. When all of them come from disk in
+        ascending order and need no padding, they are read (O_DIRECT) straight into ``dest``;
+        otherwise cached ones are copied from DRAM and missing ones read into the thread's buffer
+        and copied. Disk reads are checked against their CRC-32 here, as for the byte path; the
+        descriptor carries every record's CRC-32 for the client to check before use.
+        """
+        region, size, stride = layout.name, layout.record_size, layout.stride
+        cached = self._cache.lookup(self._object, region, indices)
+        missing = sorted({i for i, c in zip(indices, cached) if c is None})
+        in_place = (stride == size and len(missing) == len(indices)
+                    and all(a < b for a, b in zip(indices, indices[1:])))
+        if in_place:
+            views = self._reader.read_verified(layout, missing, dest[: len(missing) * stride])
+        else:
+            views = (self._reader.read_verified(layout, missing, self._buffers.get(len(missing) * stride))
+                     if missing else {})
+            for k, (index, record) in enumerate(zip(indices, cached)):
+                dest[k * size : (k + 1) * size] = record if record is not None else views[index]
+        hits = sum(c is not None for c in cached)
+        self._counters.add(bytes_served_from_dram=hits * size, bytes_requested_from_disk=len(missing) * size)
+        if missing and self._cache.enabled:
+            self._cache.admit(self._object, region, [(i, views[i]) for i in missing])
+        crcs = self._reader.manifest.checksums[region]
+        packed = b"".join(crcs[4 * i : 4 * i + 4] for i in indices)
+        wire = encode_fetch_descriptor(tag, region, indices, done, slot, len(indices) * size, packed)
+        return Batch(tag, region, indices, wire, len(wire), done, shm_bytes=len(indices) * size)
 
     def _assemble(self, tag: int, layout: RegionLayout, indices: Sequence[int], done: bool,
                   cached: Sequence[bytes | None], missing: Sequence[int],

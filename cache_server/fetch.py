@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import heapq
 from collections.abc import AsyncGenerator, Sequence
@@ -35,6 +36,7 @@ from contiguouskv.cache_server.keys import check_region_name
 from contiguouskv.cache_server.manifest import RegionLayout
 from contiguouskv.cache_server.read_process import ReadProcesses
 from contiguouskv.cache_server.reader import ObjectReader
+from contiguouskv.cache_server.shm_plane import PlaneStream
 from contiguouskv.cache_server.stats import Counters
 from contiguouskv.common import telemetry
 
@@ -64,6 +66,8 @@ class _InFlight:
     nbytes: int
     done: bool
     batch: asyncio.Future[Batch]
+    slot: int | None = None  # the shared-memory slot being written (plane streams)
+    work: concurrent.futures.Future[Batch] | None = None  # the thread writing it
 
 
 class FetchSession:
@@ -85,6 +89,7 @@ class FetchSession:
         max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES,
         max_batches: int = MAX_BATCHES_IN_FLIGHT,
         helpers: ReadProcesses | None = None,
+        plane: PlaneStream | None = None,
     ) -> None:
         self._reader = reader
         self._assembler = assembler
@@ -95,6 +100,9 @@ class FetchSession:
         self._max_inflight_bytes = max_inflight_bytes
         self._max_batches = max_batches
         self._helpers = helpers
+        self._plane = plane
+        if plane is not None:  # each batch fills one slot of the client's buffer
+            self._max_batch_bytes = min(max_batch_bytes, plane.slot_bytes)
         self._queue: list[tuple[int, int, _StreamRead]] = []  # heap of (priority, arrival, request)
         self._arrivals = 0
         self._active: dict[int, _StreamRead] = {}  # tag -> request whose done batch is not out yet
@@ -175,13 +183,14 @@ class FetchSession:
                         yield batch
                     self._release(item.nbytes)
                     continue
-                if self._input_closed:
+                if self._input_closed and not self._queue:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
         finally:
             for item in in_flight:
                 item.batch.cancel()
+                self._drop_slot_when_written(item)
             self._release(self._held)
             self._counters.add(inflight_streams=-1)
             self._span.end()
@@ -197,6 +206,9 @@ class FetchSession:
             nbytes = (stop - start) * request.region.record_size
             if in_flight and self._held + nbytes > self._max_inflight_bytes:
                 return
+            # Every slot written or held by the client: this batch goes as bytes (waiting for a
+            # release could wait forever, the client holding slots until records still to come)
+            slot = self._plane.take() if self._plane is not None else None
             request.planned = stop
             done = stop == len(request.indices)
             if done:
@@ -204,6 +216,10 @@ class FetchSession:
             self._held += nbytes
             self._counters.add(inflight_bytes=nbytes)
             indices = request.indices[start:stop]
+            if slot is not None:
+                work = self._executor.submit(self._build_into, request, indices, done, slot)
+                in_flight.append(_InFlight(request, len(indices), nbytes, done, asyncio.wrap_future(work), slot, work))
+                continue
             future: asyncio.Future[Batch] = (
                 asyncio.ensure_future(self._build_helped(request, indices, done)) if self._helpers is not None
                 else loop.run_in_executor(self._executor, self._build, request, indices, done))
@@ -221,7 +237,7 @@ class FetchSession:
         self._counters.add(inflight_reads=1)
         try:
             batch = self._assembler.build(request.tag, request.region, indices, done)
-            span.set_attribute(telemetry.ATTR_BYTES, len(batch.wire) - batch.data_offset)
+            span.set_attribute(telemetry.ATTR_BYTES, batch.payload_bytes)
             return batch
         except Exception as exc:
             telemetry.mark_error(span, exc)
@@ -229,6 +245,40 @@ class FetchSession:
         finally:
             self._counters.add(inflight_reads=-1)
             span.end()
+
+    def _build_into(self, request: _StreamRead, indices: list[int], done: bool, slot: int) -> Batch:
+        """Read pool: the batch written into shared-memory ``slot`` (:meth:`BatchAssembler.build_into`)."""
+        assert self._plane is not None
+        span = tracer.start(telemetry.SPAN_READ_RECORDS, {
+            telemetry.ATTR_REGION: request.region.name, telemetry.ATTR_RECORDS: len(indices)}, parent=self._span)
+        self._counters.add(inflight_reads=1)
+        try:
+            dest = self._plane.view(slot, len(indices) * request.region.record_size)
+            batch = self._assembler.build_into(request.tag, request.region, indices, done, dest, slot)
+            span.set_attribute(telemetry.ATTR_BYTES, batch.payload_bytes)
+            return batch
+        except Exception as exc:
+            telemetry.mark_error(span, exc)
+            raise
+        finally:
+            self._counters.add(inflight_reads=-1)
+            span.end()
+
+    def _drop_slot_when_written(self, item: _InFlight) -> None:
+        """Free ``item``'s slot, unsent, once no thread writes it any more."""
+        if item.slot is None or self._plane is None:
+            return
+        plane, slot, loop = self._plane, item.slot, asyncio.get_running_loop()
+        if item.work is None or item.work.done():
+            plane.drop(slot)
+            return
+
+        def written(_: object) -> None:
+            try:
+                loop.call_soon_threadsafe(plane.drop, slot)
+            except RuntimeError:  # the loop is gone, and the plane with it
+                pass
+        item.work.add_done_callback(written)
 
     async def _build_helped(self, request: _StreamRead, indices: list[int], done: bool) -> Batch:
         """The batch, read by a helper process, or on the read pool when no helper slot is free."""
@@ -257,6 +307,7 @@ class FetchSession:
         try:
             batch = await item.batch
         except (CacheError, OSError) as exc:
+            self._drop_slot_when_written(item)
             if request.ended:
                 return None
             self._end(request)
@@ -265,11 +316,16 @@ class FetchSession:
             return Batch.notice(request.tag, request.region.name, error_code=code,
                                 error_message=str(exc))
         if request.ended:
+            self._drop_slot_when_written(item)
             return None  # its cancel or error notice went out instead
+        if item.slot is not None:
+            assert self._plane is not None
+            if not self._plane.sent(item.slot):  # the client ended the stream: nobody reads it
+                return None
+            self._counters.add(bytes_served_shm=batch.payload_bytes)
         if item.done:
             self._end(request)
-        self._counters.add(bytes_served=len(batch.wire) - batch.data_offset,
-                           records_served=item.count)
+        self._counters.add(bytes_served=batch.payload_bytes, records_served=item.count)
         return batch
 
     def _end(self, request: _StreamRead) -> None:

@@ -47,11 +47,14 @@ COUNTERS = (
     ("dram_misses", "dram_misses", "Record lookups that missed the DRAM cache."),
     ("dram_evictions", "dram_evictions", "Records evicted from the DRAM cache."),
     ("dram_rejections", "dram_rejections", "Records the eviction rule did not admit."),
+    ("shm_served_bytes", "bytes_served_shm", "Record payload bytes placed in clients' shared memory."),
 )
 GAUGES = (
     ("inflight_streams", "inflight_streams", "Fetch streams open now."),
     ("inflight_reads", "inflight_reads", "Batch disk reads running now."),
     ("inflight_bytes", "inflight_bytes", "Record bytes held by Fetch streams now."),
+    ("shm_planes", "shm_planes", "Shared-memory data planes open now (co-located clients)."),
+    ("shm_slots_lent", "shm_slots_lent", "Shared-memory slots being written or held by clients now."),
 )
 
 

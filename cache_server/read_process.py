@@ -43,7 +43,7 @@ import time
 from collections.abc import Sequence
 from queue import SimpleQueue
 
-from contiguouskv.cache_server.checksum import crc32_any_size
+from contiguouskv.common.checksum import crc32_any_size
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def _read_run(fd: int, buffer: memoryview, run: Run, stride: int, size: int) -> 
     seconds = (time.perf_counter() - started,)
     expected = struct.unpack(f"<{len(crcs) // 4}I", crcs)
     for k, crc in enumerate(expected):
-        # whole records: a helper shares no GIL with an event loop (cache_server/checksum.py)
+        # whole records: a helper shares no GIL with an event loop (contiguouskv/common/checksum.py)
         if crc32_any_size(part[k * stride : k * stride + size]) != crc:
             return ReadReport(seconds, ("data_loss", "checksum mismatch"), first + k)
     return ReadReport(seconds)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
-from contiguouskv.cache_server.checksum import crc32
+from contiguouskv.common.checksum import crc32
 from contiguouskv.cache_server.errors import CacheError, DataLoss
 from contiguouskv.cache_server.manifest import Manifest, RegionLayout
 from contiguouskv.cache_server.stats import Counters

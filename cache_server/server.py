@@ -23,6 +23,7 @@ from contiguouskv.cache_server.dram_cache import DramCache
 from contiguouskv.cache_server.eviction import DEFAULT_EVICTION_RULE, EVICTION_RULES
 from contiguouskv.cache_server.fetch import DISK_BYTES_PER_PAYLOAD_BYTE
 from contiguouskv.cache_server.read_process import ReadProcesses
+from contiguouskv.cache_server.shm_plane import PlaneServer
 from contiguouskv.cache_server.service import METHOD_SCOPES, SERVICE_NAME, CacheServicer, add_cache_service
 from contiguouskv.cache_server.store import RecordStore
 from contiguouskv.common import telemetry
@@ -86,13 +87,14 @@ def config_from_args(args: argparse.Namespace) -> CacheServerConfig:
 
 
 def _build_server(config: CacheServerConfig, store: RecordStore, cache: DramCache, read_pool: ThreadPoolExecutor,
-                  access: AccessInterceptor | None, helpers: ReadProcesses | None) -> ServerLifecycle:
+                  access: AccessInterceptor | None, helpers: ReadProcesses | None,
+                  planes: PlaneServer | None) -> ServerLifecycle:
     """The gRPC server with the cache, health and reflection services (access checks last, so
     tracing sees refused calls)."""
     interceptors = telemetry.server_interceptors() + ([access] if access is not None else [])
     server = grpc.aio.server(options=channel_options(config.max_message_bytes), interceptors=interceptors or None)
     servicer = CacheServicer(store, read_pool, config.max_batch_bytes, cache,
-                             config.max_inflight_bytes, helpers)
+                             config.max_inflight_bytes, helpers, planes)
     add_cache_service(servicer, server)
     return ServerLifecycle(server, [SERVICE_NAME])
 
@@ -116,9 +118,12 @@ async def serve(config: CacheServerConfig, ready: Callable[[int], None] | None =
                                    (lambda: dict(access.refusals)) if access is not None else dict)
         metrics = start_metrics_server(config.host, config.metrics_port, collector)
     helpers = await _start_helpers(config)
+    planes = PlaneServer(config.shm_socket, store.counters) if config.shm_socket else None
     try:
+        if planes is not None:
+            planes.start()
         with ThreadPoolExecutor(config.read_threads, thread_name_prefix="ckv-read") as read_pool:
-            lifecycle = _build_server(config, store, cache, read_pool, access, helpers)
+            lifecycle = _build_server(config, store, cache, read_pool, access, helpers, planes)
             credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
             port = await lifecycle.start(config.host, config.port, config.port_file, "cache server", credentials,
                                          config.health_port)
@@ -131,6 +136,8 @@ async def serve(config: CacheServerConfig, ready: Callable[[int], None] | None =
             metrics.server_close()
         if helpers is not None:
             helpers.close()
+        if planes is not None:
+            planes.close()
 
 
 HELPER_SLOTS = 32  # batches read by helpers at once, over all streams (more wait for the read pool)

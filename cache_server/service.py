@@ -14,7 +14,7 @@ import functools
 import inspect
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any, TypeVar, cast
 
@@ -35,6 +35,7 @@ from contiguouskv.cache_server.fetch import (
 from contiguouskv.cache_server.keys import ObjectKey
 from contiguouskv.cache_server.manifest import Manifest
 from contiguouskv.cache_server.reader import ObjectReader
+from contiguouskv.cache_server.shm_plane import PlaneServer, PlaneStream
 from contiguouskv.cache_server.store import RecordStore
 from contiguouskv.common.fetch_wire import serialize_fetch_response
 from contiguouskv.common.status import status_details
@@ -100,6 +101,16 @@ def _rpc(method: F) -> F:
     return cast(F, unary)
 
 
+@contextlib.contextmanager
+def _closing(plane: PlaneStream | None) -> Iterator[None]:
+    """Close a Fetch call's plane stream when the call ends (its sent slots stay the client's)."""
+    try:
+        yield
+    finally:
+        if plane is not None:
+            plane.close()
+
+
 def _close_opened(opening: asyncio.Future[ObjectReader]) -> None:
     if not opening.cancelled() and opening.exception() is None:
         opening.result().close()
@@ -132,8 +143,9 @@ class CacheServicer:
     def __init__(self, store: RecordStore, read_pool: Executor, max_batch_bytes: int,
                  cache: DramCache | None = None,
                  max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES,
-                 helpers: ReadProcesses | None = None) -> None:
+                 helpers: ReadProcesses | None = None, planes: PlaneServer | None = None) -> None:
         self._store = store
+        self._planes = planes
         self._helpers = helpers
         self._read_pool = read_pool
         self._max_batch_bytes = max_batch_bytes
@@ -203,7 +215,11 @@ class CacheServicer:
         key = ObjectKey(first.open.prefix_id, first.open.layout)
         wanted = first.open.max_batch_bytes
         batch_bytes = min(wanted, self._max_batch_bytes) if wanted else self._max_batch_bytes
-        with await self._open(key) as reader:
+        plane = None  # a co-located client's shared memory, when it names a plane this server has
+        if first.open.shm_plane and self._planes is not None:
+            found = self._planes.find(first.open.shm_plane)
+            plane = found.open_stream(first.open.shm_stream) if found is not None else None
+        with await self._open(key) as reader, _closing(plane):
             assembler = BatchAssembler(reader, self._cache, self._buffers, self._store.counters)
             session = FetchSession(
                 reader,
@@ -214,6 +230,7 @@ class CacheServicer:
                 max_read_bytes=DISK_BYTES_PER_PAYLOAD_BYTE * self._max_batch_bytes,
                 max_inflight_bytes=self._max_inflight_bytes,
                 helpers=self._helpers,
+                plane=plane,
             )
             feeder = asyncio.create_task(_feed(request_iterator, session))
             try:
@@ -277,7 +294,7 @@ STATS_FIELDS = (
     "checksum_failures", "dram_hits", "dram_misses", "dram_evictions", "bytes_served_from_dram",
     "records_requested", "bytes_requested", "bytes_requested_from_disk", "disk_reads",
     "buffered_reads", "fetch_requests_failed", "inflight_streams", "inflight_reads",
-    "inflight_bytes",
+    "inflight_bytes", "shm_planes", "shm_slots_lent", "bytes_served_shm",
 )
 
 

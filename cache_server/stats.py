@@ -27,11 +27,14 @@ COUNTER_NAMES = (
     "dram_misses",
     "dram_evictions",
     "dram_rejections",  # records the policy did not admit
+    "bytes_served_shm",  # of bytes_served, those placed in a client's shared memory (descriptors sent)
 )
 GAUGE_NAMES = (
     "inflight_streams",
     "inflight_reads",  # batch reads running on the read pool
     "inflight_bytes",  # payload bytes held by Fetch streams (being read, or waiting to be sent)
+    "shm_planes",  # shared-memory planes open (co-located clients)
+    "shm_slots_lent",  # slots of those planes written or held by their clients
 )
 # Upper bounds (seconds) of the read-latency histogram; one batch read = one observation.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)

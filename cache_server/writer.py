@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from contiguouskv.cache_server.checksum import crc32
+from contiguouskv.common.checksum import crc32
 from contiguouskv.cache_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from contiguouskv.cache_server.keys import ObjectKey
 from contiguouskv.cache_server.manifest import Manifest, RegionLayout, data_size, pack_checksums

@@ -6,7 +6,7 @@ import zlib
 
 from hypothesis import given, strategies as st
 
-from contiguouskv.cache_server import checksum
+from contiguouskv.common import checksum
 
 
 @given(st.binary(max_size=70_000), st.integers(0, 4096))

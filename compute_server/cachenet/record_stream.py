@@ -13,6 +13,7 @@ from typing import Protocol, cast
 import grpc
 
 from contiguouskv.common.fetch_wire import FetchBatch
+from contiguouskv.compute_server.cachenet.shm_plane import PlaneError, PlaneStreamState
 from contiguouskv.compute_server.errors import ComputeError
 from contiguouskv.v1 import cache_pb2
 
@@ -55,19 +56,33 @@ class FetchStream(Protocol):
 
 
 class RecordStream:
-    """One open Fetch call to one shard."""
+    """One open Fetch call to one shard.
 
-    def __init__(self, address: str, call: grpc.aio.StreamStreamCall) -> None:
+    With ``plane`` (a co-located cache server's shared-memory plane, :mod:`.shm_plane`) the stream
+    asks for records as descriptors into shared memory; batches that arrive so are checked and leased
+    (:meth:`.shm_plane.PlaneStreamState.receive`). Batches may still come as bytes: from a server
+    that does not know the plane (not the co-located one), or when every slot is in use.
+    """
+
+    def __init__(self, address: str, call: grpc.aio.StreamStreamCall, plane: PlaneStreamState | None = None) -> None:
         self._address = address
         self._call = call
+        self._plane = plane
 
     @property
     def address(self) -> str:
         return self._address
 
+    @property
+    def plane(self) -> PlaneStreamState | None:
+        """The stream's shared-memory bookkeeping (``None``: bytes over gRPC only)."""
+        return self._plane
+
     async def open(self, prefix_id: str, layout: str, batch_bytes: int) -> None:
-        await self._write(cache_pb2.FetchRequest(
-            open=cache_pb2.FetchOpen(prefix_id=prefix_id, layout=layout, max_batch_bytes=batch_bytes)))
+        plane = self._plane
+        await self._write(cache_pb2.FetchRequest(open=cache_pb2.FetchOpen(
+            prefix_id=prefix_id, layout=layout, max_batch_bytes=batch_bytes,
+            shm_plane=plane.plane.id if plane is not None else "", shm_stream=plane.id if plane is not None else 0)))
 
     async def read(self, tag: int, region: str, indices: Sequence[int], priority: int = 0) -> None:
         await self._write(cache_pb2.FetchRequest(
@@ -82,12 +97,29 @@ class RecordStream:
                 message = await self._call.read()
                 if message is grpc.aio.EOF:
                     return
-                yield cast(FetchBatch, message)  # the call's deserializer is decode_fetch_response
+                yield self._checked(cast(FetchBatch, message))  # deserializer: decode_fetch_response
         except grpc.aio.AioRpcError as err:
             raise cache_error(self._address, err) from err
+        finally:
+            if self._plane is not None:
+                self._plane.finish()
+
+    def _checked(self, batch: FetchBatch) -> FetchBatch:
+        """A batch whose ``data`` may be used: shared-memory descriptors resolved and checked."""
+        if batch.shm is not None:
+            if self._plane is None:
+                raise ComputeError(f"cache server {self._address}: a shared-memory descriptor on a stream "
+                                   f"without a plane", code="INTERNAL")
+            try:
+                return self._plane.receive(batch)
+            except PlaneError as exc:
+                raise ComputeError(f"cache server {self._address}: {exc}", code="DATA_LOSS") from None
+        return batch
 
     async def close(self) -> None:
         self._call.cancel()
+        if self._plane is not None:
+            self._plane.finish()
 
     def can_fail_over(self, error: ComputeError) -> bool:
         return False

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from contiguouskv.common.fetch_wire import FetchBatch
+from contiguouskv.common.fetch_wire import FetchBatch, Lease
 from contiguouskv.compute_server.cachenet.record_stream import FetchStream
 from contiguouskv.compute_server.errors import ComputeError
 from contiguouskv.compute_server.kvio.pump import FetchPump
@@ -42,6 +42,19 @@ class _Blob:
     future: Future[Records]
     category: str
     parts: Records = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _SharedLease:
+    """A batch's shared-memory lease, split over the layers whose records it holds."""
+
+    lease: Lease
+    layers: int
+
+    def drop(self) -> bool:
+        """One layer is done with it (caller holds the loader's lock); True when none is left."""
+        self.layers -= 1
+        return self.layers == 0
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,7 @@ class KVLoader:
         self._staged: dict[int, _Staged] = {}
         self._pinned: list[torch.Tensor] = []  # host sources of in-flight device copies
         self._blobs: dict[int, _Blob] = {}
+        self._leases: dict[int, list[_SharedLease]] = {}  # layer -> shared memory under its records
         self._tags = itertools.count(1)
         self._error: BaseException | None = None
         self.bytes_by_category: dict[str, int] = {}
@@ -148,6 +162,16 @@ class KVLoader:
             await self._pump.run()
         finally:
             self._fail(ComputeError("request cancelled: its fetch stream was closed", code="CANCELLED"))
+            self._release_leases()
+
+    def _release_leases(self) -> None:
+        """Give back every shared-memory slot still held (the request is over; views die with it)."""
+        with self._cond:
+            leases = {id(s): s for group in self._leases.values() for s in group}
+            self._leases.clear()
+            self._arrived.clear()
+        for shared in leases.values():
+            shared.lease.release()
 
     def _on_batch(self, batch: FetchBatch) -> None:
         data = batch.data
@@ -159,6 +183,8 @@ class KVLoader:
             return  # an empty "done"/"cancelled" marker
         records = self.codec.kv_records(batch.region, batch.indices, memoryview(data))
         if records is None:
+            if batch.lease is not None:
+                batch.lease.release()
             return  # a late record of a cancelled blob request
         self.bytes_by_category["kv"] = self.bytes_by_category.get("kv", 0) + len(data)
         size = len(data) // len(records)
@@ -170,6 +196,10 @@ class KVLoader:
                 layers.add(layer)
             self._held += size * len(records)
             self.kv_records_received += len(records)
+            if batch.lease is not None:  # shared memory under the views: free once each layer is done
+                shared = _SharedLease(batch.lease, len(layers))
+                for layer in layers:
+                    self._leases.setdefault(layer, []).append(shared)
             for layer in layers:
                 self._maybe_stage(layer)
             self._cond.notify_all()
@@ -178,7 +208,11 @@ class KVLoader:
         count, data = len(batch.indices), batch.data
         self.bytes_by_category[blob.category] = self.bytes_by_category.get(blob.category, 0) + len(data)
         size = len(data) // max(1, count)
-        blob.parts += [data[i * size : (i + 1) * size] for i in range(count)]
+        if batch.lease is not None:  # blobs outlive the request (ident cache): copied out of shared memory
+            blob.parts += [memoryview(bytes(data[i * size : (i + 1) * size])) for i in range(count)]
+            batch.lease.release()
+        else:
+            blob.parts += [data[i * size : (i + 1) * size] for i in range(count)]
         if batch.done:
             with self._cond:
                 self._blobs.pop(tag, None)
@@ -285,6 +319,9 @@ class KVLoader:
             self._staged.pop(layer, None)
             self._staging.discard(layer)
             self._held -= self._held_by_layer.pop(layer, 0)
+            done = [s for s in self._leases.pop(layer, []) if s.drop()]
+        for shared in done:
+            shared.lease.release()
         self._pump.room_made()
 
     @property

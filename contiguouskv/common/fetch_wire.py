@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Protocol
 
 from contiguouskv.v1 import cache_pb2 as pb
 
@@ -60,6 +61,13 @@ def encode_fetch_response(
     return b"".join((prefix, *payloads)), len(prefix)
 
 
+def encode_fetch_descriptor(tag: int, region: str, indices: Sequence[int], done: bool, slot: int, length: int,
+                            crcs: bytes) -> bytes:
+    """A serialized ``FetchResponse`` whose payloads lie in shared-memory ``slot`` (``ShmSlice``)."""
+    return pb.FetchResponse(tag=tag, region=region, indices=indices, done=done,
+                            shm=pb.ShmSlice(slot=slot, offset=0, length=length, crc32=crcs)).SerializeToString()
+
+
 def serialize_fetch_response(message: bytes | pb.FetchResponse) -> bytes:
     """gRPC response serializer of Fetch: prebuilt bytes pass through, messages are serialized."""
     if isinstance(message, bytes):
@@ -67,9 +75,29 @@ def serialize_fetch_response(message: bytes | pb.FetchResponse) -> bytes:
     return message.SerializeToString()
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShmRef:
+    """Where a batch's payloads lie in the receiver's shared buffer (``ShmSlice``)."""
+
+    slot: int
+    offset: int
+    length: int
+    crcs: bytes  # one little-endian CRC-32 per record
+
+
+class Lease(Protocol):
+    """A hold on the shared memory under a batch's ``data``: give it back once the records are used."""
+
+    def release(self) -> None: ...
+
+
 @dataclasses.dataclass(slots=True)
 class FetchBatch:
-    """A decoded ``FetchResponse``; ``data`` is a read-only view into the received bytes."""
+    """A decoded ``FetchResponse``; ``data`` is a read-only view into the received bytes.
+
+    On a shared-memory stream ``shm`` says where the payloads are; the stream then points ``data``
+    at them (checked) and sets ``lease``, which whoever keeps ``data`` releases when done with it.
+    """
 
     tag: int
     region: str
@@ -79,6 +107,8 @@ class FetchBatch:
     cancelled: bool
     error_code: int
     error_message: str
+    shm: ShmRef | None = None
+    lease: Lease | None = None
 
 
 def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
@@ -124,5 +154,6 @@ def decode_fetch_response(raw: bytes) -> FetchBatch:
     if pos != end:
         raise ValueError("malformed FetchResponse: truncated")
     m = pb.FetchResponse.FromString(b"".join(header))
+    shm = ShmRef(m.shm.slot, m.shm.offset, m.shm.length, m.shm.crc32) if m.HasField("shm") else None
     return FetchBatch(m.tag, m.region, list(m.indices), data, m.done, m.cancelled, m.error_code,
-                      m.error_message)
+                      m.error_message, shm)

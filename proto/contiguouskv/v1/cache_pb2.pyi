@@ -281,20 +281,31 @@ class FetchOpen(_message.Message):
     PREFIX_ID_FIELD_NUMBER: _builtins.int
     LAYOUT_FIELD_NUMBER: _builtins.int
     MAX_BATCH_BYTES_FIELD_NUMBER: _builtins.int
+    SHM_PLANE_FIELD_NUMBER: _builtins.int
+    SHM_STREAM_FIELD_NUMBER: _builtins.int
     prefix_id: _builtins.str
     layout: _builtins.str
     max_batch_bytes: _builtins.int
     """Upper bound of payload bytes per response message; 0 = server default (about 1 MiB)."""
+    shm_plane: _builtins.str
+    """Shared-memory data plane (co-located compute and cache server, docs/storage.md): the plane id
+    the server's Unix socket gave this client, and a stream id unique among the client's open
+    streams on that plane. With a plane the server known, records come as ShmSlice descriptors into
+    the client's shared buffer instead of bytes in `data`; an unknown plane falls back to bytes.
+    """
+    shm_stream: _builtins.int
     def __init__(
         self,
         *,
         prefix_id: _builtins.str = ...,
         layout: _builtins.str = ...,
         max_batch_bytes: _builtins.int = ...,
+        shm_plane: _builtins.str = ...,
+        shm_stream: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout", "max_batch_bytes", b"max_batch_bytes", "prefix_id", b"prefix_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout", "max_batch_bytes", b"max_batch_bytes", "prefix_id", b"prefix_id", "shm_plane", b"shm_plane", "shm_stream", b"shm_stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -402,6 +413,7 @@ class FetchResponse(_message.Message):
     CANCELLED_FIELD_NUMBER: _builtins.int
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    SHM_FIELD_NUMBER: _builtins.int
     tag: _builtins.int
     region: _builtins.str
     data: _builtins.bytes
@@ -417,6 +429,10 @@ class FetchResponse(_message.Message):
     def indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Record indices of this batch, in the order of the payloads in data."""
 
+    @_builtins.property
+    def shm(self) -> Global___ShmSlice:
+        """Set instead of data when the stream runs on a shared-memory plane: where the payloads are."""
+
     def __init__(
         self,
         *,
@@ -428,14 +444,48 @@ class FetchResponse(_message.Message):
         cancelled: _builtins.bool = ...,
         error_code: _builtins.int = ...,
         error_message: _builtins.str = ...,
+        shm: Global___ShmSlice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shm", b"shm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "data", b"data", "done", b"done", "error_code", b"error_code", "error_message", b"error_message", "indices", b"indices", "region", b"region", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "data", b"data", "done", b"done", "error_code", b"error_code", "error_message", b"error_message", "indices", b"indices", "region", b"region", "shm", b"shm", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FetchResponse: _TypeAlias = FetchResponse  # noqa: Y015
+
+@_typing.final
+class ShmSlice(_message.Message):
+    """ShmSlice locates a batch's payloads (each record_size bytes, in the order of indices) in one slot
+    of the client's shared buffer. The slot is the client's to read until it releases it over the
+    plane's socket; crc32 holds each record's CRC-32 (little-endian uint32s, as in the manifest).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOT_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    CRC32_FIELD_NUMBER: _builtins.int
+    slot: _builtins.int
+    offset: _builtins.int
+    length: _builtins.int
+    crc32: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        slot: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+        crc32: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32", b"crc32", "length", b"length", "offset", b"offset", "slot", b"slot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShmSlice: _TypeAlias = ShmSlice  # noqa: Y015
 
 @_typing.final
 class DeletePrefixRequest(_message.Message):
@@ -575,6 +625,9 @@ class GetStatsResponse(_message.Message):
     INFLIGHT_STREAMS_FIELD_NUMBER: _builtins.int
     INFLIGHT_READS_FIELD_NUMBER: _builtins.int
     INFLIGHT_BYTES_FIELD_NUMBER: _builtins.int
+    SHM_PLANES_FIELD_NUMBER: _builtins.int
+    SHM_SLOTS_LENT_FIELD_NUMBER: _builtins.int
+    BYTES_SERVED_SHM_FIELD_NUMBER: _builtins.int
     objects: _builtins.int
     stored_bytes: _builtins.int
     bytes_read_from_disk: _builtins.int
@@ -608,6 +661,12 @@ class GetStatsResponse(_message.Message):
     """Now: open Fetch streams, batch reads running, record bytes held by streams."""
     inflight_reads: _builtins.int
     inflight_bytes: _builtins.int
+    shm_planes: _builtins.int
+    """Shared-memory data plane: planes open now, slots lent to clients now, payload bytes served as
+    ShmSlice descriptors (also counted in bytes_served).
+    """
+    shm_slots_lent: _builtins.int
+    bytes_served_shm: _builtins.int
     def __init__(
         self,
         *,
@@ -635,10 +694,13 @@ class GetStatsResponse(_message.Message):
         inflight_streams: _builtins.int = ...,
         inflight_reads: _builtins.int = ...,
         inflight_bytes: _builtins.int = ...,
+        shm_planes: _builtins.int = ...,
+        shm_slots_lent: _builtins.int = ...,
+        bytes_served_shm: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffered_reads", b"buffered_reads", "bytes_read_from_disk", b"bytes_read_from_disk", "bytes_requested", b"bytes_requested", "bytes_requested_from_disk", b"bytes_requested_from_disk", "bytes_served", b"bytes_served", "bytes_served_from_dram", b"bytes_served_from_dram", "cache_policy", b"cache_policy", "checksum_failures", b"checksum_failures", "direct_io", b"direct_io", "disk_reads", b"disk_reads", "dram_budget_bytes", b"dram_budget_bytes", "dram_bytes", b"dram_bytes", "dram_evictions", b"dram_evictions", "dram_hits", b"dram_hits", "dram_misses", b"dram_misses", "fetch_requests_failed", b"fetch_requests_failed", "fetch_streams_total", b"fetch_streams_total", "inflight_bytes", b"inflight_bytes", "inflight_reads", b"inflight_reads", "inflight_streams", b"inflight_streams", "objects", b"objects", "records_requested", b"records_requested", "records_served", b"records_served", "stored_bytes", b"stored_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffered_reads", b"buffered_reads", "bytes_read_from_disk", b"bytes_read_from_disk", "bytes_requested", b"bytes_requested", "bytes_requested_from_disk", b"bytes_requested_from_disk", "bytes_served", b"bytes_served", "bytes_served_from_dram", b"bytes_served_from_dram", "bytes_served_shm", b"bytes_served_shm", "cache_policy", b"cache_policy", "checksum_failures", b"checksum_failures", "direct_io", b"direct_io", "disk_reads", b"disk_reads", "dram_budget_bytes", b"dram_budget_bytes", "dram_bytes", b"dram_bytes", "dram_evictions", b"dram_evictions", "dram_hits", b"dram_hits", "dram_misses", b"dram_misses", "fetch_requests_failed", b"fetch_requests_failed", "fetch_streams_total", b"fetch_streams_total", "inflight_bytes", b"inflight_bytes", "inflight_reads", b"inflight_reads", "inflight_streams", b"inflight_streams", "objects", b"objects", "records_requested", b"records_requested", "records_served", b"records_served", "shm_planes", b"shm_planes", "shm_slots_lent", b"shm_slots_lent", "stored_bytes", b"stored_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
