@@ -4,8 +4,10 @@ Each overlay is rendered with ``kubectl kustomize``; every rendered object must 
 ``kubernetes-validate --strict``; YAML must be yamllint-clean. Beyond the schemas, the manifests must
 agree with the code: every flag parses with the real CLI, every ``CKV_*`` variable names a config
 field, the resolved config validates and matches the ports, probes and volumes around it, and the
-compute servers list exactly the cache StatefulSet's pods. Only a missing ``kubectl`` (part of the
-machine image, not pip-installable) skips; missing Python tools fail with the install command.
+compute servers list exactly the cache StatefulSet's pods. The ``colocated`` overlay runs both servers
+in the cache pods, sharing a memory-backed socket directory; the checks find each server by its
+container name wherever it runs. Only a missing ``kubectl`` (part of the machine image, not
+pip-installable) skips; missing Python tools fail with the install command.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -35,7 +37,15 @@ from contiguouskv.compute_server.config import ComputeServerConfig
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
 DOCKER = REPO / "deploy" / "docker"
-OVERLAYS = ("dev", "prod")
+OVERLAYS = ("dev", "prod", "colocated")
+# Overlays that turn on TLS and bearer tokens on every server.
+SECURED_OVERLAYS = ("prod", "colocated")
+# The workload, (kind, name), whose pods run each server in each overlay.
+WORKLOADS = {
+    "dev": {"cache": ("StatefulSet", "cache"), "compute": ("Deployment", "compute")},
+    "prod": {"cache": ("StatefulSet", "cache"), "compute": ("Deployment", "compute")},
+    "colocated": {"cache": ("StatefulSet", "cache"), "compute": ("StatefulSet", "cache")},
+}
 DEV_TOOLS_INSTALL = "pip install kubernetes-validate==1.37.0 yamllint==1.38.0 (the `dev` extra)"
 GPU = "nvidia.com/gpu"
 # Kinds without a Kubernetes schema that kubernetes-validate may only warn about.
@@ -49,19 +59,17 @@ CACHE_MEMORY_HEADROOM = 512 << 20
 
 @dataclasses.dataclass(frozen=True)
 class Service:
-    """One of our two servers as deployed: its workload, CLI subcommand, config class and image."""
+    """One of our two servers as deployed: its container (and CLI subcommand) name, config class and image."""
 
     name: str
-    kind: str
     config_cls: type
     health_service: str
     dockerfile: str
 
 
 SERVICES = {
-    "cache": Service("cache", "StatefulSet", CacheServerConfig, "contiguouskv.v1.CacheService", "cache.Dockerfile"),
-    "compute": Service("compute", "Deployment", ComputeServerConfig, "contiguouskv.v1.ComputeService",
-                       "compute.Dockerfile"),
+    "cache": Service("cache", CacheServerConfig, "contiguouskv.v1.CacheService", "cache.Dockerfile"),
+    "compute": Service("compute", ComputeServerConfig, "contiguouskv.v1.ComputeService", "compute.Dockerfile"),
 }
 # The commands a container may run, as the `contiguouskv` argv they stand for.
 COMMANDS = {("contiguouskv",): (), ("python", "-m", "contiguouskv.cache_server"): ("serve", "cache")}
@@ -105,21 +113,37 @@ def find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return hits[0]
 
 
+def pod_templates(objects: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for o in objects:
+        if o["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            yield f"{o['kind']}/{o['metadata']['name']}", o["spec"]["template"]
+
+
+def workload_of(objects: list[dict[str, Any]], service: Service) -> str:
+    """``Kind/name`` of the one workload whose pods have a container named after the server."""
+    hits = [name for name, template in pod_templates(objects)
+            if any(c["name"] == service.name for c in template["spec"]["containers"])]
+    assert len(hits) == 1, f"expected one workload with a container named {service.name!r}, found {hits}"
+    return hits[0]
+
+
 def pod_spec(objects: list[dict[str, Any]], service: Service) -> dict[str, Any]:
-    return find(objects, service.kind, service.name)["spec"]["template"]["spec"]
+    kind, name = workload_of(objects, service).split("/")
+    return find(objects, kind, name)["spec"]["template"]["spec"]
 
 
 def main_container(objects: list[dict[str, Any]], service: Service) -> dict[str, Any]:
     containers = pod_spec(objects, service)["containers"]
     hits = [c for c in containers if c["name"] == service.name]
-    assert len(hits) == 1, f"{service.kind}/{service.name} needs one container named {service.name!r}"
+    assert len(hits) == 1, f"{workload_of(objects, service)} needs one container named {service.name!r}"
     return hits[0]
 
 
-def pod_templates(objects: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
-    for o in objects:
-        if o["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
-            yield f"{o['kind']}/{o['metadata']['name']}", o["spec"]["template"]
+def run_as(pod: dict[str, Any], container: dict[str, Any]) -> tuple[int | None, int | None]:
+    """The (uid, gid) the container runs as: its own securityContext, else the pod's."""
+    pod_context, context = pod.get("securityContext", {}), container.get("securityContext", {})
+    return (context.get("runAsUser", pod_context.get("runAsUser")),
+            context.get("runAsGroup", pod_context.get("runAsGroup")))
 
 
 def plain_env(container: dict[str, Any]) -> dict[str, str]:
@@ -127,9 +151,12 @@ def plain_env(container: dict[str, Any]) -> dict[str, str]:
 
 
 def port_named(container: dict[str, Any], name: str) -> int:
+    """The container's port ``name``, or ``<container>-<name>`` where the pod holds two servers (port
+    names are unique within a pod); exactly one of the two must exist."""
     ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
-    assert name in ports, f"container {container['name']} has no port named {name!r}: {sorted(ports)}"
-    return ports[name]
+    hits = [n for n in (name, f"{container['name']}-{name}") if n in ports]
+    assert len(hits) == 1, f"container {container['name']} needs one port named {name!r} (or prefixed): {sorted(ports)}"
+    return ports[hits[0]]
 
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -233,9 +260,15 @@ def test_overlay_renders_our_workloads(overlay: str) -> None:
     objects = rendered(overlay)
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
     for expected in [("StatefulSet", "cache"), ("Service", "cache-headless"), ("PodDisruptionBudget", "cache"),
-                     ("Deployment", "compute"), ("Service", "compute"), ("Deployment", "otel-collector"),
-                     ("Service", "otel-collector")]:
+                     ("Service", "compute"), ("Deployment", "otel-collector"), ("Service", "otel-collector")]:
         assert expected in kinds, f"{overlay}: {expected} missing from the rendered overlay"
+    places = {name: workload_of(objects, service) for name, service in SERVICES.items()}
+    assert places == {name: "/".join(where) for name, where in WORKLOADS[overlay].items()}, places
+    if places["compute"] == "Deployment/compute":
+        assert ("PodDisruptionBudget", "compute") in kinds, f"{overlay}: the compute Deployment has no PDB"
+    else:
+        assert not {("Deployment", "compute"), ("PodDisruptionBudget", "compute")} & kinds, (
+            f"{overlay}: the compute servers run in {places['compute']}; a compute Deployment or PDB is left over")
     assert {o["kind"] for o in objects} >= {"ConfigMap", "Namespace"}
     namespaces = {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"}
     assert len(namespaces) == 1 and None not in namespaces, f"{overlay}: objects in {namespaces}"
@@ -275,14 +308,15 @@ def test_yaml_is_lint_clean() -> None:
     assert done.returncode == 0, f"yamllint --strict deploy/:\n{done.stdout}{done.stderr}"
 
 
-def test_monitoring_component_targets_named_metrics_ports(tmp_path: Path) -> None:
-    """The opt-in ServiceMonitors render on top of prod and each scrapes a port named on its Service."""
+@pytest.mark.parametrize("overlay", SECURED_OVERLAYS)
+def test_monitoring_component_targets_named_metrics_ports(overlay: str, tmp_path: Path) -> None:
+    """The opt-in ServiceMonitors render on top of the overlay and each scrapes a port named on its Service."""
     root = tmp_path / "with-monitoring"
     root.mkdir()
     to_k8s = os.path.relpath(K8S, root)
     (root / "kustomization.yaml").write_text(yaml.safe_dump({
         "namespace": "contiguouskv",
-        "resources": [f"{to_k8s}/overlays/prod"],
+        "resources": [f"{to_k8s}/overlays/{overlay}"],
         "components": [f"{to_k8s}/components/monitoring"],
     }))
     text = kustomize(root)
@@ -389,16 +423,38 @@ def test_selectors_and_target_ports_meet_pods(overlay: str) -> None:
     for name, template in templates:
         owner = next(o for o in objects if f"{o['kind']}/{o['metadata']['name']}" == name)
         assert selects(owner["spec"]["selector"]["matchLabels"], template["metadata"]["labels"]), name
+    budgets: dict[str, list[str]] = {name: [] for name, _ in templates}
     for o in objects:
         if o["kind"] not in ("Service", "PodDisruptionBudget"):
             continue
         selector = o["spec"]["selector"]
         selector = selector.get("matchLabels", selector) if o["kind"] == "PodDisruptionBudget" else selector
-        matched = [t for _, t in templates if selects(selector, t["metadata"]["labels"])]
+        matched = [(n, t) for n, t in templates if selects(selector, t["metadata"]["labels"])]
         assert len(matched) == 1, f"{o['kind']}/{o['metadata']['name']} selects {len(matched)} workloads"
-        port_names = {p["name"] for c in matched[0]["spec"]["containers"] for p in c.get("ports", [])}
+        if o["kind"] == "PodDisruptionBudget":
+            budgets[matched[0][0]].append(o["metadata"]["name"])
+            continue
+        # A Service reaches the container named after its component, even in a pod that holds two.
+        component = o["metadata"]["labels"]["app.kubernetes.io/component"]
+        containers = [c for c in matched[0][1]["spec"]["containers"] if c["name"] == component]
+        assert len(containers) == 1, f"Service/{o['metadata']['name']}: {matched[0][0]} has no container {component!r}"
+        port_names = {p["name"] for p in containers[0].get("ports", [])}
         for port in o["spec"].get("ports", []):
-            assert port["targetPort"] in port_names, f"Service/{o['metadata']['name']}: {port['targetPort']}"
+            assert port["targetPort"] in port_names, (
+                f"Service/{o['metadata']['name']}: {port['targetPort']} is not a port of container {component}")
+    for name, names in budgets.items():
+        assert len(names) <= 1, f"{name} is under PodDisruptionBudgets {names}: the eviction API refuses such pods"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ports_are_unique_within_each_pod(overlay: str) -> None:
+    """Containers of a pod share its network namespace: no two may declare one port number or name."""
+    for name, template in pod_templates(rendered(overlay)):
+        ports = [p for c in template["spec"]["containers"] for p in c.get("ports", [])]
+        numbers = [p["containerPort"] for p in ports]
+        names = [p["name"] for p in ports if "name" in p]
+        assert len(numbers) == len(set(numbers)), f"{name}: a port number is declared twice: {sorted(numbers)}"
+        assert len(names) == len(set(names)), f"{name}: a port name is declared twice: {sorted(names)}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -416,7 +472,7 @@ def test_cache_shards_are_spread_budgeted_and_fit_their_volume(overlay: str) -> 
     size = quantity(claim["spec"]["resources"]["requests"]["storage"])
     config = json.loads(next(iter(find_config_map(objects, statefulset, "cache-config").values())))
     assert 0 < config["max_store_bytes"] <= size, f"{overlay}: max_store_bytes must be set and fit the volume"
-    if overlay == "prod":
+    if overlay != "dev":
         assert claim["spec"]["storageClassName"] == "local-nvme"
 
 
@@ -477,6 +533,59 @@ def test_prod_gives_each_compute_server_one_gpu(tmp_path: Path, monkeypatch: pyt
     assert find(objects, "Deployment", "compute")["spec"]["replicas"] >= 2
 
 
+def mount_holding(container: dict[str, Any], path: PurePosixPath) -> dict[str, Any]:
+    """The container's volume mount that ``path`` lies strictly under (the deepest, which wins)."""
+    under = [m for m in container.get("volumeMounts", [])
+             if path != PurePosixPath(m["mountPath"]) and path.is_relative_to(m["mountPath"])]
+    assert under, f"container {container['name']}: {path} is on no volume"
+    return max(under, key=lambda m: len(PurePosixPath(m["mountPath"]).parts))
+
+
+def test_colocated_servers_share_a_memory_backed_socket_volume_and_one_uid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both servers in one pod; the cache's shm_socket is the compute's, on one memory-backed volume
+    mounted at one path in both; the compute uses the plane (auto or shm); both run as one uid and gid."""
+    objects = rendered("colocated")
+    cache, compute = SERVICES["cache"], SERVICES["compute"]
+    assert workload_of(objects, cache) == workload_of(objects, compute), "the two servers run in different pods"
+    pod = pod_spec(objects, cache)
+    cache_config = resolve_config(objects, cache, tmp_path / "cache", monkeypatch)
+    compute_config = resolve_config(objects, compute, tmp_path / "compute", monkeypatch)
+    assert compute_config.data_path in ("auto", "shm"), f"compute data_path {compute_config.data_path!r}"
+    assert cache_config.shm_socket, "the cache server opens no shm_socket"
+    assert cache_config.shm_socket == compute_config.shm_socket, (cache_config.shm_socket, compute_config.shm_socket)
+    socket = PurePosixPath(cache_config.shm_socket)
+    assert socket.is_absolute(), f"shm_socket {socket} is relative to each container's working directory"
+
+    mounts = {c["name"]: mount_holding(c, socket) for c in (main_container(objects, cache),
+                                                              main_container(objects, compute))}
+    assert len({(m["name"], m["mountPath"]) for m in mounts.values()}) == 1, f"different mounts: {mounts}"
+    assert not any("subPath" in m or "subPathExpr" in m for m in mounts.values()), f"a subPath splits it: {mounts}"
+    assert not mounts["cache"].get("readOnly"), "the cache server creates the socket: its mount must be writable"
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts["cache"]["name"])
+    assert set(volume) == {"name", "emptyDir"} and volume["emptyDir"].get("medium") == "Memory", volume
+
+    ids = {name: run_as(pod, main_container(objects, SERVICES[name])) for name in SERVICES}
+    assert len(set(ids.values())) == 1, f"the socket accepts only its own uid; (uid, gid): {ids}"
+    uid, gid = ids["cache"]
+    assert uid and gid and pod["securityContext"].get("fsGroup") == gid, (uid, gid, pod["securityContext"])
+    for name in SERVICES:  # stated on each container, so a pod-level change cannot split them
+        context = main_container(objects, SERVICES[name])["securityContext"]
+        assert (context.get("runAsUser"), context.get("runAsGroup")) == (uid, gid), f"{name}: {context}"
+
+    counts = gpu_counts(objects)
+    assert [int(c) for c in counts["StatefulSet/cache/compute"]] == [1, 1], "compute: request and limit 1 GPU"
+    assert all(not c for k, c in counts.items() if k != "StatefulSet/cache/compute"), counts
+    assert compute_config.device == "cuda"
+    # The shared buffer is a memfd the compute server creates: charged to its container's memory.
+    limit = quantity(main_container(objects, compute)["resources"]["limits"]["memory"])
+    assert limit > compute_config.shm_slots * compute_config.shm_slot_bytes, "the shared buffer exceeds the limit"
+    # The compute container is added by the colocated overlay itself: its image must still be prod's.
+    prod = rendered("prod")
+    for service in SERVICES.values():
+        assert main_container(objects, service)["image"] == main_container(prod, service)["image"], service.name
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pods_run_as_the_image_user(overlay: str) -> None:
     for name, template in pod_templates(rendered(overlay)):
@@ -485,7 +594,8 @@ def test_pods_run_as_the_image_user(overlay: str) -> None:
         for container in template["spec"]["containers"]:
             assert container["securityContext"]["allowPrivilegeEscalation"] is False, name
     for service in SERVICES.values():
-        uid = pod_spec(rendered(overlay), service)["securityContext"]["runAsUser"]
+        objects = rendered(overlay)
+        uid, _ = run_as(pod_spec(objects, service), main_container(objects, service))
         assert dockerfile_user(service.dockerfile) == str(uid), f"{service.name}: image user != runAsUser"
 
 
@@ -579,7 +689,7 @@ def test_prod_turns_on_tls_and_tokens_everywhere_dev_leaves_them_off(overlay: st
     secured = [cache.tls_cert_file, cache.tls_client_ca_file, cache.auth_tokens_file, compute.tls_cert_file,
                compute.auth_tokens_file, compute.cache_tls_ca_file, compute.cache_tls_cert_file,
                compute.cache_token_file]
-    if overlay == "prod":
+    if overlay in SECURED_OVERLAYS:
         assert all(path is not None for path in secured), secured
     else:
         assert secured == [None] * len(secured)
