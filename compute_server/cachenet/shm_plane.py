@@ -121,7 +121,7 @@ class ShmPlane:
             try:
                 self._sock.send(message)
             except OSError as exc:
-                log.warning("shared-memory plane %s: %s failed (%s); the plane is closed", self.id[:8], op, exc)
+                log.warning("shared-memory plane %s: %s failed (%s); the plane is closed", self.id[:8], op, str(exc))
                 self._alive = False
                 self._sock.close()
 
@@ -164,7 +164,8 @@ class PlaneStreamState:
         expected = struct.unpack(f"<{count}I", ref.crcs)
         for k in range(count):
             if crc32_any_size(data[k * size : (k + 1) * size]) != expected[k]:
-                self._give_back(ref.slot)
+                with self._lock:  # not released: the stream fails, and its end frees the slot
+                    self._held.discard(ref.slot)
                 raise PlaneError(f"checksum mismatch in shared memory: region {batch.region!r}, "
                                  f"record {batch.indices[k]} (slot {ref.slot})")
         self.bytes_received += ref.length
