@@ -284,7 +284,8 @@ class ComputeCore:
         every wait woken however this ends. The stream is read no faster than the request may hold
         records: ``staged`` bytes (what admission reserved), or a few batches at least."""
         loop = asyncio.get_running_loop()
-        stream = await self.cache.open_stream(prefix_id, codec.name, self.config.fetch_batch_bytes)
+        stream = await self.cache.open_stream(prefix_id, codec.name, self.config.fetch_batch_bytes,
+                                              self.config.fetch_streams)
         held = max(staged, 4 * self.config.fetch_batch_bytes)
         loader = KVLoader(codec, stream, loop, self.runner.device, self._stager, max_held_bytes=held)
         io = asyncio.create_task(loader.run())

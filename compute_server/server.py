@@ -49,7 +49,9 @@ async def serve(config: ComputeServerConfig) -> int:
     token = read_token_file(config.cache_token_file) if config.cache_token_file is not None else None
     cache = CacheClient(config.cache, config.max_message_bytes, config.rpc_timeout_s,
                         config.replication, config.write_quorum, config.cache_refresh_s,
-                        tls=config.cache_tls(), token=token)
+                        tls=config.cache_tls(), token=token, data_path=config.data_path,
+                        shm_socket=config.shm_socket, shm_slots=config.shm_slots,
+                        shm_slot_bytes=config.shm_slot_bytes)
     await cache.start()
     core = ComputeCore(config, model, ModelRunner(model), cache, policies)
     interceptors, metrics = telemetry.server_interceptors(), None

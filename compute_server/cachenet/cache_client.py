@@ -23,7 +23,9 @@ from contiguouskv.common import discovery
 from contiguouskv.compute_server.errors import ComputeError, Unavailable
 from contiguouskv.compute_server.cachenet.attention import RegionScores
 from contiguouskv.compute_server.cachenet.failover import ReplicaStream
+from contiguouskv.compute_server.cachenet.multistream import MultiStream
 from contiguouskv.compute_server.cachenet.record_stream import RecordStream, cache_error
+from contiguouskv.compute_server.cachenet.shm_plane import ShmPlane
 from contiguouskv.compute_server.layouts.region import Region
 from contiguouskv.common.placement import (
     effective_replication, effective_write_quorum, rendezvous_order, replica_set,
@@ -56,7 +58,9 @@ class CacheClient:
 
     def __init__(self, addresses: Sequence[str], max_message_bytes: int, timeout_s: float,
                  replication: int = 0, write_quorum: int = 0, refresh_s: float = 30.0, *,
-                 tls: ClientTls | None = None, token: str | None = None) -> None:
+                 tls: ClientTls | None = None, token: str | None = None,
+                 data_path: str = "grpc", shm_socket: str = "", shm_slots: int = 64,
+                 shm_slot_bytes: int = 1 << 20) -> None:
         self._options = [("grpc.max_send_message_length", max_message_bytes),
                          ("grpc.max_receive_message_length", max_message_bytes), *RECONNECT_OPTIONS,
                          *BULK_RECEIVE_OPTIONS]
@@ -73,6 +77,11 @@ class CacheClient:
         self._down_until: dict[str, float] = {}
         self._background: set[asyncio.Task[object]] = set()
         self._refresher: asyncio.Task[None] | None = None
+        self._data_path = data_path if shm_socket else "grpc"
+        self._shm = (shm_socket, shm_slots, shm_slot_bytes)
+        self._plane: ShmPlane | None = None
+        self._plane_retry_at = 0.0
+        self._plane_lock = asyncio.Lock()
 
     # --- shards ----------------------------------------------------------------------------------
     @property
@@ -264,25 +273,67 @@ class CacheClient:
         except grpc.aio.AioRpcError as err:
             log.debug("attention report to %s failed: %s %s", address, err.code(), err.details())
 
-    async def open_stream(self, prefix_id: str, layout: str, batch_bytes: int) -> ReplicaStream:
-        """A Fetch stream on the first live replica that can be opened; fails over when it breaks."""
+    async def open_stream(self, prefix_id: str, layout: str, batch_bytes: int,
+                          streams: int = 1) -> ReplicaStream | MultiStream:
+        """A Fetch stream on the first live replica that can be opened; fails over when it breaks.
+
+        ``streams`` > 1: that many such streams behind one :class:`MultiStream`, stream ``k``
+        reading the replicas in read order rotated by ``k`` (:mod:`.multistream`)."""
         async def connect(address: str) -> RecordStream:
             return await self.open_stream_at(address, prefix_id, layout, batch_bytes)
 
+        if streams > 1:
+            return await MultiStream.open(prefix_id, layout, self.read_order(prefix_id), connect, streams,
+                                          self._note)
         stream = ReplicaStream(prefix_id, layout, self.read_order(prefix_id), connect, self._note)
         await stream.start()
         return stream
 
     async def open_stream_at(self, address: str, prefix_id: str, layout: str, batch_bytes: int) -> RecordStream:
-        """A Fetch stream on one shard, opened on the object."""
+        """A Fetch stream on one shard, opened on the object (on the shared-memory plane when there is one)."""
         self._stub(address)
         # Responses are parsed by the cache's raw decoder: ``data`` is a zero-copy memoryview.
         fetch = self._channels[address].stream_stream(
             FETCH_METHOD, request_serializer=cache_pb2.FetchRequest.SerializeToString,
             response_deserializer=decode_fetch_response)
-        stream = RecordStream(address, fetch(timeout=self._timeout))
-        await stream.open(prefix_id, layout, batch_bytes)
+        plane = await self._plane_now()
+        stream = RecordStream(address, fetch(timeout=self._timeout), plane.stream() if plane is not None else None)
+        try:
+            await stream.open(prefix_id, layout, batch_bytes)
+        except BaseException:
+            await stream.close()
+            raise
         return stream
+
+    @property
+    def plane(self) -> ShmPlane | None:
+        """The shared-memory plane in use now, if any."""
+        return self._plane if self._plane is not None and self._plane.alive else None
+
+    async def _plane_now(self) -> ShmPlane | None:
+        """The live plane, (re)opened if needed; ``None`` on the byte path. With ``data_path`` auto a
+        plane that cannot be opened is tried again after ``DOWN_S``; with ``shm`` it is UNAVAILABLE."""
+        if self._data_path == "grpc":
+            return None
+        async with self._plane_lock:
+            if self._plane is not None and self._plane.alive:
+                return self._plane
+            if self._plane is not None:
+                self._plane.close()
+                self._plane = None
+            if self._data_path == "auto" and time.monotonic() < self._plane_retry_at:
+                return None
+            path, slots, slot_bytes = self._shm
+            try:
+                self._plane = await asyncio.get_running_loop().run_in_executor(
+                    None, ShmPlane.connect, path, slots, slot_bytes)
+            except (OSError, ValueError) as exc:
+                self._plane_retry_at = time.monotonic() + DOWN_S
+                if self._data_path == "shm":
+                    raise Unavailable(f"shared-memory plane {path}: {exc}") from exc
+                log.info("shared-memory plane %s not available (%s); records come over gRPC", path, exc)
+                return None
+            return self._plane
 
     async def close(self) -> None:
         if self._refresher is not None:
@@ -292,3 +343,5 @@ class CacheClient:
         await asyncio.gather(*self._background, return_exceptions=True)
         for channel in self._channels.values():
             await channel.close()
+        if self._plane is not None:
+            self._plane.close()
