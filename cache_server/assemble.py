@@ -136,18 +136,21 @@ class BatchAssembler:
         finally:
             helpers.release(slot)
 
+    def lookup(self, layout: RegionLayout, indices: Sequence[int]) -> list[bytes | None]:
+        """The DRAM cache's copies of ``indices`` (``None`` where it has none); counts the accesses."""
+        return self._cache.lookup(self._object, layout.name, indices)
+
     def build_into(self, tag: int, layout: RegionLayout, indices: Sequence[int], done: bool,
-                   dest: memoryview, slot: int) -> Batch:
+                   dest: memoryview, slot: int, cached: Sequence[bytes | None]) -> Batch:
         """The batch written into a client's shared-memory slot ``dest``, and its descriptor.
 
-        Records are placed back to back in the order asked. When all of them come from disk in
+        ``cached`` is :meth:`lookup` of ``indices``, made by the caller. Records are placed back to back in the order asked. When all of them come from disk in
         ascending order and need no padding, they are read (O_DIRECT) straight into ``dest``;
         otherwise cached ones are copied from DRAM and missing ones read into the thread's buffer
         and copied. Disk reads are checked against their CRC-32 here, as for the byte path; the
         descriptor carries every record's CRC-32 for the client to check before use.
         """
         region, size, stride = layout.name, layout.record_size, layout.stride
-        cached = self._cache.lookup(self._object, region, indices)
         missing = sorted({i for i, c in zip(indices, cached) if c is None})
         in_place = (stride == size and len(missing) == len(indices)
                     and all(a < b for a, b in zip(indices, indices[1:])))

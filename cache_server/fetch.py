@@ -217,7 +217,16 @@ class FetchSession:
             self._counters.add(inflight_bytes=nbytes)
             indices = request.indices[start:stop]
             if slot is not None:
-                work = self._executor.submit(self._build_into, request, indices, done, slot)
+                cached = self._assembler.lookup(request.region, indices)
+                if all(record is not None for record in cached):  # all in DRAM: copied here, no thread hop
+                    ready: asyncio.Future[Batch] = loop.create_future()
+                    try:
+                        ready.set_result(self._build_into(request, indices, done, slot, cached))
+                    except Exception as exc:  # noqa: BLE001 - reported by _finish_read, as from a thread
+                        ready.set_exception(exc)
+                    in_flight.append(_InFlight(request, len(indices), nbytes, done, ready, slot))
+                    continue
+                work = self._executor.submit(self._build_into, request, indices, done, slot, cached)
                 in_flight.append(_InFlight(request, len(indices), nbytes, done, asyncio.wrap_future(work), slot, work))
                 continue
             future: asyncio.Future[Batch] = (
@@ -246,15 +255,17 @@ class FetchSession:
             self._counters.add(inflight_reads=-1)
             span.end()
 
-    def _build_into(self, request: _StreamRead, indices: list[int], done: bool, slot: int) -> Batch:
-        """Read pool: the batch written into shared-memory ``slot`` (:meth:`BatchAssembler.build_into`)."""
+    def _build_into(self, request: _StreamRead, indices: list[int], done: bool, slot: int,
+                    cached: list[bytes | None]) -> Batch:
+        """The batch written into shared-memory ``slot`` (:meth:`BatchAssembler.build_into`): on the read
+        pool when records must come from disk, on the event loop when ``cached`` holds them all."""
         assert self._plane is not None
         span = tracer.start(telemetry.SPAN_READ_RECORDS, {
             telemetry.ATTR_REGION: request.region.name, telemetry.ATTR_RECORDS: len(indices)}, parent=self._span)
         self._counters.add(inflight_reads=1)
         try:
             dest = self._plane.view(slot, len(indices) * request.region.record_size)
-            batch = self._assembler.build_into(request.tag, request.region, indices, done, dest, slot)
+            batch = self._assembler.build_into(request.tag, request.region, indices, done, dest, slot, cached)
             span.set_attribute(telemetry.ATTR_BYTES, batch.payload_bytes)
             return batch
         except Exception as exc:

@@ -219,6 +219,10 @@ class CacheServicer:
         if first.open.shm_plane and self._planes is not None:
             found = self._planes.find(first.open.shm_plane)
             plane = found.open_stream(first.open.shm_stream) if found is not None else None
+        inflight = self._max_inflight_bytes
+        if plane is not None:  # batches go to the client's slots, not into gRPC messages: a slot each
+            batch_bytes = min(wanted, plane.slot_bytes) if wanted else plane.slot_bytes
+            inflight = max(inflight, SHM_BATCHES_IN_FLIGHT * batch_bytes)
         with await self._open(key) as reader, _closing(plane):
             assembler = BatchAssembler(reader, self._cache, self._buffers, self._store.counters)
             session = FetchSession(
@@ -227,8 +231,8 @@ class CacheServicer:
                 self._read_pool,
                 self._store.counters,
                 max_batch_bytes=batch_bytes,
-                max_read_bytes=DISK_BYTES_PER_PAYLOAD_BYTE * self._max_batch_bytes,
-                max_inflight_bytes=self._max_inflight_bytes,
+                max_read_bytes=DISK_BYTES_PER_PAYLOAD_BYTE * max(batch_bytes, self._max_batch_bytes),
+                max_inflight_bytes=inflight,
                 helpers=self._helpers,
                 plane=plane,
             )
@@ -288,6 +292,8 @@ class CacheServicer:
             raise InvalidArgument(f"records: more than {MAX_INDICES_PER_READ} records in one report")
         return sum(self._cache.report(obj, *c) for c in checked)
 
+
+SHM_BATCHES_IN_FLIGHT = 4  # per shared-memory stream: batches being written at once
 
 STATS_FIELDS = (
     "bytes_read_from_disk", "bytes_served", "records_served", "fetch_streams_total",

@@ -63,8 +63,8 @@ class ComputeServerConfig:
     # never uses it; "shm" requires it. ``shm_slots`` x ``shm_slot_bytes`` is the shared buffer.
     data_path: str = "auto"
     shm_socket: str = ""
-    shm_slots: int = 64
-    shm_slot_bytes: int = 1 << 20
+    shm_slots: int = 32
+    shm_slot_bytes: int = 4 << 20
     # Fetch streams per request, its reads spread over them (and over the prefix's replicas).
     fetch_streams: int = 1
     rpc_timeout_s: float = 600.0
@@ -132,9 +132,6 @@ class ComputeServerConfig:
         if self.shm_slots < 2 or self.shm_slot_bytes < 4096 or self.shm_slot_bytes % 4096:
             raise ValueError(f"shm_slots/shm_slot_bytes: need >= 2 slots of a positive multiple of 4096 bytes, "
                              f"got {self.shm_slots} x {self.shm_slot_bytes}")
-        if self.shm_slot_bytes < self.fetch_batch_bytes:
-            raise ValueError(f"shm_slot_bytes: {self.shm_slot_bytes} must hold a Fetch batch "
-                             f"(fetch_batch_bytes {self.fetch_batch_bytes})")
         if not 1 <= self.fetch_streams <= 64:
             raise ValueError(f"fetch_streams: must be in [1, 64], got {self.fetch_streams}")
         if self.ident_cache_bytes < 0:

@@ -55,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="records from the cache: shared memory of a co-located cache server when "
                              "--shm-socket reaches one (auto), gRPC bytes only (grpc), or shared memory required (shm)")
     parser.add_argument("--shm-socket", help="the co-located cache server's --shm-socket (off if absent)")
-    parser.add_argument("--shm-slots", type=int, help="slots of the shared buffer (64)")
-    parser.add_argument("--shm-slot-bytes", type=int, help="bytes per slot, a multiple of 4096 (1 MiB)")
+    parser.add_argument("--shm-slots", type=int, help="slots of the shared buffer (32)")
+    parser.add_argument("--shm-slot-bytes", type=int, help="bytes per slot = largest batch on the plane, a multiple of 4096 (4 MiB)")
     parser.add_argument("--fetch-streams", type=int,
                         help="Fetch streams per request, its reads spread over them and the prefix's replicas (1)")
     parser.add_argument("--threads", type=int,

@@ -348,18 +348,31 @@ def test_bench_storage_runs_on_a_tiny_shape(tmp_path: Path) -> None:
     args = parser.parse_args(["--tokens", "512", "--layers", "4", "--group", "2", "--sub-period", "2",
                               "--kv-heads", "1", "--head-dim", "64", "--target-mb", "1",
                               "--selections", "0.25,1.0", "--workdir", str(tmp_path / "w"),
-                              "--read-threads", "2", "--rounds", "2", "--json", str(out)])
+                              "--read-threads", "2", "--rounds", "2", "--path", "grpc,shm", "--streams", "1,2",
+                              "--shm-slot-bytes", "65536", "--json", str(out)])
     assert storage.run(args) == 0
     report = json.loads(out.read_text())
     assert report["page_cache_resident_fraction"] == 0.0 and report["direct_io"]
-    assert report["rounds"] == 2
-    for row in report["selections"]:
-        assert {"raw_gbps", "grpc_gbps", "dram_gbps", "grpc_over_raw", "read_amplification"} <= set(row)
-        assert row["read_amplification"] == 1.0 and row["dram"]["dram_hits"] > 0
-        # every round read the same bytes both ways, from disk; the reported ratio is the median
-        ratios = row["grpc_over_raw_rounds"]
-        assert len(ratios) == len(row["rounds"]) == 2
-        assert row["grpc_over_raw"] == pytest.approx(sum(ratios) / 2)
-        for run in row["rounds"]:
-            assert run["raw"]["bytes"] == run["grpc"]["bytes"] > 0
-            assert run["grpc"]["read_amplification"] == 1.0 and run["grpc"]["dram_hits"] == 0
+    assert report["rounds"] == 2 and report["ways"] == ["grpc/1", "grpc/2", "shm/1", "shm/2"]
+    rows = report["rows"]
+    assert {(r["selection"], r["path"], r["source"], r["streams"]) for r in rows} == {
+        (f, p, src, n) for f in (0.25, 1.0) for p in ("grpc", "shm") for src in ("disk", "dram") for n in (1, 2)}
+    for row in rows:
+        assert {"path", "source", "streams", "gbps", "cpu_s_per_gb", "client_cpu_s_per_gb",
+                "server_cpu_s_per_gb"} <= set(row)
+        assert row["gbps"] > 0 and row["cpu_s_per_gb"] == pytest.approx(
+            row["client_cpu_s_per_gb"] + row["server_cpu_s_per_gb"])
+        # the shared-memory path really carried the records; the gRPC path never does
+        assert row["shm_fraction"] == (1.0 if row["path"] == "shm" else 0.0)
+        if row["source"] == "disk":
+            assert row["read_amplification"] == 1.0 and row["raw_gbps"] > 0
+            # every round read the same bytes every way, from disk; the reported ratio is the median
+            ratios = row["over_raw_rounds"]
+            assert len(ratios) == len(row["rounds"]) == 2
+            assert row["over_raw"] == pytest.approx(sum(ratios) / 2)
+            assert all(run["dram_hits"] == 0 for run in row["rounds"])
+            assert {run["bytes"] for run in row["rounds"]} == {r["bytes"] for r in report["raw"][str(row["selection"])]}
+        else:
+            assert row["dram_hits"] > 0
+    compares = {(c["selection"], c["source"], c["compare"]) for c in report["summary"]}
+    assert (1.0, "dram", "shm/grpc") in compares and (1.0, "dram", "2/1 streams") in compares

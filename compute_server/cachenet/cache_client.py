@@ -59,8 +59,8 @@ class CacheClient:
     def __init__(self, addresses: Sequence[str], max_message_bytes: int, timeout_s: float,
                  replication: int = 0, write_quorum: int = 0, refresh_s: float = 30.0, *,
                  tls: ClientTls | None = None, token: str | None = None,
-                 data_path: str = "grpc", shm_socket: str = "", shm_slots: int = 64,
-                 shm_slot_bytes: int = 1 << 20) -> None:
+                 data_path: str = "grpc", shm_socket: str = "", shm_slots: int = 32,
+                 shm_slot_bytes: int = 4 << 20) -> None:
         self._options = [("grpc.max_send_message_length", max_message_bytes),
                          ("grpc.max_receive_message_length", max_message_bytes), *RECONNECT_OPTIONS,
                          *BULK_RECEIVE_OPTIONS]

@@ -80,6 +80,8 @@ class RecordStream:
 
     async def open(self, prefix_id: str, layout: str, batch_bytes: int) -> None:
         plane = self._plane
+        if plane is not None:  # a batch fills at most one slot; bigger batches, fewer messages
+            batch_bytes = plane.plane.slot_bytes
         await self._write(cache_pb2.FetchRequest(open=cache_pb2.FetchOpen(
             prefix_id=prefix_id, layout=layout, max_batch_bytes=batch_bytes,
             shm_plane=plane.plane.id if plane is not None else "", shm_stream=plane.id if plane is not None else 0)))

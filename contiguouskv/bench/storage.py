@@ -1,25 +1,34 @@
-"""``contiguouskv bench storage``: the storage node's read path, from disk, through gRPC, from DRAM.
+"""``contiguouskv bench storage``: the storage node's read path, from disk and from DRAM, over each data path.
 
 One run writes a prefix-sized object of random records in the ``contiguous`` layout's shape
 (default ``kvheavy``: 16K tokens, 16-token chunks, 28 layers in groups of 8, 4 KV heads of 128
 dims, bf16, so one record = one chunk at one layer = 32 KiB and a sub-period of 4 layers = one
 128 KiB coalesced read), drops it from the page cache and checks that none of it is resident, then
-reads random selections of chunks (default 5, 10, 25 and 100 %) three ways:
+reads random selections of chunks (default 5, 10, 25 and 100 %) several ways:
 
-(a) ``raw``: the server's own read path (fetch session, batch assembler, read pool) in this process;
-(b) ``grpc``: a cache server process, read over a Fetch stream by a separate client process;
-(c) ``dram``: a second cache server whose DRAM cache holds the selection (read once to warm it).
+- ``raw``: the server's own read path (fetch session, batch assembler, read helpers) in this
+  process, the ceiling of what the disk gives the server;
+- for each ``--path`` (``grpc``: record bytes in Fetch responses; ``shm``: the shared-memory plane
+  of a co-located server, only descriptors over gRPC; ``auto``: shm where the plane opens) and each
+  ``--streams`` count: a cache server process read by a separate client process over that many
+  Fetch streams, from disk (``source`` disk) and from a warm DRAM cache (``source`` dram).
+
+The client does what the compute server does with what arrives: on the shared-memory path it checks
+every record's CRC-32 against the descriptor before counting it (records usable by the model), then
+releases the slot. CPU seconds per GB are counted on both sides (client process; server process and
+its read helpers, from ``/proc``) over the timed reads only.
 
 A selection asks, like the compute server, one Fetch read per (group, sub-period): the chunk-major
 records of the chosen chunks at that sub-period's layers, all reads of one selection at once.
 
-The machine is shared and noisy, so (a) and (b) are measured side by side in ``--rounds`` rounds
-(default 5): each round reads fresh random selections both ways, one right after the other,
-alternating which way goes first. A round's ratio grpc/raw compares two reads of the same bytes made
-under the same conditions; the report gives each way's round of median GB/s and the median
-of the rounds' ratios (``grpc_over_raw``), with every round's values in the JSON. It prints GB/s,
-records/s, p50/p99 latency per read and grpc/raw; ``--json FILE`` writes the same.
-No torch: records are random bytes.
+The machine is shared and noisy, so the disk ways are measured side by side in ``--rounds`` rounds
+(default 3): each round reads fresh random selections every way, one right after the other,
+rotating which goes first. A round's ratio way/raw compares reads of the same bytes made under the
+same conditions; each row gives its way's round of median GB/s and the median of the rounds' ratios
+(``over_raw``), with every round's values in the JSON. ``--json FILE`` writes one row per (selection,
+path, source, streams) with ``gbps``, ``raw_gbps`` (disk rows), ``over_raw``, ``cpu_s_per_gb``
+(both sides), ``client_cpu_s_per_gb``, ``server_cpu_s_per_gb``, ``records_per_s``, ``p50_ms``,
+``p99_ms``, and a summary of the side-by-side ratios. No torch: records are random bytes.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import json
 import math
 import mmap
@@ -38,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -55,6 +65,7 @@ from contiguouskv.cache_server.server import HELPER_SLOTS
 from contiguouskv.cache_server.store import RecordStore
 from contiguouskv.common.fetch_wire import BULK_RECEIVE_OPTIONS, decode_fetch_response
 from contiguouskv.common.malloc import keep_freed_buffers
+from contiguouskv.compute_server.cachenet.shm_plane import PlaneStreamState, ShmPlane
 from contiguouskv.common.serving import run_async
 from contiguouskv.v1 import cache_pb2 as pb
 from contiguouskv.v1 import cache_pb2_grpc
@@ -81,12 +92,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--read-threads", type=int, default=16, help="server read threads (16)")
     a("--read-processes", type=int, default=1,
       help="helper processes making the reads, sharing the read threads (1; 0 = in-process threads)")
-    a("--streams", type=int, default=1, help="Fetch streams of the gRPC client, reads spread over them")
+    a("--path", default="grpc,shm",
+      help="data paths to measure, comma-separated: grpc, shm (co-located shared memory), auto (grpc,shm)")
+    a("--streams", default="1,4", help="Fetch streams per client, comma-separated counts, reads spread over them (1,4)")
+    a("--shm-slots", type=int, default=32, help="slots of the client's shared buffer (32)")
+    a("--shm-slot-bytes", type=int, default=4 << 20,
+      help="bytes per slot, the shared-memory path's batch size (4 MiB, the compute server's default)")
     a("--decoder", choices=("raw", "protobuf"), default="raw",
       help="client parsing of Fetch responses (raw: zero-copy payload view)")
     a("--workdir", type=Path, help="where to write the object (a temp dir on this disk by default)")
-    a("--rounds", type=int, default=5,
-      help="rounds of raw and gRPC reads side by side (5); medians are reported")
+    a("--rounds", type=int, default=3,
+      help="rounds of every disk way side by side (3); medians are reported")
     a("--seed", type=int, default=0, help="random seed of the selections (default 0)")
     a("--json", type=Path, help="also write the results to this file")
 
@@ -98,37 +114,56 @@ def run(args: argparse.Namespace) -> int:
     keep_freed_buffers(os.environ)  # the raw way gets the servers' malloc settings too
     shape = _shape(args)
     fractions = [float(f) for f in args.selections.split(",")]
+    ways = _ways(args)
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="ckv-bench-", dir=os.getcwd())))
         root = Path(workdir) / "store"
+        # a short path: Unix socket paths are limited to ~100 bytes, wherever the workdir is
+        socket_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ckv-shm-")))
         data_path = _write_object(root, shape, args.seed)
         resident = _drop_from_page_cache(data_path)
         print(f"object: {shape['records']} records of {shape['record_size']} B "
               f"({shape['records'] * shape['record_size'] / 1e9:.2f} GB) at {data_path}; "
               f"page-cache resident after drop: {resident:.1%}")
         rounds: dict[float, list[dict]] = {f: [] for f in fractions}
-        with _server(root, args, dram_bytes=0) as address:
+        with _server(root, args, 0, socket_dir / "disk.sock") as server:
             for r in range(args.rounds):
                 for f in fractions:
                     plans = _plans(shape, f, args, r)
-                    order = ("raw", "grpc") if r % 2 == 0 else ("grpc", "raw")
+                    order = ["raw", *ways]
+                    order = order[r % len(order):] + order[: r % len(order)]
                     rounds[f].append({way: asyncio.run(_read_raw(root, plans, args)) if way == "raw"
-                                      else _read_grpc_process(address, plans, args, warm=False)
+                                      else _read_client_process(server, plans, args, way, warm=False)
                                       for way in order})
-        dram = {}
-        with _server(root, args, dram_bytes=shape["records"] * shape["record_size"] * 2) as address:
+        dram: dict[float, dict] = {}
+        with _server(root, args, shape["records"] * shape["record_size"] * 2, socket_dir / "dram.sock") as server:
             for f in fractions:
-                dram[f] = _read_grpc_process(address, _plans(shape, f, args, 0), args, warm=True)
+                plans = _plans(shape, f, args, 0)
+                dram[f] = {way: _read_client_process(server, plans, args, way, warm=True) for way in ways}
         # O_DIRECT reads leave no page of the file in the page cache: none after every way ran
-        # proves that raw and grpc both read from the disk (the dram way's warm-up too).
+        # proves that every disk way read from the disk (the dram ways' warm-up too).
         resident_after = _resident(data_path)
-        report = _report(shape, resident, fractions, rounds, dram)
+        report = _report(shape, resident, fractions, ways, rounds, dram)
         report["page_cache_resident_after"] = resident_after
     _print(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0 if report["direct_io"] and resident == 0.0 and resident_after == 0.0 else 1
+
+
+def _ways(args: argparse.Namespace) -> list[str]:
+    """The client ways, ``PATH/STREAMS`` (e.g. ``grpc/1``, ``shm/4``), in a fixed order."""
+    paths = [p.strip() for p in args.path.split(",") if p.strip()]
+    if not paths or not set(paths) <= {"grpc", "shm", "auto"}:
+        raise SystemExit(f"--path: {args.path!r}: give grpc, shm and/or auto")
+    try:
+        streams = [int(n) for n in args.streams.split(",")]
+    except ValueError:
+        raise SystemExit(f"--streams: {args.streams!r} is not a list of counts") from None
+    if not streams or min(streams) < 1:
+        raise SystemExit("--streams: counts must be at least 1")
+    return [f"{p}/{n}" for p in dict.fromkeys(paths) for n in dict.fromkeys(streams)]
 
 
 # -- the object ------------------------------------------------------------------------------
@@ -255,6 +290,7 @@ async def _read_raw(root: Path, plans: list[list[Request]], args: argparse.Names
                                max_inflight_bytes=args.inflight_bytes, helpers=helpers)
         batches = session.responses()
         tags = iter(range(1, 1 << 62))
+        cpu = process_cpu_s(os.getpid())  # this process and its read helpers
         for reads in plans:
             start = time.perf_counter()
             sent = {}
@@ -269,16 +305,25 @@ async def _read_raw(root: Path, plans: list[list[Request]], args: argparse.Names
                 if batch.done:
                     latencies.append(time.perf_counter() - sent.pop(batch.tag))
             elapsed += time.perf_counter() - start
+        cpu = process_cpu_s(os.getpid()) - cpu
         await batches.aclose()
     stats = store.counters.values()
     summary = _summary(total, records, elapsed, latencies, stats)
+    summary["cpu_s_per_gb"] = cpu / (total / 1e9)
     summary["direct_io"] = store.direct_io and stats.get("buffered_reads", 0) == 0
     return summary
 
 
+@dataclasses.dataclass(frozen=True)
+class _Server:
+    address: str
+    pid: int
+    socket: str
+
+
 @contextlib.contextmanager
-def _server(root: Path, args: argparse.Namespace, dram_bytes: int):
-    """A cache server process on ``root``; yields its address; stops it with SIGTERM."""
+def _server(root: Path, args: argparse.Namespace, dram_bytes: int, socket_path: Path) -> Iterator[_Server]:
+    """A cache server process on ``root`` with a shared-memory socket; stopped with SIGTERM."""
     port_file = root.parent / f"port-{dram_bytes}"
     port_file.unlink(missing_ok=True)
     log = open(root.parent / f"server-{dram_bytes}.log", "wb")
@@ -286,7 +331,8 @@ def _server(root: Path, args: argparse.Namespace, dram_bytes: int):
         [sys.executable, "-m", "contiguouskv.cache_server", "--root", str(root), "--port", "0",
          "--port-file", str(port_file), "--dram-cache-bytes", str(dram_bytes),
          "--max-batch-bytes", str(args.batch_bytes), "--max-inflight-bytes", str(args.inflight_bytes),
-         "--read-threads", str(args.read_threads), "--read-processes", str(args.read_processes)],
+         "--read-threads", str(args.read_threads), "--read-processes", str(args.read_processes),
+         "--shm-socket", str(socket_path)],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
@@ -294,18 +340,20 @@ def _server(root: Path, args: argparse.Namespace, dram_bytes: int):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"cache server did not start; see {log.name}")
             time.sleep(0.05)
-        yield f"127.0.0.1:{int(port_file.read_text())}"
+        yield _Server(f"127.0.0.1:{int(port_file.read_text())}", proc.pid, str(socket_path))
     finally:
         proc.terminate()
         proc.wait(30)
         log.close()
 
 
-def _read_grpc_process(address: str, plans: list[list[Request]], args: argparse.Namespace,
-                       warm: bool) -> dict:
-    """Run the gRPC client in a separate process; returns its summary."""
-    job = {"address": address, "plans": plans, "batch_bytes": args.batch_bytes,
-           "decoder": args.decoder, "warm": warm, "streams": args.streams}
+def _read_client_process(server: _Server, plans: list[list[Request]], args: argparse.Namespace, way: str,
+                         warm: bool) -> dict:
+    """Run the client of ``way`` (``PATH/STREAMS``) in a separate process; returns its summary."""
+    path, streams = way.split("/")
+    job = {"address": server.address, "plans": plans, "batch_bytes": args.batch_bytes, "decoder": args.decoder,
+           "warm": warm, "streams": int(streams), "path": path, "socket": server.socket,
+           "server_pid": server.pid, "slots": args.shm_slots, "slot_bytes": args.shm_slot_bytes}
     done = subprocess.run([sys.executable, "-m", "contiguouskv.bench.storage", "--client"],
                           input=json.dumps(job).encode(), capture_output=True, check=False)
     if done.returncode != 0:
@@ -313,88 +361,162 @@ def _read_grpc_process(address: str, plans: list[list[Request]], args: argparse.
     return json.loads(done.stdout)
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` and its live children (the read helpers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split() if (task / "children").exists() else []
+        pids += [int(c) for c in children]
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 async def _client(job: dict) -> dict:
-    """The client process: one Fetch stream, the plans read one after another."""
+    """The client process: ``streams`` Fetch streams on one path, the plans read one after another."""
     options = [("grpc.max_receive_message_length", 64 << 20), *BULK_RECEIVE_OPTIONS]
-    decode = decode_fetch_response if job["decoder"] == "raw" else pb.FetchResponse.FromString
+    decode = decode_fetch_response if job["decoder"] == "raw" or job["path"] != "grpc" else pb.FetchResponse.FromString
+    plane = None
+    if job["path"] != "grpc":
+        try:
+            plane = ShmPlane.connect(job["socket"], job["slots"], job["slot_bytes"])
+        except OSError:
+            if job["path"] == "shm":
+                raise
     async with grpc.aio.insecure_channel(job["address"], options=options) as channel:
         stub = cache_pb2_grpc.CacheServiceStub(channel)
         fetch = channel.stream_stream("/contiguouskv.v1.CacheService/Fetch",
                                       request_serializer=pb.FetchRequest.SerializeToString,
                                       response_deserializer=decode)
         calls = [fetch() for _ in range(job["streams"])]
-        for call in calls:
+        states = [plane.stream() if plane is not None else None for _ in calls]
+        for call, state in zip(calls, states):
             await call.write(pb.FetchRequest(open=pb.FetchOpen(
-                prefix_id=PREFIX_ID, layout=LAYOUT, max_batch_bytes=job["batch_bytes"])))
+                prefix_id=PREFIX_ID, layout=LAYOUT,
+                max_batch_bytes=plane.slot_bytes if plane is not None else job["batch_bytes"], shm_plane=plane.id if plane is not None else "", shm_stream=state.id if state is not None else 0)))
         tags = iter(range(1, 1 << 62))
 
-        async def drain(call: grpc.aio.StreamStreamCall, sent: dict[int, float]) -> tuple[int, int, list[float]]:
-            total, records, lat = 0, 0, []
+        async def drain(call: grpc.aio.StreamStreamCall, state: PlaneStreamState | None,
+                        sent: dict[int, float]) -> tuple[int, int, int, list[float]]:
+            total = records = via_shm = 0
+            lat: list[float] = []
             while sent:
                 message = await call.read()
                 if message.error_code:
                     raise RuntimeError(f"request {message.tag}: {message.error_message}")
-                total += len(message.data)
+                if getattr(message, "shm", None) is not None:
+                    assert state is not None
+                    batch = state.receive(message)  # every record's CRC-32 checked: usable
+                    size = len(batch.data)
+                    assert batch.lease is not None
+                    batch.lease.release()
+                    via_shm += size
+                else:
+                    size = len(message.data)
+                total += size
                 records += len(message.indices)
                 if message.done:
                     lat.append(time.perf_counter() - sent.pop(message.tag))
-            return total, records, lat
+            return total, records, via_shm, lat
 
-        async def one(reads: Sequence[Sequence]) -> tuple[int, int, list[float]]:
+        async def one(reads: Sequence[Sequence]) -> tuple[int, int, int, list[float]]:
             sent: list[dict[int, float]] = [{} for _ in calls]
             for k, (region, indices) in enumerate(reads):
                 tag = next(tags)
                 sent[k % len(calls)][tag] = time.perf_counter()
                 await calls[k % len(calls)].write(pb.FetchRequest(read=pb.FetchRead(
                     tag=tag, region=region, indices=indices)))
-            parts = await asyncio.gather(*(drain(c, s) for c, s in zip(calls, sent)))
-            return (sum(p[0] for p in parts), sum(p[1] for p in parts),
-                    [x for p in parts for x in p[2]])
+            parts = await asyncio.gather(*(drain(c, st, s) for c, st, s in zip(calls, states, sent)))
+            return (sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts),
+                    [x for p in parts for x in p[3]])
 
         if job["warm"]:
             for reads in job["plans"]:
                 await one(reads)
         before = await stub.GetStats(pb.GetStatsRequest())
-        total = records = 0
+        total = records = via_shm = 0
         latencies: list[float] = []
+        server_cpu, client_cpu = process_cpu_s(job["server_pid"]), time.process_time()
         start = time.perf_counter()
         for reads in job["plans"]:
-            t, r, lat = await one(reads)
-            total, records, latencies = total + t, records + r, latencies + lat
+            t, r, v, lat = await one(reads)
+            total, records, via_shm, latencies = total + t, records + r, via_shm + v, latencies + lat
         elapsed = time.perf_counter() - start
+        server_cpu, client_cpu = process_cpu_s(job["server_pid"]) - server_cpu, time.process_time() - client_cpu
         after = await stub.GetStats(pb.GetStatsRequest())
-        for call in calls:
+        for call, state in zip(calls, states):
             call.cancel()
+            if state is not None:
+                state.finish()
+    if plane is not None:
+        plane.close()
     stats = {name: getattr(after, name) - getattr(before, name)
              for name in ("bytes_read_from_disk", "bytes_requested_from_disk", "dram_hits")}
     summary = _summary(total, records, elapsed, latencies, stats)
     summary["direct_io"] = after.direct_io and after.buffered_reads == 0
+    summary["shm_fraction"] = via_shm / total if total else 0.0
+    gigabytes = total / 1e9
+    summary["client_cpu_s_per_gb"] = client_cpu / gigabytes
+    summary["server_cpu_s_per_gb"] = server_cpu / gigabytes
+    summary["cpu_s_per_gb"] = (client_cpu + server_cpu) / gigabytes
     return summary
 
 
 # -- report ----------------------------------------------------------------------------------
 
-def _report(shape: dict, resident: float, fractions: list[float], rounds: dict, dram: dict) -> dict:
+def _report(shape: dict, resident: float, fractions: list[float], ways: list[str], rounds: dict,
+            dram: dict) -> dict:
     rows = []
     for f in fractions:
         runs = rounds[f]
-        ratios = [run["grpc"]["gbps"] / run["raw"]["gbps"] for run in runs]
-        raw, grpc = (_median_run([run[way] for run in runs]) for way in ("raw", "grpc"))
-        amplification = {run["grpc"]["read_amplification"] for run in runs}
-        rows.append({
-            "selection": f, "raw_gbps": raw["gbps"], "grpc_gbps": grpc["gbps"],
-            "dram_gbps": dram[f]["gbps"], "grpc_over_raw": statistics.median(ratios),
-            "grpc_over_raw_rounds": ratios,
-            "read_amplification": amplification.pop() if len(amplification) == 1 else sorted(amplification),
-            "raw_read_amplification": max(run["raw"]["read_amplification"] for run in runs),
-            "raw": raw, "grpc": grpc, "dram": dram[f], "rounds": runs,
-        })
-    direct = all(run[way]["direct_io"] for f in fractions for run in rounds[f] for way in ("raw", "grpc"))
+        raw = _median_run([run["raw"] for run in runs])
+        for way in ways:
+            path, streams = way.split("/")
+            ratios = [run[way]["gbps"] / run["raw"]["gbps"] for run in runs]
+            disk = _median_run([run[way] for run in runs])
+            rows.append({"selection": f, "path": path, "source": "disk", "streams": int(streams),
+                         **_row_numbers(disk), "raw_gbps": raw["gbps"], "over_raw": statistics.median(ratios),
+                         "over_raw_rounds": ratios, "raw_cpu_s_per_gb": raw["cpu_s_per_gb"],
+                         "read_amplification": disk["read_amplification"], "rounds": [run[way] for run in runs]})
+            rows.append({"selection": f, "path": path, "source": "dram", "streams": int(streams),
+                         **_row_numbers(dram[f][way]), "dram_hits": dram[f][way]["dram_hits"]})
+    direct = all(run[way]["direct_io"] for f in fractions for run in rounds[f] for way in ["raw", *ways])
     return {"shape": shape, "page_cache_resident_fraction": resident, "direct_io": direct,
-            "rounds": len(rounds[fractions[0]]),
+            "rounds": len(rounds[fractions[0]]), "ways": ways,
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                         "loadavg_at_end": os.getloadavg()},
-            "selections": rows}
+            "rows": rows, "summary": _ratios(rows),
+            "raw": {str(f): [run["raw"] for run in rounds[f]] for f in fractions}}
+
+
+def _row_numbers(run: dict) -> dict:
+    keys = ("gbps", "records_per_s", "p50_ms", "p99_ms", "cpu_s_per_gb", "client_cpu_s_per_gb",
+            "server_cpu_s_per_gb", "shm_fraction", "bytes")
+    return {k: run[k] for k in keys}
+
+
+def _ratios(rows: list[dict]) -> list[dict]:
+    """Side-by-side ratios per selection: shared memory against gRPC bytes, and N streams against 1."""
+    out = []
+    by = {(r["selection"], r["path"], r["source"], r["streams"]): r for r in rows}
+    for (f, path, source, streams), row in by.items():
+        if path == "shm" and (f, "grpc", source, streams) in by:
+            grpc_row = by[(f, "grpc", source, streams)]
+            out.append({"selection": f, "source": source, "streams": streams, "compare": "shm/grpc",
+                        "gbps_ratio": row["gbps"] / grpc_row["gbps"],
+                        "cpu_ratio": row["cpu_s_per_gb"] / grpc_row["cpu_s_per_gb"]})
+        if streams > 1 and (f, path, source, 1) in by:
+            one = by[(f, path, source, 1)]
+            out.append({"selection": f, "source": source, "path": path, "compare": f"{streams}/1 streams",
+                        "gbps_ratio": row["gbps"] / one["gbps"],
+                        "cpu_ratio": row["cpu_s_per_gb"] / one["cpu_s_per_gb"]})
+    return out
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -408,20 +530,20 @@ def _print(report: dict) -> None:
           f"{s['record_size'] // 1024} KiB records, {s['read_bytes'] // 1024} KiB per sub-period read; "
           f"O_DIRECT: {report['direct_io']}; page-cache resident after all reads: "
           f"{report['page_cache_resident_after']:.1%}")
-    print(f"raw and grpc: the round of median GB/s out of {report['rounds']} side-by-side rounds; "
-          f"dram: one warm run")
-    head = f"{'sel':>5} {'way':>5} {'GB/s':>6} {'rec/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'amp':>5}"
-    print(head)
+    print(f"disk rows: the round of median GB/s out of {report['rounds']} side-by-side rounds with raw; "
+          f"dram rows: one warm run. CPU s/GB: client + server (+ read helpers)")
     print(f"(load average at the end: {report['machine']['loadavg_at_end'][0]:.2f} on "
           f"{report['machine']['cpus']} CPUs: other work on this machine skews these numbers)")
-    for row in report["selections"]:
-        for way in ("raw", "grpc", "dram"):
-            r = row[way]
-            amp = r.get("read_amplification")
-            print(f"{row['selection']:>5.0%} {way:>5} {r['gbps']:>6.2f} {r['records_per_s']:>8.0f} "
-                  f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {amp if amp is None else round(amp, 3)!s:>5}")
-        rounds = " ".join(f"{x:.2f}" for x in row["grpc_over_raw_rounds"])
-        print(f"{'':>5} grpc/raw = {row['grpc_over_raw']:.2f} (rounds: {rounds})")
+    print(f"{'sel':>5} {'source':>6} {'path':>5} {'str':>3} {'GB/s':>6} {'/raw':>5} {'cpu s/GB':>8} "
+          f"{'client':>6} {'server':>6} {'shm %':>5} {'p50 ms':>7} {'p99 ms':>7}")
+    for r in report["rows"]:
+        over = f"{r['over_raw']:.2f}" if "over_raw" in r else ""
+        print(f"{r['selection']:>5.0%} {r['source']:>6} {r['path']:>5} {r['streams']:>3} {r['gbps']:>6.2f} "
+              f"{over:>5} {r['cpu_s_per_gb']:>8.2f} {r['client_cpu_s_per_gb']:>6.2f} "
+              f"{r['server_cpu_s_per_gb']:>6.2f} {r['shm_fraction']:>5.0%} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f}")
+    for c in report["summary"]:
+        print(f"{c['selection']:>5.0%} {c['source']:>6} {c['compare']:>12}: GB/s x{c['gbps_ratio']:.2f}, "
+              f"CPU/GB x{c['cpu_ratio']:.2f}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
