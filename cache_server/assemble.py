@@ -15,7 +15,7 @@ from contiguouskv.cache_server.buffers import ReadBuffers
 from contiguouskv.cache_server.errors import CacheError, DataLoss
 from contiguouskv.cache_server.dram_cache import DramCache, ObjectId
 from contiguouskv.cache_server.manifest import RegionLayout
-from contiguouskv.cache_server.read_process import ReadProcesses
+from contiguouskv.cache_server.read_process import ReadProcesses, ReadReport, Run
 from contiguouskv.cache_server.reader import ObjectReader, coalesce
 from contiguouskv.cache_server.stats import Counters
 from contiguouskv.common.fetch_wire import BytesLike, encode_fetch_descriptor, encode_fetch_response
@@ -98,32 +98,14 @@ class BatchAssembler:
             missing = sorted({i for i, c in zip(indices, cached) if c is None})
             if not missing:
                 return self._assemble(tag, layout, indices, done, cached, missing, {})
-            runs, at = [], 0
-            crcs = self._reader.manifest.checksums[region]  # packed little-endian uint32, one per record
-            for first, count in coalesce(missing):
-                runs.append((layout.record_offset(first), count * stride, at, first,
-                             crcs[4 * first : 4 * (first + count)]))
-                at += count * stride
+            runs, at = self._runs(layout, missing)
             buffer = helpers.view(slot, at)
             try:
                 with self._reader.pinned() as fd:
                     report = await helpers.read(fd, slot, runs, stride, size)
             except OSError:  # no helper could take it: read in this process instead
                 return None
-            for seconds in report.seconds:
-                self._counters.observe_read(seconds)
-            self._counters.add(bytes_read_from_disk=at, disk_reads=len(runs),
-                               buffered_reads=0 if self._reader.direct else len(runs))
-            if report.failure is not None:
-                kind, message = report.failure
-                manifest = self._reader.manifest
-                if kind == "data_loss":
-                    self._counters.add(checksum_failures=1)
-                    raise DataLoss(f"checksum mismatch in object {manifest.key}, region {region!r}, "
-                                   f"record {report.bad_record}")
-                if kind == "short":
-                    raise DataLoss(f"data file of object {manifest.key} {message} its manifest promises")
-                raise CacheError(f"reading the data file of object {manifest.key} {message}")
+            self._check_report(report, region, len(runs), at)
             if stride == size and missing == list(indices):  # the slot holds the payload as asked
                 return self._assemble(tag, layout, indices, done, cached, missing, {}, buffer)
             views = {}
@@ -135,6 +117,50 @@ class BatchAssembler:
             return self._assemble(tag, layout, indices, done, cached, missing, views)
         finally:
             helpers.release(slot)
+
+    def _check_report(self, report: ReadReport, region: str, runs: int, nbytes: int) -> None:
+        """Count a helper's reads; raise ``DataLoss`` or ``CacheError`` for the failure it reports."""
+        for seconds in report.seconds:
+            self._counters.observe_read(seconds)
+        self._counters.add(bytes_read_from_disk=nbytes, disk_reads=runs,
+                           buffered_reads=0 if self._reader.direct else runs)
+        if report.failure is not None:
+            kind, message = report.failure
+            manifest = self._reader.manifest
+            if kind == "data_loss":
+                self._counters.add(checksum_failures=1)
+                raise DataLoss(f"checksum mismatch in object {manifest.key}, region {region!r}, "
+                               f"record {report.bad_record}")
+            if kind == "short":
+                raise DataLoss(f"data file of object {manifest.key} {message} its manifest promises")
+            raise CacheError(f"reading the data file of object {manifest.key} {message}")
+
+    def _runs(self, layout: RegionLayout, indices: Sequence[int]) -> tuple[list[Run], int]:
+        """The coalesced disk reads of distinct ascending ``indices``, back to back from offset 0."""
+        runs, at = [], 0
+        crcs = self._reader.manifest.checksums[layout.name]  # packed little-endian uint32, one per record
+        for first, count in coalesce(indices):
+            runs.append((layout.record_offset(first), count * layout.stride, at, first,
+                         crcs[4 * first : 4 * (first + count)]))
+            at += count * layout.stride
+        return runs, at
+
+    def direct_runs(self, layout: RegionLayout, indices: Sequence[int],
+                    cached: Sequence[bytes | None]) -> list[Run] | None:
+        """The reads that put ``indices`` where a shared-memory batch wants them (back to back, in
+        order), when all come from disk, ascending, without padding; else ``None``."""
+        if (layout.stride != layout.record_size or any(c is not None for c in cached)
+                or not all(a < b for a, b in zip(indices, indices[1:]))):
+            return None
+        return self._runs(layout, indices)[0]
+
+    def finish_into(self, tag: int, layout: RegionLayout, indices: Sequence[int], done: bool, dest: memoryview,
+                    slot: int, runs: Sequence[Run], report: ReadReport) -> Batch:
+        """The batch a helper read into ``dest`` by :meth:`direct_runs` (checked by the helper)."""
+        self._check_report(report, layout.name, len(runs), len(indices) * layout.stride)
+        size = layout.record_size
+        views = {i: dest[k * size : (k + 1) * size] for k, i in enumerate(indices)}
+        return self._described(tag, layout, indices, done, slot, [], sorted(views), views)
 
     def lookup(self, layout: RegionLayout, indices: Sequence[int]) -> list[bytes | None]:
         """The DRAM cache's copies of ``indices`` (``None`` where it has none); counts the accesses."""
@@ -161,6 +187,12 @@ class BatchAssembler:
                      if missing else {})
             for k, (index, record) in enumerate(zip(indices, cached)):
                 dest[k * size : (k + 1) * size] = record if record is not None else views[index]
+        return self._described(tag, layout, indices, done, slot, cached, missing, views)
+
+    def _described(self, tag: int, layout: RegionLayout, indices: Sequence[int], done: bool, slot: int,
+                   cached: Sequence[bytes | None], missing: Sequence[int], views: dict[int, memoryview]) -> Batch:
+        """Count, offer what came from disk to the DRAM cache, and describe the slot's batch."""
+        region, size = layout.name, layout.record_size
         hits = sum(c is not None for c in cached)
         self._counters.add(bytes_served_from_dram=hits * size, bytes_requested_from_disk=len(missing) * size)
         if missing and self._cache.enabled:

@@ -34,7 +34,7 @@ from contiguouskv.cache_server.assemble import Batch, BatchAssembler
 from contiguouskv.cache_server.errors import CacheError, InvalidArgument
 from contiguouskv.cache_server.keys import check_region_name
 from contiguouskv.cache_server.manifest import RegionLayout
-from contiguouskv.cache_server.read_process import ReadProcesses
+from contiguouskv.cache_server.read_process import ReadProcesses, ReadReport, Run
 from contiguouskv.cache_server.reader import ObjectReader
 from contiguouskv.cache_server.shm_plane import PlaneStream
 from contiguouskv.cache_server.stats import Counters
@@ -67,7 +67,8 @@ class _InFlight:
     done: bool
     batch: asyncio.Future[Batch]
     slot: int | None = None  # the shared-memory slot being written (plane streams)
-    work: concurrent.futures.Future[Batch] | None = None  # the thread writing it
+    # what writes the slot: a read-pool thread, or a helper's read (done when its answer came)
+    work: concurrent.futures.Future[Batch] | asyncio.Future[ReadReport] | None = None
 
 
 class FetchSession:
@@ -226,6 +227,12 @@ class FetchSession:
                         ready.set_exception(exc)
                     in_flight.append(_InFlight(request, len(indices), nbytes, done, ready, slot))
                     continue
+                runs = self._assembler.direct_runs(request.region, indices, cached) if self._helpers else None
+                if runs is not None:  # a read helper reads them straight into the slot
+                    item = _InFlight(request, len(indices), nbytes, done, loop.create_future(), slot)
+                    item.batch = asyncio.ensure_future(self._build_into_helped(item, indices, runs, cached))
+                    in_flight.append(item)
+                    continue
                 work = self._executor.submit(self._build_into, request, indices, done, slot, cached)
                 in_flight.append(_InFlight(request, len(indices), nbytes, done, asyncio.wrap_future(work), slot, work))
                 continue
@@ -275,6 +282,35 @@ class FetchSession:
             self._counters.add(inflight_reads=-1)
             span.end()
 
+    async def _build_into_helped(self, item: _InFlight, indices: list[int], runs: list[Run],
+                                 cached: list[bytes | None]) -> Batch:
+        """The batch a read helper reads into ``item``'s slot (O_DIRECT, CRC-checked by the helper)."""
+        assert self._plane is not None and self._helpers is not None and item.slot is not None
+        request, slot, layout = item.request, item.slot, item.request.region
+        span = tracer.start(telemetry.SPAN_READ_RECORDS, {
+            telemetry.ATTR_REGION: layout.name, telemetry.ATTR_RECORDS: len(indices)}, parent=self._span)
+        self._counters.add(inflight_reads=1)
+        try:
+            with self._reader.pinned() as fd:
+                try:
+                    item.work = self._helpers.read_into(self._plane.key, self._plane.offset(slot), fd, runs,
+                                                        layout.stride, layout.record_size)
+                except OSError:  # no helper could take it: a read-pool thread writes the slot instead
+                    work = self._executor.submit(self._build_into, request, indices, item.done, slot, cached)
+                    item.work = work
+                    return await asyncio.wrap_future(work)
+                report = await asyncio.shield(item.work)
+            dest = self._plane.view(slot, len(indices) * layout.record_size)
+            batch = self._assembler.finish_into(request.tag, layout, indices, item.done, dest, slot, runs, report)
+            span.set_attribute(telemetry.ATTR_BYTES, batch.payload_bytes)
+            return batch
+        except Exception as exc:
+            telemetry.mark_error(span, exc)
+            raise
+        finally:
+            self._counters.add(inflight_reads=-1)
+            span.end()
+
     def _drop_slot_when_written(self, item: _InFlight) -> None:
         """Free ``item``'s slot, unsent, once no thread writes it any more."""
         if item.slot is None or self._plane is None:
@@ -282,6 +318,9 @@ class FetchSession:
         plane, slot, loop = self._plane, item.slot, asyncio.get_running_loop()
         if item.work is None or item.work.done():
             plane.drop(slot)
+            return
+        if isinstance(item.work, asyncio.Future):  # a helper's read: its answer comes on this loop
+            item.work.add_done_callback(lambda _: plane.drop(slot))
             return
 
         def written(_: object) -> None:

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 # (file offset, bytes, offset in the shared buffer, first record's index, the records' packed CRC-32s)
 Run = tuple[int, int, int, int, bytes]
 MAX_MESSAGE = 1 << 20  # a request (runs and checksums of one batch) is far smaller
+OWN = ""  # the key of the server's own slot buffer; a data plane's buffer goes by its plane id
+MAP, UNMAP = "map", "unmap"  # in place of a request's runs: map (with the memfd) or forget a buffer
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -71,6 +73,7 @@ def _serve(sock: socket.socket, buffer: memoryview, threads: int) -> None:
     server sends them in that order) instead of all at once.
     """
     send_lock = threading.Lock()
+    buffers = {OWN: buffer}  # the server's slots, and the data planes' buffers by key
     queue: SimpleQueue[tuple[_HelperRead, int] | None] = SimpleQueue()
 
     def answer(request_id: int, report: ReadReport) -> None:
@@ -82,7 +85,7 @@ def _serve(sock: socket.socket, buffer: memoryview, threads: int) -> None:
         while (item := queue.get()) is not None:
             request, k = item
             try:
-                report = _read_run(request.fd, buffer, request.runs[k], request.stride, request.size)
+                report = _read_run(request.fd, request.buffer, request.runs[k], request.stride, request.size)
             except Exception as exc:  # noqa: BLE001 - every request gets an answer
                 report = ReadReport((), ("io", f"read helper failed: {exc!r}"))
             with request.lock:
@@ -101,12 +104,22 @@ def _serve(sock: socket.socket, buffer: memoryview, threads: int) -> None:
             message, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 1)
             if not message:
                 return
-            request_id, runs, stride, size = pickle.loads(message)
-            if not runs:
+            request_id, runs, stride, size, key = pickle.loads(message)
+            if runs == MAP:  # a client's shared buffer (a data plane, cache_server/shm_plane.py)
+                buffers[key] = memoryview(mmap.mmap(fds[0], size))
                 os.close(fds[0])
                 answer(request_id, ReadReport(()))
                 continue
-            request = _HelperRead(request_id, fds[0], runs, stride, size, [None] * len(runs), len(runs))
+            if runs == UNMAP:  # reads still running keep their view; the mapping goes with the last
+                buffers.pop(key, None)
+                answer(request_id, ReadReport(()))
+                continue
+            target = buffers.get(key)
+            if not runs or target is None:
+                os.close(fds[0])
+                answer(request_id, ReadReport((), None if target is not None else ("io", f"no buffer {key!r}")))
+                continue
+            request = _HelperRead(request_id, fds[0], runs, stride, size, [None] * len(runs), len(runs), target)
             for k in range(len(runs)):
                 queue.put((request, k))
     finally:
@@ -123,6 +136,7 @@ class _HelperRead:
     size: int
     reports: list[ReadReport | None]
     left: int
+    buffer: memoryview
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 
@@ -279,12 +293,37 @@ class ReadProcesses:
         future = self._send(helper, absolute, stride, size, data_fd, slot)
         return await asyncio.shield(future)  # cancelled: the slot stays lent until the answer
 
-    def _send(self, helper: _Helper, runs: Sequence[Run], stride: int, size: int,
-              fd: int, slot: int | None) -> asyncio.Future[ReadReport]:
+    def add_buffer(self, key: str, fd: int, size: int) -> None:
+        """Map a data plane's shared buffer (``fd``, ``size`` bytes) in every helper, as ``key``."""
+        for helper in self._helpers:
+            if helper.alive:
+                self._send(helper, MAP, 0, size, fd, None, key)
+
+    def remove_buffer(self, key: str) -> None:
+        """Forget the buffer ``key`` in every helper (reads into it that still run finish first)."""
+        for helper in self._helpers:
+            if helper.alive:
+                self._send(helper, UNMAP, 0, 0, None, None, key)
+
+    def read_into(self, key: str, base: int, data_fd: int, runs: Sequence[Run], stride: int,
+                  size: int) -> asyncio.Future[ReadReport]:
+        """Have a helper read ``runs`` (offsets from ``base``) of ``data_fd`` into buffer ``key``.
+
+        The future completes when the helper answered, i.e. when nothing writes the target any more
+        (cancelling it does not stop the read). ``OSError`` if no helper could take it."""
+        alive = [h for h in self._helpers if h.alive]
+        if not alive:
+            raise OSError("no read helper is running")
+        helper = min(alive, key=lambda h: len(h.pending))
+        absolute = [(offset, nbytes, base + at, first, crcs) for offset, nbytes, at, first, crcs in runs]
+        return self._send(helper, absolute, stride, size, data_fd, None, key)
+
+    def _send(self, helper: _Helper, runs: Sequence[Run] | str, stride: int, size: int,
+              fd: int | None, slot: int | None, key: str = OWN) -> asyncio.Future[ReadReport]:
         request_id = next(self._ids)
-        message = pickle.dumps((request_id, runs, stride, size))
+        message = pickle.dumps((request_id, runs, stride, size, key))
         try:
-            socket.send_fds(helper.sock, [message], [fd])  # one message; the socket holds many
+            socket.send_fds(helper.sock, [message], [fd] if fd is not None else [])  # one message; the socket holds many
         except BlockingIOError:
             raise OSError(f"read helper {helper.process.pid} is not keeping up") from None
         future: asyncio.Future[ReadReport] = asyncio.get_running_loop().create_future()

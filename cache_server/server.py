@@ -118,7 +118,7 @@ async def serve(config: CacheServerConfig, ready: Callable[[int], None] | None =
                                    (lambda: dict(access.refusals)) if access is not None else dict)
         metrics = start_metrics_server(config.host, config.metrics_port, collector)
     helpers = await _start_helpers(config)
-    planes = PlaneServer(config.shm_socket, store.counters) if config.shm_socket else None
+    planes = PlaneServer(config.shm_socket, store.counters, helpers) if config.shm_socket else None
     try:
         if planes is not None:
             planes.start()

@@ -31,6 +31,7 @@ import stat
 from pathlib import Path
 
 from contiguouskv.cache_server.errors import InvalidArgument
+from contiguouskv.cache_server.read_process import ReadProcesses
 from contiguouskv.cache_server.stats import Counters
 from contiguouskv.common import shm_protocol as proto
 
@@ -157,6 +158,15 @@ class PlaneStream:
     def view(self, slot: int, nbytes: int) -> memoryview:
         return self.plane.view(slot, nbytes)
 
+    @property
+    def key(self) -> str:
+        """The plane's buffer as the read helpers know it (:meth:`.read_process.ReadProcesses.add_buffer`)."""
+        return self.plane.id
+
+    def offset(self, slot: int) -> int:
+        """Where ``slot`` starts in the plane's buffer."""
+        return slot * self.plane.slot_bytes
+
     def sent(self, slot: int) -> bool:
         return self.plane.sent(slot, self.id)
 
@@ -171,9 +181,10 @@ class PlaneStream:
 class PlaneServer:
     """Accepts planes on ``path``; runs on the server's event loop (:meth:`start`, :meth:`close`)."""
 
-    def __init__(self, path: str, counters: Counters) -> None:
+    def __init__(self, path: str, counters: Counters, helpers: ReadProcesses | None = None) -> None:
         self.path = Path(path)
         self._counters = counters
+        self._helpers = helpers
         self._planes: dict[str, Plane] = {}
         self._connections: dict[socket.socket, Plane | None] = {}
         self._listener: socket.socket | None = None
@@ -315,6 +326,8 @@ class PlaneServer:
         except (OSError, ValueError) as exc:
             raise proto.ProtocolError(f"hello: the buffer cannot be mapped: {exc}") from None
         plane = Plane(secrets.token_hex(16), buffer, slots, slot_bytes, self._counters)
+        if self._helpers is not None:  # disk reads go straight into the client's buffer
+            self._helpers.add_buffer(plane.id, fd, size)
         self._planes[plane.id] = plane
         self._counters.add(shm_planes=1)
         log.info("shared-memory plane %s: %d slots of %d bytes", plane.id[:8], slots, slot_bytes)
@@ -331,5 +344,7 @@ class PlaneServer:
         if plane is not None:
             plane.close()
             del self._planes[plane.id]
+            if self._helpers is not None:
+                self._helpers.remove_buffer(plane.id)
             self._counters.add(shm_planes=-1)
             log.info("shared-memory plane %s closed", plane.id[:8])

@@ -382,3 +382,36 @@ def test_sigkill_of_the_cache_server_mid_stream_fails_the_stream_and_a_restart_o
             server.stop()
     assert code in ("UNAVAILABLE", "INTERNAL", "CANCELLED") and leased == 1
     assert mappings == 1  # the dead plane's buffer was unmapped; only the new one is left
+
+
+def test_a_plane_is_no_way_around_tokens_the_fetch_call_still_needs_one(model: LoadedModel, tmp_path: Path) -> None:
+    token = "t" * 8 + "-compute-to-cache"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{token} read,write compute\n")
+    socket_path = str(tmp_path / "run" / "plane.sock")
+    with launch.cache_server(tmp_path / "store", "--shm-socket", socket_path,
+                             "--auth-tokens-file", str(tokens)) as server:
+        async def fetch(with_token: str | None) -> int:
+            client = CacheClient((server.address,), 64 << 20, 30.0, data_path="shm", shm_socket=socket_path,
+                                 shm_slots=4, shm_slot_bytes=64 << 10, token=with_token)
+            core = ComputeCore(ComputeServerConfig(model=MODEL, cache=(server.address,), device="cpu",
+                                                   dtype="float32"), model, ModelRunner(model), client)
+            try:
+                reg = await core.register([3] * 160)
+                out = await core.reprefill(ReprefillArgs(reg.prefix_id, [1, 2], "full", 1.0))
+                return out.token_id
+            finally:
+                await asyncio.gather(*core._reports, return_exceptions=True)
+                core.close()
+                await client.close()
+
+        assert asyncio.run(fetch(token)) >= 0  # the plane opened, and the token let the calls through
+        assert _stats_with(server.address, token).bytes_served_shm > 0
+        with pytest.raises(Exception, match="UNAUTHENTICATED|token"):
+            asyncio.run(fetch(None))  # the socket alone gets no one past the token check
+
+
+def _stats_with(address: str, token: str) -> cache_pb2.GetStatsResponse:
+    with grpc.insecure_channel(address) as channel:
+        return cache_pb2_grpc.CacheServiceStub(channel).GetStats(
+            cache_pb2.GetStatsRequest(), timeout=10, metadata=[("authorization", f"Bearer {token}")])

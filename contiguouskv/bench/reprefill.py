@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -59,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "else torch's default)")
     parser.add_argument("--workdir", type=Path, help="store directory (default: a temp dir under the current one; "
                         "must be a real disk for O_DIRECT)")
+    parser.add_argument("--path", default="grpc",
+                        help="data paths of the cold rows, comma-separated: grpc (record bytes over gRPC), shm "
+                        "(the co-located cache server's shared memory); e.g. grpc,shm measures both side by side")
     parser.add_argument("--seed", type=int, default=0, help="random seed of prefixes and queries (default 0)")
     parser.add_argument("--json", dest="json_path", type=Path, help="write results as JSON here")
     parser.add_argument("--plot", type=Path, help="write PNG plots into this directory")
@@ -77,6 +81,7 @@ class Row:
     cache: str
     prefix_tokens: int
     query_tokens: int
+    path: str = "grpc"
     ttft_ms: list[float] = field(default_factory=list)
     io_wait_ms: list[float] = field(default_factory=list)
     compute_ms: list[float] = field(default_factory=list)
@@ -88,6 +93,7 @@ class Row:
     bytes_kv: int = 0
     bytes_identification: int = 0
     recall: float = -1.0
+    bytes_shm: int = 0  # payload bytes the cache server placed in the compute server's shared memory
     layers: list[tuple[float, float]] = field(default_factory=list)
 
     def summary(self, gbps: dict[str, float], kv_request: str) -> dict[str, object]:
@@ -100,14 +106,14 @@ class Row:
         p50 = statistics.median(self.ttft_ms)
         return {
             "policy": self.policy, "layout": self.layout, "selective": self.selective, "budget": self.budget,
-            "cache": self.cache,
+            "cache": self.cache, "path": self.path,
             "prefix_tokens": self.prefix_tokens, "query_tokens": self.query_tokens,
             "ttft_ms_p50": p50, "ttft_ms_p95": _p95(self.ttft_ms),
             "bytes_from_disk": int(disk), "bytes_from_dram": int(self.bytes_from_dram / runs),
             "read_amplification": (self.bytes_from_disk / self.bytes_requested_from_disk
                                    if self.bytes_requested_from_disk else 1.0),
             "bytes_fetched": int(self.bytes_fetched / runs), "bytes_kv": int(self.bytes_kv / runs),
-            "bytes_identification": int(ident), "floor_ms": floor_ms,
+            "bytes_identification": int(ident), "bytes_shm": int(self.bytes_shm / runs), "floor_ms": floor_ms,
             "ttft_over_floor": p50 / floor_ms if floor_ms else None,
             "io_wait_ms": statistics.median(self.io_wait_ms), "compute_ms": compute, "recall": self.recall,
             "ident_wait_ms": statistics.median(self.ident_wait_ms) if self.ident_wait_ms else 0.0,
@@ -142,23 +148,31 @@ class Bench:
         self.budgets = [float(b) for b in args.budgets.split(",") if b]
         self.rng = random.Random(args.seed)
         self.prefixes: list[str] = []
+        self.paths = [p for p in dict.fromkeys(x.strip() for x in args.path.split(",")) if p]
+        if not self.paths or not set(self.paths) <= {"grpc", "shm"}:
+            raise SystemExit(f"--path: {args.path!r}: give grpc and/or shm")
+        # Unix socket paths are limited to ~100 bytes: a short directory, wherever the workdir is
+        self.socket = str(Path(tempfile.mkdtemp(prefix="ckv-shm-")) / "plane.sock")
 
-    def _compute(self, cache_address: str, ident_cache: bool = True) -> launch.ServiceProcess:
+    def _compute(self, cache_address: str, ident_cache: bool = True, path: str = "grpc") -> launch.ServiceProcess:
         """A compute server; ``ident_cache=False`` makes every request read its identification data
-        (cold), else hot prefixes keep it resident (the server's default)."""
+        (cold), else hot prefixes keep it resident (the server's default). ``path`` shm reads the
+        cache server's records through its shared-memory plane (``--data-path shm``)."""
         threads = self.args.compute_threads
         if threads is None:
             threads = 1 if (os.cpu_count() or 1) <= 4 else 0
         extra = ["--dtype", self.args.dtype, "--device", self.args.device, "--threads", str(threads)]
         if not ident_cache:
             extra += ["--ident-cache-bytes", "0"]
+        if path != "grpc":
+            extra += ["--data-path", path, "--shm-socket", self.socket]
         proc = launch.compute_server(self.model, cache_address, *extra, log_path=self.root / "compute.log")
         proc.wait_ready(timeout=900)
         return proc
 
     def _cache(self, dram_bytes: int) -> launch.ServiceProcess:
         proc = launch.cache_server(self.root / "store", "--dram-cache-bytes", str(dram_bytes),
-                                   log_path=self.root / "cache.log")
+                                   "--shm-socket", self.socket, log_path=self.root / "cache.log")
         proc.wait_ready(timeout=120)
         return proc
 
@@ -184,13 +198,15 @@ class Bench:
         return [(by_name[name], b) for name, b in policy_cells(self.policies, self.budgets)]
 
     def measure(self, cache: launch.ServiceProcess, client: ContiguousKVClient, label: str,
-                prefixes: list[str], queries: int) -> list[Row]:
+                prefixes: list[str], queries: int, path: str = "grpc") -> list[Row]:
         rows = []
         cells = self.cells()
         for i, (info, budget) in enumerate(cells, 1):
             policy = info.name
-            _progress(f"{label} {i}/{len(cells)}: {policy} budget {budget:g} x {queries}")
+            _progress(f"{label} {i}/{len(cells)}: {policy} budget {budget:g} x {queries}"
+                      + (f" over {path}" if len(self.paths) > 1 else ""))
             row = Row(policy, info.layout, info.selective, budget, label, self.prefix_tokens, self.args.query_tokens)
+            row.path = path
             before = _stats(cache.address)
             with Progress(f"{label} {policy} {budget:g}", total=queries) as bar:
                 for q in range(queries):
@@ -214,28 +230,39 @@ class Bench:
                                               evaluate_recall=True, timeout=3600).recall
             if after.buffered_reads != before.buffered_reads:
                 _progress(f"warning: {after.buffered_reads - before.buffered_reads} reads went through the page cache")
+            shm = after.bytes_served_shm - before.bytes_served_shm
+            if path == "shm" and after.bytes_served - before.bytes_served and not shm:
+                raise RuntimeError(f"{policy} {budget:g} over shm: the cache server sent no record through "
+                                   "shared memory")
+            row.bytes_shm = shm
             rows.append(row)
         return rows
 
     def run(self) -> tuple[list[Row], dict[str, float], dict[str, object]]:
         warm = self.args.warm_prefixes
         cache = self._cache(dram_bytes=0)
+        rows: list[Row] = []
         try:
-            compute = self._compute(cache.address, ident_cache=False)  # cold: no resident identification data
-            try:
-                with ContiguousKVClient(compute.address, timeout=3600) as client:
-                    info = client.model_info()
-                    self.vocab = info.vocab_size
-                    self.policies = resolve(self.requested, info)
-                    self.register(client, max(1, warm))
-                    gbps = self._disk()
-                    rows = self.measure(cache, client, "cold", self.prefixes[:1], self.args.repeats)
-            finally:
-                compute.stop()
+            for path in self.paths:  # one compute server per data path, side by side on the same store
+                compute = self._compute(cache.address, ident_cache=False, path=path)  # cold: no resident ident data
+                try:
+                    with ContiguousKVClient(compute.address, timeout=3600) as client:
+                        if not rows:
+                            info = client.model_info()
+                            self.vocab = info.vocab_size
+                            self.policies = resolve(self.requested, info)
+                            self.register(client, max(1, warm))
+                            gbps = self._disk()
+                        rows += self.measure(cache, client, "cold", self.prefixes[:1], self.args.repeats, path)
+                finally:
+                    compute.stop()
         finally:
             cache.stop()
-        if warm:
-            rows += self._warm(info)
+        try:
+            if warm:
+                rows += self._warm(info)
+        finally:
+            shutil.rmtree(Path(self.socket).parent, ignore_errors=True)
         return rows, gbps, {"model": info.name, "num_layers": info.num_layers, "kv_heads": info.num_kv_heads,
                             "head_dim": info.head_dim, "dtype": info.dtype, "device": info.device}
 
@@ -285,18 +312,23 @@ def _speedups(results: list[dict[str, object]]) -> None:
         row["speedup"] = {
             r["policy"]: r["ttft_ms_p50"] / row["ttft_ms_p50"]  # type: ignore[operator]
             for r in results
-            if r["cache"] == row["cache"] and r["prefix_tokens"] == row["prefix_tokens"]
+            if r["cache"] == row["cache"] and r["prefix_tokens"] == row["prefix_tokens"] and r["path"] == row["path"]
             and r["policy"] != row["policy"] and (not r["selective"] or r["budget"] == row["budget"])}
+        if row["path"] != "grpc":  # the same policy, budget and cache over gRPC bytes, side by side
+            over_grpc = [r for r in results if r["path"] == "grpc" and all(
+                r[k] == row[k] for k in ("policy", "budget", "cache", "prefix_tokens"))]
+            if over_grpc:
+                row["speedup_over_grpc"] = over_grpc[0]["ttft_ms_p50"] / row["ttft_ms_p50"]  # type: ignore[operator]
 
 
 def _print(results: list[dict[str, object]], gbps: dict[str, float]) -> None:
     print("raw O_DIRECT disk: " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in gbps.items()))
-    head = f"{'cache':<5} {'policy':<12}{'budget':>7}{'TTFT p50':>10}{'p95':>9}{'floor':>8}{'/floor':>7}" \
+    head = f"{'cache':<5} {'path':<5}{'policy':<12}{'budget':>7}{'TTFT p50':>10}{'p95':>9}{'floor':>8}{'/floor':>7}" \
            f"{'wait':>8}{'compute':>9}{'MiB disk':>10}{'MiB dram':>9}{'amp':>6}  speedup vs"
     print(head)
     for r in results:
         sp = " ".join(f"{p}:{v:.2f}x" for p, v in r["speedup"].items())  # type: ignore[union-attr]
-        print(f"{r['cache']:<5} {r['policy']:<12}{r['budget']:>7.2f}{r['ttft_ms_p50']:>10.1f}{r['ttft_ms_p95']:>9.1f}"
+        print(f"{r['cache']:<5} {r['path']:<5}{r['policy']:<12}{r['budget']:>7.2f}{r['ttft_ms_p50']:>10.1f}{r['ttft_ms_p95']:>9.1f}"
               f"{r['floor_ms']:>8.1f}{r['ttft_over_floor'] or 0:>7.2f}{r['io_wait_ms']:>8.1f}{r['compute_ms']:>9.1f}"
               f"{r['bytes_from_disk'] / 2**20:>10.1f}{r['bytes_from_dram'] / 2**20:>9.1f}"
               f"{r['read_amplification']:>6.2f}  {sp}")

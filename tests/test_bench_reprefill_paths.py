@@ -1,0 +1,31 @@
+"""``contiguouskv bench --path grpc,shm``: the cold rows over both data paths, side by side, on real servers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bench_measures_each_policy_over_grpc_and_shared_memory(tmp_path: Path) -> None:
+    out = tmp_path / "paths.json"
+    proc = subprocess.run([sys.executable, "-m", "contiguouskv", "bench", "--model", "random:tiny",
+                           "--prefix-tokens", "512", "--query-tokens", "8", "--budgets", "0.1",
+                           "--policies", "full,contiguous+", "--repeats", "1", "--warm-prefixes", "0",
+                           "--dtype", "float32", "--device", "cpu", "--path", "grpc,shm",
+                           "--json", str(out), "--workdir", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["results"]
+    assert sorted((r["policy"], r["path"]) for r in rows) == [
+        ("contiguous+", "grpc"), ("contiguous+", "shm"), ("full", "grpc"), ("full", "shm")]
+    by = {(r["policy"], r["path"]): r for r in rows}
+    for policy in ("full", "contiguous+"):
+        grpc_row, shm_row = by[(policy, "grpc")], by[(policy, "shm")]
+        assert grpc_row["bytes_shm"] == 0 and shm_row["bytes_shm"] > 0  # the shm rows really used the plane
+        assert shm_row["speedup_over_grpc"] == grpc_row["ttft_ms_p50"] / shm_row["ttft_ms_p50"]
+        assert "speedup_over_grpc" not in grpc_row
+        # speedups compare rows of one path only
+        assert set(shm_row["speedup"]) == set(grpc_row["speedup"]) == (set() if policy == "full" else {"full"})
+    assert by[("full", "grpc")]["bytes_fetched"] == by[("full", "shm")]["bytes_fetched"] > 0
