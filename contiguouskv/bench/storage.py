@@ -365,16 +365,15 @@ def process_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) of process ``pid`` and its live children (the read helpers)."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
-    pids = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children = (task / "children").read_text().split() if (task / "children").exists() else []
-        pids += [int(c) for c in children]
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
             continue
-        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        try:  # fields after the command name: state, ppid, ..., utime (14th), stime (15th)
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
     return total
 
 
