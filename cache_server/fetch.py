@@ -218,28 +218,33 @@ class FetchSession:
             self._counters.add(inflight_bytes=nbytes)
             indices = request.indices[start:stop]
             if slot is not None:
-                cached = self._assembler.lookup(request.region, indices)
-                if all(record is not None for record in cached):  # all in DRAM: copied here, no thread hop
-                    ready: asyncio.Future[Batch] = loop.create_future()
-                    try:
-                        ready.set_result(self._build_into(request, indices, done, slot, cached))
-                    except Exception as exc:  # noqa: BLE001 - reported by _finish_read, as from a thread
-                        ready.set_exception(exc)
-                    in_flight.append(_InFlight(request, len(indices), nbytes, done, ready, slot))
-                    continue
-                runs = self._assembler.direct_runs(request.region, indices, cached) if self._helpers else None
-                if runs is not None:  # a read helper reads them straight into the slot
-                    item = _InFlight(request, len(indices), nbytes, done, loop.create_future(), slot)
-                    item.batch = asyncio.ensure_future(self._build_into_helped(item, indices, runs, cached))
-                    in_flight.append(item)
-                    continue
-                work = self._executor.submit(self._build_into, request, indices, done, slot, cached)
-                in_flight.append(_InFlight(request, len(indices), nbytes, done, asyncio.wrap_future(work), slot, work))
+                in_flight.append(self._start_into(request, indices, nbytes, done, slot))
                 continue
             future: asyncio.Future[Batch] = (
                 asyncio.ensure_future(self._build_helped(request, indices, done)) if self._helpers is not None
                 else loop.run_in_executor(self._executor, self._build, request, indices, done))
             in_flight.append(_InFlight(request, len(indices), nbytes, done, future))
+
+    def _start_into(self, request: _StreamRead, indices: list[int], nbytes: int, done: bool,
+                    slot: int) -> _InFlight:
+        """Start filling shared-memory ``slot``: on the event loop when every record is in DRAM (no
+        thread hop), by a read helper when all come straight from disk, else on the read pool."""
+        loop = asyncio.get_running_loop()
+        cached = self._assembler.lookup(request.region, indices)
+        if all(record is not None for record in cached):
+            ready: asyncio.Future[Batch] = loop.create_future()
+            try:
+                ready.set_result(self._build_into(request, indices, done, slot, cached))
+            except Exception as exc:  # noqa: BLE001 - reported by _finish_read, as from a thread
+                ready.set_exception(exc)
+            return _InFlight(request, len(indices), nbytes, done, ready, slot)
+        runs = self._assembler.direct_runs(request.region, indices, cached) if self._helpers else None
+        if runs is not None:
+            item = _InFlight(request, len(indices), nbytes, done, loop.create_future(), slot)
+            item.batch = asyncio.ensure_future(self._build_into_helped(item, indices, runs, cached))
+            return item
+        work = self._executor.submit(self._build_into, request, indices, done, slot, cached)
+        return _InFlight(request, len(indices), nbytes, done, asyncio.wrap_future(work), slot, work)
 
     def _batch_end(self, request: _StreamRead) -> int:
         size, stride = request.region.record_size, request.region.stride
