@@ -46,9 +46,11 @@ def register_request(text: str | None, token_ids: Sequence[int] | None,
 
 def reprefill_request(prefix_id: str, query: str | Sequence[int], policy: str, budget: float | None,
                       max_new_tokens: int, period: int | None, sub_period: int | None,
-                      return_logits: bool = False, evaluate_recall: bool = False) -> compute_pb2.ReprefillRequest:
+                      return_logits: bool = False, evaluate_recall: bool = False,
+                      measure_floor: bool = False) -> compute_pb2.ReprefillRequest:
     req = compute_pb2.ReprefillRequest(prefix_id=prefix_id, policy=policy, max_new_tokens=max_new_tokens,
-                                       return_logits=return_logits, evaluate_recall=evaluate_recall)
+                                       return_logits=return_logits, evaluate_recall=evaluate_recall,
+                                       measure_floor=measure_floor)
     if isinstance(query, str):
         req.text = query
     else:
@@ -71,7 +73,8 @@ def result(r: compute_pb2.ReprefillResponse) -> ReprefillResult:
     t = r.timings
     timings = Timings(t.ttft_ms, t.fetch_wait_ms, t.compute_ms, t.fetch_ms, t.total_ms,
                       tuple(LayerTiming(x.layer, x.wait_ms, x.compute_ms, x.bytes, x.bytes_identification,
-                                        x.bytes_selected, x.ident_wait_ms) for x in t.layers))
+                                        x.bytes_selected, x.ident_wait_ms) for x in t.layers),
+                      t.record_wait_ms, t.ident_wait_ms, t.resident_compute_ms, t.overhead_ms)
     token_layers = tuple(TokenLayerSelection(x.layer, x.tokens, x.shared, x.similarity, x.threshold, x.blocks)
                          for x in r.token_layers)
     periods = tuple(PeriodSelection(p.period, p.first_layer, p.num_layers, tuple(p.chunks), p.predicted,

@@ -75,10 +75,11 @@ class AsyncContiguousKVClient:
     async def reprefill(self, prefix_id: str, query: str | Sequence[int], *, policy: str = "full",
                         budget: float | None = None, max_new_tokens: int = 0, period: int | None = None,
                         sub_period: int | None = None, return_logits: bool = False, evaluate_recall: bool = False,
+                        measure_floor: bool = False,
                         timeout: float | None = None) -> ReprefillResult:
         """See :meth:`ContiguousKVClient.reprefill`."""
         request = _wire.reprefill_request(prefix_id, query, policy, budget, max_new_tokens, period, sub_period,
-                                          return_logits, evaluate_recall)
+                                          return_logits, evaluate_recall, measure_floor)
         attributes = {telemetry.ATTR_PREFIX_ID: prefix_id, telemetry.ATTR_POLICY: policy}
         reply = await self._call("reprefill", lambda stub, t: stub.Reprefill(request, timeout=t), attributes,
                                  timeout)

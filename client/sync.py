@@ -93,16 +93,19 @@ class ContiguousKVClient:
     def reprefill(self, prefix_id: str, query: str | Sequence[int], *, policy: str = "full",
                   budget: float | None = None, max_new_tokens: int = 0, period: int | None = None,
                   sub_period: int | None = None, return_logits: bool = False, evaluate_recall: bool = False,
+                  measure_floor: bool = False,
                   timeout: float | None = None) -> ReprefillResult:
         """First token of prefix + query (text or token ids) under a loading policy.
 
         ``policy``: recompute | full | contiguous | contiguous+ | h2o | impress (the last two need a
         prefix registered with ``extra_layouts=["impress"]``); ``budget``: fraction of the prefix kept
         (chunks, or tokens for h2o/impress); ``period``/``sub_period``: layers per selection and per
-        fetch run (contiguous policies). Read-only, so retried on UNAVAILABLE.
+        fetch run (contiguous policies); ``measure_floor``: also time the same query over the same
+        prefix K/V held resident, off the TTFT clock (``timings.resident_compute_ms`` and
+        ``timings.overhead_ms``; for benchmarks). Read-only, so retried on UNAVAILABLE.
         """
         request = _wire.reprefill_request(prefix_id, query, policy, budget, max_new_tokens, period, sub_period,
-                                          return_logits, evaluate_recall)
+                                          return_logits, evaluate_recall, measure_floor)
         attributes = {telemetry.ATTR_PREFIX_ID: prefix_id, telemetry.ATTR_POLICY: policy}
         reply = self._call("reprefill", lambda stub, t: stub.Reprefill(request, timeout=t), attributes, timeout)
         return _wire.result(reply)

@@ -75,6 +75,16 @@ class Timings:
     fetch_ms: float
     total_ms: float
     layers: tuple[LayerTiming, ...]
+    record_wait_ms: float = 0.0
+    """Blocked on K/V records; with ``ident_wait_ms`` it makes ``fetch_wait_ms``."""
+    ident_wait_ms: float = 0.0
+    """Blocked on identification data (keys, digests) the speculation did not hide."""
+    resident_compute_ms: float = -1.0
+    """With ``measure_floor``: the model compute of the same query over the same prefix K/V held
+    resident (no I/O, no selection, no record decoding), else -1."""
+    overhead_ms: float = -1.0
+    """With ``measure_floor``: ``ttft_ms`` minus the waits and ``resident_compute_ms`` (selection
+    scoring, record decoding and staging, Python), else -1."""
 
 
 @dataclass(frozen=True)

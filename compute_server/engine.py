@@ -112,6 +112,8 @@ class QueryJob:
     eos_ids: tuple[int, ...] = ()
     on_token: TokenCallback | None = None
     cancellation: Cancellation = field(default_factory=Cancellation)
+    # With a list: every layer's prefix K/V as attended, kept for :meth:`Engine.resident`.
+    resident: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class Engine:
@@ -153,8 +155,11 @@ class Engine:
             source.before_layer(layer, hidden, positions)
             q, k, v = s.project(layer, hidden, positions)
             pk, pv, wait = source.wait_for_layer_load(layer, q, k)
-            keys = torch.cat([pk.to(device=device, dtype=k.dtype), k], dim=1)  # [kv_heads, s + T, d]
-            values = torch.cat([pv.to(device=device, dtype=v.dtype), v], dim=1)
+            pk, pv = pk.to(device=device, dtype=k.dtype), pv.to(device=device, dtype=v.dtype)
+            if job.resident is not None:
+                job.resident.append((pk, pv))
+            keys = torch.cat([pk, k], dim=1)  # [kv_heads, s + T, d]
+            values = torch.cat([pv, v], dim=1)
             hidden = s.finish(layer, hidden, q, keys, values, pk.shape[1])
             if job.max_new_tokens:
                 cache.append((keys, values))
@@ -166,6 +171,23 @@ class Engine:
         out.compute_s = out.first_token_s - out.wait_s
         self._continue(out, cache, num_prefix + len(job.query_ids), job)
         return out
+
+    def resident(self, job: QueryJob) -> tuple[float, int]:
+        """The query of ``job`` again over the prefix K/V its :meth:`answer` attended to, kept resident
+        in ``job.resident``: the same kernels with no I/O, no selection and no record decoding.
+        Returns the seconds to the first token (the request's compute floor) and that token."""
+        r, s = self.runner, self.scheduler
+        assert job.resident is not None and len(job.resident) == r.num_layers
+        start = time.perf_counter()
+        device = r.device
+        positions = torch.arange(job.num_prefix, job.num_prefix + len(job.query_ids), device=device)
+        hidden = s.call(r.embed, torch.tensor(job.query_ids, device=device))
+        for layer, (pk, pv) in enumerate(job.resident):
+            job.cancellation.check()
+            q, k, v = s.project(layer, hidden, positions)
+            hidden = s.finish(layer, hidden, q, torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1), pk.shape[1])
+        token = int(s.call(r.logits, hidden[-1:])[0].argmax())  # a host value: waits for the device
+        return time.perf_counter() - start, token
 
     def recompute(self, prefix_ids: list[int], job: QueryJob) -> QueryOutcome:
         """Full prefill of prefix + query (no stored KV used)."""

@@ -26,6 +26,7 @@ class ReprefillArgs:
     sub_period: int | None = None
     return_logits: bool = False
     evaluate_recall: bool = False
+    measure_floor: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class ReprefillReport:
     generated_text: str
     usage: "LoadUsage"
     bytes_kv_record: int
+    resident_s: float | None = None  # with measure_floor: the query over the same K/V held resident
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,8 @@ def _args(request: compute_pb2.ReprefillRequest) -> ReprefillArgs:
         max_new_tokens=request.max_new_tokens,
         period=request.period if request.HasField("period") else None,
         sub_period=request.sub_period if request.HasField("sub_period") else None,
-        return_logits=request.return_logits, evaluate_recall=request.evaluate_recall)
+        return_logits=request.return_logits, evaluate_recall=request.evaluate_recall,
+        measure_floor=request.measure_floor)
 
 
 def _reply(result: ReprefillReport, with_logits: bool = False) -> compute_pb2.ReprefillResponse:
@@ -82,9 +83,16 @@ def _reply(result: ReprefillReport, with_logits: bool = False) -> compute_pb2.Re
     periods = [compute_pb2.PeriodSelection(period=p.period, first_layer=p.first_layer, num_layers=p.num_layers,
                                            chunks=p.chunks, predicted=p.predicted, predicted_hits=p.predicted_hits,
                                            recall=p.recall, mass_recall=p.mass_recall) for p in u.periods]
+    ident_wait = sum(u.layer_ident_wait) if u.layer_ident_wait else 0.0
+    resident, overhead = -1.0, -1.0
+    if result.resident_s is not None:
+        resident = result.resident_s * 1e3
+        overhead = (result.ttft_s - o.wait_s - result.resident_s) * 1e3
     timings = compute_pb2.Timings(ttft_ms=result.ttft_s * 1e3, fetch_wait_ms=o.wait_s * 1e3,
                                   compute_ms=o.compute_s * 1e3, fetch_ms=result.fetch_s * 1e3,
-                                  total_ms=(result.ttft_s + o.decode_s) * 1e3, layers=layers)
+                                  total_ms=(result.ttft_s + o.decode_s) * 1e3, layers=layers,
+                                  record_wait_ms=(o.wait_s - ident_wait) * 1e3, ident_wait_ms=ident_wait * 1e3,
+                                  resident_compute_ms=resident, overhead_ms=overhead)
     return compute_pb2.ReprefillResponse(
         token_id=result.token_id, text=result.text, policy=result.policy, budget=result.budget,
         timings=timings, bytes_fetched=result.bytes_fetched, prefix_tokens=result.prefix_tokens,

@@ -268,3 +268,34 @@ def test_sigterm_ends_running_and_queued_calls_with_unavailable_and_exits_within
     assert len(results) == 4, results
     late = [r for at, r in results if at >= start]  # a call may have finished before the signal on a fast run
     assert len(late) >= 2 and all(isinstance(r, UnavailableError) and "shutting down" in str(r) for r in late), results
+
+
+# --- the compute floor (measure_floor) -----------------------------------------------------------
+def test_measure_floor_reruns_the_query_over_resident_kv_off_the_clock(cache: launch.ServiceProcess,
+                                                                      model: LoadedModel,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> list[tuple[str, ReprefillReport, ReprefillReport]]:
+        config = ComputeServerConfig(model=MODEL, cache=(cache.address,), device="cpu", dtype="float32")
+        client = CacheClient(config.cache, config.max_message_bytes, 60.0)
+        core = ComputeCore(config, model, ModelRunner(model), client)
+        try:
+            reg = await core.register([random.Random(5).randrange(512) for _ in range(300)], ["impress"])
+            out = []
+            for policy in POLICIES:
+                plain = await core.reprefill(ReprefillArgs(reg.prefix_id, [4, 5, 6], policy, 0.3))
+                floor = await core.reprefill(ReprefillArgs(reg.prefix_id, [4, 5, 6], policy, 0.3, measure_floor=True))
+                out.append((policy, plain, floor))
+            return out
+        finally:
+            await asyncio.gather(*core._reports, return_exceptions=True)
+            core.close()
+            await client.close()
+
+    for policy, plain, floor in asyncio.run(main()):
+        assert plain.resident_s is None and floor.resident_s is not None and floor.resident_s > 0, policy
+        assert floor.token_id == plain.token_id, policy  # measuring changes nothing of the answer
+        if policy == "recompute":
+            assert floor.resident_s == floor.outcome.first_token_s  # nothing loaded: its compute is the floor
+        else:  # the re-run's own time, not the request's: no waits, no selection, no decoding of records
+            assert floor.resident_s < floor.ttft_s, policy
+    assert "resident re-run answered" not in caplog.text  # the re-run reproduced every answer

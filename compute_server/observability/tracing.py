@@ -41,6 +41,10 @@ def traced_reprefill(method: F) -> F:
             span.set_attribute(t.ATTR_BYTES, result.bytes_fetched)
             span.set_attribute(t.ATTR_PREFIX_TOKENS, result.prefix_tokens)
             span.set_attribute(t.ATTR_QUERY_TOKENS, result.query_tokens)
+            span.set_attribute(t.ATTR_WAIT_MS, result.outcome.wait_s * 1e3)
+            if result.resident_s is not None:  # where the time went (docs/observability.md)
+                span.set_attribute(t.ATTR_RESIDENT_COMPUTE_MS, result.resident_s * 1e3)
+                span.set_attribute(t.ATTR_OVERHEAD_MS, (result.ttft_s - result.outcome.wait_s - result.resident_s) * 1e3)
             record_layers(span, result)
             log.info("reprefill %s policy %s: ttft %.1f ms, %d bytes fetched", args.prefix_id, result.policy,
                      result.ttft_s * 1e3, result.bytes_fetched,

@@ -7,8 +7,15 @@ from memory; the compute server keeps no identification data, so every request r
 cache server restarted per policy so every policy starts from the same state; the compute server's
 identification cache at its default, filled by the warm-up pass). Rows carry ``ident_wait_ms``: the
 time the compute path blocked on identification data, the part of the reads speculation did not hide.
-The physical floor of each row is max(bytes it read / raw O_DIRECT disk bandwidth at its request
-size measured in this run on the same files, its compute-only time).
+The physical floor of each row (``floor_ms``) is max(``io_floor_ms``: bytes it read / raw O_DIRECT
+disk bandwidth at its request size measured in this run on the same files, ``resident_compute_ms``:
+the same query over the same prefix K/V held resident, measured by the server right after each
+request with ``measure_floor``, off the TTFT clock); ``ttft_over_floor`` is then the system's
+overhead. ``breakdown_ms`` splits TTFT into waits for K/V records and for identification data, the
+resident compute and the rest (selection scoring, record decoding and staging, Python). The old
+floor, max(io floor, the server's compute time), is kept as ``overlap_floor_ms``. A row during
+which the cache server read through the page cache is marked (``page_cache_reads``) and left out of
+the speedups.
 """
 
 from __future__ import annotations
@@ -94,6 +101,9 @@ class Row:
     bytes_identification: int = 0
     recall: float = -1.0
     bytes_shm: int = 0  # payload bytes the cache server placed in the compute server's shared memory
+    page_cache_reads: int = 0  # reads the cache server made without O_DIRECT during the row
+    resident_ms: list[float] = field(default_factory=list)  # the same query over resident K/V
+    overhead_ms: list[float] = field(default_factory=list)  # TTFT - waits - resident compute
     layers: list[tuple[float, float]] = field(default_factory=list)
 
     def summary(self, gbps: dict[str, float], kv_request: str) -> dict[str, object]:
@@ -102,8 +112,13 @@ class Row:
         ident = self.bytes_identification / runs
         io_floor_s = max(0.0, disk - ident) / (gbps[kv_request] * 1e9) + ident / (gbps["1MiB"] * 1e9)
         compute = statistics.median(self.compute_ms) if self.compute_ms else 0.0
-        floor_ms = max(io_floor_s * 1e3, compute)
+        io_floor_ms = io_floor_s * 1e3
+        resident = statistics.median(self.resident_ms) if self.resident_ms else compute
+        floor_ms = max(io_floor_ms, resident)  # what the disk and the kernels allow
+        overlap_floor_ms = max(io_floor_ms, compute)  # the old column: the server's own compute time
         p50 = statistics.median(self.ttft_ms)
+        ident_wait = statistics.median(self.ident_wait_ms) if self.ident_wait_ms else 0.0
+        io_wait = statistics.median(self.io_wait_ms) if self.io_wait_ms else 0.0
         return {
             "policy": self.policy, "layout": self.layout, "selective": self.selective, "budget": self.budget,
             "cache": self.cache, "path": self.path,
@@ -113,8 +128,15 @@ class Row:
             "read_amplification": (self.bytes_from_disk / self.bytes_requested_from_disk
                                    if self.bytes_requested_from_disk else 1.0),
             "bytes_fetched": int(self.bytes_fetched / runs), "bytes_kv": int(self.bytes_kv / runs),
-            "bytes_identification": int(ident), "bytes_shm": int(self.bytes_shm / runs), "floor_ms": floor_ms,
-            "ttft_over_floor": p50 / floor_ms if floor_ms else None,
+            "bytes_identification": int(ident), "bytes_shm": int(self.bytes_shm / runs),
+            "floor_ms": floor_ms, "io_floor_ms": io_floor_ms, "resident_compute_ms": resident,
+            "floor_sum_ms": io_floor_ms + resident, "ttft_over_floor": p50 / floor_ms if floor_ms else None,
+            "overlap_floor_ms": overlap_floor_ms,
+            "ttft_over_overlap_floor": p50 / overlap_floor_ms if overlap_floor_ms else None,
+            "breakdown_ms": {"record_wait": io_wait - ident_wait, "ident_wait": ident_wait,
+                             "resident_compute": resident,
+                             "overhead": statistics.median(self.overhead_ms) if self.overhead_ms else None},
+            "page_cache_reads": self.page_cache_reads,
             "io_wait_ms": statistics.median(self.io_wait_ms), "compute_ms": compute, "recall": self.recall,
             "ident_wait_ms": statistics.median(self.ident_wait_ms) if self.ident_wait_ms else 0.0,
             "ident_wait_share": (statistics.median(self.ident_wait_ms) / p50 if self.ident_wait_ms and p50 else 0.0),
@@ -179,9 +201,10 @@ class Bench:
     def _query(self) -> list[int]:
         return [self.rng.randrange(self.vocab) for _ in range(self.args.query_tokens)]
 
-    def _ask(self, client: ContiguousKVClient, prefix: str, policy: str, budget: float) -> ReprefillResult:
+    def _ask(self, client: ContiguousKVClient, prefix: str, policy: str, budget: float,
+             measure_floor: bool = False) -> ReprefillResult:
         return client.reprefill(prefix, self._query(), policy=policy, budget=budget, period=self.args.period,
-                                sub_period=self.args.sub_period, timeout=3600)
+                                sub_period=self.args.sub_period, measure_floor=measure_floor, timeout=3600)
 
     def register(self, client: ContiguousKVClient, count: int) -> None:
         extra = extra_layouts(self.policies)
@@ -210,11 +233,13 @@ class Bench:
             before = _stats(cache.address)
             with Progress(f"{label} {policy} {budget:g}", total=queries) as bar:
                 for q in range(queries):
-                    r = self._ask(client, prefixes[q % len(prefixes)], policy, budget)
+                    r = self._ask(client, prefixes[q % len(prefixes)], policy, budget, measure_floor=True)
                     row.ttft_ms.append(r.timings.ttft_ms)
                     row.io_wait_ms.append(r.timings.fetch_wait_ms)
                     row.compute_ms.append(r.timings.compute_ms)
                     row.ident_wait_ms.append(sum(t.ident_wait_ms for t in r.timings.layers))
+                    row.resident_ms.append(r.timings.resident_compute_ms)
+                    row.overhead_ms.append(r.timings.overhead_ms)
                     row.bytes_fetched += r.bytes_fetched
                     row.bytes_kv += r.bytes_kv
                     row.bytes_identification += r.bytes_identification
@@ -229,7 +254,9 @@ class Bench:
                                               period=self.args.period, sub_period=self.args.sub_period,
                                               evaluate_recall=True, timeout=3600).recall
             if after.buffered_reads != before.buffered_reads:
-                _progress(f"warning: {after.buffered_reads - before.buffered_reads} reads went through the page cache")
+                row.page_cache_reads = after.buffered_reads - before.buffered_reads
+                _progress(f"warning: {row.page_cache_reads} reads went through the page cache: "
+                          "the row is marked and left out of the ratios")
             shm = after.bytes_served_shm - before.bytes_served_shm
             if path == "shm" and after.bytes_served - before.bytes_served and not shm:
                 raise RuntimeError(f"{policy} {budget:g} over shm: the cache server sent no record through "
@@ -313,6 +340,7 @@ def _speedups(results: list[dict[str, object]]) -> None:
             r["policy"]: r["ttft_ms_p50"] / row["ttft_ms_p50"]  # type: ignore[operator]
             for r in results
             if r["cache"] == row["cache"] and r["prefix_tokens"] == row["prefix_tokens"] and r["path"] == row["path"]
+            and not r["page_cache_reads"] and not row["page_cache_reads"]
             and r["policy"] != row["policy"] and (not r["selective"] or r["budget"] == row["budget"])}
         if row["path"] != "grpc":  # the same policy, budget and cache over gRPC bytes, side by side
             over_grpc = [r for r in results if r["path"] == "grpc" and all(
@@ -324,12 +352,13 @@ def _speedups(results: list[dict[str, object]]) -> None:
 def _print(results: list[dict[str, object]], gbps: dict[str, float]) -> None:
     print("raw O_DIRECT disk: " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in gbps.items()))
     head = f"{'cache':<5} {'path':<5}{'policy':<12}{'budget':>7}{'TTFT p50':>10}{'p95':>9}{'floor':>8}{'/floor':>7}" \
-           f"{'wait':>8}{'compute':>9}{'MiB disk':>10}{'MiB dram':>9}{'amp':>6}  speedup vs"
+           f"{'io fl':>7}{'resid':>7}{'wait':>8}{'compute':>9}{'MiB disk':>10}{'MiB dram':>9}{'amp':>6}  speedup vs"
     print(head)
     for r in results:
         sp = " ".join(f"{p}:{v:.2f}x" for p, v in r["speedup"].items())  # type: ignore[union-attr]
         print(f"{r['cache']:<5} {r['path']:<5}{r['policy']:<12}{r['budget']:>7.2f}{r['ttft_ms_p50']:>10.1f}{r['ttft_ms_p95']:>9.1f}"
-              f"{r['floor_ms']:>8.1f}{r['ttft_over_floor'] or 0:>7.2f}{r['io_wait_ms']:>8.1f}{r['compute_ms']:>9.1f}"
+              f"{r['floor_ms']:>8.1f}{r['ttft_over_floor'] or 0:>7.2f}{r['io_floor_ms']:>7.1f}"
+              f"{r['resident_compute_ms']:>7.1f}{r['io_wait_ms']:>8.1f}{r['compute_ms']:>9.1f}"
               f"{r['bytes_from_disk'] / 2**20:>10.1f}{r['bytes_from_dram'] / 2**20:>9.1f}"
               f"{r['read_amplification']:>6.2f}  {sp}")
 

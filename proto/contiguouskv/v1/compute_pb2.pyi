@@ -135,6 +135,7 @@ class ReprefillRequest(_message.Message):
     SUB_PERIOD_FIELD_NUMBER: _builtins.int
     RETURN_LOGITS_FIELD_NUMBER: _builtins.int
     EVALUATE_RECALL_FIELD_NUMBER: _builtins.int
+    MEASURE_FLOOR_FIELD_NUMBER: _builtins.int
     prefix_id: _builtins.str
     text: _builtins.str
     policy: _builtins.str
@@ -152,6 +153,12 @@ class ReprefillRequest(_message.Message):
     """contiguous+: also read the exact identification keys and report the recall of the exact top-k
     (costs extra I/O; for evaluation, not serving).
     """
+    measure_floor: _builtins.bool
+    """Also measure the request's compute floor: after answering (off the clock of ttft_ms), run the
+    same query again over the same prefix K/V kept resident in device memory (no I/O, no selection,
+    no decoding of records; the same kernels) and report it in Timings.resident_compute_ms. For
+    benchmarks; costs another pass of the query and memory for the attended K/V.
+    """
     @_builtins.property
     def token_ids(self) -> Global___TokenIds: ...
     def __init__(
@@ -167,10 +174,11 @@ class ReprefillRequest(_message.Message):
         sub_period: _builtins.int | None = ...,
         return_logits: _builtins.bool = ...,
         evaluate_recall: _builtins.bool = ...,
+        measure_floor: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_period", b"_period", "_sub_period", b"_sub_period", "budget", b"budget", "period", b"period", "query", b"query", "sub_period", b"sub_period", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_period", b"_period", "_sub_period", b"_sub_period", "budget", b"budget", "evaluate_recall", b"evaluate_recall", "max_new_tokens", b"max_new_tokens", "period", b"period", "policy", b"policy", "prefix_id", b"prefix_id", "query", b"query", "return_logits", b"return_logits", "sub_period", b"sub_period", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_period", b"_period", "_sub_period", b"_sub_period", "budget", b"budget", "evaluate_recall", b"evaluate_recall", "max_new_tokens", b"max_new_tokens", "measure_floor", b"measure_floor", "period", b"period", "policy", b"policy", "prefix_id", b"prefix_id", "query", b"query", "return_logits", b"return_logits", "sub_period", b"sub_period", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__budget: _TypeAlias = _typing.Literal["budget"]  # noqa: Y015
     _WhichOneofArgType__budget: _TypeAlias = _typing.Literal["_budget", b"_budget"]  # noqa: Y015
@@ -346,6 +354,10 @@ class Timings(_message.Message):
     FETCH_MS_FIELD_NUMBER: _builtins.int
     TOTAL_MS_FIELD_NUMBER: _builtins.int
     LAYERS_FIELD_NUMBER: _builtins.int
+    RECORD_WAIT_MS_FIELD_NUMBER: _builtins.int
+    IDENT_WAIT_MS_FIELD_NUMBER: _builtins.int
+    RESIDENT_COMPUTE_MS_FIELD_NUMBER: _builtins.int
+    OVERHEAD_MS_FIELD_NUMBER: _builtins.int
     ttft_ms: _builtins.float
     """Time to first token, as measured by the server from request to first token."""
     fetch_wait_ms: _builtins.float
@@ -355,6 +367,16 @@ class Timings(_message.Message):
     fetch_ms: _builtins.float
     """Wall time from the first fetch request to the last record received."""
     total_ms: _builtins.float
+    record_wait_ms: _builtins.float
+    """Where ttft_ms went: blocked on K/V records, blocked on identification data (the two make
+    fetch_wait_ms), and, with measure_floor, the model compute of the same query over the same
+    prefix K/V held resident (resident_compute_ms) and the rest (overhead_ms: selection scoring,
+    record decoding and staging, Python): ttft_ms = record_wait_ms + ident_wait_ms +
+    resident_compute_ms + overhead_ms. Without measure_floor both are -1.
+    """
+    ident_wait_ms: _builtins.float
+    resident_compute_ms: _builtins.float
+    overhead_ms: _builtins.float
     @_builtins.property
     def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerTiming]: ...
     def __init__(
@@ -366,10 +388,14 @@ class Timings(_message.Message):
         fetch_ms: _builtins.float = ...,
         total_ms: _builtins.float = ...,
         layers: _abc.Iterable[Global___LayerTiming] | None = ...,
+        record_wait_ms: _builtins.float = ...,
+        ident_wait_ms: _builtins.float = ...,
+        resident_compute_ms: _builtins.float = ...,
+        overhead_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_ms", b"compute_ms", "fetch_ms", b"fetch_ms", "fetch_wait_ms", b"fetch_wait_ms", "layers", b"layers", "total_ms", b"total_ms", "ttft_ms", b"ttft_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_ms", b"compute_ms", "fetch_ms", b"fetch_ms", "fetch_wait_ms", b"fetch_wait_ms", "ident_wait_ms", b"ident_wait_ms", "layers", b"layers", "overhead_ms", b"overhead_ms", "record_wait_ms", b"record_wait_ms", "resident_compute_ms", b"resident_compute_ms", "total_ms", b"total_ms", "ttft_ms", b"ttft_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

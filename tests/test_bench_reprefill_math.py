@@ -1,0 +1,58 @@
+"""The Re-Prefill bench's arithmetic on synthetic rows: floors, ratios, breakdown, percentiles, speedups."""
+
+from __future__ import annotations
+
+import pytest
+
+from contiguouskv.bench.reprefill import Row, _p95, _speedups
+
+GBPS = {"64KiB": 0.5, "128KiB": 1.0, "1MiB": 2.0}
+
+
+def _row(policy: str = "contiguous", **values: object) -> Row:
+    row = Row(policy, "contiguous", True, 0.05, "cold", 16384, 64)
+    for name, value in values.items():
+        setattr(row, name, value)
+    return row
+
+
+def test_the_floor_is_the_larger_of_the_disk_time_and_the_resident_compute() -> None:
+    # three runs: per run 100 MB from disk, 10 MB of it identification data (read at the 1 MiB rate)
+    row = _row(ttft_ms=[300.0, 500.0, 400.0], io_wait_ms=[50.0, 70.0, 60.0], compute_ms=[250.0, 420.0, 330.0],
+               ident_wait_ms=[5.0, 15.0, 10.0], resident_ms=[80.0, 120.0, 100.0], overhead_ms=[200.0, 300.0, 250.0],
+               bytes_from_disk=200_000_000 * 3 // 2, bytes_identification=30_000_000)
+    s = row.summary(GBPS, "128KiB")
+    io_floor = (100e6 - 10e6) / 1e9 * 1e3 + 10e6 / 2e9 * 1e3  # 90 ms at 1 GB/s + 5 ms at 2 GB/s
+    assert s["io_floor_ms"] == pytest.approx(io_floor)
+    assert s["resident_compute_ms"] == 100.0 and s["floor_ms"] == pytest.approx(100.0)  # compute-bound
+    assert s["floor_sum_ms"] == pytest.approx(io_floor + 100.0)
+    assert s["ttft_ms_p50"] == 400.0 and s["ttft_over_floor"] == pytest.approx(4.0)
+    assert s["overlap_floor_ms"] == 330.0 and s["ttft_over_overlap_floor"] == pytest.approx(400 / 330)
+    assert s["breakdown_ms"] == {"record_wait": 50.0, "ident_wait": 10.0, "resident_compute": 100.0,
+                                 "overhead": 250.0}
+    disk_bound = _row(ttft_ms=[400.0], io_wait_ms=[0.0], compute_ms=[10.0], resident_ms=[10.0],
+                      bytes_from_disk=300_000_000).summary(GBPS, "128KiB")
+    assert disk_bound["floor_ms"] == pytest.approx(300.0) and disk_bound["ttft_over_floor"] == pytest.approx(4 / 3)
+
+
+def test_p95_picks_the_value_at_the_95th_percentile_rank() -> None:
+    assert _p95([5.0]) == 5.0
+    assert _p95([float(v) for v in range(1, 101)]) == 95.0
+    assert _p95([3.0, 1.0, 2.0]) == 3.0
+
+
+def _result(policy: str, ttft: float, path: str = "grpc", selective: bool = True, budget: float = 0.05,
+            page_cache_reads: int = 0) -> dict[str, object]:
+    return {"policy": policy, "ttft_ms_p50": ttft, "path": path, "selective": selective, "budget": budget,
+            "cache": "cold", "prefix_tokens": 16384, "page_cache_reads": page_cache_reads}
+
+
+def test_speedups_compare_one_path_and_budget_and_leave_page_cache_rows_out() -> None:
+    rows = [_result("full", 1000.0, selective=False, budget=1.0), _result("contiguous", 250.0),
+            _result("contiguous+", 200.0), _result("impress", 800.0, page_cache_reads=3),
+            _result("contiguous", 125.0, path="shm"), _result("contiguous", 100.0, budget=0.1)]
+    _speedups(rows)
+    contiguous = rows[1]["speedup"]
+    assert contiguous == {"full": 4.0, "contiguous+": 0.8}  # not impress (page cache), not shm, not budget 0.1
+    assert rows[3]["speedup"] == {}  # a page-cache row compares with nothing
+    assert rows[4]["speedup_over_grpc"] == 2.0 and "speedup_over_grpc" not in rows[1]
