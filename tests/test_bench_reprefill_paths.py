@@ -29,3 +29,24 @@ def test_bench_measures_each_policy_over_grpc_and_shared_memory(tmp_path: Path) 
         # speedups compare rows of one path only
         assert set(shm_row["speedup"]) == set(grpc_row["speedup"]) == (set() if policy == "full" else {"full"})
     assert by[("full", "grpc")]["bytes_fetched"] == by[("full", "shm")]["bytes_fetched"] > 0
+
+
+def test_bench_runs_several_prefix_lengths_in_one_run_and_plots_the_scaling(tmp_path: Path) -> None:
+    out, plots = tmp_path / "lengths.json", tmp_path / "plots"
+    proc = subprocess.run([sys.executable, "-m", "contiguouskv", "bench", "--model", "random:tiny",
+                           "--prefix-tokens", "512,1536", "--query-tokens", "8", "--budgets", "0.25",
+                           "--policies", "full,contiguous", "--repeats", "1", "--warm-prefixes", "0",
+                           "--dtype", "float32", "--device", "cpu", "--json", str(out), "--plot", str(plots),
+                           "--workdir", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["results"]
+    assert sorted((r["policy"], r["prefix_tokens"]) for r in rows) == [
+        ("contiguous", 512), ("contiguous", 1536), ("full", 512), ("full", 1536)]
+    by = {(r["policy"], r["prefix_tokens"]): r for r in rows}
+    for policy in ("full", "contiguous"):  # more prefix, more bytes, for both
+        assert by[(policy, 1536)]["bytes_from_disk"] > by[(policy, 512)]["bytes_from_disk"] > 0
+    for r in rows:  # every row carries the true floor
+        assert r["floor_ms"] == max(r["io_floor_ms"], r["resident_compute_ms"]) and r["resident_compute_ms"] > 0
+        assert r["ttft_over_floor"] == r["ttft_ms_p50"] / r["floor_ms"]
+    assert {p.name for p in plots.iterdir()} == {"timeline.png", "ttft_vs_budget.png", "scaling.png"}

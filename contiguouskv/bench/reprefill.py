@@ -21,6 +21,7 @@ the speedups.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -40,7 +41,7 @@ from contiguouskv.bench.disk import raw_read_gbps
 from contiguouskv.bench.plots import plot_reprefill
 from contiguouskv.bench.policies import PRIMARY_LAYOUT, extra_layouts, resolve
 from contiguouskv.bench.policies import cells as policy_cells
-from contiguouskv.client import ContiguousKVClient, PolicyInfo, ReprefillResult
+from contiguouskv.client import ContiguousKVClient, PolicyInfo
 from contiguouskv.progress import Progress
 from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
 
@@ -48,7 +49,9 @@ from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="random:kvheavy", help="model (default random:kvheavy)")
-    parser.add_argument("--prefix-tokens", type=int, default=16384, help="tokens per prefix (default 16384)")
+    parser.add_argument("--prefix-tokens", default="16384",
+                        help="tokens per prefix (default 16384); a comma-separated list (4096,16384,65536) runs "
+                        "every length in one run, with a TTFT-and-bytes-against-length plot")
     parser.add_argument("--query-tokens", type=int, default=64, help="tokens per query (default 64)")
     parser.add_argument("--budgets", default="0.05,0.1,0.25,0.5", help="comma-separated fractions")
     parser.add_argument("--policies", default="all",
@@ -201,11 +204,6 @@ class Bench:
     def _query(self) -> list[int]:
         return [self.rng.randrange(self.vocab) for _ in range(self.args.query_tokens)]
 
-    def _ask(self, client: ContiguousKVClient, prefix: str, policy: str, budget: float,
-             measure_floor: bool = False) -> ReprefillResult:
-        return client.reprefill(prefix, self._query(), policy=policy, budget=budget, period=self.args.period,
-                                sub_period=self.args.sub_period, measure_floor=measure_floor, timeout=3600)
-
     def register(self, client: ContiguousKVClient, count: int) -> None:
         extra = extra_layouts(self.policies)
         while len(self.prefixes) < count:
@@ -220,70 +218,83 @@ class Bench:
         by_name = {p.name: p for p in self.policies}
         return [(by_name[name], b) for name, b in policy_cells(self.policies, self.budgets)]
 
-    def measure(self, cache: launch.ServiceProcess, client: ContiguousKVClient, label: str,
-                prefixes: list[str], queries: int, path: str = "grpc") -> list[Row]:
+    def measure(self, cache: launch.ServiceProcess, clients: dict[str, ContiguousKVClient], label: str,
+                prefixes: list[str], queries: int) -> list[Row]:
+        """One row per cell and data path. With several paths (one compute server each) the paths take
+        turns request by request, on the same queries, in rotating order, so that both see the
+        same machine; the cache server's counters are read around every request."""
         rows = []
         cells = self.cells()
+        paths = list(clients)
         for i, (info, budget) in enumerate(cells, 1):
             policy = info.name
             _progress(f"{label} {i}/{len(cells)}: {policy} budget {budget:g} x {queries}"
-                      + (f" over {path}" if len(self.paths) > 1 else ""))
-            row = Row(policy, info.layout, info.selective, budget, label, self.prefix_tokens, self.args.query_tokens)
-            row.path = path
-            before = _stats(cache.address)
-            with Progress(f"{label} {policy} {budget:g}", total=queries) as bar:
+                      + (f" over {' and '.join(paths)}" if len(paths) > 1 else ""))
+            by_path = {path: Row(policy, info.layout, info.selective, budget, label, self.prefix_tokens,
+                                 self.args.query_tokens, path) for path in paths}
+            with Progress(f"{label} {policy} {budget:g}", total=queries * len(paths)) as bar:
                 for q in range(queries):
-                    r = self._ask(client, prefixes[q % len(prefixes)], policy, budget, measure_floor=True)
-                    row.ttft_ms.append(r.timings.ttft_ms)
-                    row.io_wait_ms.append(r.timings.fetch_wait_ms)
-                    row.compute_ms.append(r.timings.compute_ms)
-                    row.ident_wait_ms.append(sum(t.ident_wait_ms for t in r.timings.layers))
-                    row.resident_ms.append(r.timings.resident_compute_ms)
-                    row.overhead_ms.append(r.timings.overhead_ms)
-                    row.bytes_fetched += r.bytes_fetched
-                    row.bytes_kv += r.bytes_kv
-                    row.bytes_identification += r.bytes_identification
-                    row.layers = [(t.wait_ms, t.compute_ms) for t in r.timings.layers]
-                    bar.advance()
-            after = _stats(cache.address)
-            row.bytes_from_disk = after.bytes_read_from_disk - before.bytes_read_from_disk
-            row.bytes_from_dram = after.bytes_served_from_dram - before.bytes_served_from_dram
-            row.bytes_requested_from_disk = after.bytes_requested_from_disk - before.bytes_requested_from_disk
-            if info.selective and info.layout == PRIMARY_LAYOUT:  # agreement with the exact ranking, off the clock
-                row.recall = client.reprefill(prefixes[0], self._query(), policy=policy, budget=budget,
-                                              period=self.args.period, sub_period=self.args.sub_period,
-                                              evaluate_recall=True, timeout=3600).recall
-            if after.buffered_reads != before.buffered_reads:
-                row.page_cache_reads = after.buffered_reads - before.buffered_reads
-                _progress(f"warning: {row.page_cache_reads} reads went through the page cache: "
-                          "the row is marked and left out of the ratios")
-            shm = after.bytes_served_shm - before.bytes_served_shm
-            if path == "shm" and after.bytes_served - before.bytes_served and not shm:
-                raise RuntimeError(f"{policy} {budget:g} over shm: the cache server sent no record through "
-                                   "shared memory")
-            row.bytes_shm = shm
-            rows.append(row)
+                    query, prefix = self._query(), prefixes[q % len(prefixes)]
+                    for path in paths[q % len(paths):] + paths[: q % len(paths)]:
+                        self._ask_into(by_path[path], cache, clients[path], prefix, query, policy, budget)
+                        bar.advance()
+            for path, row in by_path.items():
+                if info.selective and info.layout == PRIMARY_LAYOUT:  # agreement with the exact ranking, off the clock
+                    row.recall = clients[path].reprefill(prefixes[0], self._query(), policy=policy, budget=budget,
+                                                         period=self.args.period, sub_period=self.args.sub_period,
+                                                         evaluate_recall=True, timeout=3600).recall
+                if row.page_cache_reads:
+                    _progress(f"warning: {row.page_cache_reads} reads went through the page cache: "
+                              "the row is marked and left out of the ratios")
+                if path == "shm" and not row.bytes_shm:
+                    raise RuntimeError(f"{policy} {budget:g} over shm: the cache server sent no record through "
+                                       "shared memory")
+                rows.append(row)
         return rows
+
+    def _ask_into(self, row: Row, cache: launch.ServiceProcess, client: ContiguousKVClient, prefix: str,
+                  query: list[int], policy: str, budget: float) -> None:
+        """One measured request, added to ``row`` with the cache server's counters around it."""
+        before = _stats(cache.address)
+        r = client.reprefill(prefix, query, policy=policy, budget=budget, period=self.args.period,
+                             sub_period=self.args.sub_period, measure_floor=True, timeout=3600)
+        after = _stats(cache.address)
+        row.ttft_ms.append(r.timings.ttft_ms)
+        row.io_wait_ms.append(r.timings.fetch_wait_ms)
+        row.compute_ms.append(r.timings.compute_ms)
+        row.ident_wait_ms.append(sum(t.ident_wait_ms for t in r.timings.layers))
+        row.resident_ms.append(r.timings.resident_compute_ms)
+        row.overhead_ms.append(r.timings.overhead_ms)
+        row.bytes_fetched += r.bytes_fetched
+        row.bytes_kv += r.bytes_kv
+        row.bytes_identification += r.bytes_identification
+        row.layers = [(t.wait_ms, t.compute_ms) for t in r.timings.layers]
+        row.bytes_from_disk += after.bytes_read_from_disk - before.bytes_read_from_disk
+        row.bytes_from_dram += after.bytes_served_from_dram - before.bytes_served_from_dram
+        row.bytes_requested_from_disk += after.bytes_requested_from_disk - before.bytes_requested_from_disk
+        row.page_cache_reads += after.buffered_reads - before.buffered_reads
+        row.bytes_shm += after.bytes_served_shm - before.bytes_served_shm
 
     def run(self) -> tuple[list[Row], dict[str, float], dict[str, object]]:
         warm = self.args.warm_prefixes
         cache = self._cache(dram_bytes=0)
-        rows: list[Row] = []
-        try:
-            for path in self.paths:  # one compute server per data path, side by side on the same store
-                compute = self._compute(cache.address, ident_cache=False, path=path)  # cold: no resident ident data
-                try:
-                    with ContiguousKVClient(compute.address, timeout=3600) as client:
-                        if not rows:
-                            info = client.model_info()
-                            self.vocab = info.vocab_size
-                            self.policies = resolve(self.requested, info)
-                            self.register(client, max(1, warm))
-                            gbps = self._disk()
-                        rows += self.measure(cache, client, "cold", self.prefixes[:1], self.args.repeats, path)
-                finally:
-                    compute.stop()
+        computes: dict[str, launch.ServiceProcess] = {}
+        try:  # one compute server per data path, running side by side on the same store
+            for path in self.paths:  # cold: no resident identification data
+                computes[path] = self._compute(cache.address, ident_cache=False, path=path)
+            with contextlib.ExitStack() as stack:
+                clients = {path: stack.enter_context(ContiguousKVClient(c.address, timeout=3600))
+                           for path, c in computes.items()}
+                first = clients[self.paths[0]]
+                info = first.model_info()
+                self.vocab = info.vocab_size
+                self.policies = resolve(self.requested, info)
+                self.register(first, max(1, warm))
+                gbps = self._disk()
+                rows = self.measure(cache, clients, "cold", self.prefixes[:1], self.args.repeats)
         finally:
+            for compute in computes.values():
+                compute.stop()
             cache.stop()
         try:
             if warm:
@@ -309,10 +320,11 @@ class Bench:
                 try:
                     with ContiguousKVClient(compute.address, timeout=3600) as client:
                         for prefix in stream:  # warm-up pass fills the DRAM cache
-                            self._ask(client, prefix, policy, b)
+                            client.reprefill(prefix, self._query(), policy=policy, budget=b, period=self.args.period,
+                                             sub_period=self.args.sub_period, timeout=3600)
                         saved = self.policies, self.budgets
                         self.policies, self.budgets = [policy_info], [b]
-                        rows += self.measure(cache, client, "warm", stream, len(stream))
+                        rows += self.measure(cache, {"grpc": client}, "warm", stream, len(stream))
                         self.policies, self.budgets = saved
                 finally:
                     compute.stop()
@@ -381,7 +393,18 @@ def _suite(args: argparse.Namespace) -> list[tuple[str, int]]:
     if args.gpu_suite:
         args.device, args.dtype = "cuda", "bfloat16"
         return list(GPU_SUITE)
-    return [(args.model, args.prefix_tokens)]
+    return [(args.model, tokens) for tokens in _lengths(args.prefix_tokens)]
+
+
+def _lengths(text: str | int) -> list[int]:
+    """``--prefix-tokens``: one length or a comma-separated list, each at least 1."""
+    try:
+        lengths = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise SystemExit(f"--prefix-tokens: {text!r} is not a list of token counts") from None
+    if not lengths or min(lengths) < 1:
+        raise SystemExit(f"--prefix-tokens: {text!r}: give at least one positive count")
+    return lengths
 
 
 def run(args: argparse.Namespace) -> int:
