@@ -10,9 +10,9 @@ whole records, every record's CRC-32 matches) before its bytes are used, and bec
 (:meth:`PlaneStreamState.finish`) the server is told which slots are still held; every other slot
 lent to the stream (descriptors that never arrived) is free again.
 
-The CRC-32s are computed holding the GIL (:func:`~contiguouskv.common.checksum.crc32`): releasing
-it per record, on the event loop, handed the GIL back and forth with the compute thread, whose many
-small operations then each waited for it (a Re-Prefill of ``contiguous+`` took 1.7x as long).
+The CRC-32s are computed holding the GIL (:func:`~contiguouskv.common.checksum.crc32`, in pieces of
+5 KiB): releasing it for every record on the event loop would hand the GIL back and forth with the
+compute thread, as it did between the cache server's read threads and its event loop.
 
 Releases and ends may come from any thread (the compute thread releases a layer's records); the
 socket carries one message per datagram, sent under a lock. The plane is *dead* once the socket
