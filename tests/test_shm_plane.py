@@ -237,6 +237,28 @@ def test_every_bad_descriptor_is_refused_before_its_bytes_are_used(cache: launch
         plane.close()
 
 
+def test_past_half_the_slots_held_a_batch_is_copied_out_and_its_slot_given_back(
+        cache: launch.ServiceProcess, socket_path: str) -> None:
+    plane = _client_plane(socket_path)  # 4 slots: at most 2 held before batches are copied out
+    try:
+        state = plane.stream()
+        zeros = crc32_any_size(bytes(1024)).to_bytes(4, "little")
+        kept = [state.receive(_batch(ShmRef(slot, 0, 1024, zeros), 1)) for slot in (0, 1)]
+        assert all(b.lease is not None for b in kept) and state.held == 2 and state.bytes_copied == 0
+        copied = state.receive(_batch(ShmRef(2, 0, 1024, zeros), 1))
+        assert copied.lease is None and bytes(copied.data) == bytes(1024)
+        assert not copied.data.readonly  # a private, writable copy: the slot went back at once
+        assert state.held == 2 and state.bytes_copied == 1024
+        for batch in kept:
+            assert batch.lease is not None
+            batch.lease.release()
+        assert state.held == 0
+        again = state.receive(_batch(ShmRef(3, 0, 1024, zeros), 1))
+        assert again.lease is not None  # room again: leased in place
+    finally:
+        plane.close()
+
+
 def test_a_control_message_that_breaks_the_protocol_ends_only_that_plane(cache: launch.ServiceProcess,
                                                                         socket_path: str) -> None:
     for message in (b"not json", proto.encode(proto.RELEASE, stream=1, slots=[3]),

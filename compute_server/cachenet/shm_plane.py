@@ -6,7 +6,8 @@ process's uid (``SO_PEERCRED``) and hands it the buffer. Each Fetch stream opene
 a :class:`PlaneStreamState` (:meth:`ShmPlane.stream`); every ``ShmSlice`` descriptor arriving on it
 is checked (:meth:`PlaneStreamState.receive`: the slot is in range, not already held, the length is
 whole records, every record's CRC-32 matches) before its bytes are used, and becomes a
-:class:`SlotLease` that gives the slot back when released. When the stream ends
+:class:`SlotLease` that gives the slot back when released; while more than half of the slots are
+held, a batch is copied out instead and its slot given back at once. When the stream ends
 (:meth:`PlaneStreamState.finish`) the server is told which slots are still held; every other slot
 lent to the stream (descriptors that never arrived) is free again.
 
@@ -58,6 +59,7 @@ class ShmPlane:
         self._lock = threading.Lock()
         self._streams = itertools.count(1)
         self._alive = True
+        self._held = 0  # slots held by all streams together
 
     @classmethod
     def connect(cls, path: str, slots: int, slot_bytes: int) -> ShmPlane:
@@ -103,6 +105,12 @@ class ShmPlane:
                     self._sock.close()
             return self._alive
 
+    def hold(self, delta: int) -> bool:
+        """Count ``delta`` slots held (or given back); True while at most half the slots are held."""
+        with self._lock:
+            self._held += delta
+            return self._held <= self.slots // 2
+
     def stream(self) -> PlaneStreamState:
         """A fresh stream id and its bookkeeping, for one Fetch stream."""
         return PlaneStreamState(self, next(self._streams))
@@ -147,6 +155,7 @@ class PlaneStreamState:
         self._held: set[int] = set()
         self._finished = False
         self.bytes_received = 0
+        self.bytes_copied = 0  # of those, copied out of a slot because the buffer was more than half held
 
     def receive(self, batch: FetchBatch) -> FetchBatch:
         """Point ``batch.data`` at its checked records in shared memory and give it a lease.
@@ -173,6 +182,14 @@ class PlaneStreamState:
                 raise PlaneError(f"checksum mismatch in shared memory: region {batch.region!r}, "
                                  f"record {batch.indices[k]} (slot {ref.slot})")
         self.bytes_received += ref.length
+        if not self.plane.hold(1):
+            # More than half the buffer is held (a request holds slots until its layers are done):
+            # copy this batch out and give the slot back at once, so the server keeps a free slot
+            # rather than falling back to bytes over gRPC. One copy, still none over the socket.
+            batch.data = memoryview(bytearray(data))
+            self.bytes_copied += ref.length
+            self._give_back(ref.slot)
+            return batch
         batch.data = data
         batch.lease = SlotLease(self, ref.slot)
         return batch
@@ -182,6 +199,7 @@ class PlaneStreamState:
             if slot not in self._held:
                 return
             self._held.discard(slot)
+        self.plane.hold(-1)
         self.plane.send(proto.RELEASE, stream=self.id, slots=[slot])
 
     def finish(self) -> None:
