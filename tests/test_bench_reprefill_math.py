@@ -56,3 +56,18 @@ def test_speedups_compare_one_path_and_budget_and_leave_page_cache_rows_out() ->
     assert contiguous == {"full": 4.0, "contiguous+": 0.8}  # not impress (page cache), not shm, not budget 0.1
     assert rows[3]["speedup"] == {}  # a page-cache row compares with nothing
     assert rows[4]["speedup_over_grpc"] == 2.0 and "speedup_over_grpc" not in rows[1]
+
+
+def test_rows_of_two_start_orders_merge_into_one_row_per_cell_and_path() -> None:
+    from contiguouskv.bench.reprefill import _merged
+
+    first = [_row(ttft_ms=[1.0], io_wait_ms=[0.1], bytes_from_disk=10, path="grpc"),
+             _row(ttft_ms=[2.0], io_wait_ms=[0.2], bytes_from_disk=20, path="shm")]
+    second = [_row(ttft_ms=[3.0], io_wait_ms=[0.3], bytes_from_disk=30, path="shm", recall=0.5),
+              _row(ttft_ms=[4.0], io_wait_ms=[0.4], bytes_from_disk=40, path="grpc")]
+    merged = {r.path: r for r in _merged(first, second)}
+    assert len(merged) == 2
+    assert merged["grpc"].ttft_ms == [1.0, 4.0] and merged["grpc"].bytes_from_disk == 50
+    assert merged["shm"].ttft_ms == [2.0, 3.0] and merged["shm"].bytes_from_disk == 50 and merged["shm"].recall == 0.5
+    # per run, bytes are the mean over both orders' runs
+    assert merged["shm"].summary(GBPS, "128KiB")["bytes_from_disk"] == 25
