@@ -88,4 +88,20 @@ def _converse(address: str, essays: int) -> int:
     print(f"{'question':<40}{'policy':>16}{'TTFT ms':>10}{'wait ms':>10}{'compute ms':>12}{'MiB read':>10}")
     for q, policy, ttft, wait, comp, nbytes in rows:
         print(f"{q:<40}{policy:>16}{ttft:>10.0f}{wait:>10.0f}{comp:>12.0f}{nbytes / 2**20:>10.2f}")
+    print(_regime_note(rows, prefix.num_tokens, info.device))
     return 0
+
+
+def _regime_note(rows: list[tuple[str, str, float, float, float, int]], tokens: int, device: str) -> str:
+    """One paragraph on why selection does or does not pay here, from this run's own numbers."""
+    full = [r for r in rows if r[1] == "full"]
+    wait = sum(r[3] for r in full) / max(1, len(full))
+    compute = sum(r[4] for r in full) / max(1, len(full))
+    mib = sum(r[5] for r in full) / max(1, len(full)) / 2**20
+    share = wait / (wait + compute) if wait + compute else 0.0
+    return (f"\nWhere `full`'s time went: loading all {mib:.1f} MiB of this {tokens:,}-token prefix's KV kept it "
+            f"waiting {wait:.0f} ms on average, against {compute:.0f} ms of compute on the {device} ({share:.0%} "
+            f"waiting). Selection can only save the waiting share and spends compute of its own to choose, so "
+            f"on a short prefix it gains little. It pays where reading dominates: long prefixes, models with "
+            f"heavy KV, cold NVMe, a GPU. `contiguouskv bench` (random:kvheavy, 16K tokens) measures that regime; "
+            f"docs/benchmarks.md has its results.")
