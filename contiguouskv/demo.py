@@ -86,7 +86,7 @@ def _converse(address: str, essays: int) -> int:
                 rows.append((question[:38], label, r.timings.ttft_ms, r.timings.fetch_wait_ms,
                              r.timings.compute_ms, r.bytes_fetched))
             print()
-    print(f"model {info.name} ({info.dtype}, {info.device}); time to first token per request:")
+    print(f"model {info.name} (KV stored as {info.dtype}, {info.device}); time to first token per request:")
     print(f"{'question':<40}{'policy':>16}{'TTFT ms':>10}{'wait ms':>10}{'compute ms':>12}{'MiB read':>10}")
     for q, policy, ttft, wait, comp, nbytes in rows:
         print(f"{q:<40}{policy:>16}{ttft:>10.0f}{wait:>10.0f}{comp:>12.0f}{nbytes / 2**20:>10.2f}")
