@@ -97,6 +97,9 @@ def test_preset_shapes_match_the_real_models() -> None:
     heavy = get_preset("kvheavy").to_config()
     assert (heavy.num_hidden_layers, heavy.num_key_value_heads, heavy.head_dim) == (28, 4, 128)
     assert heavy.max_position_embeddings == 131072
+    grouped = get_preset("kvheavy-gqa").to_config()  # 7B's KV geometry and its 7 query heads per KV head
+    assert (grouped.num_hidden_layers, grouped.num_attention_heads, grouped.num_key_value_heads,
+            grouped.head_dim) == (28, 28, 4, 128)
     fourteen = get_preset("qwen2.5-14b").to_config()
     assert (fourteen.num_hidden_layers, fourteen.hidden_size, fourteen.num_key_value_heads) == (48, 5120, 8)
 

@@ -95,6 +95,10 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
             # Qwen2.5-7B's KV geometry (28 layers x 4 KV heads x 128) on a small body: the KV
             # bytes per token of 7B at a fraction of its compute.
             Preset("kvheavy", 28, 512, 4, 4, 128, 1024, 32000, 131072),
+            # The same KV geometry with 7B's grouped heads (28 query heads over 4 KV heads): IMPRESS's
+            # three probe heads then share one KV head, so its probe copy is 1/4 of a layer's keys, as
+            # on the real 7B (on kvheavy, 4 query heads over 4 KV heads, it is 3/4).
+            Preset("kvheavy-gqa", 28, 512, 28, 4, 128, 1024, 32000, 131072),
             # Fast tests. A large init range separates logits so top-1 survives float round-off.
             Preset("tiny", 4, 64, 4, 2, 16, 128, 512, 4096, initializer_range=0.2),
         )
