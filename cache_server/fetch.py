@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import concurrent.futures
 import dataclasses
 import heapq
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from concurrent.futures import Executor
 
 from contiguouskv.cache_server.assemble import Batch, BatchAssembler
@@ -252,69 +253,61 @@ class FetchSession:
         by_disk = self._max_read_bytes // stride
         return min(len(request.indices), request.planned + max(1, min(by_payload, by_disk)))
 
-    def _build(self, request: _StreamRead, indices: list[int], done: bool) -> Batch:
+    @contextlib.contextmanager
+    def _reading(self, request: _StreamRead, count: int) -> Iterator[telemetry.Span]:
+        """The ``read records`` span of one batch and the ``inflight_reads`` gauge around it."""
         span = tracer.start(telemetry.SPAN_READ_RECORDS, {
-            telemetry.ATTR_REGION: request.region.name, telemetry.ATTR_RECORDS: len(indices)}, parent=self._span)
+            telemetry.ATTR_REGION: request.region.name, telemetry.ATTR_RECORDS: count}, parent=self._span)
         self._counters.add(inflight_reads=1)
         try:
-            batch = self._assembler.build(request.tag, request.region, indices, done)
-            span.set_attribute(telemetry.ATTR_BYTES, batch.payload_bytes)
-            return batch
+            yield span
         except Exception as exc:
             telemetry.mark_error(span, exc)
             raise
         finally:
             self._counters.add(inflight_reads=-1)
             span.end()
+
+    def _build(self, request: _StreamRead, indices: list[int], done: bool) -> Batch:
+        with self._reading(request, len(indices)) as span:
+            batch = self._assembler.build(request.tag, request.region, indices, done)
+            span.set_attribute(telemetry.ATTR_BYTES, batch.payload_bytes)
+            return batch
 
     def _build_into(self, request: _StreamRead, indices: list[int], done: bool, slot: int,
                     cached: list[bytes | None]) -> Batch:
         """The batch written into shared-memory ``slot`` (:meth:`BatchAssembler.build_into`): on the read
         pool when records must come from disk, on the event loop when ``cached`` holds them all."""
         assert self._plane is not None
-        span = tracer.start(telemetry.SPAN_READ_RECORDS, {
-            telemetry.ATTR_REGION: request.region.name, telemetry.ATTR_RECORDS: len(indices)}, parent=self._span)
-        self._counters.add(inflight_reads=1)
-        try:
+        with self._reading(request, len(indices)) as span:
             dest = self._plane.view(slot, len(indices) * request.region.record_size)
             batch = self._assembler.build_into(request.tag, request.region, indices, done, dest, slot, cached)
             span.set_attribute(telemetry.ATTR_BYTES, batch.payload_bytes)
             return batch
-        except Exception as exc:
-            telemetry.mark_error(span, exc)
-            raise
-        finally:
-            self._counters.add(inflight_reads=-1)
-            span.end()
 
     async def _build_into_helped(self, item: _InFlight, indices: list[int], runs: list[Run],
                                  cached: list[bytes | None]) -> Batch:
-        """The batch a read helper reads into ``item``'s slot (O_DIRECT, CRC-checked by the helper)."""
+        """The batch a read helper reads into ``item``'s slot (O_DIRECT, CRC-checked by the helper), or
+        a read-pool thread when no helper could take it."""
         assert self._plane is not None and self._helpers is not None and item.slot is not None
         request, slot, layout = item.request, item.slot, item.request.region
-        span = tracer.start(telemetry.SPAN_READ_RECORDS, {
-            telemetry.ATTR_REGION: layout.name, telemetry.ATTR_RECORDS: len(indices)}, parent=self._span)
-        self._counters.add(inflight_reads=1)
-        try:
+        with self._reading(request, len(indices)) as span:
             with self._reader.pinned() as fd:
                 try:
                     item.work = self._helpers.read_into(self._plane.key, self._plane.offset(slot), fd, runs,
                                                         layout.stride, layout.record_size)
-                except OSError:  # no helper could take it: a read-pool thread writes the slot instead
-                    work = self._executor.submit(self._build_into, request, indices, item.done, slot, cached)
-                    item.work = work
-                    return await asyncio.wrap_future(work)
-                report = await asyncio.shield(item.work)
-            dest = self._plane.view(slot, len(indices) * layout.record_size)
-            batch = self._assembler.finish_into(request.tag, layout, indices, item.done, dest, slot, runs, report)
-            span.set_attribute(telemetry.ATTR_BYTES, batch.payload_bytes)
-            return batch
-        except Exception as exc:
-            telemetry.mark_error(span, exc)
-            raise
-        finally:
-            self._counters.add(inflight_reads=-1)
-            span.end()
+                except OSError:
+                    item.work = None
+                report = await asyncio.shield(item.work) if item.work is not None else None
+            if report is not None:
+                dest = self._plane.view(slot, len(indices) * layout.record_size)
+                batch = self._assembler.finish_into(request.tag, layout, indices, item.done, dest, slot, runs,
+                                                    report)
+                span.set_attribute(telemetry.ATTR_BYTES, batch.payload_bytes)
+                return batch
+        work = self._executor.submit(self._build_into, request, indices, item.done, slot, cached)
+        item.work = work
+        return await asyncio.wrap_future(work)
 
     def _drop_slot_when_written(self, item: _InFlight) -> None:
         """Free ``item``'s slot, unsent, once no thread writes it any more."""
@@ -338,24 +331,13 @@ class FetchSession:
     async def _build_helped(self, request: _StreamRead, indices: list[int], done: bool) -> Batch:
         """The batch, read by a helper process, or on the read pool when no helper slot is free."""
         assert self._helpers is not None
-        span = tracer.start(telemetry.SPAN_READ_RECORDS, {
-            telemetry.ATTR_REGION: request.region.name, telemetry.ATTR_RECORDS: len(indices)}, parent=self._span)
-        self._counters.add(inflight_reads=1)
-        try:
+        with self._reading(request, len(indices)) as span:
             batch = await self._assembler.build_in_helper(self._helpers, request.tag, request.region, indices, done)
-        except Exception as exc:
-            telemetry.mark_error(span, exc)
-            raise
-        else:
             if batch is not None:
-                span.set_attribute(telemetry.ATTR_BYTES, len(batch.wire) - batch.data_offset)
-        finally:
-            self._counters.add(inflight_reads=-1)
-            span.end()
-        if batch is None:
-            loop = asyncio.get_running_loop()
-            batch = await loop.run_in_executor(self._executor, self._build, request, indices, done)
-        return batch
+                span.set_attribute(telemetry.ATTR_BYTES, batch.payload_bytes)
+                return batch
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._build, request, indices, done)
 
     async def _finish_read(self, item: _InFlight) -> Batch | None:
         request = item.request

@@ -286,8 +286,15 @@ def test_a_hello_that_lies_about_its_buffer_is_refused(cache: launch.ServiceProc
     assert answer["op"] == proto.ERROR and "holds 4096 bytes, not the 16384" in answer["message"]
 
 
+def test_the_socket_and_its_directory_belong_to_the_server_s_user_alone(socket_path: str,
+                                                                       cache: launch.ServiceProcess) -> None:
+    info = os.stat(socket_path)
+    assert info.st_mode & 0o777 == 0o600 and info.st_uid == os.getuid()
+    assert os.stat(Path(socket_path).parent).st_mode & 0o777 == 0o700
+
+
 def test_the_socket_admits_only_the_servers_own_user(tmp_path: Path) -> None:
-    if os.getuid() != 0:
+    if os.getuid() != 0:  # the file modes are checked without root by the test above
         pytest.skip("connecting as another user needs root to switch users")
     outer = Path(tempfile.mkdtemp(prefix="ckv-shm-perm-"))  # traversable by others, unlike tmp_path
     os.chmod(outer, 0o711)
