@@ -13,8 +13,10 @@ from contiguouskv.compute_server.kvio.identcache import IdentCache
 from contiguouskv.compute_server.layouts.contiguous import QKEY_BITS, QKEY_GROUP, ContiguousLayout
 from contiguouskv.compute_server.layouts.contiguous_codec import ContiguousCodec, chunk_minmax
 from contiguouskv.compute_server.layouts.tensors import as_bytes
-from contiguouskv.compute_server.selection.chunks import exact_chunk_scores, quest_chunk_scores, select_top
-from contiguouskv.compute_server.selection.keyquant import dequantize_keys, quantize_keys, quantized_bytes
+from contiguouskv.compute_server.selection.chunks import Workspace, exact_chunk_scores, quest_chunk_scores, select_top
+from contiguouskv.compute_server.selection.keyquant import (
+    dequantize_keys, dequantized_shape, quantize_keys, quantized_bytes,
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -54,6 +56,65 @@ def test_least_squares_levels_never_do_worse_than_min_max(n: int, bits: int, gro
     assert err["lloyd"] <= err["minmax"] * 1.0001 + 1e-6
     if bits == 1 and n >= 64:  # at 1 bit the means of either side beat the extremes by far
         assert err["lloyd"] < 0.7 * err["minmax"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 300), kv_heads=st.integers(1, 3), bits=st.sampled_from([1, 2, 4, 8]),
+       group=st.sampled_from([8, 64, 128]), seed=st.integers(0, 1000))
+def test_decoding_into_a_reused_buffer_matches_a_fresh_decode(n: int, kv_heads: int, bits: int, group: int,
+                                                              seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    first, second = (quantize_keys(torch.randn(kv_heads, n, 8, generator=gen) * 3, bits, group) for _ in range(2))
+    buffer = torch.full(dequantized_shape(n, kv_heads, 8, group), float("nan"))  # stale contents must not leak
+    for record in (first, second):  # the second decode overwrites the first in the same buffer
+        into = dequantize_keys(record, n, kv_heads, 8, bits, group, out=buffer)
+        assert into.data_ptr() == buffer.data_ptr() and into.shape == (kv_heads, n, 8)
+        # reference: unpack slot by slot with plain shifts, scale, then reorder (the record format)
+        per_byte, groups = 8 // bits, -(-n // group)
+        split = groups * kv_heads * 4 * 8
+        scales = record[:split].view(torch.float16).view(groups, kv_heads, 2, 8).float()
+        packed = record[split:].view(groups, kv_heads, group // per_byte, 8)
+        codes = torch.stack([(packed >> (i * bits)) & ((1 << bits) - 1) for i in range(per_byte)], dim=3)
+        ref = scales[:, :, 0:1] + codes.view(groups, kv_heads, group, 8).float() * scales[:, :, 1:2]
+        assert torch.equal(into, ref.transpose(0, 1).reshape(kv_heads, groups * group, 8)[:, :n])
+        assert torch.equal(into, dequantize_keys(record, n, kv_heads, 8, bits, group))
+
+
+def test_decoding_rejects_a_wrong_buffer() -> None:
+    record = quantize_keys(torch.randn(2, 70, 8), 2, 64)
+    for bad in (torch.empty(2, 70, 8), torch.empty(2, 128, 8, dtype=torch.float16),
+                torch.empty(8, 128, 2).transpose(0, 2)):
+        with pytest.raises(ValueError, match="out must be"):
+            dequantize_keys(record, 70, 2, 8, 2, 64, out=bad)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 200), t=st.integers(1, 9), kv_heads=st.sampled_from([1, 2]), groups=st.sampled_from([1, 3]),
+       seed=st.integers(0, 1000), half=st.booleans())
+def test_exact_scores_equal_the_materialised_softmax(n: int, t: int, kv_heads: int, groups: int, seed: int,
+                                                     half: bool) -> None:
+    """The in-place scoring (row max, exp in the logits buffer, one matrix-vector product per KV
+    head) against the paper's definition written out: softmax over [prefix ; causal self] per query
+    head and token, prefix columns summed over heads and tokens, then per chunk."""
+    gen = torch.Generator().manual_seed(seed)
+    heads, d, scale = kv_heads * groups, 8, 0.4
+    lay = ContiguousLayout(num_tokens=n, num_layers=1, num_kv_heads=kv_heads, head_dim=d, dtype="float32", chunk_size=4)
+    q, k_self = torch.randn(heads, t, d, generator=gen) * 2, torch.randn(kv_heads, t, d, generator=gen) * 2
+    keys = torch.randn(kv_heads, n, d, generator=gen) * 2
+    if half:  # stored-dtype keys are converted through the workspace
+        keys = keys.to(torch.bfloat16)
+    mass = torch.zeros(n, dtype=torch.float64)
+    for h in range(heads):
+        kv = h // groups
+        logits = torch.cat([q[h].double() @ keys[kv].double().T,
+                            (q[h].double() @ k_self[kv].double().T).masked_fill(
+                                torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))], dim=1) * scale
+        mass += torch.softmax(logits, dim=1)[:, :n].sum(dim=0)
+    ref = torch.nn.functional.pad(mass, (0, lay.num_chunks * 4 - n)).view(-1, 4).sum(dim=1)
+    workspace = Workspace()
+    for _ in range(2):  # the second call reuses (and must overwrite) the first call's scratch
+        got = exact_chunk_scores(lay, q, k_self, keys, scale, workspace)
+        assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_quantisation_rejects_bad_arguments() -> None:

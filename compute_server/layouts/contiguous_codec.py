@@ -18,7 +18,7 @@ from contiguouskv.compute_server.layouts.base import KVGeometry, KVRecord, Layou
 from contiguouskv.compute_server.layouts.contiguous import LAYOUT_KIND, QUANTIZED_KEYS, ContiguousLayout
 from contiguouskv.compute_server.layouts.tensors import TORCH_DTYPES, Payload, as_bytes, batches, frombuffer
 from contiguouskv.compute_server.selection.importance import window_importance
-from contiguouskv.compute_server.selection.keyquant import dequantize_keys, quantize_keys
+from contiguouskv.compute_server.selection.keyquant import dequantize_keys, dequantized_shape, quantize_keys
 
 
 def _chunked(layout: ContiguousLayout, k: torch.Tensor) -> torch.Tensor:
@@ -168,15 +168,22 @@ class ContiguousCodec(LayoutCodec[ContiguousLayout]):
         return to_device_now(view, device)
 
     def qkeys(self, record: memoryview | bytes, device: torch.device | str = "cpu",
-              kind: str = "qkeys") -> torch.Tensor:
+              kind: str = "qkeys", out: torch.Tensor | None = None) -> torch.Tensor:
         """A quantised key record (``qkeys``, ``qkeys1``) -> the layer's keys dequantised, float32
-        ``[kv_heads, n, d]`` on ``device`` (the packed bytes cross to the device; decoding runs there)."""
+        ``[kv_heads, n, d]`` on ``device`` (the packed bytes cross to the device; decoding runs there),
+        decoded into ``out`` when given (see :meth:`qkeys_buffer`)."""
         lay = self.geometry
         bits, group, _ = QUANTIZED_KEYS[kind]
         packed = to_device_now(frombuffer(record, torch.uint8), device)
         if packed.device.type == "cpu":  # a view at whatever alignment the bytes arrived with: the
             packed = packed.clone()      # unpacking ran 2-6x slower on it than on torch's aligned copy
-        return dequantize_keys(packed, lay.num_tokens, lay.num_kv_heads, lay.head_dim, bits, group)
+        return dequantize_keys(packed, lay.num_tokens, lay.num_kv_heads, lay.head_dim, bits, group, out=out)
+
+    def qkeys_buffer(self, device: torch.device | str = "cpu", kind: str = "qkeys") -> torch.Tensor:
+        """A buffer :meth:`qkeys` can decode a layer's ``kind`` record into, on ``device``."""
+        lay = self.geometry
+        shape = dequantized_shape(lay.num_tokens, lay.num_kv_heads, lay.head_dim, QUANTIZED_KEYS[kind][1])
+        return torch.empty(shape, dtype=torch.float32, device=device)
 
     def minmax(self, record: memoryview | bytes, device: torch.device | str = "cpu") -> torch.Tensor:
         """A ``minmax`` record -> per-chunk min and max key ``[m, kv_heads, 2, d]`` on ``device``."""

@@ -15,4 +15,4 @@ class ContiguousPolicy(PeriodicPolicy):
 
     def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         keys = self._layer_keys(self._ident.pop(start))
-        return exact_chunk_scores(self.chunks, q, k, keys, self.projector.scaling)
+        return exact_chunk_scores(self.chunks, q, k, keys, self.projector.scaling, self.workspace)

@@ -63,29 +63,51 @@ class IdentifiedPolicy(PeriodicPolicy):
     def _ident_data(self, start: int) -> torch.Tensor:
         """Layer ``start``'s identification data on the compute device, decoded once."""
         if start not in self._decoded:
-            self._decoded[start] = self._decode(self._wait_blob(self._ident.pop(start)))
+            self._decoded[start] = self._decode(start, self._wait_blob(self._ident.pop(start)))
         return self._decoded[start]
 
     def _choose(self, start: int, q: torch.Tensor, k: torch.Tensor) -> None:
         super()._choose(start, q, k)
-        self._decoded.pop(start, None)  # scored for good: free it
+        self._done_with(start)  # scored for good: free it
+
+    def _done_with(self, start: int) -> None:
+        """Layer ``start``'s decoded identification data is no longer needed."""
+        self._decoded.pop(start, None)
 
     @abc.abstractmethod
-    def _decode(self, records: Records) -> torch.Tensor:
-        """A layer's identification records -> what :meth:`_score` scores with, on the compute device."""
+    def _decode(self, start: int, records: Records) -> torch.Tensor:
+        """Layer ``start``'s identification records -> what :meth:`_score` scores with, on the compute device."""
 
     def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return exact_chunk_scores(self.chunks, q, k, self._ident_data(start), self.projector.scaling)
+        return exact_chunk_scores(self.chunks, q, k, self._ident_data(start), self.projector.scaling, self.workspace)
 
 
 class ContiguousPlusPolicy(IdentifiedPolicy):
-    """2-bit keys per layer, speculated a layer early and corrected with the real query."""
+    """2-bit keys per layer, speculated a layer early and corrected with the real query.
+
+    Layers are decoded into buffers recycled as each layer is scored for good (at most two are
+    live: layer ``l``'s, and ``l + 1``'s decoded for speculation): a fresh float32 copy of a
+    layer's keys per layer cost more in page faults than the decoding itself (docs/performance.md).
+    """
 
     name = "contiguous+"
     ident_region = "qkeys"
 
-    def _decode(self, records: Records) -> torch.Tensor:
-        return self.codec.qkeys(records[0], device=self.projector.device, kind=self.ident_region)
+    def __init__(self, context: PolicyContext) -> None:
+        super().__init__(context)
+        self._buffers: dict[int, torch.Tensor] = {}  # layer -> the buffer its keys were decoded into
+        self._spare: list[torch.Tensor] = []
+
+    def _decode(self, start: int, records: Records) -> torch.Tensor:
+        device = self.projector.device
+        out = self._spare.pop() if self._spare else self.codec.qkeys_buffer(device, self.ident_region)
+        self._buffers[start] = out
+        return self.codec.qkeys(records[0], device=device, kind=self.ident_region, out=out)
+
+    def _done_with(self, start: int) -> None:
+        super()._done_with(start)
+        if (buffer := self._buffers.pop(start, None)) is not None:
+            self._spare.append(buffer)
 
 
 class OneBitPolicy(ContiguousPlusPolicy):
@@ -101,7 +123,7 @@ class QuestPolicy(IdentifiedPolicy):
     name = "contiguous+quest"
     ident_region = "minmax"
 
-    def _decode(self, records: Records) -> torch.Tensor:
+    def _decode(self, start: int, records: Records) -> torch.Tensor:
         return self.codec.minmax(records[0], device=self.projector.device)
 
     def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -115,5 +137,5 @@ class OraclePolicy(IdentifiedPolicy):
     ident_region = "idkeys"
     speculate = False
 
-    def _decode(self, records: Records) -> torch.Tensor:
+    def _decode(self, start: int, records: Records) -> torch.Tensor:
         return self.codec.layer_keys(records, device=self.projector.device)

@@ -30,7 +30,7 @@ from contiguouskv.compute_server.policies.base import (
     STATS_PRIORITY, LoadingPolicy, LoadUsage, PeriodChoice, PolicyContext, chunk_usage,
 )
 from contiguouskv.compute_server.policies.feedback import attention_report
-from contiguouskv.compute_server.selection.chunks import exact_chunk_scores, select_top
+from contiguouskv.compute_server.selection.chunks import Workspace, exact_chunk_scores, select_top
 
 
 class PeriodicPolicy(LoadingPolicy):
@@ -59,6 +59,7 @@ class PeriodicPolicy(LoadingPolicy):
         self._ident_wait = [0.0] * L
         self._recalls: dict[int, tuple[float, float]] = {}  # layer -> (set, mass) recall of the exact top-k
         self.periods: list[PeriodChoice] = []
+        self.workspace = Workspace()  # scoring scratch, reused layer after layer (request thread only)
 
     async def start_load_kv(self) -> None:
         stats = self.loader.start_blob("stats", [0], priority=STATS_PRIORITY)
@@ -144,7 +145,7 @@ class PeriodicPolicy(LoadingPolicy):
         """evaluate_recall: set and mass recall of ``chunks`` against the exact top-k at ``layer``."""
         records, _ = self.loader.wait_blob(self._eval.pop(layer))  # evaluation reads are not charged
         keys = self.codec.layer_keys(records, device=self.projector.device)
-        exact = exact_chunk_scores(self.chunks, q, k, keys, self.projector.scaling)
+        exact = exact_chunk_scores(self.chunks, q, k, keys, self.projector.scaling, self.workspace)
         top = select_top(exact, self.budget)
         mass = float(exact[top].sum())
         self._recalls[layer] = (len(set(top) & set(chunks)) / len(top),

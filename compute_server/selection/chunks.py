@@ -38,17 +38,55 @@ def _prefix_mass(prefix_logits: torch.Tensor, self_logits: torch.Tensor) -> torc
 
 
 def exact_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.Tensor,
-                       prefix_keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """Per-chunk attention mass [m] from all prefix keys of the layer (the paper's scoring)."""
-    heads, kv_heads = q.shape[0], prefix_keys.shape[0]
+                       prefix_keys: torch.Tensor, scale: float, workspace: Workspace | None = None) -> torch.Tensor:
+    """Per-chunk attention mass [m] from all prefix keys of the layer (the paper's scoring).
+
+    One KV head at a time (memory bounded by ``[groups * T, n]`` logits), in place: the logits
+    become ``exp(logit - row max)`` in their buffer and their row-normalised column sums are one
+    matrix-vector product, so a call allocates nothing of the prefix's size beyond that buffer
+    (taken from ``workspace`` when given: then not even that, after the first call).
+    """
+    heads, t, d = q.shape
+    kv_heads, n = prefix_keys.shape[0], prefix_keys.shape[1]
     groups = heads // kv_heads
-    self_logits = _self_logits(q, k_self, scale)
-    token_mass = torch.zeros(prefix_keys.shape[1], dtype=torch.float32, device=q.device)
-    for g in range(kv_heads):  # one KV head at a time bounds memory to [groups, T, n]
-        qg = q[g * groups : (g + 1) * groups].float()
-        logits = torch.matmul(qg, prefix_keys[g].float().T) * scale  # [groups, T, n]
-        token_mass += _prefix_mass(logits, self_logits[g * groups : (g + 1) * groups])
+    self_logits = _self_logits(q, k_self, scale).view(kv_heads, groups * t, t)
+    qf = q.float().view(kv_heads, groups * t, d)
+    workspace = workspace or Workspace()
+    logits = workspace.get("logits", (groups * t, n), q.device)
+    token_mass = torch.zeros(n, dtype=torch.float32, device=q.device)
+    for g in range(kv_heads):
+        keys = prefix_keys[g]
+        if keys.dtype != torch.float32:
+            keys = workspace.get("keys", (n, d), q.device).copy_(keys)
+        torch.matmul(qf[g], keys.T, out=logits)  # [groups * T, n]
+        logits.mul_(scale)
+        own = self_logits[g]  # [groups * T, T]
+        top = torch.maximum(logits.amax(dim=1), own.amax(dim=1)).unsqueeze(1)  # row max over [prefix ; self]
+        logits.sub_(top).exp_()
+        total = logits.sum(dim=1) + torch.exp(own - top).sum(dim=1)  # softmax denominators [groups * T]
+        token_mass.addmv_(logits.T, total.reciprocal_())
     return per_chunk(layout, token_mass)
+
+
+class Workspace:
+    """Scratch tensors reused across calls by one thread (a request's policy): a tensor of the
+    prefix's size allocated fresh per layer costs its page faults every time on a CPU."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], device: torch.device,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A float32 tensor of ``shape`` (contents undefined), reusing ``name``'s storage when big enough."""
+        size = math.prod(shape)
+        held = self._buffers.get(name)
+        if held is None or held.numel() < size or held.device != device or held.dtype != dtype:
+            held = self._buffers[name] = torch.empty(size, dtype=dtype, device=device)
+        return held[:size].view(shape)
+
+    def release(self) -> None:
+        """Free every buffer."""
+        self._buffers.clear()
 
 
 def _chunk_token_counts(layout: ContiguousLayout, device: torch.device) -> torch.Tensor:

@@ -95,19 +95,40 @@ def _error(k: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, codes: torch.T
     return (((back - k) ** 2) * real).sum(dim=2)
 
 
+def dequantized_shape(num_tokens: int, kv_heads: int, head_dim: int, group: int) -> tuple[int, int, int]:
+    """Shape of the buffer :func:`dequantize_keys` decodes into: whole groups, ``[kv_heads, G * group, d]``."""
+    return kv_heads, -(-num_tokens // group) * group, head_dim
+
+
 def dequantize_keys(record: torch.Tensor, num_tokens: int, kv_heads: int, head_dim: int, bits: int,
-                    group: int) -> torch.Tensor:
-    """A packed record (flat uint8, on any device) -> float32 keys ``[kv_heads, n, d]`` on that device."""
+                    group: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A packed record (flat uint8, on any device) -> float32 keys ``[kv_heads, n, d]`` on that device.
+
+    ``out``: a float32 buffer of :func:`dequantized_shape` on the record's device to decode into
+    (its first ``n`` tokens are returned, a view); reusing one saves the page faults of a fresh
+    ``[kv_heads, n, d]`` float32 tensor per layer, which cost more than the decoding itself on a
+    CPU (docs/performance.md). The codes are unpacked straight into the buffer in token order and
+    scaled in place: no full-size temporary.
+    """
     per_byte = _check(bits, group)
     expected = quantized_bytes(num_tokens, kv_heads, head_dim, bits, group)
     if record.dtype != torch.uint8 or record.numel() != expected:
         raise ValueError(f"qkeys record: expected {expected} uint8 bytes, got {record.numel()} {record.dtype}")
     groups, d = -(-num_tokens // group), head_dim
+    shape = dequantized_shape(num_tokens, kv_heads, head_dim, group)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=record.device)
+    elif tuple(out.shape) != shape or out.dtype != torch.float32 or out.device != record.device \
+            or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 {shape} tensor on {record.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
     split = groups * kv_heads * 2 * d * 2
-    scales = record[:split].view(torch.float16).view(groups, kv_heads, 2, d).float()
-    packed = record[split:].view(groups, kv_heads, group // per_byte, 1, d)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=record.device).view(1, 1, 1, per_byte, 1)
-    codes = (packed >> shifts) & ((1 << bits) - 1)  # [G, kv_heads, group/per_byte, per_byte, d]
-    codes = codes.view(groups, kv_heads, group, d).float()
-    keys = scales[:, :, 0:1] + codes * scales[:, :, 1:2]  # [G, kv_heads, group, d]
-    return keys.transpose(0, 1).reshape(kv_heads, groups * group, d)[:, :num_tokens]
+    scales = record[:split].view(torch.float16).view(groups, kv_heads, 2, d).transpose(0, 1).float()  # [kvH, G, 2, d]
+    packed = record[split:].view(groups, kv_heads, group // per_byte, d).transpose(0, 1)  # [kvH, G, g/pb, d]
+    codes = out.view(kv_heads, groups, group // per_byte, per_byte, d)  # token t of a group = byte t // pb, slot t % pb
+    mask = (1 << bits) - 1
+    for slot in range(per_byte):
+        codes[:, :, :, slot].copy_((packed >> (slot * bits)) & mask)
+    keys = out.view(kv_heads, groups, group, d)
+    keys.mul_(scales[:, :, 1:2]).add_(scales[:, :, 0:1])  # lo + code * step, as encoded
+    return out[:, :num_tokens]
