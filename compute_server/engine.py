@@ -21,6 +21,7 @@ import torch
 from contiguouskv.compute_server.errors import ComputeError
 from contiguouskv.compute_server.layouts.base import PrefilledPrefix
 from contiguouskv.compute_server.scheduler import LayerScheduler
+from contiguouskv.compute_server.workspace import Workspace
 
 TokenCallback = Callable[[int, int], None]
 """Called on the request's thread with (index, token id) as each token is computed; index 0 = first."""
@@ -149,6 +150,7 @@ class Engine:
         hidden = s.call(r.embed, torch.tensor(job.query_ids, device=device))
         out = QueryOutcome(token_id=-1)
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        scratch = None if job.max_new_tokens else Workspace()  # decoding keeps every layer's K/V
         for layer in range(r.num_layers):
             job.cancellation.check()
             t0 = time.perf_counter()
@@ -158,8 +160,7 @@ class Engine:
             pk, pv = pk.to(device=device, dtype=k.dtype), pv.to(device=device, dtype=v.dtype)
             if job.resident is not None:
                 job.resident.append((pk, pv))
-            keys = torch.cat([pk, k], dim=1)  # [kv_heads, s + T, d]
-            values = torch.cat([pv, v], dim=1)
+            keys, values = _joined(pk, k, scratch, "keys"), _joined(pv, v, scratch, "values")  # [kv_heads, s + T, d]
             hidden = s.finish(layer, hidden, q, keys, values, pk.shape[1])
             if job.max_new_tokens:
                 cache.append((keys, values))
@@ -182,10 +183,12 @@ class Engine:
         device = r.device
         positions = torch.arange(job.num_prefix, job.num_prefix + len(job.query_ids), device=device)
         hidden = s.call(r.embed, torch.tensor(job.query_ids, device=device))
+        scratch = Workspace()  # as answer() does it: the floor gets no allocation the answer did not have
         for layer, (pk, pv) in enumerate(job.resident):
             job.cancellation.check()
             q, k, v = s.project(layer, hidden, positions)
-            hidden = s.finish(layer, hidden, q, torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1), pk.shape[1])
+            keys, values = _joined(pk, k, scratch, "keys"), _joined(pv, v, scratch, "values")
+            hidden = s.finish(layer, hidden, q, keys, values, pk.shape[1])
         token = int(s.call(r.logits, hidden[-1:])[0].argmax())  # a host value: waits for the device
         return time.perf_counter() - start, token
 
@@ -244,3 +247,12 @@ class Engine:
             if job.on_token is not None:
                 job.on_token(len(out), token)
         return out
+
+
+def _joined(prefix: torch.Tensor, own: torch.Tensor, scratch: Workspace | None, name: str) -> torch.Tensor:
+    """``[prefix ; own]`` along tokens (``[kv_heads, s + T, d]``): in ``scratch``'s buffer ``name``
+    (valid until the next layer) when given, else a new tensor that may be kept (decoding)."""
+    if scratch is None:
+        return torch.cat([prefix, own], dim=1)
+    shape = (own.shape[0], prefix.shape[1] + own.shape[1], own.shape[2])
+    return torch.cat([prefix, own], dim=1, out=scratch.get(name, shape, own.device, own.dtype))

@@ -21,6 +21,7 @@ from contiguouskv.client import ContiguousKVClient, InvalidArgumentError
 from contiguouskv.compute_server.config import default_cache_dir
 from contiguouskv.compute_server.model.loading import load_model
 from contiguouskv.compute_server.model.runner import ModelRunner
+from contiguouskv.compute_server.policies.identified import IdentifiedPolicy
 from contiguouskv.compute_server.selection.keyquant import dequantize_keys, quantize_keys
 
 MODEL = "random:tiny"
@@ -137,8 +138,9 @@ def reference(runner: ModelRunner, prefix: list[int], query: list[int], budget: 
                 qs, ks = (q, k)
                 if method == "digest" and layer > 0:  # contiguous+digest: scored from the hidden state entering layer - 1
                     qs, ks, _ = runner.project(layer, entering[layer - 1], pos)
-                if policy in SPECULATIVE and layer > 0:
-                    qe, ke, _ = runner.project(layer, entering[layer - 1], pos)
+                if policy in SPECULATIVE and layer > 0:  # from the last SPECULATE_TOKENS query tokens only
+                    tail = slice(max(0, t - IdentifiedPolicy.SPECULATE_TOKENS), None)
+                    qe, ke, _ = runner.project(layer, entering[layer - 1][tail], pos[tail])
                     speculated.append(_top(_scores(method, runner, pre.keys[layer], qe, ke, n, budget), budget))
                 chosen = _top(_scores(method, runner, pre.keys[layer], qs, ks, n, budget), budget)
                 selections.append(chosen)
@@ -158,6 +160,7 @@ CASES = [  # prefix tokens, query tokens, budget, period, sub_period, seed
     (150, 12, 0.3, 2, 1, 1),
     (203, 5, 0.2, 1, 1, 2),
     (97, 30, 0.5, 4, 2, 3),
+    (180, 40, 0.2, 1, 1, 5),  # more query tokens than the speculation scores with
     (260, 9, 0.1, 2, 2, 4),
 ]
 

@@ -13,10 +13,11 @@ from contiguouskv.compute_server.kvio.identcache import IdentCache
 from contiguouskv.compute_server.layouts.contiguous import QKEY_BITS, QKEY_GROUP, ContiguousLayout
 from contiguouskv.compute_server.layouts.contiguous_codec import ContiguousCodec, chunk_minmax
 from contiguouskv.compute_server.layouts.tensors import as_bytes
-from contiguouskv.compute_server.selection.chunks import Workspace, exact_chunk_scores, quest_chunk_scores, select_top
+from contiguouskv.compute_server.selection.chunks import exact_chunk_scores, quest_chunk_scores, select_top
 from contiguouskv.compute_server.selection.keyquant import (
     dequantize_keys, dequantized_shape, quantize_keys, quantized_bytes,
 )
+from contiguouskv.compute_server.workspace import Workspace
 
 
 @settings(max_examples=60, deadline=None)

@@ -44,6 +44,11 @@ class IdentifiedPolicy(PeriodicPolicy):
     default_period = 1
     speculate: ClassVar[bool] = True
     """Ship layer ``l + 1``'s chunks from the hidden state entering ``l`` (then correct at ``l + 1``)."""
+    SPECULATE_TOKENS: ClassVar[int] = 16
+    """The speculation scores with the query's last this many tokens only. It only decides what is
+    read early: the real query (every token) then makes the selection, so the answer does not
+    depend on it, while its cost (a pass over all of a layer's identification keys per query
+    token) sat on the request's critical path every layer (docs/performance.md)."""
 
     def __init__(self, context: PolicyContext) -> None:
         super().__init__(context)
@@ -54,7 +59,8 @@ class IdentifiedPolicy(PeriodicPolicy):
         start = layer + 1
         if (self._speculates(start) and start < self.chunks.num_layers and start % self.params.period == 0
                 and start not in self._selected and start not in self._predicted):
-            q, k, _ = self.projector.project(start, hidden, positions)
+            tail = slice(max(0, hidden.shape[0] - self.SPECULATE_TOKENS), None)
+            q, k, _ = self.projector.project(start, hidden[tail], positions[tail])
             self._predict(start, select_top(self._score(start, q, k), self.budget))
 
     def _speculates(self, start: int) -> bool:

@@ -30,7 +30,8 @@ from contiguouskv.compute_server.policies.base import (
     STATS_PRIORITY, LoadingPolicy, LoadUsage, PeriodChoice, PolicyContext, chunk_usage,
 )
 from contiguouskv.compute_server.policies.feedback import attention_report
-from contiguouskv.compute_server.selection.chunks import Workspace, exact_chunk_scores, select_top
+from contiguouskv.compute_server.selection.chunks import exact_chunk_scores, select_top
+from contiguouskv.compute_server.workspace import Workspace
 
 
 class PeriodicPolicy(LoadingPolicy):

@@ -20,6 +20,7 @@ import torch
 
 from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
 from contiguouskv.compute_server.selection.importance import per_chunk
+from contiguouskv.compute_server.workspace import Workspace
 
 
 def _self_logits(q: torch.Tensor, k_self: torch.Tensor, scale: float) -> torch.Tensor:
@@ -66,27 +67,6 @@ def exact_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.
         total = logits.sum(dim=1) + torch.exp(own - top).sum(dim=1)  # softmax denominators [groups * T]
         token_mass.addmv_(logits.T, total.reciprocal_())
     return per_chunk(layout, token_mass)
-
-
-class Workspace:
-    """Scratch tensors reused across calls by one thread (a request's policy): a tensor of the
-    prefix's size allocated fresh per layer costs its page faults every time on a CPU."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], device: torch.device,
-            dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A float32 tensor of ``shape`` (contents undefined), reusing ``name``'s storage when big enough."""
-        size = math.prod(shape)
-        held = self._buffers.get(name)
-        if held is None or held.numel() < size or held.device != device or held.dtype != dtype:
-            held = self._buffers[name] = torch.empty(size, dtype=dtype, device=device)
-        return held[:size].view(shape)
-
-    def release(self) -> None:
-        """Free every buffer."""
-        self._buffers.clear()
 
 
 def _chunk_token_counts(layout: ContiguousLayout, device: torch.device) -> torch.Tensor:

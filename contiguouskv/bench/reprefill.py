@@ -109,6 +109,7 @@ class Row:
     page_cache_reads: int = 0  # reads the cache server made without O_DIRECT during the row
     resident_ms: list[float] = field(default_factory=list)  # the same query over resident K/V
     overhead_ms: list[float] = field(default_factory=list)  # TTFT - waits - resident compute
+    hit_rate: list[float] = field(default_factory=list)  # predicted chunks the request then selected
     layers: list[tuple[float, float]] = field(default_factory=list)
 
     def summary(self, gbps: dict[str, float], kv_request: str) -> dict[str, object]:
@@ -145,6 +146,7 @@ class Row:
             "io_wait_ms": statistics.median(self.io_wait_ms), "compute_ms": compute, "recall": self.recall,
             "ident_wait_ms": statistics.median(self.ident_wait_ms) if self.ident_wait_ms else 0.0,
             "ident_wait_share": (statistics.median(self.ident_wait_ms) / p50 if self.ident_wait_ms and p50 else 0.0),
+            "prediction_hit_rate": statistics.median(self.hit_rate) if self.hit_rate else None,
         }
 
 
@@ -158,7 +160,7 @@ def _merged(rows: list[Row], more: list[Row]) -> list[Row]:
         if into is None:
             out.append(r)
             continue
-        for name in ("ttft_ms", "io_wait_ms", "compute_ms", "ident_wait_ms", "resident_ms", "overhead_ms"):
+        for name in ("ttft_ms", "io_wait_ms", "compute_ms", "ident_wait_ms", "resident_ms", "overhead_ms", "hit_rate"):
             getattr(into, name).extend(getattr(r, name))
         for name in ("bytes_from_disk", "bytes_from_dram", "bytes_requested_from_disk", "bytes_fetched", "bytes_kv",
                      "bytes_identification", "bytes_shm", "page_cache_reads"):
@@ -286,6 +288,7 @@ class Bench:
         row.ident_wait_ms.append(sum(t.ident_wait_ms for t in r.timings.layers))
         row.resident_ms.append(r.timings.resident_compute_ms)
         row.overhead_ms.append(r.timings.overhead_ms)
+        row.hit_rate.append(r.prediction_hit_rate)
         row.bytes_fetched += r.bytes_fetched
         row.bytes_kv += r.bytes_kv
         row.bytes_identification += r.bytes_identification
