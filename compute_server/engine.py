@@ -160,7 +160,7 @@ class Engine:
             pk, pv = pk.to(device=device, dtype=k.dtype), pv.to(device=device, dtype=v.dtype)
             if job.resident is not None:
                 job.resident.append((pk, pv))
-            keys, values = _joined(pk, k, scratch, "keys"), _joined(pv, v, scratch, "values")  # [kv_heads, s + T, d]
+            keys, values = join_kv(pk, k, scratch, "keys"), join_kv(pv, v, scratch, "values")  # [kv_heads, s + T, d]
             hidden = s.finish(layer, hidden, q, keys, values, pk.shape[1])
             if job.max_new_tokens:
                 cache.append((keys, values))
@@ -187,7 +187,7 @@ class Engine:
         for layer, (pk, pv) in enumerate(job.resident):
             job.cancellation.check()
             q, k, v = s.project(layer, hidden, positions)
-            keys, values = _joined(pk, k, scratch, "keys"), _joined(pv, v, scratch, "values")
+            keys, values = join_kv(pk, k, scratch, "keys"), join_kv(pv, v, scratch, "values")
             hidden = s.finish(layer, hidden, q, keys, values, pk.shape[1])
         token = int(s.call(r.logits, hidden[-1:])[0].argmax())  # a host value: waits for the device
         return time.perf_counter() - start, token
@@ -249,7 +249,7 @@ class Engine:
         return out
 
 
-def _joined(prefix: torch.Tensor, own: torch.Tensor, scratch: Workspace | None, name: str) -> torch.Tensor:
+def join_kv(prefix: torch.Tensor, own: torch.Tensor, scratch: Workspace | None, name: str) -> torch.Tensor:
     """``[prefix ; own]`` along tokens (``[kv_heads, s + T, d]``): in ``scratch``'s buffer ``name``
     (valid until the next layer) when given, else a new tensor that may be kept (decoding)."""
     if scratch is None:

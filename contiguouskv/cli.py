@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from contiguouskv import rebalance, trace_view
+from contiguouskv.bench import kernels as bench_kernels
 from contiguouskv.bench import load as bench_load
 from contiguouskv.bench import perhead as bench_perhead
 from contiguouskv.bench import quality as bench_quality
@@ -118,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_quality.add_arguments(bench_sub.add_parser("quality", help="answer quality of every policy on a real model"))
     bench_perhead.add_arguments(bench_sub.add_parser(
         "perhead", help="exact chunk selection per KV head against one set per layer, equal bytes (in-process)"))
+    bench_kernels.add_arguments(bench_sub.add_parser(
+        "kernels", help="the per-layer hot-path kernels with fresh memory and with reused buffers (in-process)",
+        description=bench_kernels.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     bench_load.add_arguments(bench_sub.add_parser(
         "load", help="concurrent clients doing Re-Prefill: rps, TTFT percentiles, errors; --soak samples RSS",
         description=bench_load.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             return rebalance.run(args)
         if args.command == "bench":
             runners = {"storage": bench_storage.run, "quality": bench_quality.run, "perhead": bench_perhead.run,
-                       "load": bench_load.run}
+                       "load": bench_load.run, "kernels": bench_kernels.run}
             return runners.get(args.bench, bench_reprefill.run)(args)
         return run_demo(args.model, args.essays, args.workdir)
     except ContiguousKVError as err:

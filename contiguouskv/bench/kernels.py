@@ -1,0 +1,130 @@
+"""``contiguouskv bench kernels``: the per-layer hot-path kernels, with fresh memory and with reused buffers.
+
+In-process, no servers: what one request's layer loop does per layer besides the model itself,
+at a preset's shapes, timed two ways side by side (interleaved, the order alternating per repeat):
+
+- ``qkeys_decode`` — a layer's 2-bit identification keys dequantised to float32 ``[kv_heads, n, d]``;
+- ``exact_scores`` — a layer's chunk scores from those keys, with every query token (the real
+  query) and with the speculation's last 16;
+- ``join_kv`` — ``[prefix K ; query K]`` and the same for V, the tensors attention reads.
+
+``fresh`` allocates each output and scratch tensor anew, as the server did before it kept
+per-request buffers; ``reused`` passes the buffers a request keeps (``out=``, a
+:class:`~contiguouskv.compute_server.workspace.Workspace`). The difference is the page faults of
+prefix-sized tensors that glibc serves with ``mmap`` (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+SPECULATION_TOKENS = 16
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="random:kvheavy", help="a random:PRESET whose shapes to use")
+    parser.add_argument("--prefix-tokens", default="4096,16384", help="comma-separated prefix lengths")
+    parser.add_argument("--query-tokens", type=int, default=64, help="tokens per query (default 64)")
+    parser.add_argument("--kv-dtype", default="bfloat16", help="dtype of the joined K/V (default bfloat16)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls per kernel and way (default 7)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the server on 2 cores)")
+    parser.add_argument("--json", dest="json_path", type=Path, help="write results as JSON here")
+
+
+def summarize(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Per (kernel, prefix_tokens, query rows): fresh ÷ reused of the median milliseconds."""
+    out = []
+    keys = sorted({(str(r["kernel"]), int(r["prefix_tokens"]), int(r["rows"])) for r in rows})  # type: ignore[call-overload]
+    for kernel, n, t in keys:
+        ms = {r["memory"]: float(r["ms_p50"]) for r in rows  # type: ignore[arg-type]
+              if (r["kernel"], r["prefix_tokens"], r["rows"]) == (kernel, n, t)}
+        if "fresh" in ms and "reused" in ms and ms["reused"] > 0:
+            out.append({"kernel": kernel, "prefix_tokens": n, "rows": t, "fresh_over_reused": ms["fresh"] / ms["reused"]})
+    return out
+
+
+def _time(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Milliseconds of each call, ``repeats`` times, interleaved with the order alternating."""
+    names = list(calls)
+    for name in names:  # one warm-up each: first-call dispatch, the reused buffers' first faults
+        calls[name]()
+    got: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeats):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            start = time.perf_counter()
+            calls[name]()
+            got[name].append((time.perf_counter() - start) * 1e3)
+    return got
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch  # optional: the compute extra
+
+    from contiguouskv.compute_server.engine import join_kv  # optional: the compute extra
+    from contiguouskv.compute_server.layouts.contiguous import (  # optional: the compute extra
+        QKEY_BITS, QKEY_GROUP, ContiguousLayout,
+    )
+    from contiguouskv.compute_server.model.presets import get_preset  # optional: the compute extra
+    from contiguouskv.compute_server.selection.chunks import exact_chunk_scores  # optional: the compute extra
+    from contiguouskv.compute_server.selection.keyquant import (  # optional: the compute extra
+        dequantize_keys, dequantized_shape, quantize_keys,
+    )
+    from contiguouskv.compute_server.workspace import Workspace  # optional: the compute extra
+
+    if not args.model.startswith("random:"):
+        raise ValueError(f"--model: give a random:PRESET (its shapes are used), got {args.model!r}")
+    preset = get_preset(args.model.split(":", 1)[1])
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    kv_dtype = getattr(torch, args.kv_dtype)
+    heads, kv_heads, d, t = preset.num_attention_heads, preset.num_kv_heads, preset.head_dim, args.query_tokens
+    gen = torch.Generator().manual_seed(0)
+    rows: list[dict[str, object]] = []
+
+    def add(kernel: str, n: int, rows_: int, got: dict[str, list[float]]) -> None:
+        for memory, ms in got.items():
+            rows.append({"kernel": kernel, "memory": memory, "prefix_tokens": n, "rows": rows_, "heads": heads,
+                         "kv_heads": kv_heads, "head_dim": d, "ms_p50": statistics.median(ms), "ms_min": min(ms),
+                         "repeats": len(ms)})
+            print(f"{kernel:13s} n={n:6d} rows={rows_:3d} {memory:6s} p50 {statistics.median(ms):8.2f} ms  "
+                  f"min {min(ms):8.2f} ms", file=sys.stderr, flush=True)
+
+    for n in [int(x) for x in args.prefix_tokens.split(",") if x]:
+        lay = ContiguousLayout(n, preset.num_layers, kv_heads, d, "float32")
+        record = quantize_keys(torch.randn(kv_heads, n, d, generator=gen), QKEY_BITS, QKEY_GROUP)
+        buffer = torch.empty(dequantized_shape(n, kv_heads, d, QKEY_GROUP))
+        add("qkeys_decode", n, 0, _time({
+            "fresh": lambda: dequantize_keys(record, n, kv_heads, d, QKEY_BITS, QKEY_GROUP),
+            "reused": lambda: dequantize_keys(record, n, kv_heads, d, QKEY_BITS, QKEY_GROUP, out=buffer),
+        }, args.repeats))
+        keys = dequantize_keys(record, n, kv_heads, d, QKEY_BITS, QKEY_GROUP)
+        for rows_ in sorted({t, min(t, SPECULATION_TOKENS)}):
+            q, k_self = torch.randn(heads, rows_, d, generator=gen), torch.randn(kv_heads, rows_, d, generator=gen)
+            workspace = Workspace()
+            add("exact_scores", n, rows_, _time({
+                "fresh": lambda: exact_chunk_scores(lay, q, k_self, keys, 0.088),
+                "reused": lambda: exact_chunk_scores(lay, q, k_self, keys, 0.088, workspace),
+            }, args.repeats))
+        pk, pv = (torch.randn(kv_heads, n, d, generator=gen).to(kv_dtype) for _ in range(2))
+        k, v = (torch.randn(kv_heads, t, d, generator=gen).to(kv_dtype) for _ in range(2))
+        scratch = Workspace()
+        add("join_kv", n, t, _time({
+            "fresh": lambda: (join_kv(pk, k, None, "keys"), join_kv(pv, v, None, "values")),
+            "reused": lambda: (join_kv(pk, k, scratch, "keys"), join_kv(pv, v, scratch, "values")),
+        }, args.repeats))
+    summary = summarize(rows)
+    for s in summary:
+        print(f"{s['kernel']:13s} n={s['prefix_tokens']:6d} rows={s['rows']:3d} fresh/reused "
+              f"{s['fresh_over_reused']:.2f}x")
+    if args.json_path:
+        args.json_path.write_text(json.dumps({
+            "config": {"model": args.model, "query_tokens": t, "kv_dtype": args.kv_dtype, "threads": args.threads,
+                       "repeats": args.repeats, "torch": torch.__version__},
+            "results": rows, "summary": summary}, indent=2) + "\n")
+    return 0

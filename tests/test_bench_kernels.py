@@ -1,0 +1,48 @@
+"""`contiguouskv bench kernels`: runs end to end on tiny shapes; its summary is the ratio of its rows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from contiguouskv.bench.kernels import summarize
+
+
+def test_summary_divides_fresh_by_reused_per_kernel_length_and_rows() -> None:
+    rows = [
+        {"kernel": "a", "memory": "fresh", "prefix_tokens": 8, "rows": 4, "ms_p50": 9.0},
+        {"kernel": "a", "memory": "reused", "prefix_tokens": 8, "rows": 4, "ms_p50": 3.0},
+        {"kernel": "a", "memory": "fresh", "prefix_tokens": 8, "rows": 2, "ms_p50": 1.0},
+        {"kernel": "a", "memory": "reused", "prefix_tokens": 8, "rows": 2, "ms_p50": 4.0},
+        {"kernel": "b", "memory": "fresh", "prefix_tokens": 16, "rows": 0, "ms_p50": 5.0},  # no reused row: left out
+    ]
+    assert summarize(rows) == [
+        {"kernel": "a", "prefix_tokens": 8, "rows": 2, "fresh_over_reused": 0.25},
+        {"kernel": "a", "prefix_tokens": 8, "rows": 4, "fresh_over_reused": 3.0},
+    ]
+
+
+def test_bench_kernels_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "k.json"
+    done = subprocess.run([sys.executable, "-m", "contiguouskv", "bench", "kernels", "--model", "random:tiny",
+                           "--prefix-tokens", "200,333", "--query-tokens", "20", "--repeats", "2",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(out.read_text())
+    rows = doc["results"]
+    # every kernel at every length, both ways; the scores with the query's 20 rows and the speculation's 16
+    cells = {(r["kernel"], r["prefix_tokens"], r["rows"], r["memory"]) for r in rows}
+    for n in (200, 333):
+        for kernel, t in (("qkeys_decode", 0), ("exact_scores", 20), ("exact_scores", 16), ("join_kv", 20)):
+            assert {(kernel, n, t, "fresh"), (kernel, n, t, "reused")} <= cells
+    assert all(r["ms_p50"] >= r["ms_min"] > 0 and r["repeats"] == 2 for r in rows)
+    assert doc["summary"] == summarize(rows) and len(doc["summary"]) == 8
+    assert "fresh/reused" in done.stdout
+
+
+def test_bench_kernels_wants_a_preset() -> None:
+    done = subprocess.run([sys.executable, "-m", "contiguouskv", "bench", "kernels", "--model", "qwen2.5-coder-0.5b"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "random:PRESET" in done.stderr
