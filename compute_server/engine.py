@@ -157,7 +157,7 @@ class Engine:
             source.before_layer(layer, hidden, positions)
             q, k, v = s.project(layer, hidden, positions)
             pk, pv, wait = source.wait_for_layer_load(layer, q, k)
-            pk, pv = pk.to(device=device, dtype=k.dtype), pv.to(device=device, dtype=v.dtype)
+            pk, pv = pk.to(device=device), pv.to(device=device)  # join_kv converts to the compute dtype
             if job.resident is not None:
                 job.resident.append((pk, pv))
             keys, values = join_kv(pk, k, scratch, "keys"), join_kv(pv, v, scratch, "values")  # [kv_heads, s + T, d]
@@ -250,9 +250,12 @@ class Engine:
 
 
 def join_kv(prefix: torch.Tensor, own: torch.Tensor, scratch: Workspace | None, name: str) -> torch.Tensor:
-    """``[prefix ; own]`` along tokens (``[kv_heads, s + T, d]``): in ``scratch``'s buffer ``name``
-    (valid until the next layer) when given, else a new tensor that may be kept (decoding)."""
-    if scratch is None:
-        return torch.cat([prefix, own], dim=1)
-    shape = (own.shape[0], prefix.shape[1] + own.shape[1], own.shape[2])
-    return torch.cat([prefix, own], dim=1, out=scratch.get(name, shape, own.device, own.dtype))
+    """``[prefix ; own]`` along tokens (``[kv_heads, s + T, d]``) in ``own``'s dtype (the prefix may
+    be stored narrower: it is converted in the same copy): in ``scratch``'s buffer ``name`` (valid
+    until the next layer) when given, else a new tensor that may be kept (decoding)."""
+    s = prefix.shape[1]
+    shape = (own.shape[0], s + own.shape[1], own.shape[2])
+    out = scratch.get(name, shape, own.device, own.dtype) if scratch is not None else own.new_empty(shape)
+    out[:, :s].copy_(prefix)
+    out[:, s:].copy_(own)
+    return out

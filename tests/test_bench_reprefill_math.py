@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
+from contiguouskv.bench import reprefill
 from contiguouskv.bench.reprefill import Row, _p95, _speedups
 
 GBPS = {"64KiB": 0.5, "128KiB": 1.0, "1MiB": 2.0}
@@ -71,3 +74,26 @@ def test_rows_of_two_start_orders_merge_into_one_row_per_cell_and_path() -> None
     assert merged["shm"].ttft_ms == [2.0, 3.0] and merged["shm"].bytes_from_disk == 50 and merged["shm"].recall == 0.5
     # per run, bytes are the mean over both orders' runs
     assert merged["shm"].summary(GBPS, "128KiB")["bytes_from_disk"] == 25
+
+
+def test_defaults_are_quick_unless_full_and_never_override_what_was_given() -> None:
+    parser = argparse.ArgumentParser()
+    reprefill.add_arguments(parser)
+    quick = parser.parse_args([])
+    reprefill.apply_defaults(quick)
+    assert (quick.budgets, quick.repeats, quick.warm_prefixes, quick.policies) == ("0.05", 2, 0, reprefill.LOADING)
+    assert (quick.dtype, quick.kv_dtype) == ("auto", "bfloat16")
+    full = parser.parse_args(["--full"])
+    reprefill.apply_defaults(full)
+    assert (full.budgets, full.repeats, full.warm_prefixes, full.policies) == ("0.05,0.1,0.25,0.5", 3, 3, "all")
+    given = parser.parse_args(["--full", "--repeats", "1", "--budgets", "0.2", "--warm-prefixes", "0",
+                               "--policies", "full"])
+    reprefill.apply_defaults(given)
+    assert (given.budgets, given.repeats, given.warm_prefixes, given.policies) == ("0.2", 1, 0, "full")
+
+
+def test_eta_extrapolates_the_mean_cell_time() -> None:
+    assert reprefill.eta(30.0, 0, 4) == ""  # nothing measured yet
+    assert reprefill.eta(30.0, 1, 4) == " (about 1m30s left in this phase)"
+    assert reprefill.eta(10.0, 2, 4) == " (about 10s left in this phase)"
+    assert reprefill.eta(10.0, 4, 4) == ""

@@ -50,3 +50,22 @@ def test_bench_runs_several_prefix_lengths_in_one_run_and_plots_the_scaling(tmp_
         assert r["floor_ms"] == max(r["io_floor_ms"], r["resident_compute_ms"]) and r["resident_compute_ms"] > 0
         assert r["ttft_over_floor"] == r["ttft_ms_p50"] / r["floor_ms"]
     assert {p.name for p in plots.iterdir()} == {"timeline.png", "ttft_vs_budget.png", "scaling.png"}
+
+
+def test_bench_defaults_run_every_loading_policy_cold_at_five_percent(tmp_path: Path) -> None:
+    """No policy, budget, repeat or warm option given: the quick defaults (recompute left for --full)."""
+    out = tmp_path / "quick.json"
+    proc = subprocess.run([sys.executable, "-m", "contiguouskv", "bench", "--model", "random:tiny",
+                           "--prefix-tokens", "1024", "--query-tokens", "4", "--device", "cpu",
+                           "--json", str(out), "--workdir", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(out.read_text())
+    rows = doc["results"]
+    assert doc["config"]["dtype"] == "auto" and doc["config"]["kv_dtype"] == "bfloat16"
+    assert doc["machine"]["dtype"] == "bfloat16"  # the stored KV's dtype
+    policies = {r["policy"] for r in rows}
+    assert "recompute" not in policies and {"full", "contiguous", "contiguous+", "h2o", "impress"} <= policies
+    assert {r["cache"] for r in rows} == {"cold"}
+    assert {r["budget"] for r in rows if r["selective"]} == {0.05}
+    assert "left in this phase" in proc.stderr  # the estimate, from the second cell on

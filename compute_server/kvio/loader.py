@@ -236,7 +236,8 @@ class KVLoader:
         """Caller holds the lock. Stage ``layer`` once every expected record is in."""
         want = self._expected.get(layer)
         have = self._arrived.get(layer, {})
-        if self._stager is None or want is None or layer in self._staging or not all(c in have for c in want):
+        if self._stager is None or want is None or layer in self._staging or len(have) < len(want) \
+                or not all(c in have for c in want):  # the count first: O(1) for most of a layer's batches
             return
         self._staging.add(layer)
         self._stager.submit(self._stage, layer, want, [have[c] for c in want])

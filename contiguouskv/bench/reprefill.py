@@ -49,23 +49,34 @@ from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
 
 
 
+LOADING = "loading"
+"""``--policies`` default without ``--full``: every served policy that loads KV."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="random:kvheavy", help="model (default random:kvheavy)")
     parser.add_argument("--prefix-tokens", default="16384",
                         help="tokens per prefix (default 16384); a comma-separated list (4096,16384,65536) runs "
                         "every length in one run, with a TTFT-and-bytes-against-length plot")
     parser.add_argument("--query-tokens", type=int, default=64, help="tokens per query (default 64)")
-    parser.add_argument("--budgets", default="0.05,0.1,0.25,0.5", help="comma-separated fractions")
-    parser.add_argument("--policies", default="all",
-                        help="comma-separated policies (default all: every policy the compute server serves)")
-    parser.add_argument("--repeats", type=int, default=3, help="cold runs per policy and budget (default 3)")
-    parser.add_argument("--warm-prefixes", type=int, default=3, help="prefixes in the warm stream; 0 = no warm")
+    parser.add_argument("--budgets", help="comma-separated fractions (default 0.05; with --full 0.05,0.1,0.25,0.5)")
+    parser.add_argument("--policies",
+                        help="comma-separated policies, or all (default: every policy the compute server serves "
+                        "that loads KV, i.e. all but recompute, whose prefill of the whole prefix takes minutes on a "
+                        "CPU; with --full all)")
+    parser.add_argument("--repeats", type=int, help="cold runs per policy and budget (default 2; with --full 3)")
+    parser.add_argument("--warm-prefixes", type=int,
+                        help="prefixes in the warm stream; 0 = no warm (default 0; with --full 3)")
     parser.add_argument("--warm-queries", type=int, default=12, help="queries per policy in the warm stream")
     parser.add_argument("--warm-dram-fraction", type=float, default=0.5,
                         help="DRAM cache budget as a fraction of the warm prefixes' KV bytes (default 0.5)")
     parser.add_argument("--period", type=int, help="layers per period (server default 8)")
     parser.add_argument("--sub-period", type=int, help="layers per fetch run (server default 4)")
-    parser.add_argument("--dtype", default="bfloat16", help="compute/KV dtype (default bfloat16)")
+    parser.add_argument("--dtype", default="auto",
+                        help="compute dtype: auto (default: bfloat16 on a GPU, float32 on a CPU, which has no fast "
+                        "bfloat16 matmuls), float32, bfloat16, float16")
+    parser.add_argument("--kv-dtype", default="bfloat16",
+                        help="dtype the prefix KV is stored and read in (default bfloat16, whatever the compute dtype)")
     parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
     parser.add_argument("--compute-threads", type=int,
                         help="torch threads of the compute server (default: 1 on machines with <= 4 cores, "
@@ -78,6 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed of prefixes and queries (default 0)")
     parser.add_argument("--json", dest="json_path", type=Path, help="write results as JSON here")
     parser.add_argument("--plot", type=Path, help="write PNG plots into this directory")
+    parser.add_argument("--full", action="store_true",
+                        help="the whole sweep: every policy (recompute too), budgets 0.05,0.1,0.25,0.5, 3 repeats, a "
+                        "warm stream over 3 prefixes; without it the defaults finish in about 10 minutes on a 2-core "
+                        "CPU at 16K tokens")
     parser.add_argument("--gpu-suite", action="store_true",
                         help="the GPU run: Qwen2.5-7B and 14B shapes, 16K and 32K prefixes, bf16, cuda, all policies; "
                         "with --device cpu a dry run of the same suite on the smallest shapes (random:tiny, "
@@ -169,6 +184,15 @@ def _merged(rows: list[Row], more: list[Row]) -> list[Row]:
     return out
 
 
+def eta(elapsed_s: float, done: int, total: int) -> str:
+    """`` (about 2m10s left)``: the mean time of the ``done`` cells times those left; empty before
+    the first cell is done (nothing to estimate from) and after the last."""
+    if done < 1 or done >= total:
+        return ""
+    left = round(elapsed_s / done * (total - done))
+    return f" (about {f'{left // 60}m{left % 60:02d}s' if left >= 60 else f'{left}s'} left in this phase)"
+
+
 def _p95(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
@@ -209,7 +233,8 @@ class Bench:
         threads = self.args.compute_threads
         if threads is None:
             threads = 1 if (os.cpu_count() or 1) <= 4 else 0
-        extra = ["--dtype", self.args.dtype, "--device", self.args.device, "--threads", str(threads)]
+        extra = ["--dtype", self.args.dtype, "--kv-dtype", self.args.kv_dtype, "--device", self.args.device,
+                 "--threads", str(threads)]
         if not ident_cache:
             extra += ["--ident-cache-bytes", "0"]
         if path != "grpc":
@@ -249,10 +274,12 @@ class Bench:
         rows = []
         cells = self.cells()
         paths = list(clients)
+        began = time.monotonic()
         for i, (info, budget) in enumerate(cells, 1):
             policy = info.name
             _progress(f"{label} {i}/{len(cells)}: {policy} budget {budget:g} x {queries}"
-                      + (f" over {' and '.join(paths)}" if len(paths) > 1 else ""))
+                      + (f" over {' and '.join(paths)}" if len(paths) > 1 else "")
+                      + eta(time.monotonic() - began, i - 1, len(cells)))
             by_path = {path: Row(policy, info.layout, info.selective, budget, label, self.prefix_tokens,
                                  self.args.query_tokens, path) for path in paths}
             with Progress(f"{label} {policy} {budget:g}", total=queries * len(paths)) as bar:
@@ -322,7 +349,8 @@ class Bench:
                             first = clients[order[0]]
                             info = first.model_info()
                             self.vocab = info.vocab_size
-                            self.policies = resolve(self.requested, info)
+                            self.policies = resolve(self.requested, info) if self.requested != LOADING else \
+                                [p for p in info.policy_info if p.loads_kv]
                             self.register(first, max(1, warm))
                             gbps = self._disk()
                         rows = _merged(rows, self.measure(cache, clients, "cold", self.prefixes[:1],
@@ -416,7 +444,7 @@ GPU_SUITE = [("random:qwen2.5-7b", 16384), ("random:qwen2.5-7b", 32768), ("rando
 GPU_SUITE_DRY_RUN = [("random:tiny", 512), ("random:tiny", 1024)]
 """``--gpu-suite --device cpu``: the same suite, loop and report on the smallest shapes (two runs, so
 the per-run merging is exercised too)."""
-DRY_RUN_SETTINGS = {"dtype": "float32", "query_tokens": 8, "budgets": "0.1,0.5", "repeats": 1,
+DRY_RUN_SETTINGS = {"dtype": "float32", "kv_dtype": "float32", "query_tokens": 8, "budgets": "0.1,0.5", "repeats": 1,
                     "warm_prefixes": 0}
 """What a dry run overrides besides the shapes: whatever keeps each cell one quick request."""
 
@@ -427,7 +455,7 @@ def _suite(args: argparse.Namespace) -> list[tuple[str, int]]:
             setattr(args, name, value)
         return list(GPU_SUITE_DRY_RUN)
     if args.gpu_suite:
-        args.device, args.dtype = "cuda", "bfloat16"
+        args.device, args.dtype, args.kv_dtype = "cuda", "bfloat16", "bfloat16"
         return list(GPU_SUITE)
     return [(args.model, tokens) for tokens in _lengths(args.prefix_tokens)]
 
@@ -443,8 +471,22 @@ def _lengths(text: str | int) -> list[int]:
     return lengths
 
 
+QUICK = {"budgets": "0.05", "repeats": 2, "warm_prefixes": 0, "policies": LOADING}
+"""Defaults without ``--full``: the target cell (5 %), cold, every policy that loads KV."""
+FULL = {"budgets": "0.05,0.1,0.25,0.5", "repeats": 3, "warm_prefixes": 3, "policies": "all"}
+"""``--full``: the whole sweep."""
+
+
+def apply_defaults(args: argparse.Namespace) -> None:
+    """Fill every option left unset from :data:`QUICK`, or from :data:`FULL` with ``--full``."""
+    for name, value in (FULL if getattr(args, "full", False) else QUICK).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the bench; prints a table, writes --json and --plot outputs; returns 0."""
+    apply_defaults(args)
     all_results: list[dict[str, object]] = []
     rows_by_run = []
     machine: dict[str, object] = {"platform": platform.platform(), "python": platform.python_version()}
