@@ -8,6 +8,7 @@ import pytest
 
 from contiguouskv.bench import reprefill
 from contiguouskv.bench.reprefill import Row, _p95, _speedups
+from contiguouskv.client import ModelInfo
 
 GBPS = {"64KiB": 0.5, "128KiB": 1.0, "1MiB": 2.0}
 
@@ -97,3 +98,29 @@ def test_eta_extrapolates_the_mean_cell_time() -> None:
     assert reprefill.eta(30.0, 1, 4) == " (about 1m30s left in this phase)"
     assert reprefill.eta(10.0, 2, 4) == " (about 10s left in this phase)"
     assert reprefill.eta(10.0, 4, 4) == ""
+
+
+def test_warm_budget_is_a_fraction_of_the_policys_hot_set() -> None:
+    info = ModelInfo(name="random:kvheavy", fingerprint="", num_layers=28, num_kv_heads=4, head_dim=128,
+                     num_attention_heads=4, hidden_size=512, vocab_size=32000, max_position_embeddings=131072,
+                     has_tokenizer=False, dtype="bfloat16", device="cpu", chunk_size=16, policies=())
+    per_prefix = reprefill.kv_bytes(info, 16384)
+    assert per_prefix == 896 * 2**20  # 16K tokens of random:kvheavy in bf16
+    assert reprefill.dram_budget(per_prefix, 3, 1.0, 0.5) == int(1.5 * per_prefix)  # full: half of 3 prefixes
+    assert reprefill.dram_budget(per_prefix, 3, 0.05, 0.5) == int(0.075 * per_prefix)  # 5 %: half of its 5 %
+
+
+def test_warm_speedups_compare_like_rules_and_each_baseline_with_its_own() -> None:
+    def warm(policy: str, ttft: float, rule: str, selective: bool = True) -> dict[str, object]:
+        row = _result(policy, ttft, selective=selective, budget=0.05 if selective else 1.0)
+        row.update(cache="warm", eviction_rule=rule)
+        return row
+
+    rows = [warm("full", 900.0, "attention", False), warm("full", 1200.0, "lru", False),
+            warm("impress", 1000.0, "attention"), warm("impress", 800.0, "impress"),
+            warm("contiguous", 200.0, "attention")]
+    _speedups(rows)
+    ours = rows[4]
+    assert ours["speedup"] == {"full": 4.5, "impress": 5.0}  # everyone on the attention-guided cache
+    assert ours["speedup_vs_own_rule"] == {"full": 6.0, "impress": 4.0}  # full on LRU, impress on its own score
+    assert rows[1]["speedup"] == {}  # nobody else ran on LRU

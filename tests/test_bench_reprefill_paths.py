@@ -69,3 +69,27 @@ def test_bench_defaults_run_every_loading_policy_cold_at_five_percent(tmp_path: 
     assert {r["cache"] for r in rows} == {"cold"}
     assert {r["budget"] for r in rows if r["selective"]} == {0.05}
     assert "left in this phase" in proc.stderr  # the estimate, from the second cell on
+
+
+def test_warm_rows_run_each_baseline_with_its_own_rule_and_a_budget_below_its_hot_set(tmp_path: Path) -> None:
+    out = tmp_path / "warm.json"
+    proc = subprocess.run([sys.executable, "-m", "contiguouskv", "bench", "--model", "random:tiny",
+                           "--prefix-tokens", "1024", "--query-tokens", "4", "--budgets", "0.25",
+                           "--policies", "full,contiguous", "--repeats", "1", "--warm-prefixes", "2",
+                           "--warm-queries", "3", "--device", "cpu", "--json", str(out),
+                           "--workdir", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [r for r in json.loads(out.read_text())["results"] if r["cache"] == "warm"]
+    assert sorted((r["policy"], r["eviction_rule"]) for r in rows) == [
+        ("contiguous", "attention"), ("full", "attention"), ("full", "lru")]
+    # half the hot set: all of full's K/V, a quarter of it for contiguous at 25 %, over the distinct prefixes
+    kv = 2 * 4 * 2 * 16 * 1024 * 2  # K+V x layers x kv_heads x head_dim x tokens x bf16 (random:tiny)
+    by = {(r["policy"], r["eviction_rule"]): r for r in rows}
+    full_budget = by[("full", "lru")]["dram_budget_bytes"]
+    assert full_budget == by[("full", "attention")]["dram_budget_bytes"] and full_budget in (kv // 2, kv)
+    distinct = full_budget // (kv // 2)
+    assert by[("contiguous", "attention")]["dram_budget_bytes"] == int(0.5 * 0.25 * kv * distinct)
+    ours = by[("contiguous", "attention")]
+    assert set(ours["speedup"]) == {"full"} and set(ours["speedup_vs_own_rule"]) == {"full"}
+    assert ours["speedup_vs_own_rule"]["full"] == by[("full", "lru")]["ttft_ms_p50"] / ours["ttft_ms_p50"]

@@ -11,20 +11,22 @@ at a preset's shapes, timed two ways side by side (interleaved, the order altern
 ``fresh`` allocates each output and scratch tensor anew, as the server did before it kept
 per-request buffers; ``reused`` passes the buffers a request keeps (``out=``, a
 :class:`~contiguouskv.compute_server.workspace.Workspace`). The difference is the page faults of
-prefix-sized tensors that glibc serves with ``mmap`` (docs/performance.md).
+prefix-sized tensors that glibc serves with ``mmap`` (docs/performance.md). The bench applies the
+compute server's malloc settings first, so it allocates as the server does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-SPECULATION_TOKENS = 16
+from contiguouskv.common.malloc import keep_freed_buffers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         QKEY_BITS, QKEY_GROUP, ContiguousLayout,
     )
     from contiguouskv.compute_server.model.presets import get_preset  # optional: the compute extra
+    from contiguouskv.compute_server.policies.identified import IdentifiedPolicy  # optional: the compute extra
     from contiguouskv.compute_server.selection.chunks import exact_chunk_scores  # optional: the compute extra
     from contiguouskv.compute_server.selection.keyquant import (  # optional: the compute extra
         dequantize_keys, dequantized_shape, quantize_keys,
@@ -80,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.model.startswith("random:"):
         raise ValueError(f"--model: give a random:PRESET (its shapes are used), got {args.model!r}")
     preset = get_preset(args.model.split(":", 1)[1])
+    keep_freed_buffers(os.environ, max_arenas=2)  # the compute server's malloc settings (common/malloc.py)
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     kv_dtype = getattr(torch, args.kv_dtype)
@@ -104,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             "reused": lambda: dequantize_keys(record, n, kv_heads, d, QKEY_BITS, QKEY_GROUP, out=buffer),
         }, args.repeats))
         keys = dequantize_keys(record, n, kv_heads, d, QKEY_BITS, QKEY_GROUP)
-        for rows_ in sorted({t, min(t, SPECULATION_TOKENS)}):
+        for rows_ in sorted({t, min(t, IdentifiedPolicy.SPECULATE_TOKENS)}):
             q, k_self = torch.randn(heads, rows_, d, generator=gen), torch.randn(kv_heads, rows_, d, generator=gen)
             workspace = Workspace()
             add("exact_scores", n, rows_, _time({

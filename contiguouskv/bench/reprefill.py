@@ -43,7 +43,7 @@ from contiguouskv.bench.disk import raw_read_gbps
 from contiguouskv.bench.plots import plot_reprefill
 from contiguouskv.bench.policies import PRIMARY_LAYOUT, extra_layouts, resolve
 from contiguouskv.bench.policies import cells as policy_cells
-from contiguouskv.client import ContiguousKVClient, PolicyInfo
+from contiguouskv.client import ContiguousKVClient, ModelInfo, PolicyInfo
 from contiguouskv.progress import Progress
 from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
 
@@ -69,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prefixes in the warm stream; 0 = no warm (default 0; with --full 3)")
     parser.add_argument("--warm-queries", type=int, default=12, help="queries per policy in the warm stream")
     parser.add_argument("--warm-dram-fraction", type=float, default=0.5,
-                        help="DRAM cache budget as a fraction of the warm prefixes' KV bytes (default 0.5)")
+                        help="DRAM cache budget as a fraction of each policy's hot set: the K/V it selects over the "
+                        "warm stream's distinct prefixes (default 0.5, so every policy must evict)")
     parser.add_argument("--period", type=int, help="layers per period (server default 8)")
     parser.add_argument("--sub-period", type=int, help="layers per fetch run (server default 4)")
     parser.add_argument("--dtype", default="auto",
@@ -125,6 +126,8 @@ class Row:
     resident_ms: list[float] = field(default_factory=list)  # the same query over resident K/V
     overhead_ms: list[float] = field(default_factory=list)  # TTFT - waits - resident compute
     hit_rate: list[float] = field(default_factory=list)  # predicted chunks the request then selected
+    eviction_rule: str = ""  # warm rows: the cache server's DRAM eviction rule ("" cold: no DRAM cache)
+    dram_budget_bytes: int = 0  # warm rows: the DRAM cache's budget
     layers: list[tuple[float, float]] = field(default_factory=list)
 
     def summary(self, gbps: dict[str, float], kv_request: str) -> dict[str, object]:
@@ -142,7 +145,8 @@ class Row:
         io_wait = statistics.median(self.io_wait_ms) if self.io_wait_ms else 0.0
         return {
             "policy": self.policy, "layout": self.layout, "selective": self.selective, "budget": self.budget,
-            "cache": self.cache, "path": self.path,
+            "cache": self.cache, "path": self.path, "eviction_rule": self.eviction_rule,
+            "dram_budget_bytes": self.dram_budget_bytes,
             "prefix_tokens": self.prefix_tokens, "query_tokens": self.query_tokens,
             "ttft_ms_p50": p50, "ttft_ms_p95": _p95(self.ttft_ms),
             "bytes_from_disk": int(disk), "bytes_from_dram": int(self.bytes_from_dram / runs),
@@ -167,7 +171,7 @@ class Row:
 
 def _merged(rows: list[Row], more: list[Row]) -> list[Row]:
     """``rows`` with the runs of ``more`` added to the row of the same cell and path (or appended)."""
-    key = lambda r: (r.policy, r.budget, r.cache, r.prefix_tokens, r.path)  # noqa: E731
+    key = lambda r: (r.policy, r.budget, r.cache, r.prefix_tokens, r.path, r.eviction_rule)  # noqa: E731
     by = {key(r): r for r in rows}
     out = list(rows)
     for r in more:
@@ -182,6 +186,23 @@ def _merged(rows: list[Row], more: list[Row]) -> list[Row]:
             setattr(into, name, getattr(into, name) + getattr(r, name))
         into.recall = into.recall if into.recall >= 0 else r.recall
     return out
+
+
+OWN_RULES = {"full": "lru", "h2o": "lru", "impress": "impress"}
+"""Each baseline's own DRAM cache rule in the warm runs (LRU for the loaders that have none of their
+own, IMPRESS's frequency x important-fraction score for IMPRESS); every other policy's is ``attention``."""
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def kv_bytes(info: ModelInfo, prefix_tokens: int) -> int:
+    """K+V bytes of one prefix in the stored dtype."""
+    return 2 * info.num_layers * info.num_kv_heads * info.head_dim * prefix_tokens * DTYPE_BYTES[info.dtype]
+
+
+def dram_budget(prefix_kv_bytes: int, distinct_prefixes: int, share: float, fraction: float) -> int:
+    """``fraction`` of a policy's hot set: the ``share`` of K/V it selects, over the prefixes it sees."""
+    return int(fraction * share * prefix_kv_bytes * distinct_prefixes)
 
 
 def eta(elapsed_s: float, done: int, total: int) -> str:
@@ -243,8 +264,8 @@ class Bench:
         proc.wait_ready(timeout=900)
         return proc
 
-    def _cache(self, dram_bytes: int) -> launch.ServiceProcess:
-        proc = launch.cache_server(self.root / "store", "--dram-cache-bytes", str(dram_bytes),
+    def _cache(self, dram_bytes: int, rule: str = "attention") -> launch.ServiceProcess:
+        proc = launch.cache_server(self.root / "store", "--dram-cache-bytes", str(dram_bytes), "--eviction-rule", rule,
                                    "--shm-socket", self.socket, log_path=self.root / "cache.log")
         proc.wait_ready(timeout=120)
         return proc
@@ -368,32 +389,41 @@ class Bench:
         return rows, gbps, {"model": info.name, "num_layers": info.num_layers, "kv_heads": info.num_kv_heads,
                             "head_dim": info.head_dim, "dtype": info.dtype, "device": info.device}
 
-    def _warm(self, info: object) -> list[Row]:
-        stored = sum(p.stat().st_size for p in (self.root / "store").rglob("*.data"))
-        budget = int(stored * self.args.warm_dram_fraction)
+    def _warm(self, info: ModelInfo) -> list[Row]:
+        """Per policy: the warm stream with the attention-guided DRAM cache (ContiguousKV's rule) and,
+        for a baseline whose own rule differs (:data:`OWN_RULES`), again with its own rule. The DRAM
+        budget is ``--warm-dram-fraction`` of the policy's hot set, so every policy must evict."""
         rows = []
         weights = [1.0 / (i + 1) for i in range(len(self.prefixes))]  # Zipf-like skew
         stream = self.rng.choices(self.prefixes, weights=weights, k=self.args.warm_queries)
+        prefix_kv = kv_bytes(info, self.prefix_tokens)
         for policy_info, b in self.cells():
             if not policy_info.loads_kv:
                 continue
             policy = policy_info.name
-            cache = self._cache(dram_bytes=budget)
-            try:
-                compute = self._compute(cache.address)
+            dram = dram_budget(prefix_kv, len(set(stream)), b if policy_info.selective else 1.0,
+                               self.args.warm_dram_fraction)
+            for rule in dict.fromkeys(("attention", OWN_RULES.get(policy, "attention"))):
+                cache = self._cache(dram_bytes=dram, rule=rule)
                 try:
-                    with ContiguousKVClient(compute.address, timeout=3600) as client:
-                        for prefix in stream:  # warm-up pass fills the DRAM cache
-                            client.reprefill(prefix, self._query(), policy=policy, budget=b, period=self.args.period,
-                                             sub_period=self.args.sub_period, timeout=3600)
-                        saved = self.policies, self.budgets
-                        self.policies, self.budgets = [policy_info], [b]
-                        rows += self.measure(cache, {"grpc": client}, "warm", stream, len(stream))
-                        self.policies, self.budgets = saved
+                    compute = self._compute(cache.address)
+                    try:
+                        with ContiguousKVClient(compute.address, timeout=3600) as client:
+                            for prefix in stream:  # warm-up pass fills the DRAM cache
+                                client.reprefill(prefix, self._query(), policy=policy, budget=b,
+                                                 period=self.args.period, sub_period=self.args.sub_period,
+                                                 timeout=3600)
+                            saved = self.policies, self.budgets
+                            self.policies, self.budgets = [policy_info], [b]
+                            measured = self.measure(cache, {"grpc": client}, "warm", stream, len(stream))
+                            self.policies, self.budgets = saved
+                    finally:
+                        compute.stop()
                 finally:
-                    compute.stop()
-            finally:
-                cache.stop()
+                    cache.stop()
+                for row in measured:
+                    row.eviction_rule, row.dram_budget_bytes = rule, dram
+                rows += measured
         return rows
 
     def _disk(self) -> dict[str, float]:
@@ -410,14 +440,21 @@ def _kv_request(layout: str, sub_period: int | None) -> str:
 
 
 def _speedups(results: list[dict[str, object]]) -> None:
-    """Each row's TTFT speedup against every other policy at the same budget (or budgetless)."""
+    """Each row's TTFT speedup against every other policy at the same budget (or budgetless), on
+    the same cache, length, path and DRAM eviction rule; warm rows also get ``speedup_vs_own_rule``:
+    against each other policy run with its own rule (:data:`OWN_RULES`)."""
     for row in results:
-        row["speedup"] = {
-            r["policy"]: r["ttft_ms_p50"] / row["ttft_ms_p50"]  # type: ignore[operator]
-            for r in results
-            if r["cache"] == row["cache"] and r["prefix_tokens"] == row["prefix_tokens"] and r["path"] == row["path"]
-            and not r["page_cache_reads"] and not row["page_cache_reads"]
-            and r["policy"] != row["policy"] and (not r["selective"] or r["budget"] == row["budget"])}
+        peers = [r for r in results
+                 if r["cache"] == row["cache"] and r["prefix_tokens"] == row["prefix_tokens"] and r["path"] == row["path"]
+                 and not r["page_cache_reads"] and not row["page_cache_reads"]
+                 and r["policy"] != row["policy"] and (not r["selective"] or r["budget"] == row["budget"])]
+        rule = row.get("eviction_rule", "")
+        row["speedup"] = {r["policy"]: r["ttft_ms_p50"] / row["ttft_ms_p50"]  # type: ignore[operator]
+                          for r in peers if r.get("eviction_rule", "") == rule}
+        if row["cache"] == "warm":
+            row["speedup_vs_own_rule"] = {
+                r["policy"]: r["ttft_ms_p50"] / row["ttft_ms_p50"]  # type: ignore[operator]
+                for r in peers if r.get("eviction_rule") == OWN_RULES.get(str(r["policy"]), "attention")}
         if row["path"] != "grpc":  # the same policy, budget and cache over gRPC bytes, side by side
             over_grpc = [r for r in results if r["path"] == "grpc" and all(
                 r[k] == row[k] for k in ("policy", "budget", "cache", "prefix_tokens"))]
@@ -432,7 +469,8 @@ def _print(results: list[dict[str, object]], gbps: dict[str, float]) -> None:
     print(head)
     for r in results:
         sp = " ".join(f"{p}:{v:.2f}x" for p, v in r["speedup"].items())  # type: ignore[union-attr]
-        print(f"{r['cache']:<5} {r['path']:<5}{r['policy']:<12}{r['budget']:>7.2f}{r['ttft_ms_p50']:>10.1f}{r['ttft_ms_p95']:>9.1f}"
+        cache = f"{r['cache']}" + (f"/{r['eviction_rule']}" if r.get("eviction_rule") else "")
+        print(f"{cache:<5} {r['path']:<5}{r['policy']:<12}{r['budget']:>7.2f}{r['ttft_ms_p50']:>10.1f}{r['ttft_ms_p95']:>9.1f}"
               f"{r['floor_ms']:>8.1f}{r['ttft_over_floor'] or 0:>7.2f}{r['io_floor_ms']:>7.1f}"
               f"{r['resident_compute_ms']:>7.1f}{r['io_wait_ms']:>8.1f}{r['compute_ms']:>9.1f}"
               f"{r['bytes_from_disk'] / 2**20:>10.1f}{r['bytes_from_dram'] / 2**20:>9.1f}"
