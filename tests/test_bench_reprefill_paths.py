@@ -69,6 +69,7 @@ def test_bench_defaults_run_every_loading_policy_cold_at_five_percent(tmp_path: 
     assert {r["cache"] for r in rows} == {"cold"}
     assert {r["budget"] for r in rows if r["selective"]} == {0.05}
     assert "left in this phase" in proc.stderr  # the estimate, from the second cell on
+    assert doc["wall_s"] > doc["registration_s"] > 0
 
 
 def test_warm_rows_run_each_baseline_with_its_own_rule_and_a_budget_below_its_hot_set(tmp_path: Path) -> None:

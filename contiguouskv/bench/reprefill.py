@@ -241,6 +241,7 @@ class Bench:
         self.budgets = [float(b) for b in args.budgets.split(",") if b]
         self.rng = random.Random(args.seed)
         self.prefixes: list[str] = []
+        self.registration_s = 0.0  # wall time spent registering prefixes
         self.paths = [p for p in dict.fromkeys(x.strip() for x in args.path.split(",")) if p]
         if not self.paths or not set(self.paths) <= {"grpc", "shm"}:
             raise SystemExit(f"--path: {args.path!r}: give grpc and/or shm")
@@ -278,9 +279,11 @@ class Bench:
         while len(self.prefixes) < count:
             ids = [self.rng.randrange(self.vocab) for _ in range(self.prefix_tokens)]
             _progress(f"registering prefix {len(self.prefixes) + 1}/{count} ({self.prefix_tokens} tokens) ...")
+            began = time.monotonic()
             with Progress(f"registering prefix {len(self.prefixes) + 1}/{count}"):  # drawn on a terminal only
                 reg = client.register(token_ids=ids, extra_layouts=extra, timeout=7200) if extra else \
                     client.register(token_ids=ids, timeout=7200)
+            self.registration_s += time.monotonic() - began
             self.prefixes.append(reg.prefix_id)
 
     def cells(self) -> list[tuple[PolicyInfo, float]]:
@@ -529,11 +532,15 @@ def run(args: argparse.Namespace) -> int:
     rows_by_run = []
     machine: dict[str, object] = {"platform": platform.platform(), "python": platform.python_version()}
     gbps: dict[str, float] = {}
+    began = time.monotonic()
+    registration_s = 0.0
     for model, tokens in _suite(args):
         base = args.workdir or Path.cwd()
         base.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="ckv-bench-", dir=base) as tmp:
-            rows, gbps, info = Bench(args, model, tokens, Path(tmp)).run()
+            bench = Bench(args, model, tokens, Path(tmp))
+            rows, gbps, info = bench.run()
+            registration_s += bench.registration_s
         machine.update(info)
         results = [r.summary(gbps, _kv_request(r.layout, args.sub_period)) for r in rows]
         _speedups(results)
@@ -542,7 +549,8 @@ def run(args: argparse.Namespace) -> int:
         _print(results, gbps)
     report = {"machine": machine, "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                              if k not in ("func",)},
-              "raw_disk_gbps": gbps.get("128KiB"), "raw_disk_gbps_by_size": gbps, "results": all_results}
+              "raw_disk_gbps": gbps.get("128KiB"), "raw_disk_gbps_by_size": gbps,
+              "wall_s": time.monotonic() - began, "registration_s": registration_s, "results": all_results}
     if args.json_path:
         args.json_path.write_text(json.dumps(report, indent=2))
     if args.plot:
