@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="model (default the real Qwen)")
     demo.add_argument("--essays", type=int, default=3, help="how many essays form the prefix (default 3)")
     demo.add_argument("--workdir", type=Path, help="keep the store and server logs here")
+    demo.add_argument("--no-regime", dest="regime", action="store_false",
+                      help="skip the second part (a KV-heavy random model, 8K tokens, cold: about two minutes on a CPU)")
     return parser
 
 
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             runners = {"storage": bench_storage.run, "quality": bench_quality.run, "perhead": bench_perhead.run,
                        "load": bench_load.run, "kernels": bench_kernels.run}
             return runners.get(args.bench, bench_reprefill.run)(args)
-        return run_demo(args.model, args.essays, args.workdir)
+        return run_demo(args.model, args.essays, args.workdir, args.regime)
     except ContiguousKVError as err:
         print(f"error: {err.status}: {err.details}", file=sys.stderr)
         if err.status in ERROR_HINTS:
