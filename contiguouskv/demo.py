@@ -82,7 +82,7 @@ def _regime(root: Path) -> int:
     """`full` against the chunk policies where reading dominates: KV-heavy model, long prefix, cold."""
     (root / "store").mkdir(parents=True, exist_ok=True)
     print(f"\nWhere selection pays: {REGIME_MODEL} (28 layers, 4 KV heads of 128: Qwen2.5-7B's KV per token), "
-          f"a {REGIME_TOKENS:,}-token prefix, cold reads (no DRAM cache) ...", flush=True)
+          f"a prefix of {REGIME_TOKENS:,} tokens, cold reads (no DRAM cache) ...", flush=True)
     rng = random.Random(0)
     with launch.cache_server(root / "store", "--dram-cache-bytes", "0", log_path=root / "cache.log") as cache:
         with _compute(REGIME_MODEL, cache.address, root / "compute.log") as compute:
