@@ -261,7 +261,9 @@ class Bench:
             extra += ["--ident-cache-bytes", "0"]
         if path != "grpc":
             extra += ["--data-path", path, "--shm-socket", self.socket]
-        proc = launch.compute_server(self.model, cache_address, *extra, log_path=self.root / "compute.log")
+        # the server's default max_prefix_tokens (32768) would refuse a longer bench prefix
+        env = {"CKV_MAX_PREFIX_TOKENS": str(self.prefix_tokens)} if self.prefix_tokens > 32768 else None
+        proc = launch.compute_server(self.model, cache_address, *extra, log_path=self.root / "compute.log", env=env)
         proc.wait_ready(timeout=900)
         return proc
 
