@@ -87,6 +87,9 @@ def test_defaults_are_quick_unless_full_and_never_override_what_was_given() -> N
     full = parser.parse_args(["--full"])
     reprefill.apply_defaults(full)
     assert (full.budgets, full.repeats, full.warm_prefixes, full.policies) == ("0.05,0.1,0.25,0.5", 3, 3, "all")
+    gpu = parser.parse_args(["--gpu-suite"])
+    reprefill.apply_defaults(gpu)
+    assert (gpu.budgets, gpu.repeats, gpu.warm_prefixes, gpu.policies) == ("0.05,0.1,0.25,0.5", 3, 3, "all")
     given = parser.parse_args(["--full", "--repeats", "1", "--budgets", "0.2", "--warm-prefixes", "0",
                                "--policies", "full"])
     reprefill.apply_defaults(given)

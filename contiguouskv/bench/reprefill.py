@@ -521,8 +521,10 @@ FULL = {"budgets": "0.05,0.1,0.25,0.5", "repeats": 3, "warm_prefixes": 3, "polic
 
 
 def apply_defaults(args: argparse.Namespace) -> None:
-    """Fill every option left unset from :data:`QUICK`, or from :data:`FULL` with ``--full``."""
-    for name, value in (FULL if getattr(args, "full", False) else QUICK).items():
+    """Fill every option left unset from :data:`QUICK`, or from :data:`FULL` with ``--full`` or
+    ``--gpu-suite`` (the GPU run is the whole sweep)."""
+    whole = getattr(args, "full", False) or getattr(args, "gpu_suite", False)
+    for name, value in (FULL if whole else QUICK).items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
 
