@@ -5,7 +5,8 @@ A request is admitted before it opens a Fetch stream or stages any KV. It runs w
 (a request alone is always admitted, whatever its estimate, so nothing waits forever); otherwise it
 waits in a FIFO queue of at most ``max_queued_requests``. A full queue refuses with
 RESOURCE_EXHAUSTED naming the limit and its value. Draining (server shutdown) refuses new and queued
-requests with UNAVAILABLE. Runs on the event loop only.
+requests with UNAVAILABLE. ``on_idle`` is called whenever the last running request ends with none
+queued (the compute server returns freed memory to the kernel then). Runs on the event loop only.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from contiguouskv.compute_server.errors import ComputeError, Unavailable
@@ -41,8 +42,10 @@ class AdmissionSnapshot:
 class Admission:
     """See the module docstring; ``slot(cost)`` is the one way in."""
 
-    def __init__(self, max_active_requests: int, max_queued_requests: int, max_staged_bytes: int) -> None:
+    def __init__(self, max_active_requests: int, max_queued_requests: int, max_staged_bytes: int,
+                 on_idle: Callable[[], None] | None = None) -> None:
         self.max_active = max_active_requests
+        self._on_idle = on_idle
         self.max_queued = max_queued_requests
         self.max_staged_bytes = max_staged_bytes
         self._active = 0
@@ -104,6 +107,8 @@ class Admission:
         self._active -= 1
         self._staged -= cost
         self._wake()
+        if self._active == 0 and not self._queue and self._on_idle is not None:
+            self._on_idle()
 
     def _wake(self) -> None:
         while self._queue and self._fits(self._queue[0].cost):  # FIFO: the head goes first

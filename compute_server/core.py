@@ -21,7 +21,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from contiguouskv.compute_server.admission import Admission
+from contiguouskv.common.malloc import return_free_memory
+from contiguouskv.compute_server.admission import Admission, AdmissionSnapshot
 from contiguouskv.compute_server.cachenet.attention import RegionScores
 from contiguouskv.compute_server.cachenet.cache_client import CacheClient
 from contiguouskv.compute_server.config import ComputeServerConfig
@@ -82,7 +83,8 @@ class ComputeCore:
                              importance_window=config.importance_window,
                              kv_dtype=TORCH_DTYPES[config.kv_dtype] if config.kv_dtype else None)
         self.ident_cache = IdentCache(config.ident_cache_bytes) if config.ident_cache_bytes else None
-        self.admission = Admission(config.max_active_requests, config.max_queued_requests, config.max_staged_bytes)
+        self.admission = Admission(config.max_active_requests, config.max_queued_requests, config.max_staged_bytes,
+                                   on_idle=self._idle)
         # admitted requests each get a thread (their waits block only them); +1 for a registration
         self._requests = ThreadPoolExecutor(max_workers=config.max_active_requests + 1, thread_name_prefix="request")
         self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
@@ -140,6 +142,20 @@ class ComputeCore:
                 cancellation.cancel(Unavailable("the compute server is shutting down"))
 
         asyncio.get_running_loop().call_later(0.5 * grace_s, stop_running)
+
+    IDLE_TRIM_S = 0.5
+    """Idle this long (no request running or queued), the server gives back the memory malloc kept."""
+
+    def _idle(self) -> None:
+        """The last admitted request ended (event loop): if the server is still idle
+        :attr:`IDLE_TRIM_S` later, give the memory malloc kept for requests back to the kernel
+        (common/malloc.py), on a request thread, so an idle server's RSS does not carry the last
+        burst's. Back-to-back requests keep their memory warm."""
+        def trim_if_idle() -> None:
+            if self.admission.snapshot() == AdmissionSnapshot(0, 0, 0):
+                self._requests.submit(return_free_memory)
+
+        asyncio.get_running_loop().call_later(self.IDLE_TRIM_S, trim_if_idle)
 
     # --- register --------------------------------------------------------------------------------
     async def register(self, prefix: str | list[int], extra_layouts: Sequence[str] = ()) -> RegisterReport:

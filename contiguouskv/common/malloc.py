@@ -14,6 +14,10 @@ cancelled and normal Re-Prefill calls grew the compute server's RSS by 7 % witho
 
 An operator's own ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` wins: then nothing is set
 (and ``MALLOC_ARENA_MAX`` wins over ``max_arenas``).
+
+What is kept is kept for the next request. When a server goes idle, :func:`return_free_memory`
+(``malloc_trim``) gives the kept memory back, so an idle server's RSS returns to where it was: the
+compute server calls it when its last admitted request finishes.
 """
 
 from __future__ import annotations
@@ -51,3 +55,16 @@ def keep_freed_buffers(env: Mapping[str, str], max_arenas: int = 0) -> bool:
     log.debug("malloc: mmap threshold %d, trim threshold %d (%s)", MMAP_THRESHOLD_BYTES,
               TRIM_THRESHOLD_BYTES, "applied" if applied else "refused")
     return applied
+
+
+def return_free_memory() -> bool:
+    """Return the free memory of every malloc arena to the kernel (glibc's ``malloc_trim(0)``);
+    ``True`` if some was returned. A no-op off glibc. Takes milliseconds: call it off the event loop."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))
