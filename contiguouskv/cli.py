@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -189,6 +190,12 @@ def _traced(command: Callable[[argparse.Namespace], int], args: argparse.Namespa
         return command(args)
 
 
+def _stop_children_on_sigterm() -> None:
+    """bench and demo start servers as child processes and stop them on the way out; SIGTERM's
+    default action would end this process at once and leave them running, so it exits instead."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
@@ -212,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             runners = {"storage": bench_storage.run, "quality": bench_quality.run, "perhead": bench_perhead.run,
                        "load": bench_load.run, "kernels": bench_kernels.run}
+            _stop_children_on_sigterm()
             return runners.get(args.bench, bench_reprefill.run)(args)
+        _stop_children_on_sigterm()
         return run_demo(args.model, args.essays, args.workdir, args.regime)
     except ContiguousKVError as err:
         print(f"error: {err.status}: {err.details}", file=sys.stderr)

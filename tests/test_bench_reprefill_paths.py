@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,36 @@ def test_warm_rows_run_each_baseline_with_its_own_rule_and_a_budget_below_its_ho
     ours = by[("contiguous", "attention")]
     assert set(ours["speedup"]) == {"full"} and set(ours["speedup_vs_own_rule"]) == {"full"}
     assert ours["speedup_vs_own_rule"]["full"] == by[("full", "lru")]["ttft_ms_p50"] / ours["ttft_ms_p50"]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_sigterm_to_the_bench_stops_the_servers_it_started(tmp_path: Path) -> None:
+    bench = subprocess.Popen([sys.executable, "-m", "contiguouskv", "bench", "--model", "random:tiny",
+                              "--prefix-tokens", "1024", "--query-tokens", "4", "--device", "cpu", "--repeats", "50",
+                              "--workdir", str(tmp_path / "work")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert bench.stderr is not None
+        for line in bench.stderr:  # once measuring, both servers run
+            if "cold 1/" in line:
+                break
+        servers = _children(bench.pid)
+        assert len(servers) == 2, servers  # the cache server and the compute server
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        assert not [p for p in servers if Path(f"/proc/{p}").exists() and "Z" not in
+                    Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]], "servers left running"
+    finally:
+        bench.kill()
+        bench.wait()
