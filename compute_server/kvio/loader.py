@@ -111,16 +111,28 @@ class KVLoader:
     # --- start (any thread, never blocks) -------------------------------------------------------
     def start_load(self, units: Sequence[int], layers: range, priority: int = 0) -> list[int]:
         """Ask for the K/V records of ``units`` at ``layers``, one request per region; returns tags."""
+        reads: list[tuple[int, str, Sequence[int], int]] = []
+        tags = self._kv_reads(units, layers, priority, reads)
+        self._pump.send_reads(reads)
+        return tags
+
+    def start_load_per_unit(self, units: Sequence[int], layers: range, priority: int = 0) -> dict[int, list[int]]:
+        """Like :meth:`start_load` but one request per unit, so each can be cancelled alone (posted
+        to the event loop together)."""
+        reads: list[tuple[int, str, Sequence[int], int]] = []
+        tags = {unit: self._kv_reads([unit], layers, priority, reads) for unit in sorted(set(units))}
+        self._pump.send_reads(reads)
+        return tags
+
+    def _kv_reads(self, units: Sequence[int], layers: range, priority: int,
+                  reads: list[tuple[int, str, Sequence[int], int]]) -> list[int]:
+        """Append the reads of ``units`` at ``layers`` (one per region) to ``reads``; returns their tags."""
         tags = []
         for region, indices in self.codec.kv_requests(units, layers).items():
             tag = next(self._tags)
             tags.append(tag)
-            self._pump.send_read(tag, region, indices, priority)
+            reads.append((tag, region, indices, priority))
         return tags
-
-    def start_load_per_unit(self, units: Sequence[int], layers: range, priority: int = 0) -> dict[int, list[int]]:
-        """Like :meth:`start_load` but one request per unit, so each can be cancelled alone."""
-        return {unit: self.start_load([unit], layers, priority) for unit in sorted(set(units))}
 
     def start_blob(self, region: str, indices: Sequence[int], priority: int = -1,
                    category: str = "meta") -> Future[Records]:

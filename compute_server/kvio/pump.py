@@ -64,6 +64,20 @@ class FetchPump:
     def send_read(self, tag: int, region: str, indices: Sequence[int], priority: int) -> None:
         self._post(_ReadRequest(tag, region, list(indices), priority))
 
+    def send_reads(self, reads: Sequence[tuple[int, str, Sequence[int], int]]) -> None:
+        """Several ``(tag, region, indices, priority)`` reads, in order, with one wake-up of the event
+        loop (a prediction is one read per chunk and sub-period: hundreds at a time)."""
+        items = [_ReadRequest(tag, region, list(indices), priority) for tag, region, indices, priority in reads]
+        if not items:
+            return
+        if self.first_request_at is None:
+            self.first_request_at = time.perf_counter()
+        self._loop.call_soon_threadsafe(self._enqueue, items)
+
+    def _enqueue(self, items: list[_ReadRequest]) -> None:
+        for item in items:
+            self._outbox.put_nowait(item)
+
     def send_cancel(self, tags: Sequence[int]) -> None:
         if tags:
             self._post(_CancelRequest(list(tags)))
