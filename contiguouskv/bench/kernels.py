@@ -5,7 +5,7 @@ at a preset's shapes, timed two ways side by side (interleaved, the order altern
 
 - ``qkeys_decode`` — a layer's 2-bit identification keys dequantised to float32 ``[kv_heads, n, d]``;
 - ``exact_scores`` — a layer's chunk scores from those keys, with every query token (the real
-  query) and with the speculation's last 16;
+  query) and with the speculation's last ``IdentifiedPolicy.SPECULATE_TOKENS`` (16);
 - ``join_kv`` — ``[prefix K ; query K]`` and the same for V, the tensors attention reads.
 
 ``fresh`` allocates each output and scratch tensor anew, as the server did before it kept
