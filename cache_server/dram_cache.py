@@ -8,6 +8,14 @@ compute server observed (attention, important fraction). Which record goes when 
 the eviction rule's call (:mod:`.eviction`): a lazy min-heap of priorities, where a record is admitted
 only if it outranks the record it would evict.
 
+The heap is lazy in two ways. An entry whose record was evicted or re-ranked is dropped when it
+surfaces. And a hit does not re-rank its record: an access only raises a priority under every rule
+(frequency and last access grow), so the record's entry may understate it until the entry reaches
+the top, where its priority is recomputed and, if it rose, the entry goes back in. The record the
+heap yields is therefore the one of lowest current priority, as with an eager heap, without a heap
+push for every hit (which cost more than copying the record out on the shared-memory path). A
+report may lower a priority (``impress``'s mean important fraction), so reports re-rank at once.
+
 Thread-safe (one lock); called from the read pool. A budget of 0 disables the cache.
 """
 
@@ -69,10 +77,7 @@ class DramCache:
                 stats = self._touch(rk)
                 stats.frequency += 1
                 stats.last_access = next(self._clock)
-                data = self._data.get(rk)
-                if data is not None:
-                    self._push(rk, stats)
-                found.append(data)
+                found.append(self._data.get(rk))  # its heap entry is re-ranked when it surfaces
         hits = sum(d is not None for d in found)
         self._counters.add(dram_hits=hits, dram_misses=len(found) - hits)
         return found
@@ -172,11 +177,18 @@ class DramCache:
         return len(victims)
 
     def _pop_lowest(self) -> tuple[Priority, int, RecordKey] | None:
-        """Pop the current heap entry of lowest priority, dropping stale ones on the way."""
+        """Pop the current heap entry of lowest priority, dropping stale ones on the way and putting
+        back, re-ranked, those whose record's priority rose since they were pushed."""
         while self._heap:
             entry = heapq.heappop(self._heap)
-            if self._token.get(entry[2]) == entry[1]:
-                return entry
+            rk = entry[2]
+            if self._token.get(rk) != entry[1]:
+                continue
+            current = self._priority(self._stats[rk])
+            if current > entry[0]:
+                heapq.heappush(self._heap, (current, entry[1], rk))
+                continue
+            return entry
         return None
 
     def _forget(self, rk: RecordKey) -> None:

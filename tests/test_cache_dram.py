@@ -11,9 +11,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import CacheProc, start_cache_server, wait_for_log
 from contiguouskv.cache_server.dram_cache import DramCache
+from contiguouskv.cache_server.eviction import EVICTION_RULES
 from contiguouskv.cache_server.keys import ObjectKey
 from contiguouskv.cache_server.stats import Counters
 from contiguouskv.v1 import cache_pb2 as pb
@@ -91,6 +94,35 @@ def test_budget_admission_and_drop() -> None:
     cache.drop_object(ObjectKey("p", "l"))
     assert cache.entries == 0 and cache.used_bytes == 0 and cache.stats_of(OBJ, "r", 1) is None
     assert DramCache(0).lookup(OBJ, "r", [1]) == [None] and not DramCache(0).enabled
+
+
+@settings(max_examples=300, deadline=None)
+@given(rule=st.sampled_from(sorted(EVICTION_RULES)),
+       ops=st.lists(st.tuples(st.sampled_from(["get", "report"]), st.integers(0, 11),
+                              st.floats(0.0, 1.0, allow_nan=False)), min_size=1, max_size=120))
+def test_the_lazy_heap_evicts_as_an_eager_scan_would(rule: str, ops: list[tuple[str, int, float]]) -> None:
+    """Hits do not re-rank their heap entries; whatever the rule, the cache must still keep what a
+    cache evicting the record of lowest current priority (a full scan) keeps, op for op."""
+    capacity, priority = 4, EVICTION_RULES[rule]
+    cache = cache_of(rule, capacity)
+    kept: set[int] = set()  # the reference: an eager scan over every cached record
+    for op, index, value in ops:
+        if op == "report":
+            cache.report(OBJ, "r", [index], [value], [value])
+            continue
+        hit = cache.lookup(OBJ, "r", [index])[0] is not None
+        assert hit == (index in kept)
+        if hit:
+            continue
+        cache.admit(OBJ, "r", [(index, REC)])
+        mine = priority(cache.stats_of(OBJ, "r", index))
+        if len(kept) < capacity:
+            kept.add(index)
+        else:
+            lowest = min(kept, key=lambda i: priority(cache.stats_of(OBJ, "r", i)))
+            if priority(cache.stats_of(OBJ, "r", lowest)) < mine:
+                kept = (kept - {lowest}) | {index}
+        assert set(cached(cache, range(12))) == kept
 
 
 def test_an_unknown_eviction_rule_names_the_known_ones() -> None:
