@@ -11,9 +11,10 @@ held, a batch is copied out instead and its slot given back at once. When the st
 (:meth:`PlaneStreamState.finish`) the server is told which slots are still held; every other slot
 lent to the stream (descriptors that never arrived) is free again.
 
-The CRC-32s are computed holding the GIL (:func:`~contiguouskv.common.checksum.crc32`, in pieces of
-5 KiB): releasing it for every record on the event loop would hand the GIL back and forth with the
-compute thread, as it did between the cache server's read threads and its event loop.
+A batch's CRC-32s are checked in one pass over its bytes against the records' CRC-32s combined
+(:func:`~contiguouskv.common.checksum.first_bad_record`): one release of the GIL per batch, where a
+release for every record on the event loop would hand the GIL back and forth with the compute
+thread, as it did between the cache server's read threads and its event loop.
 
 Releases and ends may come from any thread (the compute thread releases a layer's records); the
 socket carries one message per datagram, sent under a lock. The plane is *dead* once the socket
@@ -32,7 +33,7 @@ import struct
 import threading
 
 from contiguouskv.common import shm_protocol as proto
-from contiguouskv.common.checksum import crc32
+from contiguouskv.common.checksum import first_bad_record
 from contiguouskv.common.fetch_wire import FetchBatch
 
 log = logging.getLogger(__name__)
@@ -175,12 +176,12 @@ class PlaneStreamState:
             self._held.add(ref.slot)
         size = ref.length // count
         expected = struct.unpack(f"<{count}I", ref.crcs)
-        for k in range(count):
-            if crc32(data[k * size : (k + 1) * size]) != expected[k]:
-                with self._lock:  # not released: the stream fails, and its end frees the slot
-                    self._held.discard(ref.slot)
-                raise PlaneError(f"checksum mismatch in shared memory: region {batch.region!r}, "
-                                 f"record {batch.indices[k]} (slot {ref.slot})")
+        bad = first_bad_record(data, size, expected)
+        if bad is not None:
+            with self._lock:  # not released: the stream fails, and its end frees the slot
+                self._held.discard(ref.slot)
+            raise PlaneError(f"checksum mismatch in shared memory: region {batch.region!r}, "
+                             f"record {batch.indices[bad]} (slot {ref.slot})")
         self.bytes_received += ref.length
         if not self.plane.hold(1):
             # More than half the buffer is held (a request holds slots until its layers are done):
