@@ -109,14 +109,15 @@ def _eager_attention(r: ModelRunner, q: torch.Tensor, k: torch.Tensor, v: torch.
     return (weights @ v).transpose(0, 1).reshape(tokens, -1)
 
 
-@pytest.mark.parametrize("expand", [False, True])
+@pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("max_scores", [runner_module.MAX_SCORES_PER_CALL, 500])
 def test_attend_over_a_selected_subset(
-    tiny: ModelRunner, monkeypatch: pytest.MonkeyPatch, expand: bool, max_scores: int
+    tiny: ModelRunner, monkeypatch: pytest.MonkeyPatch, pack: bool, max_scores: int
 ) -> None:
-    """Selected past keys (not all, not contiguous) + causal new keys; tiled and CUDA-style paths."""
+    """Selected past keys (not all, not contiguous) + causal new keys; tiled, and with the CUDA
+    path's query heads packed per KV head (tiny has 2 query heads per KV head)."""
     monkeypatch.setattr(runner_module, "MAX_SCORES_PER_CALL", max_scores)
-    monkeypatch.setattr(runner_module, "_expand_kv_heads", lambda device: expand)
+    monkeypatch.setattr(runner_module, "_pack_query_groups", lambda device: pack)
     ids = _ids(80, 512, seed=11)
     prefix = tiny.prefill(ids[:64], block_size=32)
     chosen = torch.tensor([0, 1, 2, 3, 16, 17, 40, 41, 42, 63])

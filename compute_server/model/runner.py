@@ -111,13 +111,12 @@ class ModelRunner:
         total = k_all.shape[1]
         if total != num_past + tokens:
             raise ValueError(f"k_all has {total} keys, expected num_past {num_past} + T {tokens}")
-        k_all, v_all, gqa = self._kv_for_sdpa(k_all, v_all)
         rows = max(1, MAX_SCORES_PER_CALL // (heads * total))
         out = torch.empty_like(q)  # [H, T, d]
         for start in range(0, tokens, rows):
             stop = min(start + rows, tokens)
             seen = num_past + stop  # keys past the tile's last row are masked anyway: skip them
-            out[:, start:stop] = self._sdpa(q[:, start:stop], k_all[:, :seen], v_all[:, :seen], gqa)
+            out[:, start:stop] = self._sdpa(q[:, start:stop], k_all[:, :seen], v_all[:, :seen])
         return out.transpose(0, 1).reshape(tokens, heads * self.head_dim)  # [T, H*d]
 
     @torch.inference_mode()
@@ -198,36 +197,40 @@ class ModelRunner:
         cos, sin = self._decoder.rotary_emb(like, position_ids)  # [1, T, d] each
         return cos[0], sin[0]
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
-        """SDPA for q ``[H, R, d]`` over k/v ``[kvH or H, S', d]``, whose last ``R`` keys are the
-        rows' own: row ``i`` sees keys ``0 .. S'-R+i``. Returns ``[H, R, d]``."""
-        rows, seen = q.shape[1], k.shape[1]
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """SDPA for q ``[H, R, d]`` over k/v ``[kvH, S', d]``, whose last ``R`` keys are the rows'
+        own: row ``i`` sees keys ``0 .. S'-R+i``. Returns ``[H, R, d]``. KV heads are never copied
+        up to query heads (:func:`_pack_query_groups`)."""
+        heads, rows, dim = q.shape
+        kv_heads, seen = k.shape[0], k.shape[1]
+        groups = heads // kv_heads
+        causal = rows == seen  # square: the kernel itself skips the upper triangle
+        if groups > 1 and not causal and _pack_query_groups(q.device):
+            # The g query heads of a KV head attend as one head of g*R rows (head h = kv*g + j, so
+            # [H, R, d] is [kvH, g*R, d] in memory order); the mask repeats for each of them.
+            packed = q.reshape(kv_heads, groups * rows, dim).unsqueeze(0)
+            mask = _visible(seen - rows, seen, seen, q.device).repeat(groups, 1)  # [g*R, S']
+            out = F.scaled_dot_product_attention(
+                packed, k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, scale=self.scaling)
+            return out[0].reshape(heads, rows, dim)
         # 4-D inputs: with 3-D ones the CPU dispatcher falls back to the (3x slower) math kernel.
         q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # [1, heads, tokens, d]
-        causal = rows == seen  # square: the kernel itself skips the upper triangle
         mask = None if causal else _visible(seen - rows, seen, seen, q.device)  # [R, S']
         out = F.scaled_dot_product_attention(
-            q4, k4, v4, attn_mask=mask, is_causal=causal, scale=self.scaling, enable_gqa=gqa
+            q4, k4, v4, attn_mask=mask, is_causal=causal, scale=self.scaling, enable_gqa=groups > 1
         )
         return out[0]  # [H, R, d]
 
-    def _kv_for_sdpa(
-        self, k_all: torch.Tensor, v_all: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """KV as SDPA wants it, and whether to pass ``enable_gqa``."""
-        groups = self.num_heads // self.num_kv_heads
-        if groups == 1:
-            return k_all, v_all, False
-        if not _expand_kv_heads(k_all.device):
-            return k_all, v_all, True
-        k_all = k_all.repeat_interleave(groups, dim=0)  # [H, S+T, d]
-        return k_all, v_all.repeat_interleave(groups, dim=0), False
 
+def _pack_query_groups(device: torch.device) -> bool:
+    """Whether masked grouped-query attention folds each KV head's query heads into one head's rows.
 
-def _expand_kv_heads(device: torch.device) -> bool:
-    """Whether to copy KV heads up to query heads before SDPA. CPU's fused kernel takes grouped KV
-    with a mask; CUDA's masked (memory-efficient) kernel does not, and its fallback would
-    materialise the score matrix, so there the KV heads are expanded (as HF's ``repeat_kv``)."""
+    CPU's fused kernel takes grouped KV with a mask (``enable_gqa``). CUDA's masked kernel
+    (memory-efficient) does not, and its fallback would materialise the score matrix; copying the
+    KV heads up to query heads (HF's ``repeat_kv``) would instead move g times the KV through
+    memory at every layer. Folding the g query heads of a KV head into one head of g*R rows needs
+    neither: the same kernel, the same scores, a mask g times taller (R x S' booleans each). The
+    unmasked square case (prefill) passes ``enable_gqa``, which the flash kernel takes."""
     return device.type != "cpu"
 
 
