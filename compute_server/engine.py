@@ -40,6 +40,11 @@ class PrefixKVSource(Protocol):
         k [kv_heads, T, d] at that layer, and the seconds spent blocked waiting for records."""
         ...
 
+    def layer_consumed(self, layer: int) -> None:
+        """The engine copied ``layer``'s prefix K/V into its attention input and will not read the
+        tensors :meth:`wait_for_layer_load` returned again: their memory may be reused."""
+        ...
+
 
 @dataclass
 class LayerRun:
@@ -161,6 +166,8 @@ class Engine:
             if job.resident is not None:
                 job.resident.append((pk, pv))
             keys, values = join_kv(pk, k, scratch, "keys"), join_kv(pv, v, scratch, "values")  # [kv_heads, s + T, d]
+            if job.resident is None:  # else the floor's re-run reads pk, pv again
+                source.layer_consumed(layer)
             hidden = s.finish(layer, hidden, q, keys, values, pk.shape[1])
             if job.max_new_tokens:
                 cache.append((keys, values))

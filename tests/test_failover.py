@@ -211,3 +211,45 @@ def test_a_request_error_does_not_fail_over() -> None:
     with pytest.raises(ComputeError) as info:
         asyncio.run(load_everything(plans))
     assert info.value.code == "INVALID_ARGUMENT" and plans["b"].asked == []
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_gather_buffers_are_reused_only_once_the_layer_is_consumed(staged: bool) -> None:
+    """A layer's K/V stay intact until the engine says it consumed them; then a later layer is
+    gathered into the same memory (on the compute thread's path; the stager may run ahead)."""
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        stream = replica_stream({"a": Plan()})
+        await stream.start()
+        stager = ThreadPoolExecutor(1) if staged else None
+        loader = KVLoader(ContiguousCodec(LAYOUT), stream, loop, stager=stager)  # type: ignore[arg-type]
+        io = asyncio.create_task(loader.run())
+        chunks = list(range(LAYOUT.num_chunks))
+        try:
+            if staged:
+                loader.expect(range(4), chunks)
+            loader.start_load(chunks, range(4))
+            kept, storage = [], []
+            for layer in range(4):
+                keys, values, _ = await loop.run_in_executor(None, loader.wait_for_layer, layer, chunks)
+                ref_k, ref_v = expected(layer, chunks)
+                assert same_bits(keys, ref_k) and same_bits(values, ref_v), layer
+                storage.append(keys.untyped_storage().data_ptr())
+                if layer < 2:
+                    kept.append((layer, keys, values))  # not consumed: nobody may write them
+                else:
+                    loader.consumed(layer)
+            for layer, keys, values in kept:
+                ref_k, ref_v = expected(layer, chunks)
+                assert same_bits(keys, ref_k) and same_bits(values, ref_v), layer
+            assert len(set(storage[:2])) == 2 and not set(storage[:2]) & set(storage[2:])
+            if not staged:  # gathered when waited for: layer 3 into layer 2's consumed buffers
+                assert storage[3] == storage[2]
+        finally:
+            io.cancel()
+            await asyncio.gather(io, return_exceptions=True)
+            await stream.close()
+            if stager is not None:
+                stager.shutdown()
+
+    asyncio.run(go())

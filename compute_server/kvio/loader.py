@@ -10,6 +10,12 @@ collected per request and handed over whole through a future (:meth:`KVLoader.st
 When a policy announces a layer's unit set early (:meth:`KVLoader.expect`), the layer's K/V are
 gathered off the compute thread as soon as its last record arrives (the stager thread), and on CUDA
 copied to the device on a side stream (:mod:`.staging`); ``wait_for_layer`` then only picks them up.
+
+On the CPU a layer's K/V are gathered into host buffers the request reuses: once the engine has
+copied a layer's prefix K/V into its attention input (:meth:`KVLoader.consumed`), the layer's
+buffers gather a later layer. A fresh 16 MiB tensor per layer and direction costs its pages'
+faults every time (13 ms against 3 ms for a 16K-token bf16 gather here), since the compute
+server's malloc serves blocks that large by ``mmap`` (:mod:`contiguouskv.common.malloc`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from contiguouskv.compute_server.kvio.staging import to_device, to_device_now, w
 from contiguouskv.compute_server.layouts.base import LayoutCodec
 
 KVPair = tuple[torch.Tensor, torch.Tensor]
+MAX_POOLED = 4  # gather buffer pairs a request keeps for reuse (the stager runs a few layers ahead)
 Records = list[memoryview]
 """Whole records of a blob request, in the order asked: views over the received bytes."""
 
@@ -84,6 +91,8 @@ class KVLoader:
         self._staging: set[int] = set()
         self._staged: dict[int, _Staged] = {}
         self._pinned: list[torch.Tensor] = []  # host sources of in-flight device copies
+        self._pool: list[KVPair] = []  # flat host buffers free to gather into (CPU)
+        self._lent: dict[int, KVPair] = {}  # layer -> the buffers its K/V were gathered into
         self._blobs: dict[int, _Blob] = {}
         self._leases: dict[int, list[_SharedLease]] = {}  # layer -> shared memory under its records
         self._tags = itertools.count(1)
@@ -256,7 +265,7 @@ class KVLoader:
 
     def _stage(self, layer: int, want: list[int], parts: list[KVPair]) -> None:
         try:
-            keys, values = self.codec.gather(want, parts, pin=self._device.type == "cuda")
+            keys, values = self._gather(layer, want, parts)
             event = None
             if self._device.type == "cuda":
                 with self._cond:
@@ -320,10 +329,36 @@ class KVLoader:
                     self._waiters -= 1
         waited = time.perf_counter() - start
         if not staged:  # gathered here, on the request's thread, and staged through the same path
-            keys, values = self.codec.gather(want, parts, pin=self._device.type == "cuda")
+            keys, values = self._gather(layer, want, parts)
             return to_device_now(keys, self._device), to_device_now(values, self._device), waited
         wait_copy(ready.copied, self._device)
         return ready.keys, ready.values, waited
+
+    def _gather(self, layer: int, want: list[int], parts: list[KVPair]) -> KVPair:
+        """K/V of ``want`` at ``layer``: on CUDA into fresh pinned memory (torch's host allocator
+        caches it), on the CPU into a pooled pair of buffers lent to the layer until :meth:`consumed`."""
+        if self._device.type == "cuda" or not parts:
+            return self.codec.gather(want, parts, pin=self._device.type == "cuda")
+        numel = parts[0][0].numel() * len(parts)
+        dtype = parts[0][0].dtype
+        with self._cond:
+            fits = next((k for k, pair in enumerate(self._pool)
+                         if pair[0].numel() >= numel and pair[0].dtype == dtype), None)
+            pair = self._pool.pop(fits) if fits is not None else None
+        if pair is None:
+            pair = (torch.empty(numel, dtype=dtype), torch.empty(numel, dtype=dtype))
+        keys, values = self.codec.gather(want, parts, pin=False, out=pair)
+        with self._cond:
+            self._lent[layer] = pair
+        return keys, values
+
+    def consumed(self, layer: int) -> None:
+        """The engine is done with ``layer``'s prefix K/V (it copied them): their buffers may gather
+        a later layer. Not calling it is safe (the buffers are then simply not reused)."""
+        with self._cond:
+            pair = self._lent.pop(layer, None)
+            if pair is not None and len(self._pool) < MAX_POOLED:
+                self._pool.append(pair)
 
     def release_layer(self, layer: int) -> None:
         """Drop the arrived records of a finished layer so their bytes can be freed."""

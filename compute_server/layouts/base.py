@@ -148,10 +148,11 @@ class LayoutCodec(abc.ABC, Generic[G]):
         raise ValueError(f"layout {self.name}: no per-layer K/V records to request by unit")
 
     def gather(self, units: Sequence[int], parts: Sequence[tuple[torch.Tensor, torch.Tensor]],
-               pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               pin: bool, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of ``units`` (ascending) from their arrived records ``parts`` (as :meth:`kv_records`
         gave them): ``[kv_heads, real tokens, head_dim]`` each, padding cut; one copy, into pinned
-        host memory when ``pin``."""
+        host memory when ``pin``, or into the first elements of the flat buffers ``out`` (each of at
+        least the records' elements, of their dtype) when given."""
         raise ValueError(f"layout {self.name}: no per-layer K/V records to gather")
 
     def kv_records(self, region: str, indices: Sequence[int], data: memoryview) -> list[KVRecord] | None:

@@ -9,6 +9,8 @@ The decode methods a policy calls (:meth:`ContiguousCodec.chunk_keys`, ``layer_k
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -134,14 +136,18 @@ class ContiguousCodec(LayoutCodec[ContiguousLayout]):
         return self.geometry.kv_requests(list(units), layers)
 
     def gather(self, units: Sequence[int], parts: Sequence[tuple[torch.Tensor, torch.Tensor]],
-               pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               pin: bool, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         lay = self.geometry
         shape = (lay.num_kv_heads, len(units) * lay.chunk_size, lay.head_dim)
         if not units:
             return torch.empty(lay.num_kv_heads, 0, lay.head_dim), torch.empty(lay.num_kv_heads, 0, lay.head_dim)
         real = lay.tokens_in(list(units))  # only the prefix's last chunk is partial; it sorts last
-        keys = torch.empty(shape, dtype=parts[0][0].dtype, pin_memory=pin)  # [kv_heads, chunks * c, d]
-        values = torch.empty(shape, dtype=parts[0][1].dtype, pin_memory=pin)
+        if out is not None:  # [kv_heads, chunks * c, d] over the buffers' first elements
+            numel = math.prod(shape)
+            keys, values = out[0][:numel].view(shape), out[1][:numel].view(shape)
+        else:
+            keys = torch.empty(shape, dtype=parts[0][0].dtype, pin_memory=pin)  # [kv_heads, chunks * c, d]
+            values = torch.empty(shape, dtype=parts[0][1].dtype, pin_memory=pin)
         torch.cat([k for k, _ in parts], dim=1, out=keys)
         torch.cat([v for _, v in parts], dim=1, out=values)
         return keys[:, :real], values[:, :real]

@@ -235,6 +235,11 @@ class LoadingPolicy(abc.ABC):
         """Compute thread, blocks: prefix K and V for ``layer`` (``[kv_heads, s, d]`` each) given the
         query's q ``[heads, T, d]`` and k ``[kv_heads, T, d]`` there, and the seconds blocked."""
 
+    def layer_consumed(self, layer: int) -> None:
+        """Compute thread: the engine copied ``layer``'s prefix K/V out; the loader may reuse their
+        buffers (:meth:`.KVLoader.consumed`)."""
+        self.loader.consumed(layer)
+
     def compute(self, engine: Engine, job: QueryJob) -> QueryOutcome:
         """Compute thread: the whole query; by default layer by layer over this policy's prefix KV."""
         return engine.answer(job, self)
