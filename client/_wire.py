@@ -74,7 +74,8 @@ def result(r: compute_pb2.ReprefillResponse) -> ReprefillResult:
     timings = Timings(t.ttft_ms, t.fetch_wait_ms, t.compute_ms, t.fetch_ms, t.total_ms,
                       tuple(LayerTiming(x.layer, x.wait_ms, x.compute_ms, x.bytes, x.bytes_identification,
                                         x.bytes_selected, x.ident_wait_ms) for x in t.layers),
-                      t.record_wait_ms, t.ident_wait_ms, t.resident_compute_ms, t.overhead_ms)
+                      t.record_wait_ms, t.ident_wait_ms, t.resident_compute_ms, t.overhead_ms,
+                      t.selection_ms, t.staging_ms, t.model_ms, t.other_ms)
     token_layers = tuple(TokenLayerSelection(x.layer, x.tokens, x.shared, x.similarity, x.threshold, x.blocks)
                          for x in r.token_layers)
     periods = tuple(PeriodSelection(p.period, p.first_layer, p.num_layers, tuple(p.chunks), p.predicted,

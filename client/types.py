@@ -85,6 +85,15 @@ class Timings:
     overhead_ms: float = -1.0
     """With ``measure_floor``: ``ttft_ms`` minus the waits and ``resident_compute_ms`` (selection
     scoring, record decoding and staging, Python), else -1."""
+    selection_ms: float = 0.0
+    """Selecting chunks or tokens on the request's thread: identification decoding, scoring,
+    speculative projections (waits excluded)."""
+    staging_ms: float = 0.0
+    """Gathering arrived records into tensors and joining them with the query's own K/V."""
+    model_ms: float = 0.0
+    """The model's own ops during the request (queueing behind other requests' ops included)."""
+    other_ms: float = 0.0
+    """The rest of ``ttft_ms``: ``ttft_ms = fetch_wait_ms + selection_ms + staging_ms + model_ms + other_ms``."""
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,10 @@ TokenCallback = Callable[[int, int], None]
 class PrefixKVSource(Protocol):
     """Supplies each layer's prefix K/V; both methods are called in layer order on the request's thread."""
 
+    selection_s: float
+    """Seconds the source spent selecting on the request's thread (identification decoding, scoring,
+    speculative projections), waits for data excluded."""
+
     def before_layer(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> None:
         """Sees the hidden state [T, D] entering ``layer`` (a chance to look ahead); must not block long."""
         ...
@@ -68,6 +72,10 @@ class QueryOutcome:
     compute_s: float = 0.0
     decode_s: float = 0.0
     logits: torch.Tensor | None = None  # float32 [vocab] at the last query position
+    # Where compute_s went, on the request's thread (they sum to at most compute_s):
+    selection_s: float = 0.0  # selecting chunks or tokens (the source's selection_s)
+    staging_s: float = 0.0  # gathering records into tensors and joining them with the query's K/V
+    model_s: float = 0.0  # the model's own ops (embedding, layers, head), queueing for the compute thread included
 
 
 class Cancellation:
@@ -156,11 +164,15 @@ class Engine:
         out = QueryOutcome(token_id=-1)
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         scratch = None if job.max_new_tokens else Workspace()  # decoding keeps every layer's K/V
+        in_source = 0.0  # seconds inside the source's calls, waits included
+        model = time.perf_counter() - start  # seconds in model ops: the embedding so far
         for layer in range(r.num_layers):
             job.cancellation.check()
             t0 = time.perf_counter()
             source.before_layer(layer, hidden, positions)
+            t1 = time.perf_counter()
             q, k, v = s.project(layer, hidden, positions)
+            t2 = time.perf_counter()
             pk, pv, wait = source.wait_for_layer_load(layer, q, k)
             pk, pv = pk.to(device=device), pv.to(device=device)  # join_kv converts to the compute dtype
             if job.resident is not None:
@@ -168,15 +180,23 @@ class Engine:
             keys, values = join_kv(pk, k, scratch, "keys"), join_kv(pv, v, scratch, "values")  # [kv_heads, s + T, d]
             if job.resident is None:  # else the floor's re-run reads pk, pv again
                 source.layer_consumed(layer)
+            t3 = time.perf_counter()
             hidden = s.finish(layer, hidden, q, keys, values, pk.shape[1])
             if job.max_new_tokens:
                 cache.append((keys, values))
-            out.layers.append(LayerRun(layer, wait, time.perf_counter() - t0 - wait, t0))
+            t4 = time.perf_counter()
+            in_source += (t1 - t0) + (t3 - t2)
+            model += (t2 - t1) + (t4 - t3)
+            out.layers.append(LayerRun(layer, wait, t4 - t0 - wait, t0))
+        t5 = time.perf_counter()
         out.logits = s.call(r.logits, hidden[-1:])[0].float().cpu()
         out.token_id = int(out.logits.argmax())
         out.first_token_s = time.perf_counter() - start
         out.wait_s = sum(t.wait_s for t in out.layers)
         out.compute_s = out.first_token_s - out.wait_s
+        out.model_s = model + time.perf_counter() - t5
+        out.selection_s = source.selection_s
+        out.staging_s = max(0.0, in_source - out.wait_s - out.selection_s)
         self._continue(out, cache, num_prefix + len(job.query_ids), job)
         return out
 

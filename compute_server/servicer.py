@@ -92,7 +92,10 @@ def _reply(result: ReprefillReport, with_logits: bool = False) -> compute_pb2.Re
                                   compute_ms=o.compute_s * 1e3, fetch_ms=result.fetch_s * 1e3,
                                   total_ms=(result.ttft_s + o.decode_s) * 1e3, layers=layers,
                                   record_wait_ms=(o.wait_s - ident_wait) * 1e3, ident_wait_ms=ident_wait * 1e3,
-                                  resident_compute_ms=resident, overhead_ms=overhead)
+                                  resident_compute_ms=resident, overhead_ms=overhead,
+                                  selection_ms=o.selection_s * 1e3, staging_ms=o.staging_s * 1e3,
+                                  model_ms=o.model_s * 1e3,
+                                  other_ms=(result.ttft_s - o.wait_s - o.selection_s - o.staging_s - o.model_s) * 1e3)
     return compute_pb2.ReprefillResponse(
         token_id=result.token_id, text=result.text, policy=result.policy, budget=result.budget,
         timings=timings, bytes_fetched=result.bytes_fetched, prefix_tokens=result.prefix_tokens,

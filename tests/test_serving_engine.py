@@ -30,7 +30,8 @@ from contiguouskv.compute_server.core import ComputeCore
 from contiguouskv.compute_server.model.loading import LoadedModel, load_model
 from contiguouskv.compute_server.model.runner import ModelRunner
 from contiguouskv.compute_server.request import ReprefillArgs, ReprefillReport
-from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
+from contiguouskv.compute_server.servicer import _reply
+from contiguouskv.v1 import cache_pb2, cache_pb2_grpc, compute_pb2
 
 MODEL = "random:tiny"
 POLICIES = ("recompute", "full", "contiguous", "contiguous+", "h2o", "impress")
@@ -304,3 +305,28 @@ def test_measure_floor_reruns_the_query_over_resident_kv_off_the_clock(cache: la
         else:  # the re-run's own time, not the request's: no waits, no selection, no decoding of records
             assert floor.resident_s < floor.ttft_s, policy
     assert "resident re-run answered" not in caplog.text  # the re-run reproduced every answer
+
+
+def test_the_response_splits_the_compute_time_into_selection_staging_model_and_the_rest(
+        cache: launch.ServiceProcess, model: LoadedModel) -> None:
+    """Timings: fetch wait + selection + staging + model + other = TTFT, each part non-negative; only
+    the policies that score spend time selecting, and every loading policy spends time staging."""
+    async def main() -> list[tuple[str, compute_pb2.Timings]]:
+        config = ComputeServerConfig(model=MODEL, cache=(cache.address,), device="cpu", dtype="float32")
+        client = CacheClient(config.cache, config.max_message_bytes, 60.0)
+        core = ComputeCore(config, model, ModelRunner(model), client)
+        try:
+            reg = await core.register([random.Random(6).randrange(512) for _ in range(300)], ["impress"])
+            return [(policy, _reply(await core.reprefill(ReprefillArgs(reg.prefix_id, [4, 5, 6], policy, 0.3))).timings)
+                    for policy in ("full", "contiguous", "contiguous+", "impress")]
+        finally:
+            await asyncio.gather(*core._reports, return_exceptions=True)
+            core.close()
+            await client.close()
+
+    for policy, t in asyncio.run(main()):
+        parts = (t.fetch_wait_ms, t.selection_ms, t.staging_ms, t.model_ms, t.other_ms)
+        assert sum(parts) == pytest.approx(t.ttft_ms, rel=1e-6), policy
+        assert min(parts[:4]) >= 0 and t.other_ms > -0.05 * t.ttft_ms, (policy, parts)
+        assert t.model_ms > 0 and t.staging_ms > 0, (policy, parts)
+        assert (t.selection_ms > 0) == (policy != "full"), (policy, parts)

@@ -39,8 +39,10 @@ server); ``docs/architecture.md`` has a worked example.
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -205,6 +207,8 @@ class LoadingPolicy(abc.ABC):
 
     def __init__(self, context: PolicyContext) -> None:
         self.context = context
+        self.selection_s = 0.0  # see selecting()
+        self._blocked_s = 0.0  # waits for data inside selecting() blocks, added by the policy
         self.loader = context.loader
         self.chunks = context.chunks
         self.projector = context.projector
@@ -234,6 +238,17 @@ class LoadingPolicy(abc.ABC):
                             k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Compute thread, blocks: prefix K and V for ``layer`` (``[kv_heads, s, d]`` each) given the
         query's q ``[heads, T, d]`` and k ``[kv_heads, T, d]`` there, and the seconds blocked."""
+
+    @contextlib.contextmanager
+    def selecting(self) -> Iterator[None]:
+        """Times a block of selection work on the request's thread (identification decoding,
+        scoring, speculative projections) into ``selection_s``; waits the policy adds to
+        ``_blocked_s`` inside the block are not counted (they are record or identification waits)."""
+        started, blocked = time.perf_counter(), self._blocked_s
+        try:
+            yield
+        finally:
+            self.selection_s += time.perf_counter() - started - (self._blocked_s - blocked)
 
     def layer_consumed(self, layer: int) -> None:
         """Compute thread: the engine copied ``layer``'s prefix K/V out; the loader may reuse their

@@ -30,8 +30,9 @@ class DigestShortlistPolicy(PeriodicPolicy):
         super().before_layer(layer, hidden, positions)
         start = layer + 1
         if start in self._ident and start not in self._selected and start % self.params.period == 0:
-            q, k, _ = self.projector.project(start, hidden, positions)
-            self._choose(start, q, k)
+            with self.selecting():
+                q, k, _ = self.projector.project(start, hidden, positions)
+                self._choose(start, q, k)
 
     def _predict(self, start: int, chunks: list[int]) -> None:
         if self.params.period > 1 or start == 0:  # the prior for period 0 always ships before layer 0

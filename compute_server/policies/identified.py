@@ -59,9 +59,10 @@ class IdentifiedPolicy(PeriodicPolicy):
         start = layer + 1
         if (self._speculates(start) and start < self.chunks.num_layers and start % self.params.period == 0
                 and start not in self._selected and start not in self._predicted):
-            tail = slice(max(0, hidden.shape[0] - self.SPECULATE_TOKENS), None)
-            q, k, _ = self.projector.project(start, hidden[tail], positions[tail])
-            self._predict(start, select_top(self._score(start, q, k), self.budget))
+            with self.selecting():
+                tail = slice(max(0, hidden.shape[0] - self.SPECULATE_TOKENS), None)
+                q, k, _ = self.projector.project(start, hidden[tail], positions[tail])
+                self._predict(start, select_top(self._score(start, q, k), self.budget))
 
     def _speculates(self, start: int) -> bool:
         return self.speculate and start > 0

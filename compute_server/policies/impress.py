@@ -48,12 +48,13 @@ class ImpressPolicy(TokenPolicy):
         probe_region = lay.probe_region(layer)
         records, waited = self._wait(self._request(probe_region, everything, "ident", 2 * layer))
         probe_keys = self.codec.blocks(records, len(lay.probe_kv_heads), device=self.device)[:, :n]  # [probe_kv, n, d]
-        heads = list(lay.probe_query_heads)
-        rows = [lay.probe_kv_heads.index(h // lay.group) for h in heads]
-        mass = head_token_mass(q, k, probe_keys, heads, rows, self.projector.scaling)  # [P, n]
-        sets = top_tokens(mass, self.k)  # [P, k]
-        similarity = mean_pairwise_jaccard(sets, n)
-        threshold = similarity_threshold(self.k, n, self.alpha)
+        with self.selecting():
+            heads = list(lay.probe_query_heads)
+            rows = [lay.probe_kv_heads.index(h // lay.group) for h in heads]
+            mass = head_token_mass(q, k, probe_keys, heads, rows, self.projector.scaling)  # [P, n]
+            sets = top_tokens(mass, self.k)  # [P, k]
+            similarity = mean_pairwise_jaccard(sets, n)
+            threshold = similarity_threshold(self.k, n, self.alpha)
         if similarity >= threshold:
             keys, values, sel, wait = self._voted(layer, sets, mass)
         else:
@@ -68,7 +69,8 @@ class ImpressPolicy(TokenPolicy):
                ) -> tuple[torch.Tensor, torch.Tensor, LayerSelection, float]:
         """One token set for every head: read only the K and V blocks holding it."""
         lay = self.blocks
-        tokens = vote(sets, mass, self.k).expand(lay.num_kv_heads, -1)  # [kv_heads, k], rows equal
+        with self.selecting():
+            tokens = vote(sets, mass, self.k).expand(lay.num_kv_heads, -1)  # [kv_heads, k], rows equal
         sel = self._selection(layer, tokens, shared=True, scores=mass.sum(dim=0))
         fk = self._request(lay.k_region(layer), sel.blocks, "kv", 2 * layer)
         fv = self._request(lay.v_region(layer), sel.blocks, "kv", 2 * layer)
@@ -88,10 +90,11 @@ class ImpressPolicy(TokenPolicy):
         everything = list(range(lay.num_blocks))
         k_records, wk = self._wait(self._request(lay.k_region(layer), everything, "kv", 2 * layer))
         all_keys = self.codec.blocks(k_records, device=self.device)[:, :n]  # [kv_heads, n, d]
-        heads = list(range(lay.num_heads))
-        mass = head_token_mass(q, k, all_keys, heads, [h // lay.group for h in heads], self.projector.scaling)
-        per_kv = mass.view(lay.num_kv_heads, lay.group, n).sum(dim=1)  # [kv_heads, n]
-        tokens = top_tokens(per_kv, self.k)  # [kv_heads, k]
+        with self.selecting():
+            heads = list(range(lay.num_heads))
+            mass = head_token_mass(q, k, all_keys, heads, [h // lay.group for h in heads], self.projector.scaling)
+            per_kv = mass.view(lay.num_kv_heads, lay.group, n).sum(dim=1)  # [kv_heads, n]
+            tokens = top_tokens(per_kv, self.k)  # [kv_heads, k]
         sel = self._selection(layer, tokens, shared=False, scores=per_kv.sum(dim=0))
         v_records, wv = self._wait(self._request(lay.v_region(layer), sel.blocks, "kv", 2 * layer))
         keys = self._take(all_keys, tokens)

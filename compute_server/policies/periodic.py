@@ -134,6 +134,7 @@ class PeriodicPolicy(LoadingPolicy):
         if future.done() and not future.cancelled() and future.exception() is None:
             return future.result()  # resident or already in: no wait to charge
         records, waited = self.loader.wait_blob(future)
+        self._blocked_s += waited
         self._pending_wait += waited
         self._ident_wait[self._layer] += waited
         return records
@@ -167,7 +168,8 @@ class PeriodicPolicy(LoadingPolicy):
         self._layer = layer
         start = layer - layer % self.params.period
         if start not in self._selected:
-            self._choose(start, q, k)
+            with self.selecting():
+                self._choose(start, q, k)
         if layer in self._eval:
             self._evaluate(layer, q, k, self._selected[start])
         keys, values, waited = self.loader.wait_for_layer(layer, self._selected[start])

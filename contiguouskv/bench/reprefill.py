@@ -49,6 +49,7 @@ from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
 
 
 
+SPENT = ("selection", "staging", "model", "other")  # the response's split of a request's compute time
 LOADING = "loading"
 """``--policies`` default without ``--full``: every served policy that loads KV."""
 
@@ -125,6 +126,7 @@ class Row:
     page_cache_reads: int = 0  # reads the cache server made without O_DIRECT during the row
     resident_ms: list[float] = field(default_factory=list)  # the same query over resident K/V
     overhead_ms: list[float] = field(default_factory=list)  # TTFT - waits - resident compute
+    spent_ms: dict[str, list[float]] = field(default_factory=dict)  # selection, staging, model, other
     hit_rate: list[float] = field(default_factory=list)  # predicted chunks the request then selected
     eviction_rule: str = ""  # warm rows: the cache server's DRAM eviction rule ("" cold: no DRAM cache)
     dram_budget_bytes: int = 0  # warm rows: the DRAM cache's budget
@@ -161,6 +163,8 @@ class Row:
             "breakdown_ms": {"record_wait": io_wait - ident_wait, "ident_wait": ident_wait,
                              "resident_compute": resident,
                              "overhead": statistics.median(self.overhead_ms) if self.overhead_ms else None},
+            # the request's own split of its compute time (medians; the response's Timings)
+            "spent_ms": {name: statistics.median(values) for name, values in self.spent_ms.items()},
             "page_cache_reads": self.page_cache_reads,
             "io_wait_ms": statistics.median(self.io_wait_ms), "compute_ms": compute, "recall": self.recall,
             "ident_wait_ms": statistics.median(self.ident_wait_ms) if self.ident_wait_ms else 0.0,
@@ -341,6 +345,8 @@ class Bench:
         row.ident_wait_ms.append(sum(t.ident_wait_ms for t in r.timings.layers))
         row.resident_ms.append(r.timings.resident_compute_ms)
         row.overhead_ms.append(r.timings.overhead_ms)
+        for name in SPENT:
+            row.spent_ms.setdefault(name, []).append(getattr(r.timings, f"{name}_ms"))
         row.hit_rate.append(r.prediction_hit_rate)
         row.bytes_fetched += r.bytes_fetched
         row.bytes_kv += r.bytes_kv

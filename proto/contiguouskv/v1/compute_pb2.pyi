@@ -358,6 +358,10 @@ class Timings(_message.Message):
     IDENT_WAIT_MS_FIELD_NUMBER: _builtins.int
     RESIDENT_COMPUTE_MS_FIELD_NUMBER: _builtins.int
     OVERHEAD_MS_FIELD_NUMBER: _builtins.int
+    SELECTION_MS_FIELD_NUMBER: _builtins.int
+    STAGING_MS_FIELD_NUMBER: _builtins.int
+    MODEL_MS_FIELD_NUMBER: _builtins.int
+    OTHER_MS_FIELD_NUMBER: _builtins.int
     ttft_ms: _builtins.float
     """Time to first token, as measured by the server from request to first token."""
     fetch_wait_ms: _builtins.float
@@ -377,6 +381,16 @@ class Timings(_message.Message):
     ident_wait_ms: _builtins.float
     resident_compute_ms: _builtins.float
     overhead_ms: _builtins.float
+    selection_ms: _builtins.float
+    """Where compute_ms went on the request's thread: selecting chunks or tokens (identification
+    decoding, scoring, speculative projections; waits excluded), staging (gathering records into
+    tensors, joining them with the query's K/V), the model's own ops (queueing for the compute
+    thread included), and the rest (other_ms: request set-up, Python between the steps):
+    ttft_ms = fetch_wait_ms + selection_ms + staging_ms + model_ms + other_ms.
+    """
+    staging_ms: _builtins.float
+    model_ms: _builtins.float
+    other_ms: _builtins.float
     @_builtins.property
     def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerTiming]: ...
     def __init__(
@@ -392,10 +406,14 @@ class Timings(_message.Message):
         ident_wait_ms: _builtins.float = ...,
         resident_compute_ms: _builtins.float = ...,
         overhead_ms: _builtins.float = ...,
+        selection_ms: _builtins.float = ...,
+        staging_ms: _builtins.float = ...,
+        model_ms: _builtins.float = ...,
+        other_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_ms", b"compute_ms", "fetch_ms", b"fetch_ms", "fetch_wait_ms", b"fetch_wait_ms", "ident_wait_ms", b"ident_wait_ms", "layers", b"layers", "overhead_ms", b"overhead_ms", "record_wait_ms", b"record_wait_ms", "resident_compute_ms", b"resident_compute_ms", "total_ms", b"total_ms", "ttft_ms", b"ttft_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_ms", b"compute_ms", "fetch_ms", b"fetch_ms", "fetch_wait_ms", b"fetch_wait_ms", "ident_wait_ms", b"ident_wait_ms", "layers", b"layers", "model_ms", b"model_ms", "other_ms", b"other_ms", "overhead_ms", b"overhead_ms", "record_wait_ms", b"record_wait_ms", "resident_compute_ms", b"resident_compute_ms", "selection_ms", b"selection_ms", "staging_ms", b"staging_ms", "total_ms", b"total_ms", "ttft_ms", b"ttft_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
