@@ -9,6 +9,7 @@ right (layer, chunk) slot, re-asking the next replica only for what had not arri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Sequence
@@ -118,19 +119,33 @@ def expected(layer: int, chunks: list[int]) -> tuple[torch.Tensor, torch.Tensor]
     return keys, values
 
 
-async def load_everything(plans: dict[str, Plan], cancel_last: bool = False, staged: bool = False) -> KVLoader:
-    """Ask for every kv record (layers 0-1 in one read, 2-3 one read per chunk) and the tokens.
-
-    ``staged``: layers 0-1 are announced (:meth:`KVLoader.expect`) and assembled by a stager thread.
-    """
+@contextlib.asynccontextmanager
+async def running_loader(plans: dict[str, Plan], staged: bool) -> AsyncIterator[KVLoader]:
+    """A loader over a replica stream of ``plans``, its pump running (with a stager thread when ``staged``)."""
     loop = asyncio.get_running_loop()
     stream = replica_stream(plans)
     await stream.start()
     stager = ThreadPoolExecutor(1) if staged else None
     loader = KVLoader(ContiguousCodec(LAYOUT), stream, loop, stager=stager)  # type: ignore[arg-type]
     io = asyncio.create_task(loader.run())
-    chunks = list(range(LAYOUT.num_chunks))
     try:
+        yield loader
+    finally:
+        io.cancel()
+        await asyncio.gather(io, return_exceptions=True)
+        await stream.close()
+        if stager is not None:
+            stager.shutdown()
+
+
+async def load_everything(plans: dict[str, Plan], cancel_last: bool = False, staged: bool = False) -> KVLoader:
+    """Ask for every kv record (layers 0-1 in one read, 2-3 one read per chunk) and the tokens.
+
+    ``staged``: layers 0-1 are announced (:meth:`KVLoader.expect`) and assembled by a stager thread.
+    """
+    loop = asyncio.get_running_loop()
+    chunks = list(range(LAYOUT.num_chunks))
+    async with running_loader(plans, staged) as loader:
         if staged:
             loader.expect(range(0, 2), chunks)
         loader.start_load(chunks, range(0, 2))
@@ -146,12 +161,6 @@ async def load_everything(plans: dict[str, Plan], cancel_last: bool = False, sta
             assert same_bits(keys, ref_k) and same_bits(values, ref_v), layer
         got, _ = await loop.run_in_executor(None, loader.wait_blob, tokens)
         assert b"".join(bytes(p) for p in got) == record("tokens", 0, size_of("tokens"))
-    finally:
-        io.cancel()
-        await asyncio.gather(io, return_exceptions=True)
-        await stream.close()
-        if stager is not None:
-            stager.shutdown()
     if staged:
         assert set(loader._staged) == {0, 1}  # layers 0-1 went through the stager
     return loader
@@ -219,13 +228,8 @@ def test_gather_buffers_are_reused_only_once_the_layer_is_consumed(staged: bool)
     gathered into the same memory (on the compute thread's path; the stager may run ahead)."""
     async def go() -> None:
         loop = asyncio.get_running_loop()
-        stream = replica_stream({"a": Plan()})
-        await stream.start()
-        stager = ThreadPoolExecutor(1) if staged else None
-        loader = KVLoader(ContiguousCodec(LAYOUT), stream, loop, stager=stager)  # type: ignore[arg-type]
-        io = asyncio.create_task(loader.run())
         chunks = list(range(LAYOUT.num_chunks))
-        try:
+        async with running_loader({"a": Plan()}, staged) as loader:
             if staged:
                 loader.expect(range(4), chunks)
             loader.start_load(chunks, range(4))
@@ -245,11 +249,5 @@ def test_gather_buffers_are_reused_only_once_the_layer_is_consumed(staged: bool)
             assert len(set(storage[:2])) == 2 and not set(storage[:2]) & set(storage[2:])
             if not staged:  # gathered when waited for: layer 3 into layer 2's consumed buffers
                 assert storage[3] == storage[2]
-        finally:
-            io.cancel()
-            await asyncio.gather(io, return_exceptions=True)
-            await stream.close()
-            if stager is not None:
-                stager.shutdown()
 
     asyncio.run(go())
