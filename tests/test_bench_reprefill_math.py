@@ -127,3 +127,10 @@ def test_warm_speedups_compare_like_rules_and_each_baseline_with_its_own() -> No
     assert ours["speedup"] == {"full": 4.5, "impress": 5.0}  # everyone on the attention-guided cache
     assert ours["speedup_vs_own_rule"] == {"full": 6.0, "impress": 4.0}  # full on LRU, impress on its own score
     assert rows[1]["speedup"] == {}  # nobody else ran on LRU
+
+
+def test_the_json_names_the_commit_it_measured() -> None:
+    import re
+    from contiguouskv.bench.reprefill import source_commit
+    commit = source_commit()  # the suite runs from a git checkout (CI: a fresh clone)
+    assert commit is not None and re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", commit), commit

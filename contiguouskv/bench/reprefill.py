@@ -30,6 +30,7 @@ import platform
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -535,12 +536,27 @@ def apply_defaults(args: argparse.Namespace) -> None:
             setattr(args, name, value)
 
 
+def source_commit() -> str | None:
+    """The git commit of the code this bench runs, with ``+dirty`` when it has uncommitted changes;
+    ``None`` outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the bench; prints a table, writes --json and --plot outputs; returns 0."""
     apply_defaults(args)
     all_results: list[dict[str, object]] = []
     rows_by_run = []
-    machine: dict[str, object] = {"platform": platform.platform(), "python": platform.python_version()}
+    machine: dict[str, object] = {"platform": platform.platform(), "python": platform.python_version(),
+                                  "commit": source_commit()}
     gbps: dict[str, float] = {}
     began = time.monotonic()
     registration_s = 0.0
