@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 
 from contiguouskv.bench import reprefill
-from contiguouskv.bench.reprefill import Row, _p95, _speedups
+from contiguouskv.bench.reprefill import Row, _p95, _speedups, source_commit
 from contiguouskv.client import ModelInfo
 
 GBPS = {"64KiB": 0.5, "128KiB": 1.0, "1MiB": 2.0}
@@ -130,7 +131,5 @@ def test_warm_speedups_compare_like_rules_and_each_baseline_with_its_own() -> No
 
 
 def test_the_json_names_the_commit_it_measured() -> None:
-    import re
-    from contiguouskv.bench.reprefill import source_commit
     commit = source_commit()  # the suite runs from a git checkout (CI: a fresh clone)
     assert commit is not None and re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", commit), commit
