@@ -35,10 +35,11 @@ def test_bench_kernels_end_to_end(tmp_path: Path) -> None:
     # every kernel at every length, both ways; the scores with the query's 20 rows and the speculation's 16
     cells = {(r["kernel"], r["prefix_tokens"], r["rows"], r["memory"]) for r in rows}
     for n in (200, 333):
-        for kernel, t in (("qkeys_decode", 0), ("exact_scores", 20), ("exact_scores", 16), ("join_kv", 20)):
+        for kernel, t in (("qkeys_decode", 0), ("exact_scores", 20), ("exact_scores", 16), ("gather", 0),
+                          ("join_kv", 20)):
             assert {(kernel, n, t, "fresh"), (kernel, n, t, "reused")} <= cells
     assert all(r["ms_p50"] >= r["ms_min"] > 0 and r["repeats"] == 2 for r in rows)
-    assert doc["summary"] == summarize(rows) and len(doc["summary"]) == 8
+    assert doc["summary"] == summarize(rows) and len(doc["summary"]) == 10
     assert "fresh/reused" in done.stdout
 
 

@@ -6,6 +6,9 @@ at a preset's shapes, timed two ways side by side (interleaved, the order altern
 - ``qkeys_decode`` — a layer's 2-bit identification keys dequantised to float32 ``[kv_heads, n, d]``;
 - ``exact_scores`` — a layer's chunk scores from those keys, with every query token (the real
   query) and with the speculation's last ``IdentifiedPolicy.SPECULATE_TOKENS`` (16);
+- ``gather`` — a layer's arrived K/V records (one view per chunk) gathered into ``[kv_heads, n, d]``
+  K and V, as the loader does for every layer of ``full`` (``reused``: into the request's pooled
+  buffers, :meth:`~contiguouskv.compute_server.kvio.loader.KVLoader.consumed`);
 - ``join_kv`` — ``[prefix K ; query K]`` and the same for V, the tensors attention reads.
 
 ``fresh`` allocates each output and scratch tensor anew, as the server did before it kept
@@ -72,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from contiguouskv.compute_server.layouts.contiguous import (  # optional: the compute extra
         QKEY_BITS, QKEY_GROUP, ContiguousLayout,
     )
+    from contiguouskv.compute_server.layouts.contiguous_codec import ContiguousCodec  # optional: the compute extra
     from contiguouskv.compute_server.model.presets import get_preset  # optional: the compute extra
     from contiguouskv.compute_server.policies.identified import IdentifiedPolicy  # optional: the compute extra
     from contiguouskv.compute_server.selection.chunks import exact_chunk_scores  # optional: the compute extra
@@ -115,6 +119,15 @@ def run(args: argparse.Namespace) -> int:
                 "fresh": lambda: exact_chunk_scores(lay, q, k_self, keys, 0.088),
                 "reused": lambda: exact_chunk_scores(lay, q, k_self, keys, 0.088, workspace),
             }, args.repeats))
+        kv_lay = ContiguousLayout(n, preset.num_layers, kv_heads, d, args.kv_dtype)
+        codec, chunks = ContiguousCodec(kv_lay), list(range(kv_lay.num_chunks))
+        arrived = torch.randn(len(chunks), 2, kv_heads, kv_lay.chunk_size, d, generator=gen).to(kv_dtype)
+        parts = [(arrived[c, 0], arrived[c, 1]) for c in chunks]  # views over one buffer, as records are
+        pool = (torch.empty(arrived[:, 0].numel(), dtype=kv_dtype), torch.empty(arrived[:, 0].numel(), dtype=kv_dtype))
+        add("gather", n, 0, _time({
+            "fresh": lambda: codec.gather(chunks, parts, pin=False),
+            "reused": lambda: codec.gather(chunks, parts, pin=False, out=pool),
+        }, args.repeats))
         pk, pv = (torch.randn(kv_heads, n, d, generator=gen).to(kv_dtype) for _ in range(2))
         k, v = (torch.randn(kv_heads, t, d, generator=gen).to(kv_dtype) for _ in range(2))
         scratch = Workspace()
