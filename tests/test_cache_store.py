@@ -354,6 +354,7 @@ def test_bench_storage_runs_on_a_tiny_shape(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["page_cache_resident_fraction"] == 0.0 and report["direct_io"]
     assert report["rounds"] == 2 and report["ways"] == ["grpc/1", "grpc/2", "shm/1", "shm/2"]
+    assert report["shm_buffer"] == {"slots": 32, "slot_bytes": 65536}
     rows = report["rows"]
     assert {(r["selection"], r["path"], r["source"], r["streams"]) for r in rows} == {
         (f, p, src, n) for f in (0.25, 1.0) for p in ("grpc", "shm") for src in ("disk", "dram") for n in (1, 2)}

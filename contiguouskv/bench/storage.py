@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         resident_after = _resident(data_path)
         report = _report(shape, resident, fractions, ways, rounds, dram)
         report["page_cache_resident_after"] = resident_after
+        report["shm_buffer"] = {"slots": args.shm_slots, "slot_bytes": args.shm_slot_bytes}
     _print(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
