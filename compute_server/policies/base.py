@@ -18,6 +18,12 @@ Fetch stream of the layout the policy reads), that layout's codec, a narrow :cla
    b. :meth:`LoadingPolicy.wait_for_layer_load` (``l``, the query's q and k at ``l``) — **blocks**
       until the prefix K/V layer ``l`` attends to are in; returns them and the seconds blocked.
       The only abstract method besides :meth:`start_load_kv`.
+   c. :meth:`LoadingPolicy.layer_consumed` (``l``) — the engine copied those K/V into its attention
+      input; the tensors ``wait_for_layer_load`` returned may be reused from here on (by default the
+      loader's gather buffers are), so a policy must not keep them.
+
+   Selection work on this thread (decoding identification data, scoring) goes inside
+   ``with self.selecting():``, so that the response reports it as ``selection_ms``.
 
    A policy that loads no KV (``loads_kv = False``, e.g. ``recompute``) overrides ``compute``.
 3. After the answer, on the event loop: :meth:`LoadingPolicy.usage` (what was read and selected,
