@@ -19,6 +19,7 @@ from contiguouskv.compute_server.layouts.contiguous_codec import ContiguousCodec
 from contiguouskv.compute_server.layouts.impress_codec import ImpressCodec
 from contiguouskv.compute_server.layouts.registry import LAYOUT_CODECS, build_codec, parse_codec
 from contiguouskv.compute_server.selection.importance import window_importance
+from contiguouskv.compute_server.workspace import Workspace
 
 
 def _stored(codec: ContiguousCodec, prefix: PrefilledPrefix, batch_bytes: int) -> dict[str, bytearray]:
@@ -68,6 +69,12 @@ def test_contiguous_pack_and_load_round_trip(n: int, layers: int, kv_heads: int,
         assert codec.kv_records(region, [0], records(region, [0])) is None  # whole records, not K/V
     every = list(range(lay.num_chunks))
     assert torch.equal(codec.layer_keys([records("idkeys/L0", [c]) for c in every]), keys[0])
+    scratch = Workspace()  # into reused float32 scratch: the same keys, converted in the copy
+    first = codec.layer_keys([records("idkeys/L0", [c]) for c in every], scratch=scratch)
+    assert first.dtype == torch.float32 and torch.equal(first, keys[0].float())
+    last = len(keys) - 1
+    again = codec.layer_keys([records(f"idkeys/L{last}", [c]) for c in every], scratch=scratch)
+    assert torch.equal(again, keys[last].float()) and again.data_ptr() == first.data_ptr()
     padded = _padded_keys(keys[0], lay.chunk_size, lay.num_chunks)  # the last chunk's records are zero-padded
     assert torch.equal(codec.chunk_keys([records("idkeys/L0", [c]) for c in chunks]),
                        padded[:, _chunk_slots(chunks, lay.chunk_size)])

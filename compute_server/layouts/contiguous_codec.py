@@ -21,6 +21,7 @@ from contiguouskv.compute_server.layouts.contiguous import LAYOUT_KIND, QUANTIZE
 from contiguouskv.compute_server.layouts.tensors import TORCH_DTYPES, Payload, as_bytes, batches, frombuffer
 from contiguouskv.compute_server.selection.importance import window_importance
 from contiguouskv.compute_server.selection.keyquant import dequantize_keys, dequantized_shape, quantize_keys
+from contiguouskv.compute_server.workspace import Workspace
 
 
 def _chunked(layout: ContiguousLayout, k: torch.Tensor) -> torch.Tensor:
@@ -152,19 +153,30 @@ class ContiguousCodec(LayoutCodec[ContiguousLayout]):
         torch.cat([v for _, v in parts], dim=1, out=values)
         return keys[:, :real], values[:, :real]
 
-    def chunk_keys(self, records: Sequence[memoryview | bytes], device: torch.device | str = "cpu") -> torch.Tensor:
-        """``idkeys`` records of some chunks -> their keys ``[kv_heads, len * c, d]`` on ``device`` (a copy)."""
+    def chunk_keys(self, records: Sequence[memoryview | bytes], device: torch.device | str = "cpu",
+                   scratch: Workspace | None = None) -> torch.Tensor:
+        """``idkeys`` records of some chunks -> their keys ``[kv_heads, len * c, d]`` on ``device`` (a copy).
+
+        With ``scratch`` on the CPU the keys land in its float32 buffer ``idkeys`` (valid until the
+        next call with the same scratch), converted in the same copy: the scorers compute in float32,
+        and a fresh prefix-sized tensor per call costs its page faults (docs/performance.md)."""
         lay = self.geometry
         dtype = TORCH_DTYPES[lay.dtype]
-        host = host_buffer((lay.num_kv_heads, len(records) * lay.chunk_size, lay.head_dim), dtype, device)
+        shape = (lay.num_kv_heads, len(records) * lay.chunk_size, lay.head_dim)
+        if scratch is not None and torch.device(device).type == "cpu":
+            host = scratch.get("idkeys", shape, torch.device("cpu"))
+        else:
+            host = host_buffer(shape, dtype, device)
         if records:
             torch.cat([frombuffer(r, dtype).view(lay.num_kv_heads, lay.chunk_size, lay.head_dim)
                        for r in records], dim=1, out=host)
         return to_device_now(host, device)
 
-    def layer_keys(self, records: Sequence[memoryview | bytes], device: torch.device | str = "cpu") -> torch.Tensor:
-        """All ``idkeys`` records of a layer -> every prefix key ``[kv_heads, n, d]`` on ``device``."""
-        return self.chunk_keys(records, device)[:, : self.geometry.num_tokens]
+    def layer_keys(self, records: Sequence[memoryview | bytes], device: torch.device | str = "cpu",
+                   scratch: Workspace | None = None) -> torch.Tensor:
+        """All ``idkeys`` records of a layer -> every prefix key ``[kv_heads, n, d]`` on ``device``
+        (into ``scratch`` as :meth:`chunk_keys` says)."""
+        return self.chunk_keys(records, device, scratch)[:, : self.geometry.num_tokens]
 
     def digest(self, record: memoryview | bytes, device: torch.device | str = "cpu") -> torch.Tensor:
         """A ``digest`` record -> mean key per chunk and KV head, float32 ``[m, kv_heads, d]`` on
