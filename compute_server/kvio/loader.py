@@ -14,8 +14,8 @@ copied to the device on a side stream (:mod:`.staging`); ``wait_for_layer`` then
 On the CPU a layer's K/V are gathered into host buffers the request reuses: once the engine has
 copied a layer's prefix K/V into its attention input (:meth:`KVLoader.consumed`), the layer's
 buffers gather a later layer. A fresh 16 MiB tensor per layer and direction costs its pages'
-faults every time (13 ms against 3 ms for a 16K-token bf16 gather here), since the compute
-server's malloc serves blocks that large by ``mmap`` (:mod:`contiguouskv.common.malloc`).
+faults every time, since the compute server's malloc serves blocks that large by ``mmap``
+(:mod:`contiguouskv.common.malloc`; measured in docs/performance.md).
 """
 
 from __future__ import annotations
