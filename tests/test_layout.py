@@ -40,6 +40,16 @@ def test_kv_record_is_a_bijection(layout: ContiguousLayout, data: st.DataObject)
     assert 0 <= index < sizes[region]
 
 
+@given(layouts, st.data())
+def test_kv_records_at_is_kv_record_for_many_chunks(layout: ContiguousLayout, data: st.DataObject) -> None:
+    layer = data.draw(st.integers(0, layout.num_layers - 1))
+    chunks = data.draw(st.lists(st.integers(0, layout.num_chunks - 1), max_size=12))
+    region, indices = layout.kv_records_at(chunks, layer)
+    assert [(region, i) for i in indices] == [layout.kv_record(c, layer) for c in chunks]
+    with pytest.raises(IndexError):
+        layout.kv_records_at([*chunks, layout.num_chunks], layer)
+
+
 def test_kv_records_cover_each_region_exactly_once() -> None:
     layout = ContiguousLayout(num_tokens=37, num_layers=11, num_kv_heads=2, head_dim=16, dtype="float32", group_size=4)
     seen: dict[str, set[int]] = {}

@@ -30,6 +30,7 @@ are read with one coalesced request.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from contiguouskv.compute_server.layouts.region import DTYPE_BYTES, Region, ceil_div
@@ -120,6 +121,15 @@ class ContiguousLayout:
         self._check_chunk(chunk)
         group, k = self.group_of(layer)
         return self.kv_region(group), chunk * self.layers_in_group(group) + k
+
+    def kv_records_at(self, chunks: Sequence[int], layer: int) -> tuple[str, list[int]]:
+        """(region, record indices) holding K and V of ``chunks`` at ``layer``: :meth:`kv_record` for
+        many chunks of one layer at once (they share the region)."""
+        for chunk in (min(chunks), max(chunks)) if chunks else ():
+            self._check_chunk(chunk)
+        group, k = self.group_of(layer)
+        g = self.layers_in_group(group)
+        return self.kv_region(group), [chunk * g + k for chunk in chunks]
 
     def kv_record_owner(self, group: int, index: int) -> tuple[int, int]:
         """Inverse of :meth:`kv_record`: (chunk, layer) of a record of ``kv/G{group}``."""
