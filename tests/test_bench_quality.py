@@ -17,6 +17,7 @@ def test_quality_bench_rows(tmp_path: Path) -> None:
     assert "[quality 2/2]" in run.stderr and "contiguous+" in run.stdout
     data = json.loads(out.read_text())
     assert data["complete"] and data["cases"] == 2 and data["kv_dtype"] == "bfloat16"
+    assert data["per_prefix"] == 5 and data["prefixes"] == 1  # the two questions share one registered prefix
     rows = {(r["policy"], r["budget"]): r for r in data["results"]}
     assert set(rows) == {("full", 1.0), ("oracle", 0.25), ("contiguous+", 0.25)}
     for r in rows.values():

@@ -23,9 +23,10 @@ WRAPPER = len(qt._chat(""))
 SLACK = 500  # characters between a depth and its plant: back to a sentence or top-level line start
 
 
-@pytest.fixture(scope="module")
-def cases() -> list[Case]:
-    return make_cases(LENGTHS, PER_LENGTH, seed=7)
+@pytest.fixture(scope="module", params=[1, 7], ids=["own-prefix", "shared-prefix"])
+def cases(request: pytest.FixtureRequest) -> list[Case]:
+    """Every test below holds for one prefix per case and for up to seven questions per prefix."""
+    return make_cases(LENGTHS, PER_LENGTH, seed=7, per_prefix=request.param)
 
 
 def _of(cases: list[Case], task: str) -> list[Case]:
@@ -60,8 +61,9 @@ def test_tasks_and_case_fields() -> None:
 
 
 def test_same_seed_same_cases_other_seed_other_cases(cases: list[Case]) -> None:
-    assert make_cases(LENGTHS, PER_LENGTH, seed=7) == cases
-    other = make_cases(LENGTHS, PER_LENGTH, seed=8)
+    shared = len({c.prefix for c in cases}) < len(cases)
+    assert make_cases(LENGTHS, PER_LENGTH, seed=7, per_prefix=7 if shared else 1) == cases
+    other = make_cases(LENGTHS, PER_LENGTH, seed=8, per_prefix=7 if shared else 1)
     assert [c.task for c in other] == [c.task for c in cases]
     for a, b in zip(cases, other, strict=True):
         assert a.prefix != b.prefix and a.answer != b.answer
@@ -74,6 +76,43 @@ def test_count_tasks_round_robin_and_targets(cases: list[Case]) -> None:
     assert len(make_cases([500], 9, 0)) == 9 and {c.task for c in make_cases([500], 9, 0)} == set(TASKS)
     few = make_cases([500, 700], 3, 0, tasks=("passkey", "aggregation"))
     assert [c.task for c in few] == ["passkey", "aggregation", "passkey"] * 2
+
+
+def test_shared_prefixes_group_distinct_tasks_of_one_haystack_kind(cases: list[Case]) -> None:
+    by_prefix: dict[str, list[Case]] = {}
+    for c in cases:
+        by_prefix.setdefault(c.prefix, []).append(c)
+    shared = len(by_prefix) < len(cases)
+    for group in by_prefix.values():
+        assert len(group) <= (7 if shared else 1)
+        assert len({c.task for c in group}) == len(group)  # never two questions of one task on one prefix
+        assert len({c.task == "code_constant" for c in group}) == 1  # prose and code never mixed
+        assert len({c.prefix_tokens_target for c in group}) == 1
+    if shared:  # 14 cases a length: six prose questions per prefix, code_constant on its own (both lengths)
+        assert sorted(len(g) for g in by_prefix.values()) == [1, 1, 1, 1, 6, 6, 6, 6]
+        for group in by_prefix.values():  # the questions of a prefix are asked at depths far apart
+            depths = sorted(c.depth for c in group)
+            assert all(b - a > 0.1 for a, b in pairwise(depths))
+
+
+def test_documents_partition_the_cases() -> None:
+    tasks = [TASKS[i % len(TASKS)] for i in range(30)]
+    assert qt.documents(tasks, 1) == [[i] for i in range(30)]
+    for per_prefix in (2, 3, 5, 7, 40):
+        docs = qt.documents(tasks, per_prefix)
+        assert sorted(i for d in docs for i in d) == list(range(30))
+        for d in docs:
+            assert d == sorted(d) and len(d) <= per_prefix
+            assert len({tasks[i] for i in d}) == len(d)
+            assert len({tasks[i] == "code_constant" for i in d}) == 1
+    assert len(qt.documents(tasks, 5)) < 30 // 2
+    assert qt.documents(["needle"] * 4, 4) == [[0], [1], [2], [3]]  # one task: nothing can share
+
+
+def test_one_question_per_prefix_is_the_default() -> None:
+    assert make_cases([700], 7, 2, per_prefix=1) == make_cases([700], 7, 2)
+    with pytest.raises(ValueError, match="per_prefix"):
+        make_cases([700], 7, 2, per_prefix=0)
 
 
 def test_unknown_task_or_bad_arguments_rejected() -> None:

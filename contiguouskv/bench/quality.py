@@ -1,8 +1,9 @@
 """``contiguouskv bench quality``: answers kept and bytes read of every policy on a real model.
 
 Cases come from :mod:`.quality_tasks` (seven long-context retrieval tasks over the essays and the
-standard library, generated from a seed). Each case is registered once; `full` answers it first
-(the reference), then every (policy, budget) answers it greedily with ``evaluate_recall`` (the
+standard library, generated from a seed). Up to ``--per-prefix`` questions of different tasks share
+one prefix (their plants are distractors for each other), registered once: its full prefill is
+most of a run's time. For every question `full` answers first (the reference), then every (policy, budget) answers it greedily with ``evaluate_recall`` (the
 server scores every layer exactly as well, from all keys, and reports how much of the exact top-k
 chunk set and of its attention mass the policy's choice covered; those evaluation reads are not
 counted). Per (policy, budget, prefix length) the bench reports:
@@ -36,6 +37,7 @@ from contiguouskv.bench.quality_tasks import TASKS, Case, make_cases
 from contiguouskv.client import ContiguousKVClient, ReprefillResult
 
 DEFAULT_POLICIES = "oracle,contiguous+,contiguous+quest,contiguous+digest,contiguous"
+PER_PREFIX = 5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-dtype", default="bfloat16",
                         help="stored KV dtype (default bfloat16, what a deployment stores; byte shares refer to it)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the task generator (default 0)")
+    parser.add_argument("--per-prefix", type=int, default=PER_PREFIX,
+                        help=f"questions asked of one prefix, each of another task (default {PER_PREFIX}; 1: one "
+                        "prefix per case). Registering a prefix is its full prefill, most of a run's time")
     parser.add_argument("--json", dest="json_path", type=Path, help="write results as JSON here")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                         help="instead of running: merge the JSON of runs over the same cases (same seed, lengths, "
@@ -130,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if args.merge:
         return merge(args.merge, args.json_path)
     lengths = [int(x) for x in args.lengths.split(",")]
-    cases = make_cases(lengths, args.cases, args.seed, [t.strip() for t in args.tasks.split(",")])
+    cases = make_cases(lengths, args.cases, args.seed, [t.strip() for t in args.tasks.split(",")], args.per_prefix)
     budgets = [float(b) for b in args.budgets.split(",")]
     table: dict[tuple[str, float, int], Cell] = {}
     tokens: dict[int, list[int]] = {}
@@ -147,28 +152,47 @@ def run(args: argparse.Namespace) -> int:
                     chosen = resolve(args.policies, info, skip=[p.name for p in info.policy_info if not p.loads_kv])
                     policies = reference + [p for p in chosen if p not in reference]
                     extra = extra_layouts(policies)
-                    for i, case in enumerate(cases, 1):
-                        reg = client.register(case.prefix, extra_layouts=extra) if extra else client.register(
-                            case.prefix)
-                        tokens.setdefault(case.prefix_tokens_target, []).append(reg.num_tokens)
-                        full_right = None
-                        full: ReprefillResult | None = None
-                        for policy, budget in cells(policies, budgets):
-                            r = client.reprefill(reg.prefix_id, _query(case.question), policy=policy, budget=budget,
-                                                 max_new_tokens=_new_tokens(case), return_logits=True,
-                                                 evaluate_recall=policy != reference[0].name)
-                            if full is None:
-                                full, full_right = r, case.correct(r.answer)
-                            table.setdefault((policy, budget, case.prefix_tokens_target), Cell()).add(
-                                case, r, full, bool(full_right))
-                        elapsed = time.perf_counter() - start
-                        print(f"[quality {i}/{len(cases)}] {case.task} {reg.num_tokens} tokens, depth "
-                              f"{case.depth:.2f}: full {'right' if full_right else 'wrong'}; {elapsed:.0f} s, "
-                              f"~{elapsed / i * (len(cases) - i):.0f} s left", file=sys.stderr, flush=True)
-                        if args.json_path:  # after every case: a long run's partial results stay usable
-                            _write(args, cases[:i], lengths, budgets, table, tokens, start, done=i == len(cases))
+                    done = 0
+                    groups = _by_prefix(cases)
+                    for group in groups:
+                        reg = client.register(group[0].prefix, extra_layouts=extra) if extra else client.register(
+                            group[0].prefix)
+                        for case in group:
+                            done += 1
+                            tokens.setdefault(case.prefix_tokens_target, []).append(reg.num_tokens)
+                            full_right = _answer_case(client, reg.prefix_id, case, policies, budgets, reference[0].name,
+                                                      table)
+                            elapsed = time.perf_counter() - start
+                            print(f"[quality {done}/{len(cases)}] {case.task} {reg.num_tokens} tokens, depth "
+                                  f"{case.depth:.2f}: full {'right' if full_right else 'wrong'}; {elapsed:.0f} s, "
+                                  f"~{elapsed / done * (len(cases) - done):.0f} s left", file=sys.stderr, flush=True)
+                            if args.json_path:  # after every case: a long run's partial results stay usable
+                                _write(args, done, len(groups), lengths, budgets, table, tokens, start,
+                                       finished=done == len(cases))
     _print(_rows(table, tokens))
     return 0
+
+
+def _by_prefix(cases: list[Case]) -> list[list[Case]]:
+    """The cases grouped by their prefix, in order of each prefix's first case."""
+    groups: dict[str, list[Case]] = {}
+    for case in cases:
+        groups.setdefault(case.prefix, []).append(case)
+    return list(groups.values())
+
+
+def _answer_case(client: ContiguousKVClient, prefix_id: str, case: Case, policies: list[Any], budgets: list[float],
+                 reference: str, table: dict[tuple[str, float, int], Cell]) -> bool:
+    """Every (policy, budget) answers ``case``, the reference (full KV) first; returns whether it was right."""
+    full: ReprefillResult | None = None
+    full_right = False
+    for policy, budget in cells(policies, budgets):
+        r = client.reprefill(prefix_id, _query(case.question), policy=policy, budget=budget,
+                             max_new_tokens=_new_tokens(case), return_logits=True, evaluate_recall=policy != reference)
+        if full is None:
+            full, full_right = r, case.correct(r.answer)
+        table.setdefault((policy, budget, case.prefix_tokens_target), Cell()).add(case, r, full, full_right)
+    return full_right
 
 
 def _rows(table: dict[tuple[str, float, int], Cell], tokens: dict[int, list[int]]) -> list[dict[str, object]]:
@@ -207,8 +231,8 @@ def merge(paths: list[Path], out: Path | None) -> int:
     runs = [json.loads(p.read_text()) for p in paths]
     first = runs[0]
     for other, path in zip(runs[1:], paths[1:]):
-        for key in ("model", "seed", "lengths", "cases", "dtype", "kv_dtype"):
-            if other.get(key) != first.get(key):
+        for key in ("model", "seed", "lengths", "cases", "dtype", "kv_dtype", "per_prefix"):
+            if other.get(key, 1 if key == "per_prefix" else None) != first.get(key, 1 if key == "per_prefix" else None):
                 raise SystemExit(f"{path}: {key} {other.get(key)!r} differs from {paths[0]}'s {first.get(key)!r}")
     rows: dict[tuple[str, float, int], dict[str, Any]] = {}
     for run in runs:
@@ -229,11 +253,11 @@ def merge(paths: list[Path], out: Path | None) -> int:
     return 0
 
 
-def _write(args: argparse.Namespace, cases: list[Case], lengths: list[int], budgets: list[float],
-           table: dict[tuple[str, float, int], Cell], tokens: dict[int, list[int]], start: float, done: bool) -> None:
+def _write(args: argparse.Namespace, cases: int, prefixes: int, lengths: list[int], budgets: list[float],
+           table: dict[tuple[str, float, int], Cell], tokens: dict[int, list[int]], start: float, finished: bool) -> None:
     args.json_path.write_text(json.dumps({
-        "model": args.model, "dtype": args.dtype, "kv_dtype": args.kv_dtype, "cases": len(cases), "seed": args.seed,
-        "complete": done, "lengths": lengths, "budgets": budgets, "wall_s": round(time.perf_counter() - start, 1),
+        "model": args.model, "dtype": args.dtype, "kv_dtype": args.kv_dtype, "cases": cases, "seed": args.seed,
+        "per_prefix": args.per_prefix, "prefixes": prefixes, "complete": finished, "lengths": lengths, "budgets": budgets, "wall_s": round(time.perf_counter() - start, 1),
         "results": _rows(table, tokens)}, indent=2))
 
 

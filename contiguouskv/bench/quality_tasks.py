@@ -63,28 +63,64 @@ class Case:
         return all(value.lower() in low for value in self.expected)
 
 
-def make_cases(lengths: list[int], cases_per_length: int, seed: int, tasks: Sequence[str] = TASKS) -> list[Case]:
+def make_cases(lengths: list[int], cases_per_length: int, seed: int, tasks: Sequence[str] = TASKS,
+               per_prefix: int = 1) -> list[Case]:
     """``cases_per_length`` cases per length (approximate prefix tokens), tasks round-robin, depths spread.
 
     Case ``i`` of a length gets depth slot ``(i + offset) % cases_per_length`` (a rotation by a
     per-length offset drawn from the seed), so each task's cases sit ``len(tasks)`` slots apart and
     the task at a given depth changes from length to length. Same arguments, byte-identical cases.
+
+    ``per_prefix`` > 1 asks up to that many questions of one prefix: cases ``j, j + D, j + 2D, ...``
+    (``D = ceil(cases_per_length / per_prefix)``, so their depths lie far apart) share a document that
+    holds every one of their plants, as long as their tasks differ and use the same kind of haystack
+    (prose or code); a case that would repeat a task or mix kinds opens another document. Each
+    question's plants are then distractors for the others. Registering a prefix (its full prefill)
+    is most of a quality run's time; sharing it is what makes a run at 16K tokens affordable.
+    ``per_prefix=1`` gives exactly the one-prefix-per-case suite.
     """
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown or not tasks:
         raise ValueError(f"unknown tasks {unknown} (known: {', '.join(TASKS)})" if unknown else "no tasks")
     if cases_per_length < 0 or any(length <= 0 for length in lengths):
         raise ValueError("lengths must be positive and cases_per_length not negative")
+    if per_prefix < 1:
+        raise ValueError(f"per_prefix must be at least 1, got {per_prefix}")
     out: list[Case] = []
     for length in lengths:
         chars = int(length * CHARS_PER_TOKEN)
         offset = random.Random(f"{seed}-{length}").randrange(max(cases_per_length, 1))
-        for i in range(cases_per_length):
-            depth = ((i + offset) % cases_per_length + 0.5) / cases_per_length
-            task = tasks[i % len(tasks)]
-            rng = random.Random(f"{seed}-{length}-{i}")
-            out.append(_build(task, chars, depth, rng, length))
+        task_of = [tasks[i % len(tasks)] for i in range(cases_per_length)]
+        depth_of = [((i + offset) % cases_per_length + 0.5) / cases_per_length for i in range(cases_per_length)]
+        built: dict[int, Case] = {}
+        for doc in documents(task_of, per_prefix):
+            rng = random.Random(f"{seed}-{length}-{doc[0]}")
+            for i, case in zip(doc, _compose([(task_of[i], depth_of[i]) for i in doc], chars, rng, length),
+                               strict=True):
+                built[i] = case
+        out += [built[i] for i in range(cases_per_length)]
     return out
+
+
+def documents(task_of: Sequence[str], per_prefix: int) -> list[list[int]]:
+    """Case indices grouped into shared prefixes (see :func:`make_cases`), each group in ascending
+    order and the groups ordered by their first case."""
+    n = len(task_of)
+    if per_prefix == 1:
+        return [[i] for i in range(n)]
+    stride = -(-n // per_prefix) if n else 1
+    docs: list[list[int]] = []
+    for j in range(stride):
+        opened: list[list[int]] = []
+        for i in range(j, n, stride):
+            home = next((d for d in opened if _kind(task_of[d[0]]) == _kind(task_of[i])
+                         and all(task_of[k] != task_of[i] for k in d)), None)
+            if home is None:
+                opened.append([i])
+            else:
+                home.append(i)
+        docs += opened
+    return sorted(docs, key=lambda d: d[0])
 
 
 # --- haystacks and planting ----------------------------------------------------------------------
@@ -151,12 +187,17 @@ def _fill(chars: int, plants: Sequence[tuple[float, str]], hay: str, code: bool 
     return _plant(hay[:max(chars - extra, 0)], plants, code)
 
 
+def _apart(value: str, seen: str, taken: list[str]) -> bool:
+    """``value`` absent from ``seen`` (lower-case text), and neither inside nor around any of ``taken``."""
+    low = value.lower()
+    return low not in seen and all(low not in t.lower() and t.lower() not in low for t in taken)
+
+
 def _fresh(draw: Callable[[], str], seen: str, taken: list[str]) -> str:
-    """A drawn value absent from ``seen`` (lower-case text) and apart from ``taken``, which it joins."""
+    """A drawn value :func:`_apart` from ``seen`` and ``taken``, which it joins."""
     for _ in range(TRIES):
         value = draw()
-        low = value.lower()
-        if low not in seen and all(low not in t.lower() and t.lower() not in low for t in taken):
+        if _apart(value, seen, taken):
             taken.append(value)
             return value
     raise AssertionError(f"no fresh value in {TRIES} draws")
@@ -186,62 +227,76 @@ def _seen(hay: str) -> str:
 
 
 # --- tasks ---------------------------------------------------------------------------------------
+#
+# Each task is a planter: given what its values must be absent from (``seen``, lower-case), the values
+# already drawn for the same document (``taken``, which it joins), the case depth and the document's
+# random generator, it returns its plants, the exact count of each value in the finished prefix, and
+# its question and expected values.
 
 
-def _needle(chars: int, depth: float, rng: random.Random, length: int) -> Case:
+@dataclass(frozen=True)
+class _Plan:
+    plants: list[tuple[float, str]]
+    counts: dict[str, int]
+    question: str
+    answer: str
+    answers: tuple[str, ...] = ()
+
+
+Planter = Callable[[str, list[str], float, random.Random], _Plan]
+
+
+def _needle(seen: str, taken: list[str], depth: float, rng: random.Random) -> _Plan:
     """A passphrase sentence at the depth."""
-    hay = _haystack(chars, rng)
-    key = _fresh(lambda: f"{'-'.join(rng.sample(WORDS, 2))}-{rng.randrange(10, 100)}", _seen(hay), [])
-    prefix = _chat(_fill(chars, [(depth, f"The secret passphrase is {key}.")], hay))
-    _expect(prefix, {key: 1})
-    return Case("needle", prefix, "What is the secret passphrase?", key, depth, length)
+    key = _fresh(lambda: f"{'-'.join(rng.sample(WORDS, 2))}-{rng.randrange(10, 100)}", seen, taken)
+    return _Plan([(depth, f"The secret passphrase is {key}.")], {key: 1}, "What is the secret passphrase?", key)
 
 
-def _passkey(chars: int, depth: float, rng: random.Random, length: int) -> Case:
+def _passkey(seen: str, taken: list[str], depth: float, rng: random.Random) -> _Plan:
     """A five-digit pass key, said twice in one passage at the depth."""
-    hay = _haystack(chars, rng)
-    code = _fresh(_digits(rng, 5), _seen(hay), [])
-    prefix = _chat(_fill(chars, [(depth, f"The pass key is {code}. Remember it. {code} is the pass key.")], hay))
-    _expect(prefix, {code: 2})
-    return Case("passkey", prefix, "What is the pass key?", code, depth, length)
+    code = _fresh(_digits(rng, 5), seen, taken)
+    return _Plan([(depth, f"The pass key is {code}. Remember it. {code} is the pass key.")], {code: 2},
+                 "What is the pass key?", code)
 
 
-def _multi_key(chars: int, depth: float, rng: random.Random, length: int) -> Case:
+def _key_names(rng: random.Random, count: int, seen: str, taken: list[str]) -> list[str]:
+    """``count`` distinct adjective-noun keys, apart from the document's other values."""
+    if count == 1:
+        names = [f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"]
+    else:
+        names = [f"{a}-{n}" for a, n in zip(rng.sample(ADJECTIVES, count), rng.sample(NOUNS, count), strict=True)]
+    for k, name in enumerate(names):  # a clash with another question of the document: draw again
+        names[k] = name if _apart(name, seen, taken) else _fresh(
+            lambda: f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}", seen, taken)
+        if names[k] == name:
+            taken.append(name)
+    return names
+
+
+def _multi_key(seen: str, taken: list[str], depth: float, rng: random.Random) -> _Plan:
     """Four keys with a number each; the asked one at the depth."""
-    hay = _haystack(chars, rng)
-    seen = _seen(hay)
-    taken: list[str] = []
-    keys = [f"{a}-{n}" for a, n in zip(rng.sample(ADJECTIVES, 4), rng.sample(NOUNS, 4), strict=True)]
+    keys = _key_names(rng, 4, seen, taken)
     values = [_fresh(_digits(rng, 7), seen, taken) for _ in keys]
     plants = [(d, f"The special magic number for {k} is {v}.")
               for d, k, v in zip(_spread(depth, 4), keys, values, strict=True)]
     plants[0] = (depth, plants[0][1])  # the target exactly at the case depth, distractors a quarter apart
-    prefix = _chat(_fill(chars, plants, hay))
-    _expect(prefix, {**{k: 1 for k in keys}, **{v: 1 for v in values}})
-    return Case("multi_key", prefix, f"What is the special magic number for {keys[0]}?", values[0], depth, length)
+    return _Plan(plants, {**{k: 1 for k in keys}, **{v: 1 for v in values}},
+                 f"What is the special magic number for {keys[0]}?", values[0])
 
 
-def _multi_value(chars: int, depth: float, rng: random.Random, length: int) -> Case:
+def _multi_value(seen: str, taken: list[str], depth: float, rng: random.Random) -> _Plan:
     """One key with three numbers a third of the prefix apart, one at the depth."""
-    hay = _haystack(chars, rng)
-    seen = _seen(hay)
-    taken: list[str] = []
-    key = f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
+    key = _key_names(rng, 1, seen, taken)[0]
     values = tuple(_fresh(_digits(rng, 6), seen, taken) for _ in range(3))
     depths = sorted([depth, *_spread(depth, 3)[1:]])  # in order of appearance, as the answer lists them
-    prefix = _chat(_fill(chars, [(d, f"One of the special magic numbers for {key} is {v}.")
-                                 for d, v in zip(depths, values, strict=True)], hay))
-    _expect(prefix, {key: 3, **{v: 1 for v in values}})
-    return Case("multi_value", prefix,
-                f"What are all the special magic numbers for {key}? List them in the order they appear.",
-                ", ".join(values), depth, length, values)
+    return _Plan([(d, f"One of the special magic numbers for {key} is {v}.") for d, v in zip(depths, values, strict=True)],
+                 {key: 3, **{v: 1 for v in values}},
+                 f"What are all the special magic numbers for {key}? List them in the order they appear.",
+                 ", ".join(values), values)
 
 
-def _variable_tracking(chars: int, depth: float, rng: random.Random, length: int) -> Case:
+def _variable_tracking(seen: str, taken: list[str], depth: float, rng: random.Random) -> _Plan:
     """A chain of four assignments from the depth on, and a decoy chain with another value."""
-    hay = _haystack(chars, rng)
-    seen = _seen(hay)
-    taken: list[str] = []
     names = [_fresh(lambda: "".join(rng.choices(UPPER, k=5)), seen, taken) for _ in range(8)]
     value, other = (_fresh(_digits(rng, 5), seen, taken) for _ in range(2))
     start = min(max(depth, LOW), HIGH)
@@ -251,50 +306,68 @@ def _variable_tracking(chars: int, depth: float, rng: random.Random, length: int
     for chain_names, first, depths in ((names[:4], value, chain), (names[4:], other, decoy)):
         sources = [first] + [f"VAR {n}" for n in chain_names[:-1]]
         plants += [(d, f"VAR {n} = {s}.") for d, n, s in zip(depths, chain_names, sources, strict=True)]
-    prefix = _chat(_fill(chars, plants, hay))
-    _expect(prefix, {value: 1, other: 1, **{n: 2 for n in names[:3] + names[4:7]}, names[3]: 1, names[7]: 1})
-    return Case("variable_tracking", prefix,
-                f"Which variables are assigned the value {value}? Answer with the variable names.",
-                ", ".join(names[:4]), depth, length, tuple(names[:4]))
+    return _Plan(plants, {value: 1, other: 1, **{n: 2 for n in names[:3] + names[4:7]}, names[3]: 1, names[7]: 1},
+                 f"Which variables are assigned the value {value}? Answer with the variable names.",
+                 ", ".join(names[:4]), tuple(names[:4]))
 
 
-def _code_constant(chars: int, depth: float, rng: random.Random, length: int) -> Case:
+def _code_constant(seen: str, taken: list[str], depth: float, rng: random.Random) -> _Plan:
     """A constant in standard-library source at the depth, and two look-alikes a third apart."""
-    src = _code(chars, rng)
-    seen = _seen(src)
-    taken: list[str] = []
-    subject, other_subject = rng.sample(CODE_SUBJECTS, 2)
-    unit, other_unit = rng.sample(CODE_UNITS, 2)
-    names = [f"CKV_{s}_{u}" for s, u in ((subject, unit), (subject, other_unit), (other_subject, unit))]
+    for _ in range(TRIES):  # a name prefix another question of the document already uses: draw again
+        subject, other_subject = rng.sample(CODE_SUBJECTS, 2)
+        unit, other_unit = rng.sample(CODE_UNITS, 2)
+        names = [f"CKV_{s}_{u}" for s, u in ((subject, unit), (subject, other_unit), (other_subject, unit))]
+        if all(_apart(n, seen, taken) for n in names):
+            break
+    else:
+        raise AssertionError(f"no fresh constant names in {TRIES} draws")
+    taken += names
     values = [_fresh(_digits(rng, 4), seen, taken) for _ in names]
-    header = "Source code:\n"
     plants = [(d, f"{n} = {v}") for d, n, v in zip(_spread(depth, 3), names, values, strict=True)]
-    prefix = _chat(header + _fill(chars - len(header), plants, src, code=True))
-    _expect(prefix, {**{n: 1 for n in names}, **{v: 1 for v in values}})
-    return Case("code_constant", prefix, f"What is the value of {names[0]} in the source code?", values[0], depth,
-                length)
+    return _Plan(plants, {**{n: 1 for n in names}, **{v: 1 for v in values}},
+                 f"What is the value of {names[0]} in the source code?", values[0])
 
 
-def _aggregation(chars: int, depth: float, rng: random.Random, length: int) -> Case:
+def _aggregation(seen: str, taken: list[str], depth: float, rng: random.Random) -> _Plan:
     """Three words said 5, 3 and 2 times at random depths, the most frequent once at the depth."""
-    hay = _haystack(chars, rng)
-    seen = _seen(hay)
-    taken: list[str] = []
     words = [_fresh(lambda: rng.choice(RARE_WORDS), seen, taken) for _ in AGGREGATION_COUNTS]
     rng.shuffle(words)  # words[0] gets the top count
     plants = [(depth, f"Today's word is {words[0]}.")]  # one occurrence of the answer at the case depth
     plants += [(rng.uniform(LOW, HIGH), f"Today's word is {w}.")
                for w, count in zip(words, AGGREGATION_COUNTS, strict=True)
                for _ in range(count - 1 if w == words[0] else count)]
-    prefix = _chat(_fill(chars, plants, hay))
-    _expect(prefix, dict(zip(words, AGGREGATION_COUNTS, strict=True)))
-    return Case("aggregation", prefix, "Which word appears most often as today's word?", words[0], depth, length)
+    return _Plan(plants, dict(zip(words, AGGREGATION_COUNTS, strict=True)),
+                 "Which word appears most often as today's word?", words[0])
 
 
-def _build(task: str, chars: int, depth: float, rng: random.Random, length: int) -> Case:
-    """One case of ``task``."""
-    builders: dict[str, Callable[[int, float, random.Random, int], Case]] = {
-        "needle": _needle, "passkey": _passkey, "multi_key": _multi_key, "multi_value": _multi_value,
-        "variable_tracking": _variable_tracking, "code_constant": _code_constant, "aggregation": _aggregation,
-    }
-    return builders[task](chars, depth, rng, length)
+PLANTERS: dict[str, Planter] = {
+    "needle": _needle, "passkey": _passkey, "multi_key": _multi_key, "multi_value": _multi_value,
+    "variable_tracking": _variable_tracking, "code_constant": _code_constant, "aggregation": _aggregation,
+}
+CODE_TASKS = frozenset({"code_constant"})  # planted in source code; every other task in prose
+
+
+def _kind(task: str) -> str:
+    return "code" if task in CODE_TASKS else "prose"
+
+
+def _compose(questions: Sequence[tuple[str, float]], chars: int, rng: random.Random, length: int) -> list[Case]:
+    """One prefix of ``chars`` characters holding the plants of every (task, depth), and its cases.
+
+    Every planted value is checked to occur exactly as often as its own task plants it, so no
+    question's plants can answer (or break) another's."""
+    code = _kind(questions[0][0]) == "code"
+    hay = _code(chars, rng) if code else _haystack(chars, rng)
+    seen = _seen(hay)
+    taken: list[str] = []
+    plans = [PLANTERS[task](seen, taken, depth, rng) for task, depth in questions]
+    plants = [p for plan in plans for p in plan.plants]
+    if code:
+        header = "Source code:\n"
+        prefix = _chat(header + _fill(chars - len(header), plants, hay, code=True))
+    else:
+        prefix = _chat(_fill(chars, plants, hay))
+    for plan in plans:
+        _expect(prefix, plan.counts)
+    return [Case(task, prefix, plan.question, plan.answer, depth, length, plan.answers)
+            for (task, depth), plan in zip(questions, plans, strict=True)]
