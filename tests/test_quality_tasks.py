@@ -85,11 +85,12 @@ def test_shared_prefixes_group_distinct_tasks_of_one_haystack_kind(cases: list[C
     shared = len(by_prefix) < len(cases)
     for group in by_prefix.values():
         assert len(group) <= (7 if shared else 1)
-        assert len({c.task for c in group}) == len(group)  # never two questions of one task on one prefix
+        unkeyed = [c.task for c in group if c.task not in qt.KEYED_TASKS]
+        assert len(set(unkeyed)) == len(unkeyed)  # never two passphrases (pass keys, word counts) in one prefix
         assert len({c.task == "code_constant" for c in group}) == 1  # prose and code never mixed
         assert len({c.prefix_tokens_target for c in group}) == 1
-    if shared:  # 14 cases a length: six prose questions per prefix, code_constant on its own (both lengths)
-        assert sorted(len(g) for g in by_prefix.values()) == [1, 1, 1, 1, 6, 6, 6, 6]
+    if shared:  # 14 cases a length: six prose questions per prefix, the two code questions on a third
+        assert sorted(len(g) for g in by_prefix.values()) == [2, 2, 6, 6, 6, 6]
         for group in by_prefix.values():  # the questions of a prefix are asked at depths far apart
             depths = sorted(c.depth for c in group)
             assert all(b - a > 0.1 for a, b in pairwise(depths))
@@ -103,10 +104,12 @@ def test_documents_partition_the_cases() -> None:
         assert sorted(i for d in docs for i in d) == list(range(30))
         for d in docs:
             assert d == sorted(d) and len(d) <= per_prefix
-            assert len({tasks[i] for i in d}) == len(d)
+            unkeyed = [tasks[i] for i in d if tasks[i] not in qt.KEYED_TASKS]
+            assert len(set(unkeyed)) == len(unkeyed)
             assert len({tasks[i] == "code_constant" for i in d}) == 1
-    assert len(qt.documents(tasks, 5)) < 30 // 2
-    assert qt.documents(["needle"] * 4, 4) == [[0], [1], [2], [3]]  # one task: nothing can share
+    assert len(qt.documents(tasks, 5)) == 7  # 30 questions on 7 prefixes, the 4 code ones on one
+    assert qt.documents(["needle"] * 4, 4) == [[0], [1], [2], [3]]  # "the passphrase" must be unique
+    assert qt.documents(["code_constant"] * 5, 4) == [[0, 1, 2, 3], [4]]  # named constants can share
 
 
 def test_one_question_per_prefix_is_the_default() -> None:
@@ -163,9 +166,15 @@ def test_passkey(cases: list[Case]) -> None:
         assert case.question == "What is the pass key?"
 
 
+def _asked(cases: list[Case], case: Case) -> int:
+    """How many questions of ``case``'s task its prefix holds."""
+    return sum(c.prefix == case.prefix and c.task == case.task for c in cases)
+
+
 def test_multi_key(cases: list[Case]) -> None:
     for case in _of(cases, "multi_key"):
         found = re.findall(r"The special magic number for ([a-z]+-[a-z]+) is (\d{7})\.", case.prefix)
+        assert _asked(cases, case) == 1  # (the groups of this fixture hold one of each prose task)
         assert len(found) == 4 and len({k for k, _ in found}) == 4 and len({v for _, v in found}) == 4
         key = re.fullmatch(r"What is the special magic number for ([a-z]+-[a-z]+)\?", case.question)
         assert key and dict(found)[key.group(1)] == case.answer
@@ -223,7 +232,8 @@ def test_code_constant(cases: list[Case]) -> None:
     for case in _of(cases, "code_constant"):
         assert case.prefix.startswith(qt._chat("Source code:\n")) and "\n# file: " in case.prefix
         planted = re.findall(r"^(CKV_[A-Z_]+) = (\d{4})$", case.prefix, flags=re.MULTILINE)
-        assert len(planted) == 3 and len({n for n, _ in planted}) == 3 and len({v for _, v in planted}) == 3
+        many = 3 * _asked(cases, case)  # three look-alikes per question on this prefix
+        assert len(planted) == many and len({n for n, _ in planted}) == many and len({v for _, v in planted}) == many
         name = re.fullmatch(r"What is the value of (CKV_[A-Z_]+) in the source code\?", case.question)
         assert name and dict(planted)[name.group(1)] == case.answer
         for n, v in planted:

@@ -17,7 +17,8 @@ counted). Per (policy, budget, prefix length) the bench reports:
   every request reads its identification data; ``bytes_read_warm_pct`` — the same request on a
   prefix whose identification data is resident (the K/V part alone: a warm request reads no
   identification data and selects the same chunks, tests/test_contiguous.py);
-- ``ident_wait_ms`` and ``ttft_ms`` — means (timings on a shared CPU are indicative only).
+- ``ident_wait_ms``, ``ttft_ms`` and ``total_ms`` (the whole request, greedy answer included) —
+  means (timings on a shared CPU are indicative only).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ from contiguouskv.bench.policies import cells, extra_layouts, resolve
 from contiguouskv.bench.quality_tasks import TASKS, Case, make_cases
 from contiguouskv.client import ContiguousKVClient, ReprefillResult
 
-DEFAULT_POLICIES = "oracle,contiguous+,contiguous+quest,contiguous+digest,contiguous"
+DEFAULT_POLICIES = "oracle,contiguous+"  # the ceiling and the default; --policies all for the rest
 PER_PREFIX = 5
 
 
@@ -59,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-prefix", type=int, default=PER_PREFIX,
                         help=f"questions asked of one prefix, each of another task (default {PER_PREFIX}; 1: one "
                         "prefix per case). Registering a prefix is its full prefill, most of a run's time")
+    parser.add_argument("--concurrency", type=int, default=0,
+                        help="requests of one question in flight at once (default 0: all its (policy, budget) cells; "
+                        "1: one at a time). The compute server runs concurrent requests' layer passes as one batch, "
+                        "so greedy answers read each layer's weights once for all of them")
     parser.add_argument("--json", dest="json_path", type=Path, help="write results as JSON here")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                         help="instead of running: merge the JSON of runs over the same cases (same seed, lengths, "
@@ -97,6 +103,7 @@ class Cell:
     warm_pct: list[float] = field(default_factory=list)
     ident_wait_ms: list[float] = field(default_factory=list)
     ttft_ms: list[float] = field(default_factory=list)
+    total_ms: list[float] = field(default_factory=list)
     tasks: dict[str, list[bool]] = field(default_factory=dict)
 
     def add(self, case: Case, r: ReprefillResult, full: ReprefillResult, full_right: bool) -> None:
@@ -116,6 +123,7 @@ class Cell:
         self.warm_pct.append(100.0 * r.bytes_kv / base)
         self.ident_wait_ms.append(sum(t.ident_wait_ms for t in r.timings.layers))
         self.ttft_ms.append(r.timings.ttft_ms)
+        self.total_ms.append(r.timings.total_ms)
 
     def row(self, policy: str, budget: float, length: int, tokens: list[int]) -> dict[str, object]:
         def mean(v: list[float] | list[bool]) -> float | None:
@@ -127,7 +135,7 @@ class Cell:
                 "kl": mean(self.kl), "oracle_recall": mean(self.recall), "oracle_mass_recall": mean(self.mass_recall),
                 "bytes_read_pct": mean(self.read_pct), "ident_pct": mean(self.ident_pct),
                 "bytes_read_warm_pct": mean(self.warm_pct), "ident_wait_ms": mean(self.ident_wait_ms),
-                "ttft_ms": mean(self.ttft_ms),
+                "ttft_ms": mean(self.ttft_ms), "total_ms": mean(self.total_ms),
                 "tasks": {t: mean(v) for t, v in sorted(self.tasks.items())}}
 
 
@@ -161,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
                             done += 1
                             tokens.setdefault(case.prefix_tokens_target, []).append(reg.num_tokens)
                             full_right = _answer_case(client, reg.prefix_id, case, policies, budgets, reference[0].name,
-                                                      table)
+                                                      table, args.concurrency)
                             elapsed = time.perf_counter() - start
                             print(f"[quality {done}/{len(cases)}] {case.task} {reg.num_tokens} tokens, depth "
                                   f"{case.depth:.2f}: full {'right' if full_right else 'wrong'}; {elapsed:.0f} s, "
@@ -182,15 +190,22 @@ def _by_prefix(cases: list[Case]) -> list[list[Case]]:
 
 
 def _answer_case(client: ContiguousKVClient, prefix_id: str, case: Case, policies: list[Any], budgets: list[float],
-                 reference: str, table: dict[tuple[str, float, int], Cell]) -> bool:
-    """Every (policy, budget) answers ``case``, the reference (full KV) first; returns whether it was right."""
-    full: ReprefillResult | None = None
-    full_right = False
-    for policy, budget in cells(policies, budgets):
-        r = client.reprefill(prefix_id, _query(case.question), policy=policy, budget=budget,
-                             max_new_tokens=_new_tokens(case), return_logits=True, evaluate_recall=policy != reference)
-        if full is None:
-            full, full_right = r, case.correct(r.answer)
+                 reference: str, table: dict[tuple[str, float, int], Cell], concurrency: int) -> bool:
+    """Every (policy, budget) answers ``case``, up to ``concurrency`` requests at once (0: all);
+    returns whether the reference (full KV) was right."""
+    todo = list(cells(policies, budgets))
+
+    def ask(cell: tuple[str, float]) -> ReprefillResult:
+        policy, budget = cell
+        return client.reprefill(prefix_id, _query(case.question), policy=policy, budget=budget,
+                                max_new_tokens=_new_tokens(case), return_logits=True,
+                                evaluate_recall=policy != reference)
+
+    with ThreadPoolExecutor(max_workers=concurrency or len(todo)) as pool:
+        results = list(pool.map(ask, todo))
+    full = results[0]  # cells() puts the reference first
+    full_right = case.correct(full.answer)
+    for (policy, budget), r in zip(todo, results, strict=True):
         table.setdefault((policy, budget, case.prefix_tokens_target), Cell()).add(case, r, full, full_right)
     return full_right
 
@@ -201,7 +216,7 @@ def _rows(table: dict[tuple[str, float, int], Cell], tokens: dict[int, list[int]
 
 
 AVERAGED = ("accuracy", "top1_agreement", "kl", "oracle_recall", "oracle_mass_recall", "bytes_read_pct", "ident_pct",
-            "bytes_read_warm_pct", "ident_wait_ms", "ttft_ms", "prefix_tokens")
+            "bytes_read_warm_pct", "ident_wait_ms", "ttft_ms", "total_ms", "prefix_tokens")
 
 
 def overall(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -219,7 +234,7 @@ def overall(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                "answers_kept": round(sum(r["answers_kept"] * r["kept_of"] for r in parts if r["kept_of"])
                                                      / kept_of, 4) if kept_of else None}
         for key in AVERAGED:
-            have = [r for r in parts if r[key] is not None]
+            have = [r for r in parts if r.get(key) is not None]  # runs older than a key lack it
             row[key] = round(sum(r[key] * r["n"] for r in have) / sum(r["n"] for r in have), 4) if have else None
         row["prefix_tokens"] = round(row["prefix_tokens"]) if row["prefix_tokens"] is not None else None
         out.append(row)

@@ -73,9 +73,10 @@ def make_cases(lengths: list[int], cases_per_length: int, seed: int, tasks: Sequ
 
     ``per_prefix`` > 1 asks up to that many questions of one prefix: cases ``j, j + D, j + 2D, ...``
     (``D = ceil(cases_per_length / per_prefix)``, so their depths lie far apart) share a document that
-    holds every one of their plants, as long as their tasks differ and use the same kind of haystack
-    (prose or code); a case that would repeat a task or mix kinds opens another document. Each
-    question's plants are then distractors for the others. Registering a prefix (its full prefill)
+    holds every one of their plants, as long as their tasks use the same kind of haystack (prose or
+    code) and none repeats a task whose question does not name its key (see :func:`documents`); a
+    case that would break that opens another document. Each question's plants are then
+    distractors for the others. Registering a prefix (its full prefill)
     is most of a quality run's time; sharing it is what makes a run at 16K tokens affordable.
     ``per_prefix=1`` gives exactly the one-prefix-per-case suite.
     """
@@ -104,23 +105,41 @@ def make_cases(lengths: list[int], cases_per_length: int, seed: int, tasks: Sequ
 
 def documents(task_of: Sequence[str], per_prefix: int) -> list[list[int]]:
     """Case indices grouped into shared prefixes (see :func:`make_cases`), each group in ascending
-    order and the groups ordered by their first case."""
+    order and the groups ordered by their first case.
+
+    Two questions of one task share a prefix only if the task names what it asks for
+    (:data:`KEYED_TASKS`): two passphrases in one prefix would make "the" passphrase ambiguous,
+    two magic-number keys do not. Groups left small (code questions, which prose cannot host) are
+    then merged with earlier ones whose tasks are all keyed, up to ``per_prefix``.
+    """
     n = len(task_of)
     if per_prefix == 1:
         return [[i] for i in range(n)]
     stride = -(-n // per_prefix) if n else 1
+
+    def fits(doc: list[int], task: str) -> bool:
+        return _kind(task_of[doc[0]]) == _kind(task) and (task in KEYED_TASKS or all(task_of[k] != task for k in doc))
+
     docs: list[list[int]] = []
     for j in range(stride):
         opened: list[list[int]] = []
         for i in range(j, n, stride):
-            home = next((d for d in opened if _kind(task_of[d[0]]) == _kind(task_of[i])
-                         and all(task_of[k] != task_of[i] for k in d)), None)
+            home = next((d for d in opened if fits(d, task_of[i]) and all(task_of[k] != task_of[i] for k in d)), None)
             if home is None:
                 opened.append([i])
             else:
                 home.append(i)
         docs += opened
-    return sorted(docs, key=lambda d: d[0])
+    merged: list[list[int]] = []
+    for doc in sorted(docs, key=lambda d: d[0]):
+        keyed = all(task_of[i] in KEYED_TASKS for i in doc)
+        home = next((d for d in merged if keyed and len(d) + len(doc) <= per_prefix
+                     and all(task_of[k] in KEYED_TASKS and fits(d, task_of[i]) for k in d for i in doc)), None)
+        if home is None:
+            merged.append(list(doc))
+        else:
+            home[:] = sorted(home + doc)
+    return merged
 
 
 # --- haystacks and planting ----------------------------------------------------------------------
@@ -345,6 +364,8 @@ PLANTERS: dict[str, Planter] = {
     "variable_tracking": _variable_tracking, "code_constant": _code_constant, "aggregation": _aggregation,
 }
 CODE_TASKS = frozenset({"code_constant"})  # planted in source code; every other task in prose
+# Tasks whose question names the key it asks about: several of them can share a prefix.
+KEYED_TASKS = frozenset({"multi_key", "multi_value", "variable_tracking", "code_constant"})
 
 
 def _kind(task: str) -> str:
