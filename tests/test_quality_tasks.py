@@ -109,6 +109,9 @@ def test_documents_partition_the_cases() -> None:
             assert len({tasks[i] == "code_constant" for i in d}) == 1
     assert len(qt.documents(tasks, 5)) == 7  # 30 questions on 7 prefixes, the 4 code ones on one
     assert qt.documents(["needle"] * 4, 4) == [[0], [1], [2], [3]]  # "the passphrase" must be unique
+    four = [("needle", "passkey", "aggregation", "code_constant")[i % 4] for i in range(16)]
+    docs = qt.documents(four, 5)  # stride 5, not 4: a stride of 4 would give every group one task
+    assert len(docs) == 6 and min(map(len, docs)) == 2 and [3, 7, 11, 15] in docs
     assert qt.documents(["code_constant"] * 5, 4) == [[0, 1, 2, 3], [4]]  # named constants can share
 
 

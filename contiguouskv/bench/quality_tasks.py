@@ -10,6 +10,7 @@ prefix, so a substring match of the expected value in the model's answer is an u
 
 from __future__ import annotations
 
+import math
 import random
 import sysconfig
 from collections.abc import Callable, Sequence
@@ -72,7 +73,8 @@ def make_cases(lengths: list[int], cases_per_length: int, seed: int, tasks: Sequ
     the task at a given depth changes from length to length. Same arguments, byte-identical cases.
 
     ``per_prefix`` > 1 asks up to that many questions of one prefix: cases ``j, j + D, j + 2D, ...``
-    (``D = ceil(cases_per_length / per_prefix)``, so their depths lie far apart) share a document that
+    (``D`` the first stride from ``ceil(cases_per_length / per_prefix)`` up that is coprime to the
+    number of tasks, so the group's tasks differ and its depths lie far apart) share a document that
     holds every one of their plants, as long as their tasks use the same kind of haystack (prose or
     code) and none repeats a task whose question does not name its key (see :func:`documents`); a
     case that would break that opens another document. Each question's plants are then
@@ -116,6 +118,9 @@ def documents(task_of: Sequence[str], per_prefix: int) -> list[list[int]]:
     if per_prefix == 1:
         return [[i] for i in range(n)]
     stride = -(-n // per_prefix) if n else 1
+    kinds = len(set(task_of))  # tasks come round-robin: a stride coprime to their number puts
+    while kinds > 1 and math.gcd(stride, kinds) != 1 and stride < n:  # different tasks in a group
+        stride += 1
 
     def fits(doc: list[int], task: str) -> bool:
         return _kind(task_of[doc[0]]) == _kind(task) and (task in KEYED_TASKS or all(task_of[k] != task for k in doc))
