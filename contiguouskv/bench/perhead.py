@@ -7,7 +7,11 @@ oracle selection at every layer, two ways, at the same budget:
 - ``layer``: one set of ``k`` chunks per layer, scored by the attention mass of all query heads
   (what the chunk policies read: a chunk's record holds every KV head);
 - ``head``: ``k`` chunks per KV head, each scored by the mass of that head's query group (records
-  would then be split per KV head: the same bytes, ``k`` chunk-heads per head).
+  would then be split per KV head: the same bytes, ``k`` chunk-heads per head);
+- ``estimate``: the ``layer`` set, and every other chunk stands in by its mean value, attended with
+  its tokens' exact keys (the ceiling of approximating what is not read instead of dropping it:
+  a deployment would store a mean value per chunk, 1/16 of the values, and score with its
+  identification keys).
 
 Greedy decoding continues with the same per-layer selection. Reported per mode and budget: answers
 kept against the full-KV answer, and first-token agreement.
@@ -35,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per answer (default 16)")
     parser.add_argument("--modes", default="layer,head",
                         help="selections to compare: layer (one set per layer, mass summed over query tokens), head "
-                        "(one set per KV head), last (one set per layer from the last query token's attention), max "
+                        "(one set per KV head), estimate (the layer set; other chunks by their mean value), last (one set per layer from the last query token's attention), max "
                         "(per chunk the largest mass any query token puts on it) (default layer,head)")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks (default all)")
     parser.add_argument("--json", dest="json_path", type=Path, help="write results as JSON here")
@@ -116,15 +120,35 @@ def _answer(runner: object, pre: object, prefix: list[int], query: list[int], se
             if select is not None:
                 if step == 0:
                     masks.append(_choose(torch.softmax(logits, dim=-1)[:, :, :n], select, kvh, g, n, m, c))
-                hide = torch.ones(kvh, total, dtype=torch.bool)
-                hide[:, :n] = ~masks[layer]
-                hide[:, n:] = False
-                logits = logits.masked_fill(hide.repeat_interleave(g, dim=0)[:, None, :], float("-inf"))
+                if select[0] == "estimate":
+                    values = _stand_in(values, masks[layer], n, c)
+                else:
+                    hide = torch.ones(kvh, total, dtype=torch.bool)
+                    hide[:, :n] = ~masks[layer]
+                    hide[:, n:] = False
+                    logits = logits.masked_fill(hide.repeat_interleave(g, dim=0)[:, None, :], float("-inf"))
             att = torch.softmax(logits, dim=-1) @ values.repeat_interleave(g, dim=0)  # [heads, t, d]
             hidden = r.finish(layer, hidden, att.transpose(0, 1).reshape(t, -1))  # type: ignore[attr-defined]
         token = int(r.logits(hidden[-1:])[0].argmax())  # type: ignore[attr-defined]
         out.append(token)
         ids.append(token)
+    return out
+
+
+def _stand_in(values: object, keep: object, n: int, c: int) -> object:
+    """``values`` [kv_heads, T, d] with every prefix token outside ``keep`` [kv_heads, n] replaced
+    by the mean value of its chunk (per KV head); kept and query tokens unchanged (a copy)."""
+    import torch  # optional: the compute extra
+
+    kvh, _, d = values.shape  # type: ignore[attr-defined]
+    m = -(-n // c)
+    prefix = values[:, :n].float()  # type: ignore[index]
+    sums = torch.nn.functional.pad(prefix, (0, 0, 0, m * c - n)).view(kvh, m, c, d).sum(dim=2)
+    sizes = torch.full((m,), float(c))
+    sizes[-1] = n - (m - 1) * c
+    means = (sums / sizes[None, :, None]).repeat_interleave(c, dim=1)[:, :n].to(values.dtype)  # type: ignore[attr-defined]
+    out = values.clone()  # type: ignore[attr-defined]
+    out[:, :n] = torch.where(keep[:, :, None], values[:, :n], means)  # type: ignore[index]
     return out
 
 
