@@ -1,10 +1,10 @@
 """``contiguouskv bench quality``: answers kept and bytes read of every policy on a real model.
 
 Cases come from :mod:`.quality_tasks` (seven long-context retrieval tasks over the essays and the
-standard library, generated from a seed). Up to ``--per-prefix`` questions of different tasks share
-one prefix (their plants are distractors for each other), registered once: its full prefill is
-most of a run's time. For every question `full` answers first (the reference), then every (policy, budget) answers it greedily with ``evaluate_recall`` (the
-server scores every layer exactly as well, from all keys, and reports how much of the exact top-k
+standard library, generated from a seed). Up to ``--per-prefix`` questions share one prefix (their
+plants are distractors for each other), registered once: its full prefill is most of a run's
+time. For every question `full` answers (the reference), and every (policy, budget) answers it
+greedily with ``evaluate_recall`` (the server scores every layer exactly as well, from all keys, and reports how much of the exact top-k
 chunk set and of its attention mass the policy's choice covered; those evaluation reads are not
 counted). Per (policy, budget, prefix length) the bench reports:
 

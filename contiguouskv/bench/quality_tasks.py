@@ -122,14 +122,15 @@ def documents(task_of: Sequence[str], per_prefix: int) -> list[list[int]]:
     while kinds > 1 and math.gcd(stride, kinds) != 1 and stride < n:  # different tasks in a group
         stride += 1
 
-    def fits(doc: list[int], task: str) -> bool:
-        return _kind(task_of[doc[0]]) == _kind(task) and (task in KEYED_TASKS or all(task_of[k] != task for k in doc))
+    def keyed(doc: list[int]) -> bool:
+        return all(task_of[i] in KEYED_TASKS for i in doc)
 
     docs: list[list[int]] = []
     for j in range(stride):
         opened: list[list[int]] = []
         for i in range(j, n, stride):
-            home = next((d for d in opened if fits(d, task_of[i]) and all(task_of[k] != task_of[i] for k in d)), None)
+            home = next((d for d in opened if _kind(task_of[d[0]]) == _kind(task_of[i])
+                         and all(task_of[k] != task_of[i] for k in d)), None)
             if home is None:
                 opened.append([i])
             else:
@@ -137,9 +138,8 @@ def documents(task_of: Sequence[str], per_prefix: int) -> list[list[int]]:
         docs += opened
     merged: list[list[int]] = []
     for doc in sorted(docs, key=lambda d: d[0]):
-        keyed = all(task_of[i] in KEYED_TASKS for i in doc)
-        home = next((d for d in merged if keyed and len(d) + len(doc) <= per_prefix
-                     and all(task_of[k] in KEYED_TASKS and fits(d, task_of[i]) for k in d for i in doc)), None)
+        home = next((d for d in merged if keyed(doc) and keyed(d) and len(d) + len(doc) <= per_prefix
+                     and _kind(task_of[d[0]]) == _kind(task_of[doc[0]])), None)
         if home is None:
             merged.append(list(doc))
         else:
@@ -289,11 +289,11 @@ def _key_names(rng: random.Random, count: int, seen: str, taken: list[str]) -> l
         names = [f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"]
     else:
         names = [f"{a}-{n}" for a, n in zip(rng.sample(ADJECTIVES, count), rng.sample(NOUNS, count), strict=True)]
-    for k, name in enumerate(names):  # a clash with another question of the document: draw again
-        names[k] = name if _apart(name, seen, taken) else _fresh(
-            lambda: f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}", seen, taken)
-        if names[k] == name:
+    for k, name in enumerate(names):
+        if _apart(name, seen, taken):
             taken.append(name)
+        else:  # a clash with another question of the document: draw again
+            names[k] = _fresh(lambda: f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}", seen, taken)
     return names
 
 
