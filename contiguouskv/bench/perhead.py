@@ -121,7 +121,8 @@ def _answer(runner: object, pre: object, prefix: list[int], query: list[int], se
                 if step == 0:
                     masks.append(_choose(torch.softmax(logits, dim=-1)[:, :, :n], select, kvh, g, n, m, c))
                 if select[0] == "estimate":
-                    values = _stand_in(values, masks[layer], n, c)
+                    if step == 0:  # once: later steps append to the cached, stood-in values
+                        values = cache_v[layer] = _stand_in(values, masks[layer], n, c)
                 else:
                     hide = torch.ones(kvh, total, dtype=torch.bool)
                     hide[:, :n] = ~masks[layer]
