@@ -59,12 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stored KV dtype (default bfloat16, what a deployment stores; byte shares refer to it)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the task generator (default 0)")
     parser.add_argument("--per-prefix", type=int, default=PER_PREFIX,
-                        help=f"questions asked of one prefix, each of another task (default {PER_PREFIX}; 1: one "
-                        "prefix per case). Registering a prefix is its full prefill, most of a run's time")
+                        help=f"questions asked of one prefix, of different tasks unless the question names its key "
+                        f"(default {PER_PREFIX}; 1: one prefix per case). Registering a prefix is its full prefill, most of a run's time")
     parser.add_argument("--concurrency", type=int, default=0,
                         help="requests of one question in flight at once (default 0: all its (policy, budget) cells; "
-                        "1: one at a time). The compute server runs concurrent requests' layer passes as one batch, "
-                        "so greedy answers read each layer's weights once for all of them")
+                        "1: one at a time). The compute server batches concurrent requests' layer passes; the answers "
+                        "are the same either way, and on a 2-core CPU the run is only slightly faster")
     parser.add_argument("--json", dest="json_path", type=Path, help="write results as JSON here")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                         help="instead of running: merge the JSON of runs over the same cases (same seed, lengths, "
