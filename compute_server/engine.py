@@ -160,7 +160,7 @@ class Engine:
         device = r.device
         num_prefix = job.num_prefix
         positions = torch.arange(num_prefix, num_prefix + len(job.query_ids), device=device)
-        hidden = s.call(r.embed, torch.tensor(job.query_ids, device=device))
+        hidden = s.embed(torch.tensor(job.query_ids, device=device))
         out = QueryOutcome(token_id=-1)
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         scratch = None if job.max_new_tokens else Workspace()  # decoding keeps every layer's K/V
@@ -189,7 +189,7 @@ class Engine:
             model += (t2 - t1) + (t4 - t3)
             out.layers.append(LayerRun(layer, wait, t4 - t0 - wait, t0))
         t5 = time.perf_counter()
-        out.logits = s.call(r.logits, hidden[-1:])[0].float().cpu()
+        out.logits = s.logits(hidden[-1:])[0].float().cpu()
         out.token_id = int(out.logits.argmax())
         out.first_token_s = time.perf_counter() - start
         out.wait_s = sum(t.wait_s for t in out.layers)
@@ -209,14 +209,14 @@ class Engine:
         start = time.perf_counter()
         device = r.device
         positions = torch.arange(job.num_prefix, job.num_prefix + len(job.query_ids), device=device)
-        hidden = s.call(r.embed, torch.tensor(job.query_ids, device=device))
+        hidden = s.embed(torch.tensor(job.query_ids, device=device))
         scratch = Workspace()  # as answer() does it: the floor gets no allocation the answer did not have
         for layer, (pk, pv) in enumerate(job.resident):
             job.cancellation.check()
             q, k, v = s.project(layer, hidden, positions)
             keys, values = join_kv(pk, k, scratch, "keys"), join_kv(pv, v, scratch, "values")
             hidden = s.finish(layer, hidden, q, keys, values, pk.shape[1])
-        token = int(s.call(r.logits, hidden[-1:])[0].argmax())  # a host value: waits for the device
+        token = int(s.logits(hidden[-1:])[0].argmax())  # a host value: waits for the device
         return time.perf_counter() - start, token
 
     def recompute(self, prefix_ids: list[int], job: QueryJob) -> QueryOutcome:
@@ -262,14 +262,14 @@ class Engine:
             if token in job.eos_ids:
                 break
             job.cancellation.check()
-            hidden = s.call(r.embed, torch.tensor([token], device=device))
+            hidden = s.embed(torch.tensor([token], device=device))
             pos = torch.tensor([position + step], device=device)
             for layer, (kb, vb) in enumerate(buffers):
                 q, k, v = s.project(layer, hidden, pos)
                 kb[:, length : length + 1], vb[:, length : length + 1] = k, v
                 hidden = s.finish(layer, hidden, q, kb[:, : length + 1], vb[:, : length + 1], length)
             length += 1
-            token = int(s.call(r.logits, hidden[-1:])[0].argmax())
+            token = int(s.logits(hidden[-1:])[0].argmax())
             out.append(token)
             if job.on_token is not None:
                 job.on_token(len(out), token)

@@ -6,13 +6,17 @@ on records without holding anyone up. Each model stage they need is an *op* queu
 - ``project(layer, hidden, positions)``: input norm, q/k/v projections, RoPE;
 - ``finish(layer, hidden, q, keys, values, num_past)``: attention over the request's own prefix
   K/V (one call per request: ragged), then o_proj, residual, MLP;
-- ``call(fn, ...)``: anything else, alone (embeddings, logits, a whole prefill).
+- ``embed(token_ids)``: the tokens' embeddings;
+- ``logits(hidden)``: final norm and lm_head of the given rows (the last position's, for a token);
+- ``call(fn, ...)``: anything else, alone (a whole prefill).
 
-The compute thread takes every queued op, groups ``project`` and ``finish`` ops of one layer and
-runs each group as one pass over the requests' tokens concatenated (at most ``max_batch``
-requests per pass; 1 turns batching off), so the weights of a layer are read once for all of them.
-Every op of the model's projections and MLP is per token, so a batched pass gives each request
-what it gets alone, up to floating-point summation order.
+The compute thread takes every queued op, groups ``project`` and ``finish`` ops of one layer (and
+``embed`` and ``logits`` ops) and runs each group as one pass over the requests' tokens
+concatenated (at most ``max_batch`` requests per pass; 1 turns batching off), so the weights of a
+layer are read once for all of them. The lm_head is the largest single weight of a small model
+(Qwen2.5-0.5B: 136M of its 494M parameters), read once per token of every request: batched, once
+per pass. Every op of the model's projections, MLP and head is per token, so a batched pass gives
+each request what it gets alone, up to floating-point summation order.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 @dataclass
 class _Op:
-    kind: str  # "project" | "finish" | "call"
+    kind: str  # "project" | "finish" | "embed" | "logits" | "call"
     layer: int
     args: tuple[Any, ...]
     future: Future[Any] = field(default_factory=Future)
@@ -50,6 +54,7 @@ class SchedulerStats:
     batched_passes: int = 0  # passes that served more than one request
     ops: int = 0
     largest_batch: int = 0
+    batched_by_kind: dict[str, int] = field(default_factory=dict)  # op kind -> passes of more than one
 
 
 class LayerScheduler:
@@ -76,6 +81,14 @@ class LayerScheduler:
         """Blocks until the op ran: attention of q over ``keys``/``values`` ``[kvH, num_past + T, d]``,
         then the rest of the layer; returns the hidden state leaving it ``[T, D]``."""
         return self._submit(_Op("finish", layer, (hidden, q, keys, values, num_past))).future.result()
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Blocks until the op ran: embeddings ``[T, D]`` of ``token_ids`` ``[T]``."""
+        return self._submit(_Op("embed", -1, (token_ids,))).future.result()  # type: ignore[no-any-return]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Blocks until the op ran: float32 logits ``[T, vocab]`` of the rows ``hidden`` ``[T, D]``."""
+        return self._submit(_Op("logits", -1, (hidden,))).future.result()  # type: ignore[no-any-return]
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Blocks until ``fn(*args)`` ran on the compute thread, alone."""
@@ -129,7 +142,8 @@ class LayerScheduler:
             else:
                 groups.setdefault((op.kind, op.layer), []).append(op)
         for (kind, _), group in groups.items():
-            run = self._project if kind == "project" else self._finish
+            run = {"project": self._project, "finish": self._finish, "embed": self._embed,
+                   "logits": self._logits}[kind]
             for start in range(0, len(group), self.max_batch):
                 self._run(group[start : start + self.max_batch], run)
 
@@ -142,6 +156,7 @@ class LayerScheduler:
         s.largest_batch = max(s.largest_batch, len(live))
         if len(live) > 1:
             s.batched_passes += 1
+            s.batched_by_kind[live[0].kind] = s.batched_by_kind.get(live[0].kind, 0) + 1
         try:
             results = run(live)
         except BaseException as exc:  # noqa: BLE001 - every waiter learns of it
@@ -166,6 +181,21 @@ class LayerScheduler:
         q, k, v = self.runner.project(layer, hidden, positions)
         return [(qi.contiguous(), ki.contiguous(), vi.contiguous())
                 for qi, ki, vi in zip(q.split(sizes, dim=1), k.split(sizes, dim=1), v.split(sizes, dim=1))]
+
+    def _embed(self, ops: list[_Op]) -> list[torch.Tensor]:
+        return self._rowwise(ops, self.runner.embed)
+
+    def _logits(self, ops: list[_Op]) -> list[torch.Tensor]:
+        # copies, so that a request keeping its logits does not keep the whole pass's [sum T, vocab]
+        return [part.clone() if len(ops) > 1 else part for part in self._rowwise(ops, self.runner.logits)]
+
+    @staticmethod
+    def _rowwise(ops: list[_Op], fn: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+        """``fn`` of every op's rows as one call (``fn`` is per row), split back per op."""
+        if len(ops) == 1:
+            return [fn(ops[0].args[0])]
+        sizes = [op.args[0].shape[0] for op in ops]
+        return list(fn(torch.cat([op.args[0] for op in ops])).split(sizes))
 
     def _finish(self, ops: list[_Op]) -> list[torch.Tensor]:
         layer, r = ops[0].layer, self.runner
