@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class SchedulerStats:
     ops: int = 0
     largest_batch: int = 0
     batched_by_kind: dict[str, int] = field(default_factory=dict)  # op kind -> passes of more than one
+    busy_s: float = 0.0  # seconds the compute thread spent running ops (the rest it waited for them)
 
 
 class LayerScheduler:
@@ -157,12 +159,15 @@ class LayerScheduler:
         if len(live) > 1:
             s.batched_passes += 1
             s.batched_by_kind[live[0].kind] = s.batched_by_kind.get(live[0].kind, 0) + 1
+        started = time.perf_counter()
         try:
             results = run(live)
         except BaseException as exc:  # noqa: BLE001 - every waiter learns of it
             for op in live:
                 op.future.set_exception(exc)
             return
+        finally:
+            s.busy_s += time.perf_counter() - started
         for op, result in zip(live, results):
             op.future.set_result(result)
 

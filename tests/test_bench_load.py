@@ -44,11 +44,23 @@ def test_levels_on_own_servers_batched_and_not(tmp_path: Path) -> None:
         _check_level(level, level["concurrency"])
         assert level["rss_growth_pct"] is None and level["peak_rss_mb"]["compute"] > 50
         assert level["policy"] == "contiguous,full" and level["budget"] == "0.25,0.5"
+        assert 0 < level["compute_busy_fraction"] < 1.5  # from the compute server's own counters
+    # unbatched, every pass served one request; batched with 4 clients, some passes served several
+    assert [level["ops_per_pass"] for level in levels[:2]] == [1.0, 1.0]
+    assert levels[3]["ops_per_pass"] > 1.0
     ratios = report["rps_over_unbatched"]
     assert set(ratios) == {"8@2", "8@4"}
     assert ratios["8@4"] == levels[3]["rps"] / levels[1]["rps"]
     assert report["config"]["model"] == "random:tiny"
     assert not list(tmp_path.glob("ckv-bench-*"))  # the temp store is gone
+
+
+def test_compute_thread_use_over_a_level() -> None:
+    before = {"busy_s": 1.0, "ops": 10, "batched": 2, "alone": 3}
+    after = {"busy_s": 4.0, "ops": 40, "batched": 12, "alone": 8}
+    assert load._thread_use(before, after, 6.0) == {"compute_busy_fraction": 0.5, "ops_per_pass": 2.0}
+    assert load._thread_use(None, after, 6.0) == {"compute_busy_fraction": None, "ops_per_pass": None}
+    assert load._thread_use(before, before, 6.0)["ops_per_pass"] is None  # no pass in the level
 
 
 def test_soak_samples_both_servers(tmp_path: Path) -> None:

@@ -75,6 +75,14 @@ def test_ttft_phases_bytes_and_status_counts(servers: tuple[str, str]) -> None:
     assert m["ckv_compute_admission_requests{state=running}"] == 0
     assert m["ckv_compute_admission_requests{state=queued}"] == 0
     assert m["ckv_compute_admission_staged_bytes{}"] == 0
+    # the compute thread: one call at a time, so every pass served one request; busy a while
+    passes = m["ckv_compute_thread_passes_total{batched=false}"]
+    assert m["ckv_compute_thread_passes_total{batched=true}"] == 0
+    assert passes == m["ckv_compute_thread_ops_total{}"] > 4 * 4  # 4 layers x 2 ops x the calls, and more
+    assert 0 < m["ckv_compute_thread_busy_seconds_total{}"] < m[
+        "ckv_compute_request_duration_seconds_sum{method=Reprefill}"] + m[
+        "ckv_compute_request_duration_seconds_sum{method=Generate}"] + m[
+        "ckv_compute_request_duration_seconds_sum{method=RegisterPrefix}"]  # it runs within the calls
 
 
 def test_names_follow_the_prometheus_conventions(servers: tuple[str, str]) -> None:

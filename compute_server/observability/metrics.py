@@ -14,6 +14,10 @@ nothing of metrics. Names follow the Prometheus conventions: ``ckv_compute_`` pr
   ``decode`` (tokens after the first)
 - ``ckv_compute_layer_io_wait_seconds{policy}``: per layer, time blocked on its records
 - ``ckv_compute_fetched_bytes_total{policy}``, ``ckv_compute_generated_tokens_total``
+- ``ckv_compute_thread_busy_seconds_total`` (the compute thread running model ops; its rate is
+  the thread's utilisation), ``ckv_compute_thread_passes_total{batched}`` (passes that served one
+  request, ``false``, or several, ``true``), ``ckv_compute_thread_ops_total`` (ops run: ops ÷
+  passes is the mean batch)
 - ``ckv_compute_register_phase_seconds{phase}`` (``prefill``, ``store``),
   ``ckv_compute_stored_bytes_total``, ``ckv_compute_registrations_total{outcome}`` (``stored``,
   ``already_registered``)
@@ -32,11 +36,13 @@ import grpc
 
 try:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+    from prometheus_client.core import CounterMetricFamily
 except ImportError as err:  # a base dependency, but some machines run without it
     raise ImportError("--metrics-port needs prometheus-client: pip install prometheus-client==0.26.0") from err
 
 from contiguouskv.compute_server.admission import Admission
 from contiguouskv.compute_server.kvio.identcache import IdentCache
+from contiguouskv.compute_server.scheduler import SchedulerStats
 from contiguouskv.v1 import compute_pb2
 
 log = logging.getLogger(__name__)
@@ -51,8 +57,11 @@ LAYER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 class ComputeMetrics:
     """The compute server's metric families, in a registry of their own."""
 
-    def __init__(self, ident_cache: IdentCache | None = None, admission: Admission | None = None) -> None:
+    def __init__(self, ident_cache: IdentCache | None = None, admission: Admission | None = None,
+                 scheduler: SchedulerStats | None = None) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        if scheduler is not None:
+            r.register(_SchedulerCollector(scheduler))
         self.requests = Counter(PREFIX + "requests", "ComputeService RPCs by method and final status code.",
                                 ["method", "code"], registry=r)
         self.duration = Histogram(PREFIX + "request_duration_seconds", "Wall time of ComputeService RPCs.",
@@ -125,6 +134,29 @@ class ComputeMetrics:
             self.observe_register(reply)
         elif isinstance(reply, compute_pb2.GenerateResponse) and reply.HasField("summary"):
             self.observe_reprefill(reply.summary)
+
+
+class _SchedulerCollector:
+    """The compute thread's counters (:class:`SchedulerStats`), read at every scrape."""
+
+    def __init__(self, stats: SchedulerStats) -> None:
+        self._stats = stats
+
+    def describe(self) -> list[Any]:
+        return []  # no fixed samples to check for clashes at registration
+
+    def collect(self) -> Any:
+        s = self._stats
+        busy = CounterMetricFamily(PREFIX + "thread_busy_seconds", "Seconds the compute thread ran model ops.")
+        busy.add_metric([], s.busy_s)
+        passes = CounterMetricFamily(PREFIX + "thread_passes", "Passes of the compute thread, by whether they "
+                                     "served several requests.", labels=["batched"])
+        passes.add_metric(["true"], s.batched_passes)
+        passes.add_metric(["false"], s.passes - s.batched_passes)
+        ops = CounterMetricFamily(PREFIX + "thread_ops", "Model ops run by the compute thread (one per request "
+                                  "per pass).")
+        ops.add_metric([], s.ops)
+        yield from (busy, passes, ops)
 
 
 def _code(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:

@@ -27,14 +27,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import math
 import os
 import platform
 import random
+import re
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,10 +165,12 @@ def _progress(message: str) -> None:
 class LoadGenerator:
     """Registers the prefixes once, then runs levels against one compute server address."""
 
-    def __init__(self, args: argparse.Namespace, address: str, max_batch: int | None = None) -> None:
+    def __init__(self, args: argparse.Namespace, address: str, max_batch: int | None = None,
+                 metrics_url: str | None = None) -> None:
         self.args = args
         self.address = address
         self.max_batch = max_batch  # of the compute server under test; None: not known (--compute)
+        self.metrics_url = metrics_url  # its Prometheus endpoint, when the bench started it with one
         self.rng = random.Random(args.seed)
         self.prefixes: list[str] = []
         self.vocab = 0
@@ -222,6 +227,7 @@ class LoadGenerator:
                                                 return_exceptions=True):
                 if isinstance(outcome, Exception):
                     tally.fail(outcome)
+            before = await self._compute_thread()
             start = time.monotonic()
             sampler = asyncio.create_task(self._sample(watched, start))
             try:
@@ -234,6 +240,7 @@ class LoadGenerator:
         finally:
             await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
         elapsed = max(finished) - start
+        thread = _thread_use(before, await self._compute_thread(), elapsed)
         ordered = sorted(tally.ttft_ms)
         return {"concurrency": concurrency, "max_batch": self.max_batch, "policy": self.args.policy,
                 "budget": self.args.budget, "seconds": elapsed,
@@ -242,7 +249,13 @@ class LoadGenerator:
                 "ttft_ms_p95": _percentile(ordered, 0.95), "ttft_ms_p99": _percentile(ordered, 0.99),
                 "ttft_ms_max": ordered[-1] if ordered else None,
                 "errors_total": sum(tally.errors.values()), "errors": tally.errors,
-                "error_examples": tally.error_examples, "rss_growth_pct": None}
+                "error_examples": tally.error_examples, "rss_growth_pct": None, **thread}
+
+    async def _compute_thread(self) -> dict[str, float] | None:
+        """The compute thread's counters from the compute server's metrics, if the bench has them."""
+        if self.metrics_url is None:
+            return None
+        return await asyncio.to_thread(compute_thread_counters, self.metrics_url)
 
     async def _sample(self, watched: list[ProcessSamples], start: float) -> None:
         while watched:
@@ -269,6 +282,39 @@ class LoadGenerator:
         return results
 
 
+THREAD_COUNTERS = {"ckv_compute_thread_busy_seconds_total": "busy_s", "ckv_compute_thread_ops_total": "ops",
+                   'ckv_compute_thread_passes_total{batched="true"}': "batched",
+                   'ckv_compute_thread_passes_total{batched="false"}': "alone"}
+
+
+def compute_thread_counters(url: str) -> dict[str, float]:
+    """The compute thread's cumulative counters (``busy_s``, ``ops``, ``batched``, ``alone``) from a
+    compute server's Prometheus text."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in THREAD_COUNTERS:
+            out[THREAD_COUNTERS[name]] = float(value)
+    return out
+
+
+def _thread_use(before: dict[str, float] | None, after: dict[str, float] | None, seconds: float) -> Json:
+    """Row fields from the compute thread's counters over a level: the fraction of the level's time
+    it ran model ops (``compute_busy_fraction``, near 1: the model's own work limits throughput) and
+    requests per pass (``ops_per_pass``, 1: no pass was shared)."""
+    if before is None or after is None or seconds <= 0:
+        return {"compute_busy_fraction": None, "ops_per_pass": None}
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in THREAD_COUNTERS.values()}
+    passes = d["batched"] + d["alone"]
+    return {"compute_busy_fraction": d["busy_s"] / seconds, "ops_per_pass": d["ops"] / passes if passes else None}
+
+
+def _metrics_url(compute: launch.ServiceProcess) -> str | None:
+    found = re.search(r"metrics on (http://[^\s]+/metrics)", compute.log_tail(400))
+    return found.group(1) if found else None
+
+
 def _start_cache(root: Path, stack: contextlib.ExitStack) -> launch.ServiceProcess:
     cache = launch.cache_server(root / "store", log_path=root / "cache.log")
     stack.callback(cache.stop)
@@ -288,6 +334,7 @@ def _start_compute(args: argparse.Namespace, root: Path, cache: launch.ServicePr
                                     "--max-streams-per-client", str(max(64, clients)),
                                     "--max-batch", str(max_batch),
                                     "--max-active-requests", str(args.max_active_requests),
+                                    *(("--metrics-port", "0") if importlib.util.find_spec("prometheus_client") else ()),
                                     log_path=root / f"compute-b{max_batch}.log")
     stack.callback(compute.stop)
     _progress(f"starting compute server ({args.model}, max_batch {max_batch}) ...")
@@ -297,20 +344,25 @@ def _start_compute(args: argparse.Namespace, root: Path, cache: launch.ServicePr
 
 def _print(results: list[Json]) -> None:
     print(f"{'batch':>5}{'clients':>8}{'requests':>10}{'rps':>9}{'TTFT p50':>10}{'p95':>9}{'p99':>9}"
-          f"{'peak RSS':>10}  errors")
+          f"{'peak RSS':>10}{'busy':>6}{'ops/pass':>9}  errors")
     for r in results:
         ms = [f"{v:>9.1f}" if v is not None else f"{'-':>9}" for v in
               (r["ttft_ms_p50"], r["ttft_ms_p95"], r["ttft_ms_p99"])]
         errors = ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0"
         rss = (r.get("peak_rss_mb") or {}).get("compute")
         print(f"{r['max_batch'] if r['max_batch'] is not None else '-':>5}{r['concurrency']:>8}{r['requests']:>10}"
-              f"{r['rps']:>9.1f} {ms[0]}{ms[1]}{ms[2]}{'-' if rss is None else round(rss):>10}  {errors}")
+              f"{r['rps']:>9.1f} {ms[0]}{ms[1]}{ms[2]}{'-' if rss is None else round(rss):>10}"
+              f"{_fmt(r.get('compute_busy_fraction'), '.0%'):>6}{_fmt(r.get('ops_per_pass'), '.1f'):>9}  {errors}")
         for p in r.get("processes", []):
             if p["rss_growth_pct"] is not None:
                 print(f"  {p['name']} (pid {p['pid']}): RSS {p['rss_mb_warm']:.1f} -> {p['rss_mb_end']:.1f} MiB "
                       f"({p['rss_growth_pct']:+.2f} %), fds {p['fds_warm']} -> {p['fds_end']}, "
                       f"{p['samples']} samples")
     _print_ratios(results)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _print_ratios(results: list[Json]) -> None:
@@ -345,7 +397,8 @@ def run(args: argparse.Namespace) -> int:
                 with contextlib.ExitStack() as per_run:
                     compute = _start_compute(args, root, cache, max_batch, per_run)
                     watched = [ProcessSamples("cache", cache.proc.pid), ProcessSamples("compute", compute.proc.pid)]
-                    results += asyncio.run(LoadGenerator(args, compute.address, max_batch).run(watched))
+                    results += asyncio.run(LoadGenerator(args, compute.address, max_batch,
+                                                         _metrics_url(compute)).run(watched))
     _print(results)
     if args.json_path:
         config = {k: getattr(args, k) for k in CONFIG_KEYS}
