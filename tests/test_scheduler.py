@@ -71,3 +71,29 @@ def test_embeddings_batch_and_max_batch_one_turns_batching_off(runner: ModelRunn
             scheduler.close()
         for i, g in zip(ids, got):
             assert torch.equal(g, runner.embed(i))
+
+
+def test_ops_queued_before_close_still_run_and_later_ones_fail(runner: ModelRunner) -> None:
+    scheduler = LayerScheduler(runner, max_batch=4)
+    release = threading.Event()
+    held = threading.Thread(target=scheduler.call, args=(release.wait,))
+    held.start()
+    results: dict[str, object] = {}
+
+    def before() -> None:
+        results["before"] = scheduler.embed(torch.tensor([3]))
+
+    t = threading.Thread(target=before)
+    t.start()
+    while scheduler._queue.qsize() < 1:
+        time.sleep(0.002)
+    closer = threading.Thread(target=scheduler.close)
+    closer.start()
+    while not scheduler._closed:
+        time.sleep(0.002)
+    release.set()
+    for x in (held, t, closer):
+        x.join(10)
+    assert torch.equal(results["before"], runner.embed(torch.tensor([3])))
+    with pytest.raises(RuntimeError, match="stopped"):
+        scheduler.embed(torch.tensor([3]))
