@@ -357,6 +357,9 @@ async def _feed(request_iterator: AsyncIterator[pb.FetchRequest], session: Fetch
             if kind == "read":
                 r = request.read
                 session.submit(r.tag, r.region, r.indices, r.priority)
+            elif kind == "reads":
+                for r in request.reads.reads:
+                    session.submit(r.tag, r.region, r.indices, r.priority)
             elif kind == "cancel":
                 session.cancel(request.cancel.tags)
             else:

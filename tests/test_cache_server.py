@@ -178,6 +178,29 @@ async def test_cancel_drops_unserved_records(stub: cache_pb2_grpc.CacheServiceSt
     assert await call.code() == grpc.StatusCode.OK
 
 
+async def test_several_reads_in_one_message_are_served_and_cancelled_each_alone(
+        stub: cache_pb2_grpc.CacheServiceStub) -> None:
+    records = records_of([("a", 300, 4096), ("b", 3, 1000)], seed=4)
+    await put(stub, put_requests("reads", "l", records, chunk=100))
+    call = stub.Fetch(timeout=30)
+    await call.write(open_("reads", max_batch_bytes=4096))
+    await call.write(pb.FetchRequest(reads=pb.FetchReads(reads=[
+        pb.FetchRead(tag=1, region="a", indices=range(300)),
+        pb.FetchRead(tag=2, region="b", indices=[2, 0]),
+        pb.FetchRead(tag=3, region="a", indices=[7], priority=-1)])))
+    first = await call.read()
+    assert first.tag == 3 and list(first.indices) == [7] and first.done  # priorities hold across one message
+    await call.write(pb.FetchRequest(cancel=pb.FetchCancel(tags=[1])))  # tag 1 alone
+    await call.done_writing()
+    rest = await read_all(call)
+    tag1 = [r for r in rest if r.tag == 1]
+    assert tag1[-1].done and tag1[-1].cancelled and len(tag1) < 300
+    tag2 = [r for r in rest if r.tag == 2]
+    assert [i for r in tag2 for i in r.indices] == [2, 0] and tag2[-1].done and not tag2[-1].cancelled
+    assert b"".join(r.data for r in tag2) == records["b"][2] + records["b"][0]
+    assert await call.code() == grpc.StatusCode.OK
+
+
 async def test_slow_consumer_does_not_make_the_server_read_ahead(
     stub: cache_pb2_grpc.CacheServiceStub,
 ) -> None:

@@ -48,6 +48,7 @@ class Plan:
     stream_code: str = "UNAVAILABLE"
     asked: list[tuple[int, list[int]]] = field(default_factory=list)  # (tag, indices) of every read received
     sent: int = 0  # records delivered
+    messages: int = 0  # read messages received (several reads may come in one)
 
 
 class FakeStream:
@@ -60,9 +61,18 @@ class FakeStream:
         self.closed = False
 
     async def read(self, tag: int, region: str, indices: Sequence[int], priority: int = 0) -> None:
+        self.plan.messages += 1
+        self._queue_read(tag, region, indices)
+
+    def _queue_read(self, tag: int, region: str, indices: Sequence[int]) -> None:
         self.plan.asked.append((tag, list(indices)))
         self._queue.append((tag, region, list(indices)))
         self._wake.set()
+
+    async def read_many(self, reads: Sequence[tuple[int, str, Sequence[int], int]]) -> None:
+        self.plan.messages += 1
+        for tag, region, indices, _ in reads:
+            self._queue_read(tag, region, indices)
 
     async def cancel(self, tags: Sequence[int]) -> None:
         self._cancelled.update(tags)
@@ -171,6 +181,8 @@ def test_no_failure_reads_the_first_replica_only() -> None:
     loader = asyncio.run(load_everything(plans))
     assert loader.failovers == [] and plans["b"].asked == []
     assert loader.kv_records_received == LAYOUT.num_chunks * 4
+    # the reads started together (per region, then one per chunk) went out in one message
+    assert len(plans["a"].asked) > LAYOUT.num_chunks and plans["a"].messages == 1
 
 
 @pytest.mark.parametrize("staged", [False, True])

@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from contiguouskv.common.fetch_wire import FetchBatch
-from contiguouskv.compute_server.cachenet.record_stream import RecordStream
+from contiguouskv.compute_server.cachenet.record_stream import ReadSpec, RecordStream
 from contiguouskv.compute_server.errors import ComputeError
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,9 @@ class ReplicaStream:
     # --- FetchStream interface ------------------------------------------------------------------
     async def read(self, tag: int, region: str, indices: Sequence[int], priority: int = 0) -> None:
         await self._stream().read(tag, region, indices, priority)
+
+    async def read_many(self, reads: Sequence[ReadSpec]) -> None:
+        await self._stream().read_many(reads)
 
     async def cancel(self, tags: Sequence[int]) -> None:
         await self._stream().cancel(tags)

@@ -48,6 +48,7 @@ from typing import cast
 
 from contiguouskv.common.fetch_wire import FetchBatch
 from contiguouskv.compute_server.cachenet.failover import Connect, ReplicaStream
+from contiguouskv.compute_server.cachenet.record_stream import ReadSpec
 from contiguouskv.compute_server.errors import ComputeError
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,17 @@ class MultiStream:
         self._routes[tag] = _Route(lane, len(indices))
         self._load[lane] += len(indices)
         await self._streams[lane].read(tag, region, indices, priority)
+
+    async def read_many(self, reads: Sequence[ReadSpec]) -> None:
+        """Each read to the least loaded substream as :meth:`read` does; one message per substream."""
+        lanes: dict[int, list[ReadSpec]] = {}
+        for tag, region, indices, priority in reads:
+            lane = min(range(len(self._streams)), key=self._load.__getitem__)
+            self._routes[tag] = _Route(lane, len(indices))
+            self._load[lane] += len(indices)
+            lanes.setdefault(lane, []).append((tag, region, indices, priority))
+        for lane, lane_reads in sorted(lanes.items()):
+            await self._streams[lane].read_many(lane_reads)
 
     async def cancel(self, tags: Sequence[int]) -> None:
         """Send each tag's cancel to the substream that owns it; tags already done are dropped."""

@@ -26,6 +26,10 @@ def cache_error(address: str, err: grpc.aio.AioRpcError) -> ComputeError:
     return ComputeError(f"cache server {address}: {err.details()}", code=code)
 
 
+ReadSpec = tuple[int, str, Sequence[int], int]
+"""One read: ``(tag, region, indices, priority)``."""
+
+
 class FetchStream(Protocol):
     """What the loader needs of a Fetch stream; all methods run on the event loop."""
 
@@ -35,6 +39,10 @@ class FetchStream(Protocol):
         ...
 
     async def read(self, tag: int, region: str, indices: Sequence[int], priority: int = 0) -> None: ...
+
+    async def read_many(self, reads: Sequence[ReadSpec]) -> None:
+        """Several reads, in order, each as :meth:`read` would send it."""
+        ...
 
     async def cancel(self, tags: Sequence[int]) -> None: ...
 
@@ -89,6 +97,15 @@ class RecordStream:
     async def read(self, tag: int, region: str, indices: Sequence[int], priority: int = 0) -> None:
         await self._write(cache_pb2.FetchRequest(
             read=cache_pb2.FetchRead(tag=tag, region=region, indices=indices, priority=priority)))
+
+    async def read_many(self, reads: Sequence[ReadSpec]) -> None:
+        """One message for all of ``reads`` (``FetchReads``): one write, not one per read."""
+        if len(reads) == 1:
+            await self.read(*reads[0])
+        elif reads:
+            await self._write(cache_pb2.FetchRequest(reads=cache_pb2.FetchReads(reads=[
+                cache_pb2.FetchRead(tag=tag, region=region, indices=indices, priority=priority)
+                for tag, region, indices, priority in reads])))
 
     async def cancel(self, tags: Sequence[int]) -> None:
         await self._write(cache_pb2.FetchRequest(cancel=cache_pb2.FetchCancel(tags=tags)))

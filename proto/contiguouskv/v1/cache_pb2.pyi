@@ -346,6 +346,31 @@ class FetchRead(_message.Message):
 Global___FetchRead: _TypeAlias = FetchRead  # noqa: Y015
 
 @_typing.final
+class FetchReads(_message.Message):
+    """FetchReads is several reads in one message, each as if sent alone in this order (its own tag,
+    cancellable alone): a client with many small reads at once (one per chunk and sub-period) sends
+    them with one write instead of one each.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    READS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reads(self) -> _containers.RepeatedCompositeFieldContainer[Global___FetchRead]: ...
+    def __init__(
+        self,
+        *,
+        reads: _abc.Iterable[Global___FetchRead] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reads", b"reads"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchReads: _TypeAlias = FetchReads  # noqa: Y015
+
+@_typing.final
 class FetchCancel(_message.Message):
     """FetchCancel drops the not-yet-served parts of the requests with these tags."""
 
@@ -376,24 +401,28 @@ class FetchRequest(_message.Message):
     OPEN_FIELD_NUMBER: _builtins.int
     READ_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    READS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def open(self) -> Global___FetchOpen: ...
     @_builtins.property
     def read(self) -> Global___FetchRead: ...
     @_builtins.property
     def cancel(self) -> Global___FetchCancel: ...
+    @_builtins.property
+    def reads(self) -> Global___FetchReads: ...
     def __init__(
         self,
         *,
         open: Global___FetchOpen | None = ...,
         read: Global___FetchRead | None = ...,
         cancel: Global___FetchCancel | None = ...,
+        reads: Global___FetchReads | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "kind", b"kind", "open", b"open", "read", b"read"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "kind", b"kind", "open", b"open", "read", b"read", "reads", b"reads"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "kind", b"kind", "open", b"open", "read", b"read"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "kind", b"kind", "open", b"open", "read", b"read", "reads", b"reads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "read", "cancel"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "read", "cancel", "reads"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
