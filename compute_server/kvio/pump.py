@@ -173,16 +173,21 @@ class FetchPump:
                 items = [await self._outbox.get()]
                 while not self._outbox.empty():
                     items.append(self._outbox.get_nowait())
-                reads: list[ReadSpec] = []
+                # Into the ledger first, all of them: should a write below break the stream, the
+                # fail-over sends again every read taken from the outbox here (and no cancelled one).
                 for item in items:
                     if isinstance(item, _ReadRequest):
                         self._ledger.sent(item.tag, item.region, item.indices, item.priority)
+                    else:
+                        self._ledger.cancelled(item.tags)
+                reads: list[ReadSpec] = []
+                for item in items:
+                    if isinstance(item, _ReadRequest):
                         reads.append((item.tag, item.region, item.indices, item.priority))
                         continue
                     if reads:  # a cancel goes after the reads queued before it
                         await self._stream.read_many(reads)
                         reads = []
-                    self._ledger.cancelled(item.tags)
                     await self._stream.cancel(item.tags)
                 if reads:
                     await self._stream.read_many(reads)
