@@ -49,6 +49,7 @@ class Plan:
     asked: list[tuple[int, list[int]]] = field(default_factory=list)  # (tag, indices) of every read received
     sent: int = 0  # records delivered
     messages: int = 0  # read messages received (several reads may come in one)
+    break_on_write: bool = False  # the first message of several reads breaks the stream after its first read
 
 
 class FakeStream:
@@ -58,6 +59,7 @@ class FakeStream:
         self._queue: list[tuple[int, str, list[int]]] = []
         self._cancelled: set[int] = set()
         self._wake = asyncio.Event()
+        self._broken = False
         self.closed = False
 
     async def read(self, tag: int, region: str, indices: Sequence[int], priority: int = 0) -> None:
@@ -71,6 +73,10 @@ class FakeStream:
 
     async def read_many(self, reads: Sequence[tuple[int, str, Sequence[int], int]]) -> None:
         self.plan.messages += 1
+        if self.plan.break_on_write and not self._broken and len(reads) > 1:
+            self._broken = True
+            self._queue_read(*reads[0][:3])
+            raise ComputeError(f"cache server {self.address}: Socket closed", code="UNAVAILABLE")
         for tag, region, indices, _ in reads:
             self._queue_read(tag, region, indices)
 
@@ -84,6 +90,8 @@ class FakeStream:
             while not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
+            if self._broken:
+                raise ComputeError(f"cache server {self.address}: Socket closed", code="UNAVAILABLE")
             tag, region, indices = self._queue.pop(0)
             if tag in self._cancelled:
                 yield FetchBatch(tag, region, [], memoryview(b""), True, True, 0, "")
@@ -196,6 +204,13 @@ def test_a_stream_broken_mid_request_continues_on_the_next_replica(break_after: 
     assert plans["a"].sent + plans["b"].sent == total
     assert sum(len(i) for _, i in plans["b"].asked) == total - plans["a"].sent
     assert loader.kv_records_received == LAYOUT.num_chunks * 4
+
+
+@pytest.mark.parametrize("cancel_last", [False, True])
+def test_a_stream_broken_while_sending_reads_sends_all_of_them_to_the_next_replica(cancel_last: bool) -> None:
+    plans = {"a": Plan(break_on_write=True), "b": Plan()}
+    loader = asyncio.run(load_everything(plans, cancel_last=cancel_last))  # checks every record's bytes
+    assert loader.failovers == ["a -> b"] and plans["a"].sent == 0
 
 
 def test_failover_skips_a_refusing_replica_and_survives_two_breaks() -> None:
