@@ -121,10 +121,7 @@ class MultiStream:
     # --- FetchStream interface ------------------------------------------------------------------
     async def read(self, tag: int, region: str, indices: Sequence[int], priority: int = 0) -> None:
         """Send the whole read on the least loaded substream and remember it there until done."""
-        lane = min(range(len(self._streams)), key=self._load.__getitem__)
-        self._routes[tag] = _Route(lane, len(indices))
-        self._load[lane] += len(indices)
-        await self._streams[lane].read(tag, region, indices, priority)
+        await self.read_many([(tag, region, indices, priority)])
 
     async def read_many(self, reads: Sequence[ReadSpec]) -> None:
         """Each read to the least loaded substream as :meth:`read` does; one message per substream."""

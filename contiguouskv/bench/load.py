@@ -282,20 +282,24 @@ class LoadGenerator:
         return results
 
 
-THREAD_COUNTERS = {"ckv_compute_thread_busy_seconds_total": "busy_s", "ckv_compute_thread_ops_total": "ops",
-                   'ckv_compute_thread_passes_total{batched="true"}': "batched",
-                   'ckv_compute_thread_passes_total{batched="false"}': "alone"}
+THREAD_COUNTERS = {("ckv_compute_thread_busy_seconds_total", ""): "busy_s", ("ckv_compute_thread_ops_total", ""): "ops",
+                   ("ckv_compute_thread_passes_total", "true"): "batched",
+                   ("ckv_compute_thread_passes_total", "false"): "alone"}
 
 
 def compute_thread_counters(url: str) -> dict[str, float]:
     """The compute thread's cumulative counters (``busy_s``, ``ops``, ``batched``, ``alone``) from a
-    compute server's Prometheus text."""
+    compute server's Prometheus endpoint (only called when the bench started it with metrics, so
+    prometheus-client is installed)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     out = {}
-    for line in text.splitlines():
-        name, _, value = line.rpartition(" ")
-        if name in THREAD_COUNTERS:
-            out[THREAD_COUNTERS[name]] = float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = THREAD_COUNTERS.get((sample.name, sample.labels.get("batched", "")))
+            if key is not None:
+                out[key] = float(sample.value)
     return out
 
 

@@ -141,13 +141,13 @@ def _stand_in(values: object, keep: object, n: int, c: int) -> object:
     by the mean value of its chunk (per KV head); kept and query tokens unchanged (a copy)."""
     import torch  # optional: the compute extra
 
+    from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout  # optional: the compute extra
+    from contiguouskv.compute_server.layouts.contiguous_codec import chunk_digest  # optional: the compute extra
+
     kvh, _, d = values.shape  # type: ignore[attr-defined]
-    m = -(-n // c)
-    prefix = values[:, :n].float()  # type: ignore[index]
-    sums = torch.nn.functional.pad(prefix, (0, 0, 0, m * c - n)).view(kvh, m, c, d).sum(dim=2)
-    sizes = torch.full((m,), float(c))
-    sizes[-1] = n - (m - 1) * c
-    means = (sums / sizes[None, :, None]).repeat_interleave(c, dim=1)[:, :n].to(values.dtype)  # type: ignore[attr-defined]
+    layout = ContiguousLayout(n, 1, kvh, d, "float32", chunk_size=c)
+    means = chunk_digest(layout, values[:, :n]).transpose(0, 1)  # type: ignore[index]  # [kv_heads, m, d]
+    means = means.repeat_interleave(c, dim=1)[:, :n].to(values.dtype)  # type: ignore[attr-defined]
     out = values.clone()  # type: ignore[attr-defined]
     out[:, :n] = torch.where(keep[:, :, None], values[:, :n], means)  # type: ignore[index]
     return out
