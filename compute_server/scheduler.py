@@ -10,12 +10,14 @@ on records without holding anyone up. Each model stage they need is an *op* queu
 - ``logits(hidden)``: final norm and lm_head of the given rows (the last position's, for a token);
 - ``call(fn, ...)``: anything else, alone (a whole prefill).
 
-The compute thread takes every queued op, groups ``project`` and ``finish`` ops of one layer (and
-``embed`` and ``logits`` ops) and runs each group as one pass over the requests' tokens
-concatenated (at most ``max_batch`` requests per pass; 1 turns batching off), so the weights of a
-layer are read once for all of them. The lm_head is the largest single weight of a small model
-(Qwen2.5-0.5B: 136M of its 494M parameters), read once per token of every request: batched, once
-per pass. Every op of the model's projections, MLP and head is per token, so a batched pass gives
+The compute thread groups the queued ``project`` and ``finish`` ops of one layer (and ``embed``
+and ``logits`` ops) and runs a group as one pass over the requests' tokens concatenated (at most
+``max_batch`` requests per pass; 1 turns batching off), so the weights of a layer are read once for
+all of them. Which group runs next decides how full the passes are: a full group first, else the one
+furthest behind in the model, so that requests which started apart catch up with each other and
+then share passes, and under load move in waves that take turns (``_run_next``).
+The lm_head is the largest single weight of a small model (Qwen2.5-0.5B: 136M of its 494M
+parameters), read once per token of every request: batched, once per pass. Every op of the model's projections, MLP and head is per token, so a batched pass gives
 each request what it gets alone, up to floating-point summation order.
 """
 
@@ -45,6 +47,23 @@ class _Op:
     layer: int
     args: tuple[Any, ...]
     future: Future[Any] = field(default_factory=Future)
+    queued_at: float = field(default_factory=time.monotonic)
+    thread: int = field(default_factory=threading.get_ident)  # the request's thread
+
+
+_STAGE = {"embed": 0, "project": 1, "finish": 2}  # within a layer; logits come after the last layer
+
+
+def _group(op: _Op) -> tuple[tuple[int, int], tuple[str, int] | int]:
+    """``(stage, key)``: ops of one key run in one pass; lower stages run first. A ``call`` (a whole
+    prefill) is a group of its own and goes first."""
+    if op.kind == "call":
+        return (-1, 0), id(op)
+    if op.kind == "embed":
+        return (-1, 1), ("embed", -1)
+    if op.kind == "logits":
+        return (1 << 30, 0), ("logits", -1)
+    return (op.layer, _STAGE[op.kind]), (op.kind, op.layer)
 
 
 @dataclass
@@ -62,6 +81,10 @@ class SchedulerStats:
 class LayerScheduler:
     """Runs model ops on one thread; see the module docstring. ``close`` stops it."""
 
+    _STARVE_S = 2.0  # an op waiting this long runs next, whatever its stage
+    _GATHER_S = 0.01  # the longest a pass waits for a request due in it (see _run_next)
+    _EXPECT_S = 0.05  # a request not back with its next op this long after its last is not waited for
+
     def __init__(self, runner: ModelRunner, max_batch: int = 16) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -70,6 +93,8 @@ class LayerScheduler:
         self.stats = SchedulerStats()
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._closed = False
+        self._closing = False  # the compute thread has seen close()'s marker
+        self._expected: dict[int, float] = {}  # thread -> when its last op ran (its next is due)
         self._thread = threading.Thread(target=self._loop, name="compute", daemon=True)
         self._thread.start()
 
@@ -119,35 +144,112 @@ class LayerScheduler:
 
     # --- the compute thread ----------------------------------------------------------------------
     def _loop(self) -> None:
+        pending: list[_Op] = []
         with torch.inference_mode():
             while True:
-                first = self._queue.get()
-                if first is None:
+                if not pending and not self._take(pending, block=True):
                     return
-                ops = [first]
-                while True:  # everything queued now is one round
-                    try:
-                        op = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if op is None:
-                        self._run_round(ops)
-                        return  # close() fails whatever was queued after
-                    ops.append(op)
-                self._run_round(ops)
+                self._take(pending)
+                if self._closing:  # close() fails whatever was queued after
+                    while pending:
+                        pending = self._run_next(pending)
+                    return
+                pending = self._run_next(pending)
 
-    def _run_round(self, ops: list[_Op]) -> None:
-        groups: dict[tuple[str, int], list[_Op]] = {}
+    def _take(self, pending: list[_Op], block: bool = False, timeout: float | None = None) -> bool:
+        """Move queued ops to ``pending`` until the queue is empty (the first wait blocks, up to
+        ``timeout``, when ``block``) or the close marker comes; False when nothing came."""
+        came = False
+        while not self._closing:
+            try:
+                op = self._queue.get(block, timeout) if block else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            block = False
+            if op is None:
+                self._closing = True
+                break
+            came = True
+            self._expected.pop(op.thread, None)
+            pending.append(op)
+        return came
+
+    def _choose(self, pending: list[_Op]) -> tuple[tuple[int, int], tuple[str, int] | int]:
+        """The group to run next (see :meth:`_run_next`)."""
+        oldest = min(pending, key=lambda op: op.queued_at)
+        if time.monotonic() - oldest.queued_at >= self._STARVE_S:
+            return _group(oldest)
+        count: dict[tuple[tuple[int, int], tuple[str, int] | int], int] = {}
+        since: dict[tuple[tuple[int, int], tuple[str, int] | int], float] = {}
+        for op in pending:
+            key = _group(op)
+            count[key] = count.get(key, 0) + 1
+            since[key] = min(since.get(key, op.queued_at), op.queued_at)
+        full = [key for key, n in count.items() if n >= self.max_batch]
+        if full:
+            return min(full, key=since.__getitem__)
+        return min(count, key=lambda g: g[0])
+
+    def _run_next(self, pending: list[_Op]) -> list[_Op]:
+        """Run one pass; the ops left for later.
+
+        - A full group (``max_batch`` ops of one stage) runs first, the one waiting longest first.
+          Under load, requests move in waves of ``max_batch``: while one wave runs its layers, the
+          requests that arrive meanwhile gather at their first stage into the next wave, and the
+          waves take turns. (With ``max_batch`` 1 every op is a full group: first come, first served.)
+        - Else the group furthest behind in the model runs (laggards first): a request behind the
+          others runs its layers, alone or with those as far behind, until it reaches the stage
+          where the others wait, and from there moves with them in one pass. First come first
+          served would run every op as it came, so requests that started at different times stay at
+          different layers and few share a pass.
+        - An op that has waited ``_STARVE_S`` runs next whatever its stage, so that no rule above
+          holds a request back for long.
+
+        Before choosing, unless a full group waits, the compute thread waits up to ``_GATHER_S`` for
+        the requests whose op has just run to submit their next one: their threads need a moment (a
+        wake-up, the GIL, the layer's records), and without the wait a wave splits into a pass of
+        the quick ones and a pass of the rest."""
+        deadline = time.monotonic() + self._GATHER_S
+        while not self._closing and self._due() and not self._full_group(pending):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._take(pending, block=True, timeout=left)
+        key = self._choose(pending)
+        group = [op for op in pending if _group(op) == key][: self.max_batch]
+        chosen = {id(op) for op in group}
+        run = {"call": self._call, "project": self._project, "finish": self._finish, "embed": self._embed,
+               "logits": self._logits}[group[0].kind]
+        self._run(group, run)
+        return [op for op in pending if id(op) not in chosen]
+
+    def _full_group(self, pending: list[_Op]) -> bool:
+        count: dict[tuple[tuple[int, int], tuple[str, int] | int], int] = {}
+        for op in pending:
+            key = _group(op)
+            count[key] = count.get(key, 0) + 1
+            if count[key] >= self.max_batch:
+                return True
+        return False
+
+    def _due(self) -> bool:
+        """Whether a request whose op ran moments ago (``_EXPECT_S``) is still to submit its next op.
+        Forgets requests that did not come back in time."""
+        now = time.monotonic()
+        for thread, since in list(self._expected.items()):
+            if now - since > self._EXPECT_S:
+                del self._expected[thread]
+        return bool(self._expected)
+
+    def _expect_next(self, ops: list[_Op]) -> None:
+        """Note that each request of the pass will submit its next op soon (all but the last op of a
+        request: its logits, or a lone call)."""
+        if self.max_batch == 1:
+            return
+        now = time.monotonic()
         for op in ops:
-            if op.kind == "call":
-                self._run([op], self._call)
-            else:
-                groups.setdefault((op.kind, op.layer), []).append(op)
-        for (kind, _), group in groups.items():
-            run = {"project": self._project, "finish": self._finish, "embed": self._embed,
-                   "logits": self._logits}[kind]
-            for start in range(0, len(group), self.max_batch):
-                self._run(group[start : start + self.max_batch], run)
+            if op.kind in ("embed", "project", "finish"):
+                self._expected[op.thread] = now
 
     def _run(self, ops: list[_Op], run: Callable[[list[_Op]], list[Any]]) -> None:
         live = [op for op in ops if op.future.set_running_or_notify_cancel()]
@@ -168,6 +270,7 @@ class LayerScheduler:
             return
         finally:
             s.busy_s += time.perf_counter() - started
+        self._expect_next(live)
         for op, result in zip(live, results):
             op.future.set_result(result)
 

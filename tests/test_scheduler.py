@@ -12,7 +12,7 @@ import torch
 from contiguouskv.compute_server.config import default_cache_dir
 from contiguouskv.compute_server.model.loading import load_model
 from contiguouskv.compute_server.model.runner import ModelRunner
-from contiguouskv.compute_server.scheduler import LayerScheduler
+from contiguouskv.compute_server.scheduler import LayerScheduler, _Op
 
 
 @pytest.fixture(scope="module")
@@ -23,24 +23,32 @@ def runner() -> ModelRunner:
 def _queued_together(scheduler: LayerScheduler, submit: list, ops: int) -> list:
     """Run ``submit`` (callables returning a result) from threads while the compute thread is held
     busy, so that all of them wait in its queue at once, then let it go; their results in order."""
-    release = threading.Event()
-    held = threading.Thread(target=scheduler.call, args=(release.wait,))
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        release.wait(30)
+
+    held = threading.Thread(target=scheduler.call, args=(hold,), daemon=True)
     held.start()
+    assert entered.wait(10)  # the compute thread is inside the call: what comes now stays queued
     results: list = [None] * len(submit)
 
     def one(k: int) -> None:
         results[k] = submit[k]()
 
-    threads = [threading.Thread(target=one, args=(k,)) for k in range(len(submit))]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 10
-    while scheduler._queue.qsize() < ops and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert scheduler._queue.qsize() == ops
-    release.set()
-    for t in [held, *threads]:
-        t.join(10)
+    threads = [threading.Thread(target=one, args=(k,), daemon=True) for k in range(len(submit))]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while scheduler._queue.qsize() < ops and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert scheduler._queue.qsize() == ops
+    finally:
+        release.set()
+        for t in [held, *threads]:
+            t.join(10)
     return results
 
 
@@ -75,9 +83,15 @@ def test_embeddings_batch_and_max_batch_one_turns_batching_off(runner: ModelRunn
 
 def test_ops_queued_before_close_still_run_and_later_ones_fail(runner: ModelRunner) -> None:
     scheduler = LayerScheduler(runner, max_batch=4)
-    release = threading.Event()
-    held = threading.Thread(target=scheduler.call, args=(release.wait,))
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        release.wait(30)
+
+    held = threading.Thread(target=scheduler.call, args=(hold,), daemon=True)
     held.start()
+    assert entered.wait(10)
     results: dict[str, object] = {}
 
     def before() -> None:
@@ -85,7 +99,8 @@ def test_ops_queued_before_close_still_run_and_later_ones_fail(runner: ModelRunn
 
     t = threading.Thread(target=before)
     t.start()
-    while scheduler._queue.qsize() < 1:
+    deadline = time.monotonic() + 10
+    while scheduler._queue.qsize() < 1 and time.monotonic() < deadline:
         time.sleep(0.002)
     closer = threading.Thread(target=scheduler.close)
     closer.start()
@@ -97,3 +112,100 @@ def test_ops_queued_before_close_still_run_and_later_ones_fail(runner: ModelRunn
     assert torch.equal(results["before"], runner.embed(torch.tensor([3])))
     with pytest.raises(RuntimeError, match="stopped"):
         scheduler.embed(torch.tensor([3]))
+
+
+def _op(kind: str, layer: int, age: float = 0.0) -> _Op:
+    return _Op(kind, layer, (), queued_at=time.monotonic() - age)
+
+
+def test_the_group_furthest_behind_runs_first_while_no_group_is_full(runner: ModelRunner) -> None:
+    scheduler = LayerScheduler(runner, max_batch=4)
+    try:
+        pending = [_op("finish", 1, 0.3), _op("project", 1, 0.2), _op("logits", -1, 0.1), _op("finish", 0)]
+        assert scheduler._choose(pending)[1] == ("finish", 0)
+        assert scheduler._choose([*pending, _op("embed", -1)])[1] == ("embed", -1)
+        assert scheduler._choose(pending[:3])[1] == ("project", 1)
+    finally:
+        scheduler.close()
+
+
+def test_a_full_group_runs_first_and_of_two_the_one_waiting_longer(runner: ModelRunner) -> None:
+    scheduler = LayerScheduler(runner, max_batch=2)
+    try:
+        wave_a = [_op("finish", 5, 0.2), _op("finish", 5, 0.2)]
+        wave_b = [_op("project", 0, 0.3), _op("project", 0, 0.1)]
+        assert scheduler._choose([_op("embed", -1), *wave_a])[1] == ("finish", 5)  # full beats behind
+        assert scheduler._choose([_op("embed", -1), *wave_a, *wave_b])[1] == ("project", 0)  # older
+        assert scheduler._choose([*wave_a, _op("embed", -1), *wave_b[1:]])[1] == ("finish", 5)
+    finally:
+        scheduler.close()
+
+
+def test_an_op_waiting_too_long_runs_next_and_max_batch_one_is_first_come_first_served(runner: ModelRunner) -> None:
+    scheduler = LayerScheduler(runner, max_batch=4)
+    try:
+        starving = _op("finish", 9, LayerScheduler._STARVE_S + 0.1)
+        assert scheduler._choose([_op("embed", -1), starving, _op("project", 0)])[1] == ("finish", 9)
+    finally:
+        scheduler.close()
+    scheduler = LayerScheduler(runner, max_batch=1)
+    try:
+        assert scheduler._choose([_op("finish", 3, 0.2), _op("embed", -1, 0.1)])[1] == ("finish", 3)
+    finally:
+        scheduler.close()
+
+
+class _Slowed:
+    """The real runner, each layer op taking ``delay`` seconds more: the compute thread is the
+    bottleneck, as under load."""
+
+    def __init__(self, runner: ModelRunner, delay: float) -> None:
+        self._runner, self._delay = runner, delay
+
+    def __getattr__(self, name: str):
+        return getattr(self._runner, name)
+
+    def project(self, *args):
+        time.sleep(self._delay)
+        return self._runner.project(*args)
+
+    def finish(self, *args):
+        time.sleep(self._delay)
+        return self._runner.finish(*args)
+
+
+def test_staggered_requests_join_one_pass_and_each_gets_what_it_gets_alone(runner: ModelRunner) -> None:
+    """Four requests start one after another, each a layer loop of project/finish ops as the engine
+    runs it; the later ones catch up (laggards first) and share passes with the first."""
+    gen = torch.Generator().manual_seed(1)
+    queries = [runner.embed(torch.randint(0, 512, (3,), generator=gen)) for _ in range(4)]
+
+    def loop(s: LayerScheduler, hidden: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(hidden.shape[0])
+        for layer in range(runner.num_layers):
+            q, k, v = s.project(layer, hidden, positions)
+            hidden = s.finish(layer, hidden, q, k, v, 0)
+        return s.logits(hidden[-1:])
+
+    one = LayerScheduler(runner, max_batch=1)
+    try:
+        alone = [loop(one, h) for h in queries]
+    finally:
+        one.close()
+    scheduler = LayerScheduler(_Slowed(runner, 0.01), max_batch=4)  # type: ignore[arg-type]
+    got: list = [None] * 4
+    try:
+        threads = [threading.Thread(target=lambda k=k: got.__setitem__(k, loop(scheduler, queries[k]))) for k in range(4)]
+        for t in threads:  # each starts while the ones before are a few layer ops in
+            t.start()
+            time.sleep(0.025)
+        for t in threads:
+            t.join(30)
+        stats = scheduler.stats
+    finally:
+        scheduler.close()
+    for a, g in zip(alone, got):
+        torch.testing.assert_close(g, a, rtol=1e-4, atol=1e-4)
+    passes_alone = 4 * (2 * runner.num_layers + 1)
+    assert stats.ops == passes_alone and stats.batched_passes > 0
+    assert stats.passes < passes_alone * 0.6, (stats.passes, passes_alone)
