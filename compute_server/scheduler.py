@@ -82,7 +82,7 @@ class LayerScheduler:
     """Runs model ops on one thread; see the module docstring. ``close`` stops it."""
 
     _STARVE_S = 2.0  # an op waiting this long runs next, whatever its stage
-    _GATHER_S = 0.01  # the longest a pass waits for a request due in it (see _run_next)
+    _GATHER_S = 0.01  # the longest the choice of a pass waits for requests due (see _run_next)
     _EXPECT_S = 0.05  # a request not back with its next op this long after its last is not waited for
 
     def __init__(self, runner: ModelRunner, max_batch: int = 16) -> None:
@@ -207,8 +207,11 @@ class LayerScheduler:
 
         Before choosing, unless a full group waits, the compute thread waits up to ``_GATHER_S`` for
         the requests whose op has just run to submit their next one: their threads need a moment (a
-        wake-up, the GIL, the layer's records), and without the wait a wave splits into a pass of
-        the quick ones and a pass of the rest."""
+        wake-up, the GIL, the layer's records). Without the wait a wave splits into a pass of the
+        quick ones and a pass of the rest, and new requests trickling in run in passes of one or
+        two while the wave they would soon join is not yet back. Waiting only for requests due at
+        the chosen stage or before it was tried: fewer requests per pass (11.4 against 13.8, in two
+        ``bench load`` runs, docs/benchmarks.md)."""
         deadline = time.monotonic() + self._GATHER_S
         while not self._closing and self._due() and not self._full_group(pending):
             left = deadline - time.monotonic()
