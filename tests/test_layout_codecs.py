@@ -8,6 +8,9 @@ records laid out exactly as a cache server would serve them (regions of fixed-si
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from contiguouskv.compute_server.layouts.base import KVGeometry, PrefilledPrefix
 from contiguouskv.compute_server.layouts.contiguous_codec import ContiguousCodec, chunk_digest
 from contiguouskv.compute_server.layouts.impress_codec import ImpressCodec
 from contiguouskv.compute_server.layouts.registry import LAYOUT_CODECS, build_codec, parse_codec
+from contiguouskv.compute_server.layouts.tensors import frombuffer
 from contiguouskv.compute_server.selection.importance import window_importance
 from contiguouskv.compute_server.workspace import Workspace
 
@@ -114,3 +118,20 @@ def test_codecs_by_kind_and_from_their_metadata() -> None:
         build_codec("quest", 100, geometry)
     with pytest.raises(ValueError, match="unsupported layout metadata"):
         parse_codec("impress", build_codec("contiguous", 100, geometry).to_metadata())
+
+
+def test_views_over_read_only_bytes_warn_nothing_and_leave_the_warning_filters_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's one read-only-buffer warning is spent at import; decoding a record neither warns
+    (``-W error`` in a fresh process) nor swaps the process's warning filters (not thread-safe)."""
+    code = ("import torch\n"
+            "from contiguouskv.compute_server.layouts.tensors import frombuffer\n"
+            "t = frombuffer(memoryview(bytes(range(8))), torch.uint8)\n"
+            "assert t.tolist() == list(range(8))\n")
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    swaps: list[object] = []
+    monkeypatch.setattr(warnings, "catch_warnings", lambda *a, **k: swaps.append(a) or pytest.fail("swapped"))
+    monkeypatch.setattr(warnings, "simplefilter", lambda *a, **k: swaps.append(a))
+    assert frombuffer(b"\0" * 16, torch.float32).shape == (4,)
+    assert swaps == []

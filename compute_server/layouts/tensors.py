@@ -38,8 +38,21 @@ def batches(region: str, record_size: int, data: memoryview, batch_bytes: int) -
         yield region, offset // record_size, data[offset : offset + step]
 
 
+def _spend_the_read_only_warning() -> None:
+    """torch warns once per process that a tensor over a read-only buffer could be written through
+    ("The given buffer is not writable"); views over received bytes are read-only and only read.
+    The warning is spent here, silenced, when the module is imported (one thread, under the import
+    lock), so that :func:`frombuffer` needs no ``warnings.catch_warnings`` per call: that cost
+    2.7 µs a record (its own and the 1.2 µs view's total was 3.8), and it swaps the process's
+    warning filters, which is not thread-safe while request threads and the event loop decode."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.frombuffer(b"\0\0\0\0", dtype=torch.uint8)
+
+
+_spend_the_read_only_warning()
+
+
 def frombuffer(payload: memoryview | bytes, dtype: torch.dtype) -> torch.Tensor:
     """A read-only tensor view over received bytes (never written: callers copy out of it)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": we only read
-        return torch.frombuffer(payload, dtype=dtype)
+    return torch.frombuffer(payload, dtype=dtype)
