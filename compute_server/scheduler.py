@@ -94,6 +94,7 @@ class LayerScheduler:
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._closed = False
         self._closing = False  # the compute thread has seen close()'s marker
+        self._pass_s = self._GATHER_S  # recent seconds per pass (bounds the wait for requests due)
         self._expected: dict[int, float] = {}  # thread -> when its last op ran (its next is due)
         self._thread = threading.Thread(target=self._loop, name="compute", daemon=True)
         self._thread.start()
@@ -205,14 +206,16 @@ class LayerScheduler:
         - An op that has waited ``_STARVE_S`` runs next whatever its stage, so that no rule above
           holds a request back for long.
 
-        Before choosing, unless a full group waits, the compute thread waits up to ``_GATHER_S`` for
-        the requests whose op has just run to submit their next one: their threads need a moment (a
-        wake-up, the GIL, the layer's records). Without the wait a wave splits into a pass of the
-        quick ones and a pass of the rest, and new requests trickling in run in passes of one or
-        two while the wave they would soon join is not yet back. Waiting only for requests due at
-        the chosen stage or before it was tried: fewer requests per pass (11.4 against 13.8, in two
+        Before choosing, unless a full group waits, the compute thread waits for the requests whose
+        op has just run to submit their next one: up to ``_GATHER_S``, and never longer than recent
+        passes took (a later pass of the late ones would cost about that; a small model's pass takes
+        far less than 10 ms). Their threads need a moment (a wake-up, the GIL, the layer's records).
+        Without the wait a wave splits into a pass of the quick ones and a pass of the rest, and new
+        requests trickling in run in passes of one or two while the wave they would soon join is not
+        yet back. Waiting only for requests due at the chosen stage or before it was tried: fewer
+        requests per pass (11.4 against 13.8, in two
         ``bench load`` runs, docs/benchmarks.md)."""
-        deadline = time.monotonic() + self._GATHER_S
+        deadline = time.monotonic() + min(self._GATHER_S, self._pass_s)
         while not self._closing and self._due() and not self._full_group(pending):
             left = deadline - time.monotonic()
             if left <= 0:
@@ -272,7 +275,9 @@ class LayerScheduler:
                 op.future.set_exception(exc)
             return
         finally:
-            s.busy_s += time.perf_counter() - started
+            took = time.perf_counter() - started
+            s.busy_s += took
+            self._pass_s += (took - self._pass_s) / 8  # a moving average of the last passes
         self._expect_next(live)
         for op, result in zip(live, results):
             op.future.set_result(result)

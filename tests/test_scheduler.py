@@ -209,3 +209,17 @@ def test_staggered_requests_join_one_pass_and_each_gets_what_it_gets_alone(runne
     passes_alone = 4 * (2 * runner.num_layers + 1)
     assert stats.ops == passes_alone and stats.batched_passes > 0
     assert stats.passes < passes_alone * 0.6, (stats.passes, passes_alone)
+
+
+def test_the_wait_for_requests_due_shrinks_to_what_passes_take(runner: ModelRunner) -> None:
+    """The wait before a choice is bounded by recent passes' time: on the tiny model (microseconds
+    a pass) it falls far below the 10 ms cap, so a request that went to wait for records does not
+    idle the compute thread longer than the pass it might save."""
+    scheduler = LayerScheduler(runner, max_batch=4)
+    try:
+        assert scheduler._pass_s == LayerScheduler._GATHER_S
+        for _ in range(40):
+            scheduler.embed(torch.tensor([1, 2]))
+        assert scheduler._pass_s < LayerScheduler._GATHER_S / 4
+    finally:
+        scheduler.close()
