@@ -31,7 +31,7 @@ from contiguouskv.cache_server.keys import ObjectKey
 from contiguouskv.cache_server.stats import Counters
 
 ObjectId = tuple[ObjectKey, float]  # (key, committed_at)
-RecordKey = tuple[ObjectId, str, int]
+RecordKey = tuple[int, str, int]  # (the object's number in this cache, region, index)
 MAX_TRACKED = 1 << 20  # records with stats but no cached bytes kept before the stats are reset
 
 
@@ -52,6 +52,12 @@ class DramCache:
         self._tokens = itertools.count()
         self._clock = itertools.count(1)
         self._used = 0
+        # Objects are numbered once per call, so that a record's key hashes in C: an ObjectKey
+        # hashes in Python (a dataclass), which twice per record cost more than the record's copy
+        # out on the shared-memory path.
+        self._numbers: dict[ObjectId, int] = {}
+        self._objects: dict[int, ObjectId] = {}
+        self._next_number = itertools.count()
 
     @property
     def enabled(self) -> bool:
@@ -72,8 +78,9 @@ class DramCache:
             return [None] * len(indices)
         found: list[bytes | None] = []
         with self._lock:
+            number = self._number(obj)
             for index in indices:
-                rk = (obj, region, index)
+                rk = (number, region, index)
                 stats = self._touch(rk)
                 stats.frequency += 1
                 stats.last_access = next(self._clock)
@@ -88,8 +95,9 @@ class DramCache:
             return 0
         admitted = rejected = evicted = 0
         with self._lock:
+            number = self._number(obj)
             for index, payload in records:
-                rk = (obj, region, index)
+                rk = (number, region, index)
                 if rk in self._data:
                     continue
                 stats = self._touch(rk)
@@ -111,8 +119,9 @@ class DramCache:
         if not self.enabled:
             return 0
         with self._lock:
+            number = self._number(obj)
             for k, index in enumerate(indices):
-                rk = (obj, region, index)
+                rk = (number, region, index)
                 stats = self._touch(rk)
                 stats.attention += attention[k]
                 if important is not None:
@@ -125,22 +134,34 @@ class DramCache:
     def drop_object(self, key: ObjectKey) -> None:
         """Forget every record and stat of every commit of ``key`` (it was deleted)."""
         with self._lock:
-            for rk in [rk for rk in self._stats if rk[0][0] == key]:
+            numbers = {n for n, obj in self._objects.items() if obj[0] == key}
+            for rk in [rk for rk in self._stats if rk[0] in numbers]:
                 del self._stats[rk]
                 self._forget(rk)
+            for n in numbers:
+                del self._numbers[self._objects.pop(n)]
 
     def stats_of(self, obj: ObjectId, region: str, index: int) -> RecordStats | None:
         """A copy of one record's stats (for tests and debugging)."""
         with self._lock:
-            stats = self._stats.get((obj, region, index))
+            number = self._numbers.get(obj)
+            stats = None if number is None else self._stats.get((number, region, index))
             return None if stats is None else RecordStats(**{
                 f: getattr(stats, f) for f in RecordStats.__slots__})  # type: ignore[attr-defined]
 
     def contains(self, obj: ObjectId, region: str, index: int) -> bool:
         with self._lock:
-            return (obj, region, index) in self._data
+            number = self._numbers.get(obj)
+            return number is not None and (number, region, index) in self._data
 
     # -- with the lock held -------------------------------------------------------------------
+
+    def _number(self, obj: ObjectId) -> int:
+        number = self._numbers.get(obj)
+        if number is None:
+            number = self._numbers[obj] = next(self._next_number)
+            self._objects[number] = obj
+        return number
 
     def _touch(self, rk: RecordKey) -> RecordStats:
         stats = self._stats.get(rk)
