@@ -15,10 +15,11 @@ and ``logits`` ops) and runs a group as one pass over the requests' tokens conca
 ``max_batch`` requests per pass; 1 turns batching off), so the weights of a layer are read once for
 all of them. Which group runs next decides how full the passes are: a full group first, else the one
 furthest behind in the model, so that requests which started apart catch up with each other and
-then share passes, and under load move in waves that take turns (``_run_next``).
-The lm_head is the largest single weight of a small model (Qwen2.5-0.5B: 136M of its 494M
-parameters), read once per token of every request: batched, once per pass. Every op of the model's projections, MLP and head is per token, so a batched pass gives
-each request what it gets alone, up to floating-point summation order.
+then share passes, and under load move in waves that take turns (``_run_next``). The lm_head is
+the largest single weight of a small model (Qwen2.5-0.5B: 136M of its 494M parameters), read once
+per token of every request: batched, once per pass. Every op of the model's projections, MLP and
+head is per token, so a batched pass gives each request what it gets alone, up to floating-point
+summation order.
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ class _Op:
 
 
 _STAGE = {"embed": 0, "project": 1, "finish": 2}  # within a layer; logits come after the last layer
+GroupKey = tuple[tuple[int, int], tuple[str, int] | int]  # (stage, key): see _group
 
 
-def _group(op: _Op) -> tuple[tuple[int, int], tuple[str, int] | int]:
+def _group(op: _Op) -> GroupKey:
     """``(stage, key)``: ops of one key run in one pass; lower stages run first. A ``call`` (a whole
     prefill) is a group of its own and goes first."""
     if op.kind == "call":
@@ -64,6 +66,17 @@ def _group(op: _Op) -> tuple[tuple[int, int], tuple[str, int] | int]:
     if op.kind == "logits":
         return (1 << 30, 0), ("logits", -1)
     return (op.layer, _STAGE[op.kind]), (op.kind, op.layer)
+
+
+def _census(pending: list[_Op]) -> tuple[dict[GroupKey, int], dict[GroupKey, float]]:
+    """Per group of ``pending``: how many ops, and when its oldest op was queued."""
+    count: dict[GroupKey, int] = {}
+    since: dict[GroupKey, float] = {}
+    for op in pending:
+        key = _group(op)
+        count[key] = count.get(key, 0) + 1
+        since[key] = min(since.get(key, op.queued_at), op.queued_at)
+    return count, since
 
 
 @dataclass
@@ -175,17 +188,12 @@ class LayerScheduler:
             pending.append(op)
         return came
 
-    def _choose(self, pending: list[_Op]) -> tuple[tuple[int, int], tuple[str, int] | int]:
+    def _choose(self, pending: list[_Op]) -> GroupKey:
         """The group to run next (see :meth:`_run_next`)."""
         oldest = min(pending, key=lambda op: op.queued_at)
         if time.monotonic() - oldest.queued_at >= self._STARVE_S:
             return _group(oldest)
-        count: dict[tuple[tuple[int, int], tuple[str, int] | int], int] = {}
-        since: dict[tuple[tuple[int, int], tuple[str, int] | int], float] = {}
-        for op in pending:
-            key = _group(op)
-            count[key] = count.get(key, 0) + 1
-            since[key] = min(since.get(key, op.queued_at), op.queued_at)
+        count, since = _census(pending)
         full = [key for key, n in count.items() if n >= self.max_batch]
         if full:
             return min(full, key=since.__getitem__)
@@ -213,8 +221,7 @@ class LayerScheduler:
         Without the wait a wave splits into a pass of the quick ones and a pass of the rest, and new
         requests trickling in run in passes of one or two while the wave they would soon join is not
         yet back. Waiting only for requests due at the chosen stage or before it was tried: fewer
-        requests per pass (11.4 against 13.8, in two
-        ``bench load`` runs, docs/benchmarks.md)."""
+        requests per pass (11.4 against 13.8, in two ``bench load`` runs, docs/benchmarks.md)."""
         deadline = time.monotonic() + min(self._GATHER_S, self._pass_s)
         while not self._closing and self._due() and not self._full_group(pending):
             left = deadline - time.monotonic()
@@ -230,13 +237,7 @@ class LayerScheduler:
         return [op for op in pending if id(op) not in chosen]
 
     def _full_group(self, pending: list[_Op]) -> bool:
-        count: dict[tuple[tuple[int, int], tuple[str, int] | int], int] = {}
-        for op in pending:
-            key = _group(op)
-            count[key] = count.get(key, 0) + 1
-            if count[key] >= self.max_batch:
-                return True
-        return False
+        return any(n >= self.max_batch for n in _census(pending)[0].values())
 
     def _due(self) -> bool:
         """Whether a request whose op ran moments ago (``_EXPECT_S``) is still to submit its next op.
