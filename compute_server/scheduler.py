@@ -52,7 +52,7 @@ class _Op:
     thread: int = field(default_factory=threading.get_ident)  # the request's thread
 
 
-_STAGE = {"embed": 0, "project": 1, "finish": 2}  # within a layer; logits come after the last layer
+_STAGE = {"project": 1, "finish": 2}  # within a layer; embed comes before layer 0, logits after the last
 GroupKey = tuple[tuple[int, int], tuple[str, int] | int]  # (stage, key): see _group
 
 

@@ -20,9 +20,9 @@ def runner() -> ModelRunner:
     return ModelRunner(load_model("random:tiny", cache_dir=default_cache_dir()))
 
 
-def _queued_together(scheduler: LayerScheduler, submit: list, ops: int) -> list:
-    """Run ``submit`` (callables returning a result) from threads while the compute thread is held
-    busy, so that all of them wait in its queue at once, then let it go; their results in order."""
+def _hold(scheduler: LayerScheduler) -> tuple[threading.Thread, threading.Event]:
+    """Hold the compute thread inside a call until the returned event is set (at most 30 s); returns
+    once it is inside, so that every op submitted from now on stays in its queue."""
     entered, release = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -31,7 +31,14 @@ def _queued_together(scheduler: LayerScheduler, submit: list, ops: int) -> list:
 
     held = threading.Thread(target=scheduler.call, args=(hold,), daemon=True)
     held.start()
-    assert entered.wait(10)  # the compute thread is inside the call: what comes now stays queued
+    assert entered.wait(10)
+    return held, release
+
+
+def _queued_together(scheduler: LayerScheduler, submit: list, ops: int) -> list:
+    """Run ``submit`` (callables returning a result) from threads while the compute thread is held
+    busy, so that all of them wait in its queue at once, then let it go; their results in order."""
+    held, release = _hold(scheduler)
     results: list = [None] * len(submit)
 
     def one(k: int) -> None:
@@ -83,15 +90,7 @@ def test_embeddings_batch_and_max_batch_one_turns_batching_off(runner: ModelRunn
 
 def test_ops_queued_before_close_still_run_and_later_ones_fail(runner: ModelRunner) -> None:
     scheduler = LayerScheduler(runner, max_batch=4)
-    entered, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        entered.set()
-        release.wait(30)
-
-    held = threading.Thread(target=scheduler.call, args=(hold,), daemon=True)
-    held.start()
-    assert entered.wait(10)
+    held, release = _hold(scheduler)
     results: dict[str, object] = {}
 
     def before() -> None:
