@@ -179,6 +179,8 @@ class ModelInfo:
     policy_info: tuple[PolicyInfo, ...] = ()
     extra_layouts: tuple[str, ...] = ()
     """Layouts a registration may store besides `contiguous` (``register(..., extra_layouts=...)``)."""
+    score_dtype: str = ""
+    """What the chunk scorers' q.k matmuls run in: ``float32`` or ``bfloat16`` (``--score-dtype``)."""
 
     def policy(self, name: str) -> PolicyInfo:
         """The description of policy ``name``; KeyError when the server does not serve it."""

@@ -11,6 +11,7 @@ from contiguouskv.common.discovery import check_entry, is_dns
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DATA_PATHS = ("auto", "grpc", "shm")
+SCORE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def default_cache_dir() -> Path:
@@ -45,6 +46,9 @@ class ComputeServerConfig:
     policy_plugins: tuple[str, ...] = ()
     importance_window: int = 32
     threads: int = 0
+    # dtype of the chunk scorers' q.k matmuls (auto: bfloat16 where the device has native bfloat16
+    # dot products, float32 elsewhere; docs/selection.md, "Scoring precision").
+    score_dtype: str = "auto"
     prefill_block: int = 1024
     max_prefix_tokens: int = 32768
     max_query_tokens: int = 4096
@@ -120,6 +124,8 @@ class ComputeServerConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.default_sub_period > self.default_period:
             raise ValueError("default_sub_period: must not exceed default_period")
+        if self.score_dtype not in SCORE_DTYPES:
+            raise ValueError(f"score_dtype: must be one of {SCORE_DTYPES}, got {self.score_dtype!r}")
         if self.threads < 0:
             raise ValueError(f"threads: must be >= 0 (0 = torch's default), got {self.threads}")
         for name in ("max_active_requests", "max_staged_bytes", "max_batch"):

@@ -43,6 +43,7 @@ from contiguouskv.compute_server.policies.base import LoadingPolicy, PolicyConte
 from contiguouskv.compute_server.policies.registry import PolicyRegistry
 from contiguouskv.compute_server.request import RegisterReport, ReprefillArgs, ReprefillReport
 from contiguouskv.compute_server.scheduler import LayerScheduler, ScheduledProjector
+from contiguouskv.compute_server.selection.chunks import score_dtype
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class ComputeCore:
                              importance_window=config.importance_window,
                              kv_dtype=TORCH_DTYPES[config.kv_dtype] if config.kv_dtype else None)
         self.ident_cache = IdentCache(config.ident_cache_bytes) if config.ident_cache_bytes else None
+        self.score_dtype = score_dtype(config.score_dtype, runner.device)
+        """What the chunk scorers' q.k matmuls run in (config ``score_dtype``, resolved for the device)."""
         self.admission = Admission(config.max_active_requests, config.max_queued_requests, config.max_staged_bytes,
                                    on_idle=self._idle)
         # admitted requests each get a thread (their waits block only them); +1 for a registration
@@ -327,7 +330,8 @@ class ComputeCore:
         job.cancellation.on_cancel(lambda: loop.call_soon_threadsafe(io.cancel))  # wakes every wait
         try:
             policy = self.policies.create(cls.name, PolicyContext(loader, codec, chunks, self.projector, params,
-                                                                         self.ident_cache, prefix_id))
+                                                                         self.ident_cache, prefix_id,
+                                                                         self.score_dtype))
             await policy.start_load_kv()
             outcome = await self._on_request_thread(job.cancellation, policy.compute, self.engine, job)
         except asyncio.CancelledError:

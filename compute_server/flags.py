@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shm-slot-bytes", type=int, help="bytes per slot = largest batch on the plane, a multiple of 4096 (4 MiB)")
     parser.add_argument("--fetch-streams", type=int,
                         help="Fetch streams per request, its reads spread over them and the prefix's replicas (1)")
+    parser.add_argument("--score-dtype", choices=("auto", "float32", "bfloat16"),
+                        help="dtype of the chunk scorers' q.k matmuls (default auto: bfloat16 on cuda and on CPUs "
+                        "with AVX512-BF16 or AMX, float32 elsewhere; softmax and sums stay float32)")
     parser.add_argument("--threads", type=int,
                         help="torch compute threads; 0 = torch's default (on a small shared CPU, 1 avoids "
                         "OpenMP oversubscription with the I/O threads) (env CKV_THREADS)")
@@ -78,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> ComputeServerConfig:
     flags = {k: getattr(args, k, None) for k in
              ("model", "cache", "replication", "write_quorum", "host", "port", "port_file", "device", "dtype", "kv_dtype",
-              "model_cache_dir", "chunk_size", "metrics_port", "threads", "policy_plugins", "max_active_requests",
+              "model_cache_dir", "chunk_size", "metrics_port", "threads", "score_dtype", "policy_plugins", "max_active_requests",
               "max_queued_requests", "max_staged_bytes", "max_batch", "ident_cache_bytes", "data_path", "shm_socket",
               "shm_slots", "shm_slot_bytes", "fetch_streams", *SERVING_FIELDS,
               "cache_tls_ca_file", "cache_tls_cert_file", "cache_tls_key_file", "cache_tls_server_name",

@@ -14,6 +14,7 @@ from contiguouskv.common.security import READ, WRITE
 from contiguouskv.common.status import status_details
 from contiguouskv.compute_server.core import ComputeCore
 from contiguouskv.compute_server.errors import ComputeError
+from contiguouskv.compute_server.layouts.tensors import dtype_name
 from contiguouskv.compute_server.request import RegisterReport, ReprefillArgs, ReprefillReport
 from contiguouskv.v1 import compute_pb2, compute_pb2_grpc
 
@@ -174,4 +175,4 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
             policy_info=[compute_pb2.PolicyInfo(name=cls.name, layout=cls.layout, selective=cls.selective,
                                                 loads_kv=cls.loads_kv, default_period=self._core.default_period(cls))
                          for cls in self._core.policies.classes()],
-            extra_layouts=self._core.extra_layouts())
+            extra_layouts=self._core.extra_layouts(), score_dtype=dtype_name(self._core.score_dtype))

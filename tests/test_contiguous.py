@@ -4,7 +4,9 @@ The reference runs the same algorithm with plain full attention matrices: at eac
 layer it takes softmax(q K^T) over [prefix ; query] (causal on the query part), sums the prefix
 columns over heads and query rows, per chunk, keeps the top ceil(budget x m) with the first and last
 chunk, and then attends only to the kept chunks' tokens. The served result must select the same
-chunks and give the same logits — so mispredicted chunks were fetched before use.
+chunks and give the same logits — so mispredicted chunks were fetched before use. It runs against a
+server scoring in float32 and one scoring in bfloat16 (``--score-dtype``); for the second the
+reference rounds the scaled query, the keys and the q.k products to bfloat16 where the server does.
 """
 
 from __future__ import annotations
@@ -28,12 +30,19 @@ MODEL = "random:tiny"
 C = 16
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ContiguousKVClient]:
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def served(request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ContiguousKVClient, str]]:
+    """A client of a server scoring in ``float32`` or ``bfloat16``, and which."""
     with launch.cache_server(tmp_path_factory.mktemp("store")) as cache:
-        with launch.compute_server(MODEL, cache.address, "--dtype", "float32") as compute:
+        with launch.compute_server(MODEL, cache.address, "--dtype", "float32", "--score-dtype", request.param) as compute:
             with ContiguousKVClient(compute.address, timeout=120) as c:
-                yield c
+                yield c, request.param
+
+
+@pytest.fixture
+def client(served: tuple[ContiguousKVClient, str]) -> ContiguousKVClient:
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -57,22 +66,35 @@ def _chunk_sums(token_mass: torch.Tensor, n: int) -> list[float]:
     return [float(token_mass[s : min(s + C, n)].sum()) for s in range(0, n, C)]
 
 
-def _quantized(keys: torch.Tensor, group: int = 64, bits: int = 2) -> torch.Tensor:
+def _quantized(keys: torch.Tensor, low: bool, group: int = 64, bits: int = 2) -> torch.Tensor:
     """Keys [kv_heads, n, d] through 2-bit per-channel quantisation over 64-token groups, written
-    independently of the server's packer: float16 min and step per group, round to nearest level."""
+    independently of the server's packer: float16 min and step per group, round to nearest level.
+    ``low``: decoded as a bfloat16 scorer does (min and step in bfloat16, the key rounded to it)."""
     out = torch.empty_like(keys, dtype=torch.float32)
     for a in range(0, keys.shape[1], group):
         g = keys[:, a : a + group].float()
         lo = g.amin(dim=1, keepdim=True).half().float()
         step = ((g.amax(dim=1, keepdim=True) - lo) / (2**bits - 1)).half().float()
         codes = torch.where(step > 0, torch.round((g - lo) / torch.where(step > 0, step, 1.0)), 0.0).clamp(0, 3)
+        if low:
+            lo, step = lo.bfloat16().float(), step.bfloat16().float()
         out[:, a : a + group] = lo + codes * step
-    return out
+    return out.bfloat16().float() if low else out
+
+
+def _products(qs: torch.Tensor, keys: torch.Tensor, heads: int, scale: float, low: bool) -> torch.Tensor:
+    """Scaled q.k [H, T, n]; ``low``: as the bfloat16 scorer forms them (the scaled query and the keys
+    in bfloat16, each product rounded to bfloat16 once)."""
+    if not low:
+        return qs @ _expand(keys, heads).transpose(1, 2) * scale
+    q16 = (qs * scale).bfloat16().double()
+    return (q16 @ _expand(keys.bfloat16().double(), heads).transpose(1, 2)).bfloat16().float()
 
 
 def _scores(method: str, runner: ModelRunner, layer_keys: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor,
-            n: int, budget: float) -> list[float]:
-    """Chunk scores of one layer by ``method``, every product materialised."""
+            n: int, budget: float, low: bool = False) -> list[float]:
+    """Chunk scores of one layer by ``method``, every product materialised (``low``: the q.k
+    products of the key scorers as a bfloat16 scorer forms them)."""
     heads, t = runner.num_heads, qs.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool).triu(1)
     self_logits = (qs @ _expand(ks, heads).transpose(1, 2) * runner.scaling).masked_fill(causal, -torch.inf)
@@ -103,10 +125,10 @@ def _scores(method: str, runner: ModelRunner, layer_keys: torch.Tensor, qs: torc
         return probs[:, :, : len(bounds)].sum(dim=(0, 1)).tolist()
     if method == "qkeys1":  # the 1-bit least-squares format: its round trip is property-tested on its own
         keys = dequantize_keys(quantize_keys(layer_keys, 1, 128, "lloyd"), n, layer_keys.shape[0],
-                               layer_keys.shape[2], 1, 128)
+                               layer_keys.shape[2], 1, 128, dtype=torch.bfloat16 if low else torch.float32).float()
     else:
-        keys = _quantized(layer_keys) if method == "qkeys" else layer_keys
-    pl = qs @ _expand(keys, heads).transpose(1, 2) * runner.scaling
+        keys = _quantized(layer_keys, low) if method == "qkeys" else layer_keys
+    pl = _products(qs, keys, heads, runner.scaling, low)
     probs = torch.softmax(torch.cat([pl, self_logits], dim=-1), dim=-1)
     return _chunk_sums(probs[:, :, :n].sum(dim=(0, 1)), n)
 
@@ -117,10 +139,12 @@ SPECULATIVE = {"contiguous+", "contiguous+quest", "contiguous+1bit"}  # speculat
 
 
 def reference(runner: ModelRunner, prefix: list[int], query: list[int], budget: float, period: int,
-              policy: str) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
+              policy: str, score_dtype: str = "float32") -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
     """Selections per period, speculative selections per period (empty when none), and
-    last-position logits, with materialised attention."""
+    last-position logits, with materialised attention. The oracle scores in float32 whatever
+    ``score_dtype`` says."""
     method = METHODS[policy]
+    low = score_dtype == "bfloat16" and policy != "oracle"
     with torch.inference_mode():
         pre = runner.prefill(torch.tensor(prefix))
         n, t, heads = len(prefix), len(query), runner.num_heads
@@ -141,8 +165,8 @@ def reference(runner: ModelRunner, prefix: list[int], query: list[int], budget: 
                 if policy in SPECULATIVE and layer > 0:  # from the last SPECULATE_TOKENS query tokens only
                     tail = slice(max(0, t - IdentifiedPolicy.SPECULATE_TOKENS), None)
                     qe, ke, _ = runner.project(layer, entering[layer - 1][tail], pos[tail])
-                    speculated.append(_top(_scores(method, runner, pre.keys[layer], qe, ke, n, budget), budget))
-                chosen = _top(_scores(method, runner, pre.keys[layer], qs, ks, n, budget), budget)
+                    speculated.append(_top(_scores(method, runner, pre.keys[layer], qe, ke, n, budget, low), budget))
+                chosen = _top(_scores(method, runner, pre.keys[layer], qs, ks, n, budget, low), budget)
                 selections.append(chosen)
                 keep = torch.zeros(n, dtype=torch.bool)
                 for j in chosen:
@@ -167,16 +191,17 @@ CASES = [  # prefix tokens, query tokens, budget, period, sub_period, seed
 
 @pytest.mark.parametrize("policy", sorted(METHODS))
 @pytest.mark.parametrize("n,t,budget,period,sub,seed", CASES)
-def test_selection_and_output_match_the_reference(client: ContiguousKVClient, runner: ModelRunner, policy: str,
-                                                  n: int, t: int, budget: float, period: int, sub: int,
+def test_selection_and_output_match_the_reference(served: tuple[ContiguousKVClient, str], runner: ModelRunner,
+                                                  policy: str, n: int, t: int, budget: float, period: int, sub: int,
                                                   seed: int) -> None:
+    client, score_dtype = served
     rng = random.Random(seed)
     prefix = [rng.randrange(512) for _ in range(n)]
     query = [rng.randrange(512) for _ in range(t)]
     reg = client.register(token_ids=prefix)
     got = client.reprefill(reg.prefix_id, query, policy=policy, budget=budget, period=period, sub_period=sub,
                            return_logits=True)
-    selections, speculated, logits = reference(runner, prefix, query, budget, period, policy)
+    selections, speculated, logits = reference(runner, prefix, query, budget, period, policy, score_dtype)
     assert [list(p.chunks) for p in got.periods] == selections
     assert [p.first_layer for p in got.periods] == list(range(0, runner.num_layers, period))
     assert got.token_id == int(logits.argmax())
@@ -246,3 +271,8 @@ def test_period_options_are_validated(client: ContiguousKVClient) -> None:
     for kwargs in (dict(period=0), dict(period=2, sub_period=3), dict(sub_period=0)):
         with pytest.raises(InvalidArgumentError, match="period"):
             client.reprefill(reg.prefix_id, [1, 2], policy="contiguous", budget=0.5, **kwargs)  # type: ignore[arg-type]
+
+
+def test_model_info_names_the_scoring_dtype(served: tuple[ContiguousKVClient, str]) -> None:
+    client, score_dtype = served
+    assert client.model_info().score_dtype == score_dtype

@@ -13,7 +13,8 @@ from contiguouskv.compute_server.kvio.identcache import IdentCache
 from contiguouskv.compute_server.layouts.contiguous import QKEY_BITS, QKEY_GROUP, ContiguousLayout
 from contiguouskv.compute_server.layouts.contiguous_codec import ContiguousCodec, chunk_minmax
 from contiguouskv.compute_server.layouts.tensors import as_bytes
-from contiguouskv.compute_server.selection.chunks import exact_chunk_scores, quest_chunk_scores, select_top
+from contiguouskv.compute_server.config import ComputeServerConfig
+from contiguouskv.compute_server.selection.chunks import exact_chunk_scores, quest_chunk_scores, score_dtype, select_top
 from contiguouskv.compute_server.selection.keyquant import (
     dequantize_keys, dequantized_shape, quantize_keys, quantized_bytes,
 )
@@ -210,3 +211,75 @@ def test_ident_cache_is_thread_safe() -> None:
         t.join()
     stats = cache.stats()
     assert 0 < stats.bytes <= 10_000 and stats.bytes % 97 == 0
+
+
+def test_score_dtype_setting_resolves_per_device() -> None:
+    cpu = torch.device("cpu")
+    assert score_dtype("float32", cpu) == torch.float32
+    assert score_dtype("bfloat16", cpu) == torch.bfloat16
+    assert score_dtype("float32", torch.device("cuda")) == torch.float32  # an explicit setting wins on any device
+    assert score_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert score_dtype("auto", torch.device("meta")) == torch.float32
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert score_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    with pytest.raises(ValueError, match="score_dtype"):
+        score_dtype("float16", cpu)
+    with pytest.raises(ValueError, match="score_dtype"):
+        ComputeServerConfig(model="random:tiny", cache=("h:1",), score_dtype="half")
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 200), t=st.integers(1, 9), kv_heads=st.sampled_from([1, 2]), groups=st.sampled_from([1, 3]),
+       seed=st.integers(0, 1000), stored=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_bfloat16_scores_round_only_the_products(n: int, t: int, kv_heads: int, groups: int, seed: int,
+                                                 stored: torch.dtype) -> None:
+    """With ``dtype=bfloat16`` the scaled query, the keys and each q.k product are bfloat16 and the
+    rest is float32: the scores match a float64 reference that rounds exactly those, far closer than
+    they match the float32 scores (which they must not equal: the rounding is really there)."""
+    gen = torch.Generator().manual_seed(seed)
+    heads, d, scale = kv_heads * groups, 16, 0.3
+    lay = ContiguousLayout(num_tokens=n, num_layers=1, num_kv_heads=kv_heads, head_dim=d, dtype="float32", chunk_size=4)
+    q, k_self = torch.randn(heads, t, d, generator=gen) * 2, torch.randn(kv_heads, t, d, generator=gen) * 2
+    keys = (torch.randn(kv_heads, n, d, generator=gen) * 2).to(stored)
+    causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+    mass = torch.zeros(n, dtype=torch.float64)
+    q16 = (q.float() * scale).bfloat16().double()
+    for h in range(heads):
+        kv = h // groups
+        prefix = (q16[h] @ keys[kv].bfloat16().double().T).bfloat16().double()
+        own = (q[h].double() @ k_self[kv].double().T * scale).masked_fill(causal, float("-inf"))
+        mass += torch.softmax(torch.cat([prefix, own], dim=1), dim=1)[:, :n].sum(dim=0)
+    ref = torch.nn.functional.pad(mass, (0, lay.num_chunks * 4 - n)).view(-1, 4).sum(dim=1)
+    workspace = Workspace()
+    low = exact_chunk_scores(lay, q, k_self, keys, scale, workspace, torch.bfloat16)
+    # one product may round the other way (float32 accumulation order): 1 bf16 ulp of a logit
+    assert torch.allclose(low.double(), ref, rtol=2e-2, atol=1e-4)
+    high = exact_chunk_scores(lay, q, k_self, keys, scale, Workspace())
+    assert (low.double() - ref).abs().sum() < (high.double() - ref).abs().sum() or torch.equal(low, high)
+    if n * t >= 64:
+        assert not torch.equal(low, high)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 300), kv_heads=st.integers(1, 3), bits=st.sampled_from([1, 2, 4, 8]),
+       group=st.sampled_from([8, 64, 128]), seed=st.integers(0, 1000))
+def test_bfloat16_decoding_is_the_float32_decoding_rounded(n: int, kv_heads: int, bits: int, group: int,
+                                                           seed: int) -> None:
+    """Decoding into bfloat16 (codes exact, min and step rounded to bfloat16, the key rounded once)
+    stays within two bfloat16 roundings of the float32 decoding, in a reused buffer too."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(kv_heads, n, 8, generator=gen) * 3 + 1
+    record = quantize_keys(keys, bits, group)
+    exact = dequantize_keys(record, n, kv_heads, 8, bits, group)
+    buffer = torch.full(dequantized_shape(n, kv_heads, 8, group), float("nan"), dtype=torch.bfloat16)
+    low = dequantize_keys(record, n, kv_heads, 8, bits, group, out=buffer)
+    assert low.dtype == torch.bfloat16 and low.data_ptr() == buffer.data_ptr()
+    assert torch.equal(low, dequantize_keys(record, n, kv_heads, 8, bits, group, dtype=torch.bfloat16))
+    # per value: the rounding of min, of step (times a code <= 255) and of the sum, each 2^-8 relative
+    per_byte, groups = 8 // bits, -(-n // group)
+    scales = record[: groups * kv_heads * 32].view(torch.float16).view(groups, kv_heads, 2, 8).float()
+    bound = (scales[:, :, 0].abs() + scales[:, :, 1].abs() * ((1 << bits) - 1)).transpose(0, 1)  # [kvH, G, d]
+    bound = bound.repeat_interleave(group, dim=1)[:, :n] * 3 * 2.0 ** -8 + 1e-6
+    assert bool(((low.float() - exact).abs() <= bound).all())
+    with pytest.raises(ValueError, match="dtype"):
+        dequantize_keys(record, n, kv_heads, 8, bits, group, dtype=torch.float16)

@@ -154,29 +154,30 @@ class ContiguousCodec(LayoutCodec[ContiguousLayout]):
         return keys[:, :real], values[:, :real]
 
     def chunk_keys(self, records: Sequence[memoryview | bytes], device: torch.device | str = "cpu",
-                   scratch: Workspace | None = None) -> torch.Tensor:
+                   scratch: Workspace | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``idkeys`` records of some chunks -> their keys ``[kv_heads, len * c, d]`` on ``device`` (a copy).
 
-        With ``scratch`` on the CPU the keys land in its float32 buffer ``idkeys`` (valid until the
-        next call with the same scratch), converted in the same copy: the scorers compute in float32,
-        and a fresh prefix-sized tensor per call costs its page faults (docs/performance.md)."""
+        With ``scratch`` on the CPU the keys land in its ``dtype`` buffer ``idkeys`` (valid until the
+        next call with the same scratch), converted in the same copy to what the scorer multiplies
+        in, and a fresh prefix-sized tensor per call costs its page faults (docs/performance.md).
+        Without it they keep the stored dtype (the scorer converts what it must)."""
         lay = self.geometry
-        dtype = TORCH_DTYPES[lay.dtype]
+        stored = TORCH_DTYPES[lay.dtype]
         shape = (lay.num_kv_heads, len(records) * lay.chunk_size, lay.head_dim)
         if scratch is not None and torch.device(device).type == "cpu":
-            host = scratch.get("idkeys", shape, torch.device("cpu"))
+            host = scratch.get("idkeys", shape, torch.device("cpu"), dtype)
         else:
-            host = host_buffer(shape, dtype, device)
+            host = host_buffer(shape, stored, device)
         if records:
-            torch.cat([frombuffer(r, dtype).view(lay.num_kv_heads, lay.chunk_size, lay.head_dim)
+            torch.cat([frombuffer(r, stored).view(lay.num_kv_heads, lay.chunk_size, lay.head_dim)
                        for r in records], dim=1, out=host)
         return to_device_now(host, device)
 
     def layer_keys(self, records: Sequence[memoryview | bytes], device: torch.device | str = "cpu",
-                   scratch: Workspace | None = None) -> torch.Tensor:
+                   scratch: Workspace | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """All ``idkeys`` records of a layer -> every prefix key ``[kv_heads, n, d]`` on ``device``
         (into ``scratch`` as :meth:`chunk_keys` says)."""
-        return self.chunk_keys(records, device, scratch)[:, : self.geometry.num_tokens]
+        return self.chunk_keys(records, device, scratch, dtype)[:, : self.geometry.num_tokens]
 
     def digest(self, record: memoryview | bytes, device: torch.device | str = "cpu") -> torch.Tensor:
         """A ``digest`` record -> mean key per chunk and KV head, float32 ``[m, kv_heads, d]`` on
@@ -189,7 +190,7 @@ class ContiguousCodec(LayoutCodec[ContiguousLayout]):
               kind: str = "qkeys", out: torch.Tensor | None = None) -> torch.Tensor:
         """A quantised key record (``qkeys``, ``qkeys1``) -> the layer's keys dequantised, float32
         ``[kv_heads, n, d]`` on ``device`` (the packed bytes cross to the device; decoding runs there),
-        decoded into ``out`` when given (see :meth:`qkeys_buffer`)."""
+        decoded into ``out`` when given, in its dtype (see :meth:`qkeys_buffer`)."""
         lay = self.geometry
         bits, group, _ = QUANTIZED_KEYS[kind]
         packed = to_device_now(frombuffer(record, torch.uint8), device)
@@ -197,11 +198,13 @@ class ContiguousCodec(LayoutCodec[ContiguousLayout]):
             packed = packed.clone()      # unpacking ran 2-6x slower on it than on torch's aligned copy
         return dequantize_keys(packed, lay.num_tokens, lay.num_kv_heads, lay.head_dim, bits, group, out=out)
 
-    def qkeys_buffer(self, device: torch.device | str = "cpu", kind: str = "qkeys") -> torch.Tensor:
-        """A buffer :meth:`qkeys` can decode a layer's ``kind`` record into, on ``device``."""
+    def qkeys_buffer(self, device: torch.device | str = "cpu", kind: str = "qkeys",
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A buffer :meth:`qkeys` can decode a layer's ``kind`` record into, on ``device``, of
+        ``dtype`` (float32 or bfloat16: what the keys are decoded to)."""
         lay = self.geometry
         shape = dequantized_shape(lay.num_tokens, lay.num_kv_heads, lay.head_dim, QUANTIZED_KEYS[kind][1])
-        return torch.empty(shape, dtype=torch.float32, device=device)
+        return torch.empty(shape, dtype=dtype, device=device)
 
     def minmax(self, record: memoryview | bytes, device: torch.device | str = "cpu") -> torch.Tensor:
         """A ``minmax`` record -> per-chunk min and max key ``[m, kv_heads, 2, d]`` on ``device``."""

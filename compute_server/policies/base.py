@@ -107,6 +107,8 @@ class PolicyContext:
     ident_cache: IdentCache | None = None
     """The server's resident identification data (None: every request reads its own)."""
     prefix_id: str = ""
+    score_dtype: torch.dtype = torch.float32
+    """What the chunk scorers' q.k matmuls run in (:func:`~..selection.chunks.score_dtype`)."""
 
 
 @dataclass

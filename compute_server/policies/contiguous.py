@@ -15,4 +15,5 @@ class ContiguousPolicy(PeriodicPolicy):
 
     def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         keys = self._layer_keys(self._ident.pop(start))
-        return exact_chunk_scores(self.chunks, q, k, keys, self.projector.scaling, self.workspace)
+        return exact_chunk_scores(self.chunks, q, k, keys, self.projector.scaling, self.workspace,
+                                  self.context.score_dtype)

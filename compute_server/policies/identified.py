@@ -86,7 +86,8 @@ class IdentifiedPolicy(PeriodicPolicy):
         """Layer ``start``'s identification records -> what :meth:`_score` scores with, on the compute device."""
 
     def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return exact_chunk_scores(self.chunks, q, k, self._ident_data(start), self.projector.scaling, self.workspace)
+        return exact_chunk_scores(self.chunks, q, k, self._ident_data(start), self.projector.scaling, self.workspace,
+                                  self.context.score_dtype)
 
 
 class ContiguousPlusPolicy(IdentifiedPolicy):
@@ -107,7 +108,8 @@ class ContiguousPlusPolicy(IdentifiedPolicy):
 
     def _decode(self, start: int, records: Records) -> torch.Tensor:
         device = self.projector.device
-        out = self._spare.pop() if self._spare else self.codec.qkeys_buffer(device, self.ident_region)
+        out = self._spare.pop() if self._spare else self.codec.qkeys_buffer(device, self.ident_region,
+                                                                              self.context.score_dtype)
         self._buffers[start] = out
         return self.codec.qkeys(records[0], device=device, kind=self.ident_region, out=out)
 
@@ -146,3 +148,7 @@ class OraclePolicy(IdentifiedPolicy):
 
     def _decode(self, start: int, records: Records) -> torch.Tensor:
         return self.codec.layer_keys(records, device=self.projector.device)
+
+    def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """In float32 whatever ``score_dtype`` says: the ceiling the others are measured against."""
+        return exact_chunk_scores(self.chunks, q, k, self._ident_data(start), self.projector.scaling, self.workspace)

@@ -140,9 +140,10 @@ class PeriodicPolicy(LoadingPolicy):
         return records
 
     def _layer_keys(self, future: Future[Records]) -> torch.Tensor:
-        """All prefix keys of a layer, [kv_heads, n, d], from its idkeys records (on the CPU in the
-        policy's float32 scratch: valid until the next call)."""
-        return self.codec.layer_keys(self._wait_blob(future), device=self.projector.device, scratch=self.workspace)
+        """All prefix keys of a layer, [kv_heads, n, d] in the scoring dtype, from its idkeys records
+        (on the CPU in the policy's scratch: valid until the next call)."""
+        return self.codec.layer_keys(self._wait_blob(future), device=self.projector.device, scratch=self.workspace,
+                                     dtype=self.context.score_dtype)
 
     def _evaluate(self, layer: int, q: torch.Tensor, k: torch.Tensor, chunks: list[int]) -> None:
         """evaluate_recall: set and mass recall of ``chunks`` against the exact top-k at ``layer``."""

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from contiguouskv.compute_server.config import SCORE_DTYPES
 from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
 from contiguouskv.compute_server.selection.importance import per_chunk
 from contiguouskv.compute_server.workspace import Workspace
@@ -38,32 +39,54 @@ def _prefix_mass(prefix_logits: torch.Tensor, self_logits: torch.Tensor) -> torc
     return torch.exp(prefix_logits - norm).sum(dim=(0, 1))
 
 
+def score_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype the scorers' key matmuls run in: ``setting`` (``score_dtype`` of the config), or
+    for ``auto`` bfloat16 where the device multiplies it natively (CUDA; a CPU with AVX512-BF16 or
+    AMX, where it measured 2.2-2.5x faster than float32: docs/performance.md) and float32 elsewhere.
+    Only the q.k products are rounded to it; the softmax and the mass sums stay in float32."""
+    if setting not in SCORE_DTYPES:
+        raise ValueError(f"score_dtype: must be one of {SCORE_DTYPES}, got {setting!r}")
+    if setting != "auto":
+        return torch.float32 if setting == "float32" else torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
 def exact_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.Tensor,
-                       prefix_keys: torch.Tensor, scale: float, workspace: Workspace | None = None) -> torch.Tensor:
+                       prefix_keys: torch.Tensor, scale: float, workspace: Workspace | None = None,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Per-chunk attention mass [m] from all prefix keys of the layer (the paper's scoring).
 
     One KV head at a time (memory bounded by ``[groups * T, n]`` logits), in place: the logits
     become ``exp(logit - row max)`` in their buffer and their row-normalised column sums are one
     matrix-vector product, so a call allocates nothing of the prefix's size beyond that buffer
     (taken from ``workspace`` when given: then not even that, after the first call).
+
+    ``dtype``: what the q.k matmul runs in (:func:`score_dtype`). With bfloat16 the scaled query
+    and the keys are bfloat16 (keys of another dtype are converted into the workspace first), the
+    products accumulate in float32 inside the matmul and are rounded once to bfloat16; everything
+    after (row max, exp, the normalised sums) is float32.
     """
     heads, t, d = q.shape
     kv_heads, n = prefix_keys.shape[0], prefix_keys.shape[1]
     groups = heads // kv_heads
     self_logits = _self_logits(q, k_self, scale).view(kv_heads, groups * t, t)
-    qf = q.float().view(kv_heads, groups * t, d)
+    qs = (q.float() * scale).to(dtype).view(kv_heads, groups * t, d)  # the scale folded into the query
     workspace = workspace or Workspace()
     logits = workspace.get("logits", (groups * t, n), q.device)
+    products = logits if dtype == torch.float32 else workspace.get("products", (groups * t, n), q.device, dtype)
     token_mass = torch.zeros(n, dtype=torch.float32, device=q.device)
     for g in range(kv_heads):
         keys = prefix_keys[g]
-        if keys.dtype != torch.float32:
-            keys = workspace.get("keys", (n, d), q.device).copy_(keys)
-        torch.matmul(qf[g], keys.T, out=logits)  # [groups * T, n]
-        logits.mul_(scale)
+        if keys.dtype != dtype:
+            keys = workspace.get("keys", (n, d), q.device, dtype).copy_(keys)
+        torch.matmul(qs[g], keys.T, out=products)  # [groups * T, n], scaled
         own = self_logits[g]  # [groups * T, T]
-        top = torch.maximum(logits.amax(dim=1), own.amax(dim=1)).unsqueeze(1)  # row max over [prefix ; self]
-        logits.sub_(top).exp_()
+        top = torch.maximum(products.amax(dim=1).float(), own.amax(dim=1)).unsqueeze(1)  # row max over [prefix ; self]
+        torch.sub(products, top, out=logits).exp_()  # float32 from here on
         total = logits.sum(dim=1) + torch.exp(own - top).sum(dim=1)  # softmax denominators [groups * T]
         token_mass.addmv_(logits.T, total.reciprocal_())
     return per_chunk(layout, token_mass)

@@ -100,15 +100,20 @@ def dequantized_shape(num_tokens: int, kv_heads: int, head_dim: int, group: int)
     return kv_heads, -(-num_tokens // group) * group, head_dim
 
 
-def dequantize_keys(record: torch.Tensor, num_tokens: int, kv_heads: int, head_dim: int, bits: int,
-                    group: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """A packed record (flat uint8, on any device) -> float32 keys ``[kv_heads, n, d]`` on that device.
+DECODED_DTYPES = (torch.float32, torch.bfloat16)
 
-    ``out``: a float32 buffer of :func:`dequantized_shape` on the record's device to decode into
-    (its first ``n`` tokens are returned, a view); reusing one saves the page faults of a fresh
-    ``[kv_heads, n, d]`` float32 tensor per layer, which cost more than the decoding itself on a
-    CPU (docs/performance.md). The codes are unpacked straight into the buffer in token order and
-    scaled in place: no full-size temporary.
+
+def dequantize_keys(record: torch.Tensor, num_tokens: int, kv_heads: int, head_dim: int, bits: int,
+                    group: int, out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A packed record (flat uint8, on any device) -> keys ``[kv_heads, n, d]`` of ``dtype`` (float32
+    or bfloat16) on that device.
+
+    ``out``: a buffer of :func:`dequantized_shape` on the record's device to decode into (its
+    dtype is the one decoded to; its first ``n`` tokens are returned, a view); reusing one saves
+    the page faults of a fresh ``[kv_heads, n, d]`` tensor per layer, which cost more than the
+    decoding itself on a CPU (docs/performance.md). The codes are unpacked straight into the
+    buffer in token order and scaled in place: no full-size temporary. In bfloat16 the codes are
+    exact and ``lo + code * step`` is rounded once more, far below the quantisation's own error.
     """
     per_byte = _check(bits, group)
     expected = quantized_bytes(num_tokens, kv_heads, head_dim, bits, group)
@@ -117,18 +122,20 @@ def dequantize_keys(record: torch.Tensor, num_tokens: int, kv_heads: int, head_d
     groups, d = -(-num_tokens // group), head_dim
     shape = dequantized_shape(num_tokens, kv_heads, head_dim, group)
     if out is None:
-        out = torch.empty(shape, dtype=torch.float32, device=record.device)
-    elif tuple(out.shape) != shape or out.dtype != torch.float32 or out.device != record.device \
+        if dtype not in DECODED_DTYPES:
+            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+        out = torch.empty(shape, dtype=dtype, device=record.device)
+    elif tuple(out.shape) != shape or out.dtype not in DECODED_DTYPES or out.device != record.device \
             or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous float32 {shape} tensor on {record.device}, got "
+        raise ValueError(f"out must be a contiguous float32 or bfloat16 {shape} tensor on {record.device}, got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
     split = groups * kv_heads * 2 * d * 2
-    scales = record[:split].view(torch.float16).view(groups, kv_heads, 2, d).transpose(0, 1).float()  # [kvH, G, 2, d]
+    scales = record[:split].view(torch.float16).view(groups, kv_heads, 2, d).transpose(0, 1).to(out.dtype)  # [kvH, G, 2, d]
     packed = record[split:].view(groups, kv_heads, group // per_byte, d).transpose(0, 1)  # [kvH, G, g/pb, d]
     codes = out.view(kv_heads, groups, group // per_byte, per_byte, d)  # token t of a group = byte t // pb, slot t % pb
     mask = (1 << bits) - 1
     for slot in range(per_byte):
         codes[:, :, :, slot].copy_((packed >> (slot * bits)) & mask)
     keys = out.view(kv_heads, groups, group, d)
-    keys.mul_(scales[:, :, 1:2]).add_(scales[:, :, 0:1])  # lo + code * step, as encoded
+    torch.addcmul(scales[:, :, 0:1], keys, scales[:, :, 1:2], out=keys)  # lo + code * step, as encoded, one pass
     return out[:, :num_tokens]
