@@ -46,9 +46,13 @@ class ComputeServerConfig:
     policy_plugins: tuple[str, ...] = ()
     importance_window: int = 32
     threads: int = 0
-    # dtype of the chunk scorers' q.k matmuls (auto: bfloat16 where the device has native bfloat16
-    # dot products, float32 elsewhere; docs/selection.md, "Scoring precision").
-    score_dtype: str = "auto"
+    # dtype of the chunk scorers' q.k matmuls: float32, bfloat16, or auto (bfloat16 where the device
+    # has native bfloat16 dot products). float32 by default: bfloat16 kept one answer fewer of 28 at
+    # 10 % on the real model (docs/selection.md, "Scoring precision").
+    score_dtype: str = "float32"
+    # Threads that run policies' look-ahead (contiguous+ scoring layer l + 1 while layer l runs) off
+    # the requests' threads; 0 = on the request's own thread (docs/selection.md, "Look-ahead thread").
+    look_ahead_threads: int = 1
     prefill_block: int = 1024
     max_prefix_tokens: int = 32768
     max_query_tokens: int = 4096
@@ -124,6 +128,8 @@ class ComputeServerConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.default_sub_period > self.default_period:
             raise ValueError("default_sub_period: must not exceed default_period")
+        if not 0 <= self.look_ahead_threads <= 64:
+            raise ValueError(f"look_ahead_threads: must be in [0, 64], got {self.look_ahead_threads}")
         if self.score_dtype not in SCORE_DTYPES:
             raise ValueError(f"score_dtype: must be one of {SCORE_DTYPES}, got {self.score_dtype!r}")
         if self.threads < 0:

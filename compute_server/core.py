@@ -91,6 +91,11 @@ class ComputeCore:
         # admitted requests each get a thread (their waits block only them); +1 for a registration
         self._requests = ThreadPoolExecutor(max_workers=config.max_active_requests + 1, thread_name_prefix="request")
         self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
+        # policies' look-ahead (contiguous+ scoring layer l + 1 while layer l runs) on its own
+        # thread(s), so that it uses a core the request's thread does not; a request that catches up
+        # with a look-ahead not yet begun runs it itself (IdentifiedPolicy._join)
+        self._ahead = (ThreadPoolExecutor(max_workers=config.look_ahead_threads, thread_name_prefix="ahead")
+                       if config.look_ahead_threads else None)
         self._running: set[Cancellation] = set()
         self.kv_dtype = config.kv_dtype or dtype_name(runner.dtype)
         self.geometry = KVGeometry(model.num_layers, model.num_attention_heads, model.num_kv_heads, model.head_dim,
@@ -331,7 +336,7 @@ class ComputeCore:
         try:
             policy = self.policies.create(cls.name, PolicyContext(loader, codec, chunks, self.projector, params,
                                                                          self.ident_cache, prefix_id,
-                                                                         self.score_dtype))
+                                                                         self.score_dtype, self._ahead))
             await policy.start_load_kv()
             outcome = await self._on_request_thread(job.cancellation, policy.compute, self.engine, job)
         except asyncio.CancelledError:
@@ -360,3 +365,5 @@ class ComputeCore:
         self.scheduler.close()
         self._requests.shutdown(wait=False, cancel_futures=True)
         self._stager.shutdown(wait=False, cancel_futures=True)
+        if self._ahead is not None:
+            self._ahead.shutdown(wait=False, cancel_futures=True)

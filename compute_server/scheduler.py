@@ -50,6 +50,7 @@ class _Op:
     future: Future[Any] = field(default_factory=Future)
     queued_at: float = field(default_factory=time.monotonic)
     thread: int = field(default_factory=threading.get_ident)  # the request's thread
+    follows: bool = True  # its thread submits another op soon (False: a look-ahead's lone projection)
 
 
 _STAGE = {"project": 1, "finish": 2}  # within a layer; embed comes before layer 0, logits after the last
@@ -58,9 +59,14 @@ GroupKey = tuple[tuple[int, int], tuple[str, int] | int]  # (stage, key): see _g
 
 def _group(op: _Op) -> GroupKey:
     """``(stage, key)``: ops of one key run in one pass; lower stages run first. A ``call`` (a whole
-    prefill) is a group of its own and goes first."""
+    prefill) is a group of its own and goes first. A look-ahead's projection (``follows`` False)
+    runs alone, at its layer's stage: its rows never change the numbers of a request's own pass
+    (a batched matmul may round differently), so a request's answer does not depend on when its
+    look-ahead ran."""
     if op.kind == "call":
         return (-1, 0), id(op)
+    if not op.follows:
+        return (op.layer, _STAGE[op.kind]), id(op)
     if op.kind == "embed":
         return (-1, 1), ("embed", -1)
     if op.kind == "logits":
@@ -113,9 +119,12 @@ class LayerScheduler:
         self._thread.start()
 
     # --- request threads -------------------------------------------------------------------------
-    def project(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> QKV:
-        """Blocks until the op ran: q ``[H, T, d]``, k and v ``[kvH, T, d]`` (see ModelRunner.project)."""
-        return self._submit(_Op("project", layer, (hidden, positions))).future.result()
+    def project(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor, *, follows: bool = True) -> QKV:
+        """Blocks until the op ran: q ``[H, T, d]``, k and v ``[kvH, T, d]`` (see ModelRunner.project).
+
+        ``follows=False``: no op of this thread follows soon (a policy's look-ahead on a helper
+        thread), so no pass waits for one (see :meth:`_run_next`)."""
+        return self._submit(_Op("project", layer, (hidden, positions), follows=follows)).future.result()
 
     def finish(self, layer: int, hidden: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                num_past: int) -> torch.Tensor:
@@ -255,7 +264,7 @@ class LayerScheduler:
             return
         now = time.monotonic()
         for op in ops:
-            if op.kind in ("embed", "project", "finish"):
+            if op.kind in ("embed", "project", "finish") and op.follows:
                 self._expected[op.thread] = now
 
     def _run(self, ops: list[_Op], run: Callable[[list[_Op]], list[Any]]) -> None:
@@ -338,5 +347,5 @@ class ScheduledProjector:
     def device(self) -> torch.device:
         return self._scheduler.runner.device
 
-    def project(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> QKV:
-        return self._scheduler.project(layer, hidden, positions)
+    def project(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor, *, aside: bool = False) -> QKV:
+        return self._scheduler.project(layer, hidden, positions, follows=not aside)

@@ -7,6 +7,8 @@ chunk, and then attends only to the kept chunks' tokens. The served result must 
 chunks and give the same logits — so mispredicted chunks were fetched before use. It runs against a
 server scoring in float32 and one scoring in bfloat16 (``--score-dtype``); for the second the
 reference rounds the scaled query, the keys and the q.k products to bfloat16 where the server does.
+Both run the speculation on the server's look-ahead thread; a third server (float32) runs it on
+the request's thread (``--look-ahead-threads 0``): the results must not depend on which.
 """
 
 from __future__ import annotations
@@ -30,14 +32,18 @@ MODEL = "random:tiny"
 C = 16
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+@pytest.fixture(scope="module", params=[("float32", 1), ("bfloat16", 1), ("float32", 0)],
+                ids=["float32", "bfloat16", "float32-inline"])
 def served(request: pytest.FixtureRequest,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ContiguousKVClient, str]]:
-    """A client of a server scoring in ``float32`` or ``bfloat16``, and which."""
+    """A client of a server scoring in ``float32`` or ``bfloat16`` with or without a look-ahead
+    thread, and its scoring dtype."""
+    score_dtype, ahead = request.param
     with launch.cache_server(tmp_path_factory.mktemp("store")) as cache:
-        with launch.compute_server(MODEL, cache.address, "--dtype", "float32", "--score-dtype", request.param) as compute:
+        with launch.compute_server(MODEL, cache.address, "--dtype", "float32", "--score-dtype", score_dtype,
+                                   "--look-ahead-threads", str(ahead)) as compute:
             with ContiguousKVClient(compute.address, timeout=120) as c:
-                yield c, request.param
+                yield c, score_dtype
 
 
 @pytest.fixture
@@ -263,7 +269,8 @@ def test_identification_cache_serves_hot_prefixes_without_identification_io(clie
         assert warm.bytes_identification == 0
         assert all(lt.ident_wait_ms == 0.0 for lt in warm.timings.layers)
     assert (warm.token_id, warm.periods, warm.logits) == (cold.token_id, cold.periods, cold.logits)
-    assert warm.bytes_fetched < cold.bytes_fetched
+    # mispredicted chunks that arrived before their cancel are timing's, not the cache's: compare the rest
+    assert warm.bytes_fetched - warm.bytes_wasted < cold.bytes_fetched - cold.bytes_wasted
 
 
 def test_period_options_are_validated(client: ContiguousKVClient) -> None:

@@ -226,6 +226,8 @@ def test_score_dtype_setting_resolves_per_device() -> None:
         score_dtype("float16", cpu)
     with pytest.raises(ValueError, match="score_dtype"):
         ComputeServerConfig(model="random:tiny", cache=("h:1",), score_dtype="half")
+    with pytest.raises(ValueError, match="look_ahead_threads"):
+        ComputeServerConfig(model="random:tiny", cache=("h:1",), look_ahead_threads=-1)
 
 
 @settings(max_examples=40, deadline=None)

@@ -222,3 +222,29 @@ def test_the_wait_for_requests_due_shrinks_to_what_passes_take(runner: ModelRunn
         assert scheduler._pass_s < LayerScheduler._GATHER_S / 4
     finally:
         scheduler.close()
+
+
+def test_a_look_ahead_projection_runs_alone_and_no_pass_waits_for_its_thread(runner: ModelRunner) -> None:
+    """A policy's look-ahead projects off the request's thread (``follows=False``): it never joins a
+    request's pass (its rows would change that pass's rounding), and its thread is not expected back,
+    so no pass holds for it. Requests' own projections of the same layer still share one pass."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = [runner.embed(torch.randint(0, 512, (n,), generator=gen)) for n in (4, 2, 3)]
+    positions = [torch.arange(50, 50 + h.shape[0]) for h in hidden]
+    scheduler = LayerScheduler(runner, max_batch=8)
+    try:
+        submit = [lambda h=h, p=p: scheduler.project(1, h, p) for h, p in zip(hidden[:2], positions[:2])]
+        submit.append(lambda: scheduler.project(1, hidden[2], positions[2], follows=False))
+        got = _queued_together(scheduler, submit, 3)
+        assert scheduler.stats.batched_by_kind == {"project": 1}  # the two requests' ops; the look-ahead alone
+        assert scheduler.stats.passes == 3  # the hold, the requests' pass, the look-ahead's
+        scheduler._expected.clear()
+        scheduler._expect_next([_Op("project", 1, (), thread=1), _Op("project", 1, (), thread=2, follows=False)])
+        assert set(scheduler._expected) == {1}  # a request's thread is expected back; the look-ahead's is not
+    finally:
+        scheduler.close()
+    for g, h, p in zip(got, hidden, positions):
+        alone = runner.project(1, h, p)
+        for a, b in zip(g, alone):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(got[2], runner.project(1, hidden[2], positions[2])))

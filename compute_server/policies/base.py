@@ -49,6 +49,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -74,9 +75,12 @@ class Projector(Protocol):
     @property
     def device(self) -> torch.device: ...
 
-    def project(self, layer: int, hidden: torch.Tensor,
-                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Post-RoPE q ``[heads, T, d]``, k and v ``[kv_heads, T, d]`` of ``hidden`` ``[T, D]`` at ``layer``."""
+    def project(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor, *,
+                aside: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Post-RoPE q ``[heads, T, d]``, k and v ``[kv_heads, T, d]`` of ``hidden`` ``[T, D]`` at ``layer``.
+
+        ``aside``: called off the request's thread (a look-ahead), so the layer passes need not
+        wait for a next op of the calling thread."""
         ...
 
 
@@ -109,6 +113,8 @@ class PolicyContext:
     prefix_id: str = ""
     score_dtype: torch.dtype = torch.float32
     """What the chunk scorers' q.k matmuls run in (:func:`~..selection.chunks.score_dtype`)."""
+    ahead: Executor | None = None
+    """The server's look-ahead thread (None: a policy's look-ahead runs on the request's thread)."""
 
 
 @dataclass

@@ -28,10 +28,12 @@ What each policy scores with (fractions of the prefix's K+V bytes in bf16; docs/
 from __future__ import annotations
 
 import abc
+from concurrent.futures import Future, wait
 from typing import ClassVar
 
 import torch
 
+from contiguouskv.compute_server.engine import Engine, QueryJob, QueryOutcome
 from contiguouskv.compute_server.kvio.loader import Records
 from contiguouskv.compute_server.policies.base import PolicyContext
 from contiguouskv.compute_server.policies.periodic import PeriodicPolicy
@@ -53,27 +55,67 @@ class IdentifiedPolicy(PeriodicPolicy):
     def __init__(self, context: PolicyContext) -> None:
         super().__init__(context)
         self._decoded: dict[int, torch.Tensor] = {}
+        self._ahead: dict[int, tuple[Future[None], torch.Tensor, torch.Tensor]] = {}  # start -> (task, its input)
 
     def before_layer(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> None:
         super().before_layer(layer, hidden, positions)
         start = layer + 1
         if (self._speculates(start) and start < self.chunks.num_layers and start % self.params.period == 0
-                and start not in self._selected and start not in self._predicted):
-            with self.selecting():
-                tail = slice(max(0, hidden.shape[0] - self.SPECULATE_TOKENS), None)
-                q, k, _ = self.projector.project(start, hidden[tail], positions[tail])
-                self._predict(start, select_top(self._score(start, q, k), self.budget))
+                and start not in self._selected and start not in self._predicted and start not in self._ahead):
+            tail = slice(max(0, hidden.shape[0] - self.SPECULATE_TOKENS), None)
+            if self.context.ahead is None:
+                with self.selecting():
+                    self._speculate(start, hidden[tail], positions[tail], aside=False)
+                return
+            entering, at = hidden[tail].clone(), positions[tail].clone()  # the engine may reuse its buffers
+            task = self.context.ahead.submit(self._speculate, start, entering, at, aside=True)
+            self._ahead[start] = (task, entering, at)
+
+    def _speculate(self, start: int, hidden: torch.Tensor, positions: torch.Tensor, aside: bool) -> None:
+        """Score layer ``start`` from the hidden state entering the layer before it and ship the top
+        chunks. ``aside``: on the server's look-ahead thread, while the request's thread runs the
+        layer before: the identification data is decoded here too, and its wait is not the
+        request's (the request waits only if it reaches ``start`` before this is done)."""
+        if aside:
+            self._ident_data(start, charge=False)
+        q, k, _ = self.projector.project(start, hidden, positions, aside=aside)
+        self._predict(start, select_top(self._score(start, q, k), self.budget))
+
+    def _join(self, start: int) -> None:
+        """Layer ``start``'s look-ahead is done (waited for; run here if the look-ahead thread has
+        not begun it, so the same prediction ships whatever the thread's backlog)."""
+        entry = self._ahead.pop(start, None)
+        if entry is None:
+            return
+        task, entering, at = entry
+        if task.cancel():
+            self._speculate(start, entering, at, aside=False)
+        else:
+            task.result()  # re-raises what it raised (a cancelled request's wait, a stream error)
+
+    def compute(self, engine: Engine, job: QueryJob) -> QueryOutcome:
+        try:
+            return super().compute(engine, job)
+        finally:  # a request that failed mid-way leaves no look-ahead running on its loader
+            for task, _, _ in self._ahead.values():
+                task.cancel()
+            wait([task for task, _, _ in self._ahead.values()])
+            self._ahead.clear()
 
     def _speculates(self, start: int) -> bool:
         return self.speculate and start > 0
 
-    def _ident_data(self, start: int) -> torch.Tensor:
-        """Layer ``start``'s identification data on the compute device, decoded once."""
+    def _ident_data(self, start: int, charge: bool = True) -> torch.Tensor:
+        """Layer ``start``'s identification data on the compute device, decoded once. ``charge``:
+        a wait for its record is the request's (its thread is the one waiting)."""
         if start not in self._decoded:
-            self._decoded[start] = self._decode(start, self._wait_blob(self._ident.pop(start)))
+            future = self._ident.pop(start)
+            records = self._wait_blob(future) if charge else self.loader.wait_blob(future)[0]
+            self._decoded[start] = self._decode(start, records)
         return self._decoded[start]
 
     def _choose(self, start: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        self._join(start)
         super()._choose(start, q, k)
         self._done_with(start)  # scored for good: free it
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import threading
 from concurrent.futures import Future
 from typing import ClassVar
 
@@ -60,7 +61,16 @@ class PeriodicPolicy(LoadingPolicy):
         self._ident_wait = [0.0] * L
         self._recalls: dict[int, tuple[float, float]] = {}  # layer -> (set, mass) recall of the exact top-k
         self.periods: list[PeriodChoice] = []
-        self.workspace = Workspace()  # scoring scratch, reused layer after layer (request thread only)
+        self._scratch = threading.local()
+
+    @property
+    def workspace(self) -> Workspace:
+        """Scoring scratch of the calling thread (the request's, or the server's look-ahead thread),
+        reused layer after layer."""
+        held = getattr(self._scratch, "workspace", None)
+        if held is None:
+            held = self._scratch.workspace = Workspace()
+        return held
 
     async def start_load_kv(self) -> None:
         stats = self.loader.start_blob("stats", [0], priority=STATS_PRIORITY)
