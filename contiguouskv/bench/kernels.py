@@ -16,6 +16,11 @@ per-request buffers; ``reused`` passes the buffers a request keeps (``out=``, a
 :class:`~contiguouskv.compute_server.workspace.Workspace`). The difference is the page faults of
 prefix-sized tensors that glibc serves with ``mmap`` (docs/performance.md). The bench applies the
 compute server's malloc settings first, so it allocates as the server does.
+
+Rows carry the ``dtype`` the kernel computes in. ``qkeys_decode`` and ``exact_scores`` are also
+timed in ``bfloat16`` (``--score-dtype bfloat16``: keys decoded to bfloat16, q.k products in
+bfloat16), into reused buffers, interleaved with the float32 ones; the summary gives
+``float32_over_bfloat16`` for them.
 """
 
 from __future__ import annotations
@@ -43,14 +48,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def summarize(rows: list[dict[str, object]]) -> list[dict[str, object]]:
-    """Per (kernel, prefix_tokens, query rows): fresh ÷ reused of the median milliseconds."""
-    out = []
+    """Per (kernel, prefix_tokens, query rows): fresh ÷ reused of the median milliseconds in float32
+    and, where the kernel was timed in bfloat16 too, float32 ÷ bfloat16 (reused buffers both).
+    Rows without a ``dtype`` are float32."""
+    out: list[dict[str, object]] = []
     keys = sorted({(str(r["kernel"]), int(r["prefix_tokens"]), int(r["rows"])) for r in rows})  # type: ignore[call-overload]
     for kernel, n, t in keys:
-        ms = {r["memory"]: float(r["ms_p50"]) for r in rows  # type: ignore[arg-type]
+        ms = {(r["memory"], r.get("dtype", "float32")): float(r["ms_p50"]) for r in rows  # type: ignore[arg-type]
               if (r["kernel"], r["prefix_tokens"], r["rows"]) == (kernel, n, t)}
-        if "fresh" in ms and "reused" in ms and ms["reused"] > 0:
-            out.append({"kernel": kernel, "prefix_tokens": n, "rows": t, "fresh_over_reused": ms["fresh"] / ms["reused"]})
+        reused = ms.get(("reused", "float32"), 0.0)
+        if ("fresh", "float32") in ms and reused > 0:
+            out.append({"kernel": kernel, "prefix_tokens": n, "rows": t,
+                        "fresh_over_reused": ms[("fresh", "float32")] / reused})
+        if ("reused", "bfloat16") in ms and reused > 0 and ms[("reused", "bfloat16")] > 0:
+            out.append({"kernel": kernel, "prefix_tokens": n, "rows": t,
+                        "float32_over_bfloat16": reused / ms[("reused", "bfloat16")]})
     return out
 
 
@@ -96,28 +108,33 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, object]] = []
 
     def add(kernel: str, n: int, rows_: int, got: dict[str, list[float]]) -> None:
-        for memory, ms in got.items():
-            rows.append({"kernel": kernel, "memory": memory, "prefix_tokens": n, "rows": rows_, "heads": heads,
-                         "kv_heads": kv_heads, "head_dim": d, "ms_p50": statistics.median(ms), "ms_min": min(ms),
-                         "repeats": len(ms)})
-            print(f"{kernel:13s} n={n:6d} rows={rows_:3d} {memory:6s} p50 {statistics.median(ms):8.2f} ms  "
+        for way, ms in got.items():  # "fresh", "reused" (float32), "bfloat16" (reused buffers)
+            memory, dtype = ("reused", "bfloat16") if way == "bfloat16" else (way, "float32")
+            rows.append({"kernel": kernel, "memory": memory, "dtype": dtype, "prefix_tokens": n, "rows": rows_,
+                         "heads": heads, "kv_heads": kv_heads, "head_dim": d, "ms_p50": statistics.median(ms),
+                         "ms_min": min(ms), "repeats": len(ms)})
+            print(f"{kernel:13s} n={n:6d} rows={rows_:3d} {way:8s} p50 {statistics.median(ms):8.2f} ms  "
                   f"min {min(ms):8.2f} ms", file=sys.stderr, flush=True)
 
     for n in [int(x) for x in args.prefix_tokens.split(",") if x]:
         lay = ContiguousLayout(n, preset.num_layers, kv_heads, d, "float32")
         record = quantize_keys(torch.randn(kv_heads, n, d, generator=gen), QKEY_BITS, QKEY_GROUP)
         buffer = torch.empty(dequantized_shape(n, kv_heads, d, QKEY_GROUP))
+        low = torch.empty(dequantized_shape(n, kv_heads, d, QKEY_GROUP), dtype=torch.bfloat16)
         add("qkeys_decode", n, 0, _time({
             "fresh": lambda: dequantize_keys(record, n, kv_heads, d, QKEY_BITS, QKEY_GROUP),
             "reused": lambda: dequantize_keys(record, n, kv_heads, d, QKEY_BITS, QKEY_GROUP, out=buffer),
+            "bfloat16": lambda: dequantize_keys(record, n, kv_heads, d, QKEY_BITS, QKEY_GROUP, out=low),
         }, args.repeats))
         keys = dequantize_keys(record, n, kv_heads, d, QKEY_BITS, QKEY_GROUP)
+        keys16 = dequantize_keys(record, n, kv_heads, d, QKEY_BITS, QKEY_GROUP, dtype=torch.bfloat16)
         for rows_ in sorted({t, min(t, IdentifiedPolicy.SPECULATE_TOKENS)}):
             q, k_self = torch.randn(heads, rows_, d, generator=gen), torch.randn(kv_heads, rows_, d, generator=gen)
-            workspace = Workspace()
+            workspace, workspace16 = Workspace(), Workspace()
             add("exact_scores", n, rows_, _time({
                 "fresh": lambda: exact_chunk_scores(lay, q, k_self, keys, 0.088),
                 "reused": lambda: exact_chunk_scores(lay, q, k_self, keys, 0.088, workspace),
+                "bfloat16": lambda: exact_chunk_scores(lay, q, k_self, keys16, 0.088, workspace16, torch.bfloat16),
             }, args.repeats))
         kv_lay = ContiguousLayout(n, preset.num_layers, kv_heads, d, args.kv_dtype)
         codec, chunks = ContiguousCodec(kv_lay), list(range(kv_lay.num_chunks))
@@ -137,8 +154,9 @@ def run(args: argparse.Namespace) -> int:
         }, args.repeats))
     summary = summarize(rows)
     for s in summary:
-        print(f"{s['kernel']:13s} n={s['prefix_tokens']:6d} rows={s['rows']:3d} fresh/reused "
-              f"{s['fresh_over_reused']:.2f}x")
+        ratio = (f"fresh/reused {s['fresh_over_reused']:.2f}x" if "fresh_over_reused" in s
+                 else f"float32/bfloat16 {s['float32_over_bfloat16']:.2f}x")
+        print(f"{s['kernel']:13s} n={s['prefix_tokens']:6d} rows={s['rows']:3d} {ratio}")
     if args.json_path:
         args.json_path.write_text(json.dumps({
             "config": {"model": args.model, "query_tokens": t, "kv_dtype": args.kv_dtype, "threads": args.threads,
