@@ -86,7 +86,9 @@ def exact_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.
         torch.matmul(qs[g], keys.T, out=products)  # [groups * T, n], scaled
         own = self_logits[g]  # [groups * T, T]
         top = torch.maximum(products.amax(dim=1).float(), own.amax(dim=1)).unsqueeze(1)  # row max over [prefix ; self]
-        torch.sub(products, top, out=logits).exp_()  # float32 from here on
+        if products is not logits:  # a plain copy, then in place: a mixed-dtype sub makes a
+            logits.copy_(products)  # prefix-sized float32 temporary, mmap-ed afresh every call
+        logits.sub_(top).exp_()  # float32 from here on
         total = logits.sum(dim=1) + torch.exp(own - top).sum(dim=1)  # softmax denominators [groups * T]
         token_mass.addmv_(logits.T, total.reciprocal_())
     return per_chunk(layout, token_mass)
