@@ -51,7 +51,8 @@ class ComputeServerConfig:
     # 10 % on the real model (docs/selection.md, "Scoring precision").
     score_dtype: str = "float32"
     # Threads that run policies' look-ahead (contiguous+ scoring layer l + 1 while layer l runs) off
-    # the requests' threads; 0 = on the request's own thread (docs/selection.md, "Look-ahead thread").
+    # the requests' threads; 0 = on the request's own thread (docs/performance.md, "contiguous+'s speculation
+    # on a look-ahead thread").
     look_ahead_threads: int = 1
     prefill_block: int = 1024
     max_prefix_tokens: int = 32768

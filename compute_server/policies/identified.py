@@ -13,6 +13,11 @@ wrongly are cancelled. On the real Qwen model the correction is what keeps the a
 from the speculative scores alone loses some (docs/selection.md). Layer 0's prediction is the stored
 static importance; its real query corrects it the same way.
 
+The speculation (decoding ``l + 1``'s data, projecting, scoring, shipping) runs on the server's
+look-ahead thread when it has one (``PolicyContext.ahead``), beside the request's thread running
+layer ``l``; the request joins it at ``l + 1`` and runs it itself if the thread has not begun it,
+so the same chunks ship either way (docs/performance.md).
+
 What each policy scores with (fractions of the prefix's K+V bytes in bf16; docs/selection.md):
 
 - `contiguous+` — ``qkeys``: the keys at 2 bits with per-channel float16 (min, step) over 64-token
