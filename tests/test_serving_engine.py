@@ -272,8 +272,13 @@ def test_sigterm_ends_running_and_queued_calls_with_unavailable_and_exits_within
         compute.stop()
     assert exited_s < 3.0 + 3.0, exited_s  # the 3 s grace, and the process's own teardown (slow on a loaded machine)
     assert len(results) == 4, results
-    late = [r for at, r in results if at >= start]  # a call may have finished before the signal on a fast run
-    assert len(late) >= 2 and all(isinstance(r, UnavailableError) and "shutting down" in str(r) for r in late), results
+    late = [(at - start, r) for at, r in results if at >= start]  # a call may have finished before the signal
+    refused = [r for _, r in late if isinstance(r, UnavailableError) and "shutting down" in str(r)]
+    assert len(refused) >= 2, results  # the two queued calls at least
+    # anything else after the signal is a running call that finished within the first half of the
+    # grace, as the server allows (docs/operations.md); 1 s of slack for the client to see it
+    assert all(isinstance(r, ReprefillResult) and after <= 3.0 / 2 + 1.0
+               for after, r in late if not any(r is x for x in refused)), results
 
 
 # --- the compute floor (measure_floor) -----------------------------------------------------------
