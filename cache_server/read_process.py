@@ -43,7 +43,7 @@ import time
 from collections.abc import Sequence
 from queue import SimpleQueue
 
-from contiguouskv.common.checksum import crc32_any_size
+from contiguouskv.common.checksum import crc32_any_size, first_bad_record
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,9 @@ def _read_run(fd: int, buffer: memoryview, run: Run, stride: int, size: int) -> 
         done += got
     seconds = (time.perf_counter() - started,)
     expected = struct.unpack(f"<{len(crcs) // 4}I", crcs)
+    if stride == size:  # back to back: one CRC-32 of the run against the records' CRCs combined
+        bad = first_bad_record(part, size, expected)
+        return ReadReport(seconds) if bad is None else ReadReport(seconds, ("data_loss", "checksum mismatch"), first + bad)
     for k, crc in enumerate(expected):
         # whole records: a helper shares no GIL with an event loop (contiguouskv/common/checksum.py)
         if crc32_any_size(part[k * stride : k * stride + size]) != crc:

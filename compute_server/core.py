@@ -36,6 +36,7 @@ from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
 from contiguouskv.compute_server.layouts.contiguous_codec import ContiguousCodec
 from contiguouskv.compute_server.layouts.registry import PRIMARY_LAYOUT, build_codec, layout_kinds, parse_codec
 from contiguouskv.compute_server.layouts.tensors import TORCH_DTYPES, dtype_name
+from contiguouskv.compute_server.lookahead import LookAhead
 from contiguouskv.compute_server.model.loading import LoadedModel
 from contiguouskv.compute_server.model.runner import ModelRunner
 from contiguouskv.compute_server.observability.tracing import traced_reprefill
@@ -94,8 +95,7 @@ class ComputeCore:
         # policies' look-ahead (contiguous+ scoring layer l + 1 while layer l runs) on its own
         # thread(s), so that it uses a core the request's thread does not; a request that catches up
         # with a look-ahead not yet begun runs it itself (IdentifiedPolicy._join)
-        self._ahead = (ThreadPoolExecutor(max_workers=config.look_ahead_threads, thread_name_prefix="ahead")
-                       if config.look_ahead_threads else None)
+        self.look_ahead = LookAhead(config.look_ahead_threads)
         self._running: set[Cancellation] = set()
         self.kv_dtype = config.kv_dtype or dtype_name(runner.dtype)
         self.geometry = KVGeometry(model.num_layers, model.num_attention_heads, model.num_kv_heads, model.head_dim,
@@ -336,7 +336,7 @@ class ComputeCore:
         try:
             policy = self.policies.create(cls.name, PolicyContext(loader, codec, chunks, self.projector, params,
                                                                          self.ident_cache, prefix_id,
-                                                                         self.score_dtype, self._ahead))
+                                                                         self.score_dtype, self.look_ahead))
             await policy.start_load_kv()
             outcome = await self._on_request_thread(job.cancellation, policy.compute, self.engine, job)
         except asyncio.CancelledError:
@@ -365,5 +365,4 @@ class ComputeCore:
         self.scheduler.close()
         self._requests.shutdown(wait=False, cancel_futures=True)
         self._stager.shutdown(wait=False, cancel_futures=True)
-        if self._ahead is not None:
-            self._ahead.shutdown(wait=False, cancel_futures=True)
+        self.look_ahead.shutdown()

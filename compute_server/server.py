@@ -60,7 +60,7 @@ async def serve(config: ComputeServerConfig) -> int:
             ComputeMetrics, MetricsInterceptor, start_metrics_server,
         )
 
-        observed = ComputeMetrics(core.ident_cache, core.admission, core.scheduler.stats)
+        observed = ComputeMetrics(core.ident_cache, core.admission, core.scheduler.stats, core.look_ahead)
         interceptors.append(MetricsInterceptor(observed))
         metrics = start_metrics_server(config.host, config.metrics_port, observed)
     # Last, so tracing and the request metrics see refused calls with their status.

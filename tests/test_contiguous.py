@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -27,6 +28,7 @@ from contiguouskv.compute_server.model.loading import load_model
 from contiguouskv.compute_server.model.runner import ModelRunner
 from contiguouskv.compute_server.policies.identified import IdentifiedPolicy
 from contiguouskv.compute_server.selection.keyquant import dequantize_keys, quantize_keys
+from test_compute_metrics import scrape
 
 MODEL = "random:tiny"
 C = 16
@@ -41,9 +43,15 @@ def served(request: pytest.FixtureRequest,
     score_dtype, ahead = request.param
     with launch.cache_server(tmp_path_factory.mktemp("store")) as cache:
         with launch.compute_server(MODEL, cache.address, "--dtype", "float32", "--score-dtype", score_dtype,
-                                   "--look-ahead-threads", str(ahead)) as compute:
+                                   "--look-ahead-threads", str(ahead), "--metrics-port", "0") as compute:
+            found = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", compute.log_tail(200))
+            assert found, compute.log_tail()
+            METRICS[score_dtype, ahead] = found.group(1)
             with ContiguousKVClient(compute.address, timeout=120) as c:
                 yield c, score_dtype
+
+
+METRICS: dict[tuple[str, int], str] = {}  # (score dtype, look-ahead threads) -> the server's metrics URL
 
 
 @pytest.fixture
@@ -283,3 +291,28 @@ def test_period_options_are_validated(client: ContiguousKVClient) -> None:
 def test_model_info_names_the_scoring_dtype(served: tuple[ContiguousKVClient, str]) -> None:
     client, score_dtype = served
     assert client.model_info().score_dtype == score_dtype
+
+
+def test_speculation_runs_on_the_look_ahead_thread_when_there_is_one(served: tuple[ContiguousKVClient, str],
+                                                                    request: pytest.FixtureRequest) -> None:
+    client, score_dtype = served
+    threads = request.node.callspec.params["served"][1]  # the server's --look-ahead-threads
+    url = METRICS[score_dtype, threads]
+    rng = random.Random(21)
+    reg = client.register(token_ids=[rng.randrange(512) for _ in range(600)])
+
+    def runs() -> tuple[float, float]:
+        m = scrape(url)
+        return m["ckv_compute_look_ahead_runs_total{where=thread}"], m["ckv_compute_look_ahead_runs_total{where=request}"]
+
+    before = runs()
+    speculated = 0
+    for n in range(3):
+        got = client.reprefill(reg.prefix_id, [3 + n, 4, 5], policy="contiguous+", budget=0.1)
+        speculated += len(got.periods) - 1  # every period but the first is scored a layer ahead
+    thread, on_request = (a - b for a, b in zip(runs(), before))
+    assert thread + on_request == speculated > 0
+    if threads:  # the thread takes the work as it is handed out; a request takes back only what it has not begun
+        assert thread > 0
+    else:
+        assert thread == 0

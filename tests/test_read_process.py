@@ -68,22 +68,29 @@ async def test_helper_reads_equal_the_records_and_in_process_reads(
     assert helpers.free_slots == 2
 
 
-async def test_a_flipped_byte_is_data_loss_through_a_helper(tmp_path: Path, helpers: ReadProcesses) -> None:
+@pytest.mark.parametrize(("region", "bad", "asked"), [
+    ("kv/G0", 2, [1, 2, 3]),  # padded records: checked one by one
+    ("kv/G1", 5, [3, 4, 5, 6, 7]),  # back to back: one CRC-32 of the run, then the culprit named
+])
+async def test_a_flipped_byte_is_data_loss_through_a_helper(
+        tmp_path: Path, helpers: ReadProcesses, region: str, bad: int, asked: list[int]) -> None:
     store, records = stored(tmp_path)
+    with store.open_object(KEY) as reader:
+        layout = reader.manifest.region(region)
     data = object_paths(tmp_path / "root", KEY).data
-    with open(data, "r+b") as f:  # last payload byte of kv/G0 record 2
-        f.seek(2 * 8192 + 4999)
+    with open(data, "r+b") as f:  # last payload byte of the bad record
+        f.seek(layout.record_offset(bad) + layout.record_size - 1)
         byte = f.read(1)
-        f.seek(2 * 8192 + 4999)
+        f.seek(layout.record_offset(bad) + layout.record_size - 1)
         f.write(bytes([byte[0] ^ 0x10]))
     with store.open_object(KEY) as reader:
         assembler = BatchAssembler(reader, DramCache(0), ReadBuffers(1 << 20), store.counters)
-        layout = reader.manifest.region("kv/G0")
-        with pytest.raises(DataLoss, match="record 2"):
-            await assembler.build_in_helper(helpers, 1, layout, [1, 2, 3], True)
+        with pytest.raises(DataLoss, match=f"record {bad}$"):
+            await assembler.build_in_helper(helpers, 1, layout, asked, True)
         assert store.counters.values()["checksum_failures"] == 1
-        good = await assembler.build_in_helper(helpers, 2, layout, [1, 3], True)
-        assert good is not None and bytes(good.data) == records["kv/G0"][1] + records["kv/G0"][3]
+        good = [i for i in asked if i != bad]
+        batch = await assembler.build_in_helper(helpers, 2, layout, good, True)
+        assert batch is not None and bytes(batch.data) == b"".join(records[region][i] for i in good)
     assert helpers.free_slots == 2
 
 

@@ -18,6 +18,10 @@ nothing of metrics. Names follow the Prometheus conventions: ``ckv_compute_`` pr
   the thread's utilisation), ``ckv_compute_thread_passes_total{batched}`` (passes that served one
   request, ``false``, or several, ``true``), ``ckv_compute_thread_ops_total`` (ops run: ops ÷
   passes is the mean batch)
+- ``ckv_compute_look_ahead_runs_total{where}``: policies' look-ahead work since start (``contiguous+``
+  scoring layer ``l + 1`` while layer ``l`` runs), ``thread`` (a look-ahead thread ran it) or
+  ``request`` (the request's own thread: no look-ahead thread, or it had not begun the work when the
+  request needed it)
 - ``ckv_compute_register_phase_seconds{phase}`` (``prefill``, ``store``),
   ``ckv_compute_stored_bytes_total``, ``ckv_compute_registrations_total{outcome}`` (``stored``,
   ``already_registered``)
@@ -42,6 +46,7 @@ except ImportError as err:  # a base dependency, but some machines run without i
 
 from contiguouskv.compute_server.admission import Admission
 from contiguouskv.compute_server.kvio.identcache import IdentCache
+from contiguouskv.compute_server.lookahead import LookAhead
 from contiguouskv.compute_server.scheduler import SchedulerStats
 from contiguouskv.v1 import compute_pb2
 
@@ -58,7 +63,7 @@ class ComputeMetrics:
     """The compute server's metric families, in a registry of their own."""
 
     def __init__(self, ident_cache: IdentCache | None = None, admission: Admission | None = None,
-                 scheduler: SchedulerStats | None = None) -> None:
+                 scheduler: SchedulerStats | None = None, look_ahead: LookAhead | None = None) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         if scheduler is not None:
             r.register(_SchedulerCollector(scheduler))
@@ -94,6 +99,8 @@ class ComputeMetrics:
                               ["state"], registry=r)
         self.staged = Gauge(PREFIX + "admission_staged_bytes",
                             "Staged-KV estimate of the running requests (admission's byte budget in use).", registry=r)
+        if look_ahead is not None:
+            r.register(_LookAheadCollector(look_ahead))
         if admission is not None:
             gate = admission
             self.admitted.labels("running").set_function(lambda: gate.snapshot().active)
@@ -157,6 +164,25 @@ class _SchedulerCollector:
                                   "per pass).")
         ops.add_metric([], s.ops)
         yield from (busy, passes, ops)
+
+
+class _LookAheadCollector:
+    """Where policies' look-ahead work ran (:class:`LookAhead`), read at every scrape."""
+
+    def __init__(self, look_ahead: LookAhead) -> None:
+        self._look_ahead = look_ahead
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        s = self._look_ahead.stats()
+        runs = CounterMetricFamily(PREFIX + "look_ahead_runs", "Policies' look-ahead work (contiguous+ scoring layer "
+                                   "l+1 while l runs) by the thread that ran it: thread (a look-ahead thread) or "
+                                   "request (the request's own).", labels=["where"])
+        runs.add_metric(["thread"], s.on_thread)
+        runs.add_metric(["request"], s.on_request)
+        yield runs
 
 
 def _code(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:

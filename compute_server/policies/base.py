@@ -49,7 +49,6 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -61,6 +60,7 @@ from contiguouskv.compute_server.kvio.identcache import IdentCache
 from contiguouskv.compute_server.kvio.loader import KVLoader
 from contiguouskv.compute_server.layouts.base import LayoutCodec
 from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
+from contiguouskv.compute_server.lookahead import LookAhead
 
 STATS_PRIORITY = -(1 << 20)
 """Fetch priority of small reads a policy needs before anything else (statistics, scores)."""
@@ -113,8 +113,9 @@ class PolicyContext:
     prefix_id: str = ""
     score_dtype: torch.dtype = torch.float32
     """What the chunk scorers' q.k matmuls run in (:func:`~..selection.chunks.score_dtype`)."""
-    ahead: Executor | None = None
-    """The server's look-ahead thread (None: a policy's look-ahead runs on the request's thread)."""
+    ahead: LookAhead | None = None
+    """The server's look-ahead thread(s), which also count where look-ahead work ran (None: a
+    policy's look-ahead runs on the request's thread, uncounted)."""
 
 
 @dataclass

@@ -68,12 +68,16 @@ class IdentifiedPolicy(PeriodicPolicy):
         if (self._speculates(start) and start < self.chunks.num_layers and start % self.params.period == 0
                 and start not in self._selected and start not in self._predicted and start not in self._ahead):
             tail = slice(max(0, hidden.shape[0] - self.SPECULATE_TOKENS), None)
-            if self.context.ahead is None:
+            ahead = self.context.ahead
+            if ahead is None or not ahead.has_threads:
                 with self.selecting():
-                    self._speculate(start, hidden[tail], positions[tail], aside=False)
+                    if ahead is None:
+                        self._speculate(start, hidden[tail], positions[tail], aside=False)
+                    else:
+                        ahead.run_here(self._speculate, start, hidden[tail], positions[tail], aside=False)
                 return
             entering, at = hidden[tail].clone(), positions[tail].clone()  # the engine may reuse its buffers
-            task = self.context.ahead.submit(self._speculate, start, entering, at, aside=True)
+            task = ahead.submit(self._speculate, start, entering, at, aside=True)
             self._ahead[start] = (task, entering, at)
 
     def _speculate(self, start: int, hidden: torch.Tensor, positions: torch.Tensor, aside: bool) -> None:
@@ -94,7 +98,8 @@ class IdentifiedPolicy(PeriodicPolicy):
             return
         task, entering, at = entry
         if task.cancel():
-            self._speculate(start, entering, at, aside=False)
+            assert self.context.ahead is not None  # a task was submitted to it
+            self.context.ahead.run_here(self._speculate, start, entering, at, aside=False)
         else:
             task.result()  # re-raises what it raised (a cancelled request's wait, a stream error)
 
