@@ -130,11 +130,14 @@ class ReprefillResult:
     """With ``evaluate_recall``: exact attention mass of the chosen chunks over the exact top-k's."""
     bytes_identification_cached: int = 0
     """Identification bytes the compute server had resident (no I/O)."""
+    answer_text: str = ""
+    """The first token and the generated ones decoded as one sequence (special tokens skipped)."""
 
     @property
     def answer(self) -> str:
-        """First token's text followed by the generated continuation."""
-        return self.text + self.generated_text
+        """The answer's text: the first token and the generated ones decoded together (from a server
+        that predates ``answer_text``: the two texts joined)."""
+        return self.answer_text or self.text + self.generated_text
 
 
 @dataclass(frozen=True)

@@ -122,8 +122,10 @@ class ComputeCore:
         return ids
 
     def decode(self, ids: list[int]) -> str:
+        """Text of ``ids`` as one sequence, special tokens (end of turn, padding) skipped; "" without a
+        tokenizer."""
         tok = self.model.tokenizer
-        return tok.decode(ids) if tok is not None else ""
+        return tok.decode(ids, skip_special_tokens=True) if tok is not None else ""
 
     async def _on_request_thread(self, cancellation: Cancellation, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn`` on a request thread. Cancelled, the caller still waits for the thread to let go
@@ -307,7 +309,8 @@ class ComputeCore:
             prefix_tokens=chunks.num_tokens, query_tokens=len(query), bytes_fetched=loader.bytes_received,
             ttft_s=ttft_s, fetch_s=max(0.0, fetch_s), outcome=outcome,
             num_chunks=chunks.num_chunks, generated_text=self.decode(outcome.generated_ids),
-            usage=policy.usage(), bytes_kv_record=chunks.kv_record_size, resident_s=resident_s)
+            usage=policy.usage(), bytes_kv_record=chunks.kv_record_size, resident_s=resident_s,
+            answer_text=self.decode([outcome.token_id, *outcome.generated_ids]))
 
     async def _resident(self, job: QueryJob, outcome: QueryOutcome) -> float:
         """The request's compute floor (:meth:`Engine.resident`); its K/V are let go after."""

@@ -48,6 +48,7 @@ class ReprefillReport:
     usage: "LoadUsage"
     bytes_kv_record: int
     resident_s: float | None = None  # with measure_floor: the query over the same K/V held resident
+    answer_text: str = ""  # the first token and the generated ones decoded as one sequence
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from contiguouskv.compute_server.core import ComputeCore
 from contiguouskv.compute_server.errors import ComputeError
 from contiguouskv.compute_server.layouts.tensors import dtype_name
 from contiguouskv.compute_server.request import RegisterReport, ReprefillArgs, ReprefillReport
+from contiguouskv.compute_server.textstream import TextStream
 from contiguouskv.v1 import compute_pb2, compute_pb2_grpc
 
 SERVICE_NAME = compute_pb2.DESCRIPTOR.services_by_name["ComputeService"].full_name
@@ -101,6 +102,7 @@ def _reply(result: ReprefillReport, with_logits: bool = False) -> compute_pb2.Re
         token_id=result.token_id, text=result.text, policy=result.policy, budget=result.budget,
         timings=timings, bytes_fetched=result.bytes_fetched, prefix_tokens=result.prefix_tokens,
         query_tokens=result.query_tokens, generated_ids=o.generated_ids, generated_text=result.generated_text,
+        answer_text=result.answer_text,
         chunks_loaded=round(sum(u.layer_chunks) / max(1, len(u.layer_chunks))), num_chunks=result.num_chunks,
         logits=o.logits.tolist() if with_logits and o.logits is not None else [],
         periods=periods, prediction_hit_rate=u.prediction_hit_rate, recall=u.recall,
@@ -145,6 +147,7 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
 
         task = asyncio.ensure_future(_guard(context, self._core.reprefill(_args(request.request), on_token)))
         ids: list[int] = []
+        text = TextStream(self._core.decode)
         try:
             while not (task.done() and queue.empty()):
                 getter = asyncio.ensure_future(queue.get())
@@ -153,10 +156,8 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
                     getter.cancel()
                     continue
                 index, token = getter.result()
-                before = self._core.decode(ids)
                 ids.append(token)
-                yield compute_pb2.GenerateResponse(index=index, token_id=token,
-                                                   text=self._core.decode(ids)[len(before):])
+                yield compute_pb2.GenerateResponse(index=index, token_id=token, text=text.push(token))
             result = await task
         finally:
             task.cancel()

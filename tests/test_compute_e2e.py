@@ -136,7 +136,16 @@ def test_text_prefix_and_generation_agree(smol: ContiguousKVClient) -> None:
     streamed = list(smol.generate(reg.prefix_id, query, max_new_tokens=6))
     assert [t.token_id for t in streamed] == [full.token_id, *full.generated_ids]
     assert [t.index for t in streamed] == list(range(len(streamed)))
-    assert "".join(t.text for t in streamed) == full.answer
+    assert "".join(t.text for t in streamed) == full.answer == full.answer_text
+    # characters split over tokens (kana, emoji): the answer is decoded as one sequence, and the
+    # stream hands each character out whole, once complete (a character the last token leaves
+    # unfinished is not streamed)
+    query = " 日本語の質問：金庫のコードは？🔐"
+    full = smol.reprefill(reg.prefix_id, query, policy="full", max_new_tokens=8)
+    streamed = list(smol.generate(reg.prefix_id, query, max_new_tokens=8))
+    assert [t.token_id for t in streamed] == [full.token_id, *full.generated_ids]
+    joined = "".join(t.text for t in streamed)
+    assert "\ufffd" not in joined and full.answer.rstrip("\ufffd") == joined
 
 
 def test_bad_input_gets_clear_statuses(tiny: ContiguousKVClient) -> None:

@@ -449,14 +449,17 @@ class ReprefillResponse(_message.Message):
     TOKEN_LAYERS_FIELD_NUMBER: _builtins.int
     MASS_RECALL_FIELD_NUMBER: _builtins.int
     BYTES_IDENTIFICATION_CACHED_FIELD_NUMBER: _builtins.int
+    ANSWER_TEXT_FIELD_NUMBER: _builtins.int
     token_id: _builtins.int
     text: _builtins.str
+    """The first token alone, decoded (special tokens skipped)."""
     policy: _builtins.str
     budget: _builtins.float
     bytes_fetched: _builtins.int
     prefix_tokens: _builtins.int
     query_tokens: _builtins.int
     generated_text: _builtins.str
+    """The generated tokens alone, decoded (special tokens skipped). The answer is answer_text."""
     chunks_loaded: _builtins.int
     num_chunks: _builtins.int
     prediction_hit_rate: _builtins.float
@@ -482,6 +485,11 @@ class ReprefillResponse(_message.Message):
     """
     bytes_identification_cached: _builtins.int
     """Identification bytes served from the compute server's identification cache (no I/O)."""
+    answer_text: _builtins.str
+    """The first token and the generated ones decoded as one sequence, special tokens skipped: the
+    answer's text. (text and generated_text are decoded apart, so a character whose bytes span
+    the first token and the next appears in neither.) Empty for a model without a tokenizer.
+    """
     @_builtins.property
     def timings(self) -> Global___Timings: ...
     @_builtins.property
@@ -525,10 +533,11 @@ class ReprefillResponse(_message.Message):
         token_layers: _abc.Iterable[Global___TokenLayerSelection] | None = ...,
         mass_recall: _builtins.float = ...,
         bytes_identification_cached: _builtins.int = ...,
+        answer_text: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "bytes_fetched", b"bytes_fetched", "bytes_identification", b"bytes_identification", "bytes_identification_cached", b"bytes_identification_cached", "bytes_kv", b"bytes_kv", "bytes_selected", b"bytes_selected", "bytes_wasted", b"bytes_wasted", "chunks_loaded", b"chunks_loaded", "generated_ids", b"generated_ids", "generated_text", b"generated_text", "logits", b"logits", "mass_recall", b"mass_recall", "num_chunks", b"num_chunks", "periods", b"periods", "policy", b"policy", "prediction_hit_rate", b"prediction_hit_rate", "prefix_tokens", b"prefix_tokens", "query_tokens", b"query_tokens", "read_amplification", b"read_amplification", "recall", b"recall", "text", b"text", "timings", b"timings", "token_id", b"token_id", "token_layers", b"token_layers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_text", b"answer_text", "budget", b"budget", "bytes_fetched", b"bytes_fetched", "bytes_identification", b"bytes_identification", "bytes_identification_cached", b"bytes_identification_cached", "bytes_kv", b"bytes_kv", "bytes_selected", b"bytes_selected", "bytes_wasted", b"bytes_wasted", "chunks_loaded", b"chunks_loaded", "generated_ids", b"generated_ids", "generated_text", b"generated_text", "logits", b"logits", "mass_recall", b"mass_recall", "num_chunks", b"num_chunks", "periods", b"periods", "policy", b"policy", "prediction_hit_rate", b"prediction_hit_rate", "prefix_tokens", b"prefix_tokens", "query_tokens", b"query_tokens", "read_amplification", b"read_amplification", "recall", b"recall", "text", b"text", "timings", b"timings", "token_id", b"token_id", "token_layers", b"token_layers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -571,7 +580,10 @@ class GenerateResponse(_message.Message):
     index: _builtins.int
     token_id: _builtins.int
     text: _builtins.str
-    """Text of this token, decoded in the context of the tokens before it."""
+    """Text this token completes, decoded in the context of the tokens before it: empty while the
+    token ends inside a character whose bytes the next tokens complete (then a later message
+    carries the whole character), so the texts of a stream join into the answer's text.
+    """
     @_builtins.property
     def summary(self) -> Global___ReprefillResponse: ...
     def __init__(
