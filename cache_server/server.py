@@ -23,6 +23,7 @@ from contiguouskv.cache_server.dram_cache import DramCache
 from contiguouskv.cache_server.eviction import DEFAULT_EVICTION_RULE, EVICTION_RULES
 from contiguouskv.cache_server.fetch import DISK_BYTES_PER_PAYLOAD_BYTE
 from contiguouskv.cache_server.read_process import ReadProcesses
+from contiguouskv.cache_server.rootlock import hold_root
 from contiguouskv.cache_server.shm_plane import PlaneServer
 from contiguouskv.cache_server.service import METHOD_SCOPES, SERVICE_NAME, CacheServicer, add_cache_service
 from contiguouskv.cache_server.store import RecordStore
@@ -33,7 +34,7 @@ from contiguouskv.common.logs import setup_logging
 from contiguouskv.common.malloc import keep_freed_buffers
 from contiguouskv.common.security import server_credentials
 from contiguouskv.common.serving import (
-    SERVING_FIELDS, ServerLifecycle, add_serving_arguments, channel_options, run_async,
+    SERVING_FIELDS, ServerLifecycle, add_serving_arguments, run_async, server_options,
 )
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def _build_server(config: CacheServerConfig, store: RecordStore, cache: DramCach
     """The gRPC server with the cache, health and reflection services (access checks last, so
     tracing sees refused calls)."""
     interceptors = telemetry.server_interceptors() + ([access] if access is not None else [])
-    server = grpc.aio.server(options=channel_options(config.max_message_bytes), interceptors=interceptors or None)
+    server = grpc.aio.server(options=server_options(config.max_message_bytes), interceptors=interceptors or None)
     servicer = CacheServicer(store, read_pool, config.max_batch_bytes, cache,
                              config.max_inflight_bytes, helpers, planes)
     add_cache_service(servicer, server)
@@ -105,6 +106,11 @@ async def serve(config: CacheServerConfig, ready: Callable[[int], None] | None =
     ``ready`` is called with the bound port once the server accepts calls (after the port file
     is written). Health reports SERVING for "" and the cache service until the drain starts.
     """
+    with hold_root(config.root):  # before recovery: it must not run on a root another server writes
+        await _serve_store(config, ready)
+
+
+async def _serve_store(config: CacheServerConfig, ready: Callable[[int], None] | None) -> None:
     store = await asyncio.to_thread(RecordStore, config)
     cache = DramCache(config.dram_cache_bytes, config.eviction_rule, store.counters)
     logger.info("DRAM cache: %d bytes, eviction rule %s; reads %s", config.dram_cache_bytes,
@@ -188,4 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except ConfigError as exc:
         parser.error(str(exc))
-    return run(config)
+    try:
+        return run(config)
+    except OSError as exc:  # a root, port or socket another server holds: say which, not a traceback
+        logger.error("cache server cannot start: %s", exc)
+        return 2

@@ -63,7 +63,10 @@ def _status_of(error: CacheError) -> grpc.StatusCode:
 
 async def _abort(context: grpc.aio.ServicerContext, rpc: str, error: CacheError) -> None:
     code = _status_of(error)
-    logger.info("%s failed: %s %s", rpc, code.name, status_details(str(error)))
+    # NOT_FOUND is an answer, not a failure (a compute server asks whether a prefix is stored before
+    # every registration): debug only
+    level = logging.DEBUG if code is grpc.StatusCode.NOT_FOUND else logging.INFO
+    logger.log(level, "%s failed: %s %s", rpc, code.name, status_details(str(error)))
     await context.abort(code, status_details(str(error)))
 
 

@@ -199,7 +199,10 @@ class PlaneServer:
         if self.path.exists() or self.path.is_symlink():
             if not stat.S_ISSOCK(self.path.lstat().st_mode):
                 raise OSError(f"shm_socket: {self.path} exists and is not a socket")
-            self.path.unlink()
+            if _listening(self.path):  # taking it over would hand that server's clients to this one
+                raise OSError(f"shm_socket: {self.path} is in use by a running cache server; "
+                              "give each server its own socket")
+            self.path.unlink()  # stale: left by a server that died
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             old = os.umask(0o177)  # the socket is created 0600: only the server's user may connect
@@ -348,3 +351,15 @@ class PlaneServer:
                 self._helpers.remove_buffer(plane.id)
             self._counters.add(shm_planes=-1)
             log.info("shared-memory plane %s closed", plane.id[:8])
+
+
+def _listening(path: Path) -> bool:
+    """Whether a process accepts connections on the Unix socket ``path`` (else it is stale)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):  # nobody listens: stale
+            return False
+        except OSError:  # EACCES and the like: another user's socket, not ours to take
+            return True
+        return True

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import grpc
 
-from contiguouskv.client.errors import ERRORS_BY_STATUS, ContiguousKVError
+from contiguouskv.client.errors import ERRORS_BY_STATUS, ContiguousKVError, InvalidArgumentError
 from contiguouskv.client.types import (
     GeneratedToken, LayerTiming, ModelInfo, PeriodSelection, PolicyInfo, RegisteredPrefix, ReprefillResult, Timings,
     TokenLayerSelection,
@@ -23,7 +24,7 @@ def to_error(err: grpc.RpcError, address: str) -> ContiguousKVError:
     if status == "UNAVAILABLE" and details.startswith("cache server"):
         details = f"{details} (the compute server at {address} cannot reach that cache server; start it with " \
                   f"`contiguouskv serve cache --root DIR --port N`)"
-    elif status == "UNAVAILABLE":
+    elif status == "UNAVAILABLE" and _unreachable(details):  # the call never reached a server
         details = f"{details} (is a compute server running at {address}? start one with " \
                   f"`contiguouskv serve compute --model MODEL --cache HOST:PORT --port N`)"
     elif status == "DEADLINE_EXCEEDED":
@@ -32,15 +33,66 @@ def to_error(err: grpc.RpcError, address: str) -> ContiguousKVError:
     return cls(details or "", status)
 
 
+# How gRPC words an UNAVAILABLE of its own, when the connection failed; an UNAVAILABLE the server
+# sent (draining, its cache servers unreachable) says what happened in its own words
+_TRANSPORT_FAILURES = ("failed to connect", "connection refused", "dns resolution failed", "socket closed",
+                       "connection reset", "broken pipe", "no route to host", "unreachable",
+                       "connections to all backends failing", "empty address list", "endpoint closing")
+
+
+def _unreachable(details: str) -> bool:
+    lowered = details.lower()
+    return not details or any(phrase in lowered for phrase in _TRANSPORT_FAILURES)
+
+
+UINT32 = 1 << 32
+
+
+def _bad(message: str) -> InvalidArgumentError:
+    return InvalidArgumentError(message, "INVALID_ARGUMENT")
+
+
+def _uint32(value: object) -> int | None:
+    """``value`` as a uint32 (any integer type: int, numpy's), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    return number if 0 <= number < UINT32 else None
+
+
+def _count(name: str, value: int) -> int:
+    """A non-negative integer field (the wire's uint32), checked here: protobuf would raise its own
+    ValueError naming no field."""
+    number = _uint32(value)
+    if number is None:
+        raise _bad(f"{name}: must be an integer in [0, {UINT32 - 1}], got {value!r}")
+    return number
+
+
+def _token_ids(name: str, ids: Sequence[int]) -> list[int]:
+    if isinstance(ids, (str, bytes)):
+        raise _bad(f"{name}: give token ids as a list of integers, or text as a string")
+    out = []
+    for position, value in enumerate(ids):
+        number = _uint32(value)
+        if number is None:
+            raise _bad(f"{name}: token id {value!r} at position {position} is not an integer in [0, {UINT32 - 1}]")
+        out.append(number)
+    return out
+
+
 def register_request(text: str | None, token_ids: Sequence[int] | None,
                      extra_layouts: Sequence[str] = ()) -> compute_pb2.RegisterPrefixRequest:
     if (text is None) == (token_ids is None):
-        raise ValueError("give exactly one of text or token_ids")
+        raise _bad("give exactly one of text or token_ids")
     if isinstance(extra_layouts, str):
-        raise ValueError("extra_layouts: give a list of layout names, e.g. ['impress']")
+        raise _bad("extra_layouts: give a list of layout names, e.g. ['impress']")
     if text is not None:
         return compute_pb2.RegisterPrefixRequest(text=text, extra_layouts=list(extra_layouts))
-    return compute_pb2.RegisterPrefixRequest(token_ids=compute_pb2.TokenIds(ids=list(token_ids or ())),
+    return compute_pb2.RegisterPrefixRequest(token_ids=compute_pb2.TokenIds(ids=_token_ids("token_ids", token_ids or ())),
                                              extra_layouts=list(extra_layouts))
 
 
@@ -48,19 +100,20 @@ def reprefill_request(prefix_id: str, query: str | Sequence[int], policy: str, b
                       max_new_tokens: int, period: int | None, sub_period: int | None,
                       return_logits: bool = False, evaluate_recall: bool = False,
                       measure_floor: bool = False) -> compute_pb2.ReprefillRequest:
-    req = compute_pb2.ReprefillRequest(prefix_id=prefix_id, policy=policy, max_new_tokens=max_new_tokens,
+    req = compute_pb2.ReprefillRequest(prefix_id=prefix_id, policy=policy,
+                                       max_new_tokens=_count("max_new_tokens", max_new_tokens),
                                        return_logits=return_logits, evaluate_recall=evaluate_recall,
                                        measure_floor=measure_floor)
     if isinstance(query, str):
         req.text = query
     else:
-        req.token_ids.ids.extend(query)
+        req.token_ids.ids.extend(_token_ids("query", query))
     if budget is not None:
         req.budget = budget
     if period is not None:
-        req.period = period
+        req.period = _count("period", period)
     if sub_period is not None:
-        req.sub_period = sub_period
+        req.sub_period = _count("sub_period", sub_period)
     return req
 
 

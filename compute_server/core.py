@@ -103,6 +103,7 @@ class ComputeCore:
         self.layout_name = build_codec(PRIMARY_LAYOUT, 1, self.geometry).name
         """The name of the primary (`contiguous`) layout this server stores and reads."""
         self._reports: set[asyncio.Task[None]] = set()
+        self._registering: dict[str, asyncio.Event] = {}  # prefix id -> set when its storing call ends
 
     # --- tokens ----------------------------------------------------------------------------------
     def tokens(self, value: str | list[int], field_name: str) -> list[int]:
@@ -137,6 +138,8 @@ class ComputeCore:
         except asyncio.CancelledError:
             cancellation.cancel()
             await asyncio.wait({future})
+            if not future.cancelled():  # its error (the cancellation's) goes with ours; else asyncio logs
+                future.exception()  # it as "never retrieved" (shield dropped its own callback)
             raise
         finally:
             self._running.discard(cancellation)
@@ -184,12 +187,20 @@ class ComputeCore:
                   for kind in dict.fromkeys([PRIMARY_LAYOUT, *extra_layouts])]
         primary = codecs[0]
         prefix_id = prefix_id_for(m.fingerprint, ids)
-        missing = [c for c in codecs if await self.cache.get_manifest(prefix_id, c.name, everywhere=True) is None]
-        num_chunks, chunk_size = self._chunking(primary)
-        if not missing:
-            return RegisterReport(prefix_id, len(ids), num_chunks, chunk_size, True, 0, 0.0, 0.0)
-        async with self.admission.slot(sum(c.total_kv_bytes() for c in codecs)):
-            return await self._store(prefix_id, ids, primary, missing)
+        while (running := self._registering.get(prefix_id)) is not None:
+            await running.wait()  # the same prefix is being stored by another call: one prefill, not two
+        done = self._registering[prefix_id] = asyncio.Event()  # claimed before the first await below
+        try:
+            missing = [c for c in codecs
+                       if await self.cache.get_manifest(prefix_id, c.name, everywhere=True) is None]
+            num_chunks, chunk_size = self._chunking(primary)
+            if not missing:
+                return RegisterReport(prefix_id, len(ids), num_chunks, chunk_size, True, 0, 0.0, 0.0)
+            async with self.admission.slot(sum(c.total_kv_bytes() for c in codecs)):
+                return await self._store(prefix_id, ids, primary, missing)
+        finally:
+            del self._registering[prefix_id]
+            done.set()  # those waiting look again: stored, or (this call failed) theirs to store
 
     async def _store(self, prefix_id: str, ids: list[int], primary: LayoutCodec,
                      missing: list[LayoutCodec]) -> RegisterReport:

@@ -11,10 +11,11 @@ import torch
 
 from contiguouskv.common import telemetry
 from contiguouskv.common.access import access_interceptor
+from contiguouskv.common.config import ConfigError
 from contiguouskv.common.logs import setup_logging
 from contiguouskv.common.malloc import keep_freed_buffers
 from contiguouskv.common.security import read_token_file, server_credentials
-from contiguouskv.common.serving import ServerLifecycle, channel_options, run_async
+from contiguouskv.common.serving import ServerLifecycle, run_async, server_options
 from contiguouskv.compute_server.cachenet.cache_client import CacheClient
 from contiguouskv.compute_server.config import ComputeServerConfig
 from contiguouskv.compute_server.core import ComputeCore
@@ -67,7 +68,7 @@ async def serve(config: ComputeServerConfig) -> int:
     access = access_interceptor(METHOD_SCOPES, config.auth_tokens_file, config.max_streams_per_client)
     if access is not None:
         interceptors.append(access)
-    server = grpc.aio.server(options=channel_options(config.max_message_bytes), interceptors=interceptors or None)
+    server = grpc.aio.server(options=server_options(config.max_message_bytes), interceptors=interceptors or None)
     compute_pb2_grpc.add_ComputeServiceServicer_to_server(ComputeServicer(core, device), server)
     lifecycle = ServerLifecycle(server, [compute_pb2.DESCRIPTOR.services_by_name["ComputeService"].full_name])
     credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
@@ -97,4 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_format", "text"))
-    return run(config_from_args(args))
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    try:
+        return run(config)
+    except OSError as exc:  # a port, socket or file the server cannot have: say which, not a traceback
+        log.error("compute server cannot start: %s", exc)
+        return 2

@@ -36,7 +36,8 @@ EPILOG = """examples:
 OTEL_EXPORTER_OTLP_ENDPOINT to export traces (needs the `otel` extra)."""
 
 ERROR_HINTS = {
-    "NOT_FOUND": "register the prefix first: contiguouskv register --server HOST:PORT --file FILE",
+    "NOT_FOUND": "register the prefix first: contiguouskv register --server HOST:PORT --file FILE "
+                 "(--token-ids 1,2,3 for a model without a tokenizer)",
     "DEADLINE_EXCEEDED": "give the call more time with --timeout SECONDS",
     "RESOURCE_EXHAUSTED": "the server hit a limit (the message names it); see docs/operations.md",
     "UNAUTHENTICATED": "the server requires a bearer token: --token-file FILE or env CKV_TOKEN",
@@ -88,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--prefix", required=True, help="prefix id printed by `register`")
     _add_input(query, "query", with_file=False)
     query.add_argument("--policy", default="full",
-                       help="a policy the server serves (`contiguouskv models` / GetModelInfo lists them): "
-                       "recompute, full, contiguous, contiguous+, contiguous+quest, contiguous+digest, oracle, h2o, "
+                       help="a policy the server serves (`contiguouskv info` lists them): recompute, full, "
+                       "contiguous, contiguous+, contiguous+1bit, contiguous+quest, contiguous+digest, oracle, h2o, "
                        "impress (default full); h2o and impress need a prefix registered with --layouts impress")
     query.add_argument("--budget", type=float,
                        help="fraction of the prefix to load (chunks; tokens for h2o/impress), in (0, 1] (default 1)")
@@ -113,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
     add_connection_arguments(info)
 
-    bench = sub.add_parser("bench", help="benchmarks: every policy side by side (default), storage, quality")
+    bench = sub.add_parser("bench", help="benchmarks: every policy side by side (default); storage, quality, "
+                           "perhead, kernels, load")
     bench_reprefill.add_arguments(bench)
     bench_sub = bench.add_subparsers(dest="bench", required=False)
     bench_storage.add_arguments(bench_sub.add_parser("storage", help="disk and Fetch data path of the cache server"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,16 @@ def test_bfloat16_kv_under_float32_compute(cache: launch.ServiceProcess) -> None
                 if policy == "full":
                     info = client.model_info()
                     assert r.bytes_kv == 2 * info.num_layers * reg.num_chunks * info.num_kv_heads * 16 * info.head_dim * 2
+
+
+def test_concurrent_registrations_of_one_prefix_prefill_it_once(tiny: ContiguousKVClient) -> None:
+    tokens = _ids(2000, 512, 41)
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda _: tiny.register(token_ids=tokens), range(3)))
+    assert len({r.prefix_id for r in replies}) == 1
+    stored = [r for r in replies if not r.already_registered]
+    assert len(stored) == 1 and stored[0].prefill_ms > 0 and stored[0].bytes_stored > 0
+    assert all(r.prefill_ms == 0 and r.bytes_stored == 0 for r in replies if r.already_registered)
 
 
 def test_text_prefix_and_generation_agree(smol: ContiguousKVClient) -> None:

@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from contiguouskv import client as sdk
+from contiguouskv.client import _wire
 from contiguouskv.client import (
     NO_RETRY, AsyncContiguousKVClient, ContiguousKVClient, ContiguousKVError, DeadlineExceededError,
     InvalidArgumentError, NotFoundError, RetryPolicy, UnavailableError,
@@ -130,14 +131,25 @@ def test_attempts_are_capped(fakes: list[tuple[str, FakeCompute]]) -> None:
     address, fake = fakes[0]
     fake.failures = [grpc.StatusCode.UNAVAILABLE] * 10
     with ContiguousKVClient(address, retry=FAST, timeout=10) as client:
-        with pytest.raises(UnavailableError, match=f"is a compute server running at {address}"):
+        with pytest.raises(UnavailableError, match="scripted UNAVAILABLE") as info:
             client.reprefill(PREFIX, [1])
+    # the server answered UNAVAILABLE itself: no hint that nothing runs at the address
+    assert "is a compute server running" not in info.value.details
     assert len(fake.calls) == FAST.max_attempts
     fake.calls.clear()
     with ContiguousKVClient(address, retry=NO_RETRY, timeout=10) as client:
         with pytest.raises(UnavailableError):
             client.model_info()
     assert len(fake.calls) == 1
+
+
+def test_an_address_with_no_server_gets_a_hint_to_start_one() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    with ContiguousKVClient(address, retry=NO_RETRY, timeout=10) as client:
+        with pytest.raises(UnavailableError, match=f"is a compute server running at {address}"):
+            client.model_info()
 
 
 def test_round_robin_and_failover(fakes: list[tuple[str, FakeCompute]]) -> None:
@@ -241,3 +253,26 @@ def test_client_package_is_mypy_strict_clean() -> None:
                          text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Success" in out.stdout
+
+
+def test_bad_arguments_fail_before_any_call_naming_the_field() -> None:
+    with ContiguousKVClient("127.0.0.1:1", retry=NO_RETRY, timeout=5) as client:  # nothing listens there
+        calls = [
+            (lambda: client.reprefill(PREFIX, [1], max_new_tokens=-1), "max_new_tokens: must be an integer"),
+            (lambda: client.reprefill(PREFIX, [1, -2]), "query: token id -2 at position 1"),
+            (lambda: client.reprefill(PREFIX, [1, 2.5]), "query: token id 2.5 at position 1"),  # type: ignore[list-item]
+            (lambda: client.reprefill(PREFIX, [1], period=-1), "period: must be"),
+            (lambda: client.register(token_ids=[3, 1 << 32]), "token_ids: token id 4294967296"),
+            (lambda: client.register("text", token_ids=[1]), "exactly one of text or token_ids"),
+            (lambda: list(client.generate(PREFIX, [1], max_new_tokens=-3)), "max_new_tokens"),
+        ]
+        for call, message in calls:
+            with pytest.raises(InvalidArgumentError, match=message) as info:
+                call()
+            assert info.value.status == "INVALID_ARGUMENT" and isinstance(info.value, ValueError)
+    # integers of any integer type pass (numpy's, as a tokenizer may return them)
+    import numpy  # installed with torch
+
+    request = _wire.reprefill_request(PREFIX, numpy.array([5, 6], dtype=numpy.int64), "full", None,
+                                      numpy.int32(2), None, None)
+    assert list(request.token_ids.ids) == [5, 6] and request.max_new_tokens == 2

@@ -236,6 +236,14 @@ def test_cancelled_calls_at_any_moment_leave_the_server_serving_and_clean(cache:
                 time.sleep(0.1)
             assert _rss_kib(compute.proc.pid) <= 1.10 * rss_start, (rss_start, _rss_kib(compute.proc.pid))
             stats.close()
+            for _ in range(3):  # streams the client leaves after the first tokens
+                for index, _token in enumerate(client.generate(prefix, queries["full"], max_new_tokens=40)):
+                    if index == 1:
+                        break
+            assert ask("full", new=4).generated_ids == reference["full"].generated_ids
+        # every cancelled call's error was dealt with: none left for asyncio to report at exit
+        log = compute.log_tail(100_000)
+        assert "never retrieved" not in log and " ERROR " not in log, log[-3000:]
 
 
 # --- shutdown ------------------------------------------------------------------------------------

@@ -110,6 +110,12 @@ def load_config(
         if name in fields and value is not None:
             values[name] = value
     coerced = {name: _coerce(name, value, hints[name]) for name, value in values.items()}
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in coerced
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError("; ".join(f"{name} is required: give --{name.replace('_', '-')}, "
+                                    f"{ENV_PREFIX}{name.upper()} or \"{name}\" in the --config file"
+                                    for name in missing))
     try:
         return cls(**coerced)
     except (TypeError, ValueError) as exc:

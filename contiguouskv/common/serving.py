@@ -33,6 +33,12 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
 
 
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """:func:`channel_options` for a server, which owns its port alone: gRPC sets SO_REUSEPORT by
+    default, so a second server on a taken port would bind too and share the connections."""
+    return [*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)]
+
+
 SERVING_FIELDS = ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file",
                           "max_streams_per_client", "health_port")
 
@@ -81,17 +87,17 @@ class ServerLifecycle:
         """
         self._what = what
         if health_port is not None:
-            self._health_server = grpc.aio.server()
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
-            if self._health_server.add_insecure_port(f"{host}:{health_port}") == 0:
-                raise OSError(f"cannot bind the health port {host}:{health_port}")
+            if _bind(lambda: self._health_server.add_insecure_port(f"{host}:{health_port}")) == 0:
+                raise OSError(f"cannot bind the health port {host}:{health_port}: in use or not an address here")
             await self._health_server.start()
             log.info("%s health checks (plaintext) on %s:%d", what, host, health_port)
         address = f"{host}:{port}"
-        bound = (self.server.add_secure_port(address, credentials) if credentials is not None
-                 else self.server.add_insecure_port(address))
+        bound = _bind(lambda: self.server.add_secure_port(address, credentials) if credentials is not None
+                      else self.server.add_insecure_port(address))
         if bound == 0:
-            raise OSError(f"cannot bind {host}:{port}")
+            raise OSError(f"cannot bind {host}:{port}: in use (another server?) or not an address here")
         await self.server.start()
         for name in ["", *self.names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -124,6 +130,14 @@ class ServerLifecycle:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+
+def _bind(add_port: Callable[[], int]) -> int:
+    """The port ``add_port`` bound, 0 where it could not bind (grpc raises RuntimeError for that)."""
+    try:
+        return add_port()
+    except RuntimeError:
+        return 0
 
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:
