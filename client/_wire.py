@@ -137,7 +137,7 @@ def result(r: compute_pb2.ReprefillResponse) -> ReprefillResult:
                            r.query_tokens, tuple(r.generated_ids), r.generated_text, r.chunks_loaded, r.num_chunks,
                            tuple(r.logits), periods, r.prediction_hit_rate, r.recall, r.bytes_identification,
                            r.bytes_kv, r.bytes_wasted, r.bytes_selected, r.read_amplification, token_layers,
-                           r.mass_recall, r.bytes_identification_cached, r.answer_text)
+                           r.mass_recall, r.bytes_identification_cached, r.answer_text, r.bytes_fetched_shm)
 
 
 def token(r: compute_pb2.GenerateResponse) -> GeneratedToken:

@@ -132,6 +132,8 @@ class ReprefillResult:
     """Identification bytes the compute server had resident (no I/O)."""
     answer_text: str = ""
     """The first token and the generated ones decoded as one sequence (special tokens skipped)."""
+    bytes_fetched_shm: int = 0
+    """Of ``bytes_fetched``, the bytes that came through the co-located shared-memory plane."""
 
     @property
     def answer(self) -> str:

@@ -321,7 +321,7 @@ class ComputeCore:
             ttft_s=ttft_s, fetch_s=max(0.0, fetch_s), outcome=outcome,
             num_chunks=chunks.num_chunks, generated_text=self.decode(outcome.generated_ids),
             usage=policy.usage(), bytes_kv_record=chunks.kv_record_size, resident_s=resident_s,
-            answer_text=self.decode([outcome.token_id, *outcome.generated_ids]))
+            answer_text=self.decode([outcome.token_id, *outcome.generated_ids]), bytes_fetched_shm=loader.bytes_shm)
 
     async def _resident(self, job: QueryJob, outcome: QueryOutcome) -> float:
         """The request's compute floor (:meth:`Engine.resident`); its K/V are let go after."""

@@ -49,6 +49,7 @@ class ReprefillReport:
     bytes_kv_record: int
     resident_s: float | None = None  # with measure_floor: the query over the same K/V held resident
     answer_text: str = ""  # the first token and the generated ones decoded as one sequence
+    bytes_fetched_shm: int = 0  # of bytes_fetched, those placed in shared memory (the co-located plane)
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ def _reply(result: ReprefillReport, with_logits: bool = False) -> compute_pb2.Re
         token_id=result.token_id, text=result.text, policy=result.policy, budget=result.budget,
         timings=timings, bytes_fetched=result.bytes_fetched, prefix_tokens=result.prefix_tokens,
         query_tokens=result.query_tokens, generated_ids=o.generated_ids, generated_text=result.generated_text,
-        answer_text=result.answer_text,
+        answer_text=result.answer_text, bytes_fetched_shm=result.bytes_fetched_shm,
         chunks_loaded=round(sum(u.layer_chunks) / max(1, len(u.layer_chunks))), num_chunks=result.num_chunks,
         logits=o.logits.tolist() if with_logits and o.logits is not None else [],
         periods=periods, prediction_hit_rate=u.prediction_hit_rate, recall=u.recall,

@@ -170,7 +170,9 @@ def _cmd_query(args: argparse.Namespace) -> int:
         # Models without a tokenizer answer in token ids only.
         print(r.answer if r.answer else "token ids: " + ",".join(map(str, [r.token_id, *r.generated_ids])))
         print(f"[{r.policy}] ttft {r.timings.ttft_ms:.1f} ms (fetch wait {r.timings.fetch_wait_ms:.1f} ms, "
-              f"compute {r.timings.compute_ms:.1f} ms), {r.bytes_fetched / 2**20:.2f} MiB fetched", file=sys.stderr)
+              f"compute {r.timings.compute_ms:.1f} ms), {r.bytes_fetched / 2**20:.2f} MiB fetched"
+              + (f" ({r.bytes_fetched_shm / 2**20:.2f} MiB through shared memory)" if r.bytes_fetched_shm else ""),
+              file=sys.stderr)
     return 0
 
 

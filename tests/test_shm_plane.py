@@ -118,9 +118,14 @@ def test_every_policy_answers_through_shared_memory_exactly_as_over_grpc(
         assert a.outcome.logits.tolist() == b.outcome.logits.tolist(), policy_budget  # the same bytes
         if policy_budget[0] == "full":  # the others cancel predictions: what arrives first varies
             assert a.bytes_fetched == b.bytes_fetched, policy_budget
+        # each answer says how its bytes came: none through shared memory over gRPC
+        assert a.bytes_fetched_shm == 0 and 0 <= b.bytes_fetched_shm <= b.bytes_fetched, policy_budget
     served = after.bytes_served - before.bytes_served
     via_shm = after.bytes_served_shm - before.bytes_served_shm
     assert served > 0 and via_shm > 0.5 * served  # most records really came through shared memory
+    # the answers' own counts: most of what the cache server placed there (not records that arrived
+    # after their request was cancelled or over)
+    assert 0.5 * via_shm < sum(b.bytes_fetched_shm for b in through_shm) <= via_shm
     _wait_for(lambda: _stats(cache.address).shm_planes == 0)  # the client closed: plane gone, slots free
     assert _stats(cache.address).shm_slots_lent == 0
 
@@ -131,7 +136,7 @@ def test_auto_falls_back_to_grpc_bytes_when_no_plane_can_be_opened(
     before = _stats(cache.address)
     answers, _ = _answers(model, cache.address, "auto", str(workdir / "nobody-listens.sock"), prefix)
     after = _stats(cache.address)
-    assert all(a.token_id >= 0 for a in answers)
+    assert all(a.token_id >= 0 and a.bytes_fetched_shm == 0 for a in answers)
     assert after.bytes_served > before.bytes_served and after.bytes_served_shm == before.bytes_served_shm
 
 

@@ -99,6 +99,7 @@ class KVLoader:
         self._error: BaseException | None = None
         self.bytes_by_category: dict[str, int] = {}
         self.kv_records_received = 0
+        self.bytes_shm = 0  # of the bytes received, those that came through the shared-memory plane
 
     # --- accounting ------------------------------------------------------------------------------
     @property
@@ -208,6 +209,8 @@ class KVLoader:
                 batch.lease.release()
             return  # a late record of a cancelled blob request
         self.bytes_by_category["kv"] = self.bytes_by_category.get("kv", 0) + len(data)
+        if batch.lease is not None:
+            self.bytes_shm += len(data)
         size = len(data) // len(records)
         with self._cond:
             layers = set()
@@ -228,6 +231,8 @@ class KVLoader:
     def _on_blob(self, tag: int, blob: _Blob, batch: FetchBatch) -> None:
         count, data = len(batch.indices), batch.data
         self.bytes_by_category[blob.category] = self.bytes_by_category.get(blob.category, 0) + len(data)
+        if batch.lease is not None:
+            self.bytes_shm += len(data)
         size = len(data) // max(1, count)
         if batch.lease is not None:  # blobs outlive the request (ident cache): copied out of shared memory
             blob.parts += [memoryview(bytes(data[i * size : (i + 1) * size])) for i in range(count)]

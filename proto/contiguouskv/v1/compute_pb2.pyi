@@ -450,6 +450,7 @@ class ReprefillResponse(_message.Message):
     MASS_RECALL_FIELD_NUMBER: _builtins.int
     BYTES_IDENTIFICATION_CACHED_FIELD_NUMBER: _builtins.int
     ANSWER_TEXT_FIELD_NUMBER: _builtins.int
+    BYTES_FETCHED_SHM_FIELD_NUMBER: _builtins.int
     token_id: _builtins.int
     text: _builtins.str
     """The first token alone, decoded (special tokens skipped)."""
@@ -489,6 +490,10 @@ class ReprefillResponse(_message.Message):
     """The first token and the generated ones decoded as one sequence, special tokens skipped: the
     answer's text. (text and generated_text are decoded apart, so a character whose bytes span
     the first token and the next appears in neither.) Empty for a model without a tokenizer.
+    """
+    bytes_fetched_shm: _builtins.int
+    """Of bytes_fetched, the bytes the cache servers placed in this compute server's shared memory
+    (the co-located data plane); the rest came as gRPC bytes.
     """
     @_builtins.property
     def timings(self) -> Global___Timings: ...
@@ -534,10 +539,11 @@ class ReprefillResponse(_message.Message):
         mass_recall: _builtins.float = ...,
         bytes_identification_cached: _builtins.int = ...,
         answer_text: _builtins.str = ...,
+        bytes_fetched_shm: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_text", b"answer_text", "budget", b"budget", "bytes_fetched", b"bytes_fetched", "bytes_identification", b"bytes_identification", "bytes_identification_cached", b"bytes_identification_cached", "bytes_kv", b"bytes_kv", "bytes_selected", b"bytes_selected", "bytes_wasted", b"bytes_wasted", "chunks_loaded", b"chunks_loaded", "generated_ids", b"generated_ids", "generated_text", b"generated_text", "logits", b"logits", "mass_recall", b"mass_recall", "num_chunks", b"num_chunks", "periods", b"periods", "policy", b"policy", "prediction_hit_rate", b"prediction_hit_rate", "prefix_tokens", b"prefix_tokens", "query_tokens", b"query_tokens", "read_amplification", b"read_amplification", "recall", b"recall", "text", b"text", "timings", b"timings", "token_id", b"token_id", "token_layers", b"token_layers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_text", b"answer_text", "budget", b"budget", "bytes_fetched", b"bytes_fetched", "bytes_fetched_shm", b"bytes_fetched_shm", "bytes_identification", b"bytes_identification", "bytes_identification_cached", b"bytes_identification_cached", "bytes_kv", b"bytes_kv", "bytes_selected", b"bytes_selected", "bytes_wasted", b"bytes_wasted", "chunks_loaded", b"chunks_loaded", "generated_ids", b"generated_ids", "generated_text", b"generated_text", "logits", b"logits", "mass_recall", b"mass_recall", "num_chunks", b"num_chunks", "periods", b"periods", "policy", b"policy", "prediction_hit_rate", b"prediction_hit_rate", "prefix_tokens", b"prefix_tokens", "query_tokens", b"query_tokens", "read_amplification", b"read_amplification", "recall", b"recall", "text", b"text", "timings", b"timings", "token_id", b"token_id", "token_layers", b"token_layers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
