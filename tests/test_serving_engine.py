@@ -10,6 +10,7 @@ import asyncio
 import collections
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -39,9 +40,12 @@ POLICIES = ("recompute", "full", "contiguous", "contiguous+", "h2o", "impress")
 
 @pytest.fixture(scope="module")
 def cache() -> Iterator[launch.ServiceProcess]:
-    root = Path(os.environ.get("TMPDIR", "/tmp"))
-    with launch.cache_server(Path(os.path.realpath(root)) / f"ckv-serving-{os.getpid()}") as proc:
-        yield proc
+    root = Path(os.path.realpath(os.environ.get("TMPDIR", "/tmp"))) / f"ckv-serving-{os.getpid()}"
+    try:
+        with launch.cache_server(root) as proc:
+            yield proc
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
