@@ -34,6 +34,7 @@ from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
 
 FETCH_METHOD = "/contiguouskv.v1.CacheService/Fetch"
 DOWN_S = 5.0
+PROBE_TIMEOUT_S = 2.0  # a silent shard's probe: it answers at once when it is back
 """After a shard fails with UNAVAILABLE, reads try its replicas first for this long."""
 # A restarted shard is dialled again within seconds, not after gRPC's default backoff (up to 120 s).
 # A ping unanswered for 10 s closes the connection: a shard whose node vanished without closing it
@@ -75,6 +76,8 @@ class CacheClient:
         self._write_quorum = write_quorum
         self._refresh_s = refresh_s
         self._down_until: dict[str, float] = {}
+        self._silent: dict[str, tuple[float, str]] = {}  # shard -> (when it went silent, how it failed)
+        self._probing: set[str] = set()  # silent shards with a probe in flight
         self._background: set[asyncio.Task[object]] = set()
         self._refresher: asyncio.Task[None] | None = None
         self._data_path = data_path if shm_socket else "grpc"
@@ -151,11 +154,49 @@ class CacheClient:
         return self._stubs[address]
 
     def _note(self, address: str, error: ComputeError | None) -> None:
-        """Remember a shard as down after UNAVAILABLE, as up after a success."""
+        """Remember a shard as down after UNAVAILABLE, as up after a success; and as silent when it
+        failed by not answering at all (a stopped process, a partition)."""
         if error is None:
             self._down_until.pop(address, None)
+            self._silent.pop(address, None)
         elif error.code == "UNAVAILABLE":
-            self._down_until[address] = time.monotonic() + DOWN_S
+            now = time.monotonic()
+            self._down_until[address] = now + DOWN_S
+            if _silence(str(error)) and self._silence_of(address, now) is None:
+                self._silent[address] = (now, str(error))
+
+    def _silence_of(self, address: str, now: float) -> str | None:
+        """Why ``address`` is not worth a call now: it went silent less than ``DOWN_S`` ago. Each call
+        to a silent shard waits for gRPC's ping or connect timeout (10-20 s), and the SDK retries
+        UNAVAILABLE: without this a client waited that long at every attempt."""
+        silent = self._silent.get(address)
+        if silent is None or now - silent[0] >= DOWN_S:
+            return None
+        return (f"{silent[1]} ({now - silent[0]:.1f} s ago; called again once it answers a probe, "
+                f"or {DOWN_S:g} s after)")
+
+    def _silent_error(self, address: str) -> Unavailable | None:
+        """UNAVAILABLE for a call not made to a shard that went silent moments ago, else None. A
+        probe (GetStats, 2 s) goes out instead, at most one at a time: a shard that answers again
+        (a resumed process) is used by the next call, not ``DOWN_S`` later."""
+        silence = self._silence_of(address, time.monotonic())
+        if silence is None:
+            return None
+        if address not in self._probing:
+            self._probing.add(address)
+            task = asyncio.ensure_future(self._probe(address))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return Unavailable(silence if silence.startswith("cache server") else f"cache server {address}: {silence}")
+
+    async def _probe(self, address: str) -> None:
+        try:
+            await self._stub(address).GetStats(cache_pb2.GetStatsRequest(), timeout=PROBE_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            return  # still silent (or worse): the mark stands
+        finally:
+            self._probing.discard(address)
+        self._note(address, None)
 
     # --- calls -----------------------------------------------------------------------------------
     async def get_manifest(self, prefix_id: str, layout: str, everywhere: bool = False) -> cache_pb2.Manifest | None:
@@ -170,6 +211,9 @@ class CacheClient:
         found: cache_pb2.Manifest | None = None
         missing, failed = [], []
         for address in self.read_order(prefix_id):
+            if (silent := self._silent_error(address)) is not None:
+                failed.append(silent)  # not asked: it may hold the object, as an unreachable one
+                continue
             try:
                 reply = await self._stub(address).GetManifest(
                     cache_pb2.GetManifestRequest(prefix_id=prefix_id, layout=layout), timeout=self._timeout)
@@ -243,6 +287,8 @@ class CacheClient:
                     data=cache_pb2.PutPrefixData(region=region, first_record=first, data=bytes(data)))
             yield cache_pb2.PutPrefixRequest(commit=cache_pb2.PutPrefixCommit())
 
+        if (silent := self._silent_error(address)) is not None:
+            raise silent
         try:
             reply = await self._stub(address).PutPrefix(requests(), timeout=self._timeout)
         except grpc.aio.AioRpcError as err:
@@ -290,7 +336,11 @@ class CacheClient:
         return stream
 
     async def open_stream_at(self, address: str, prefix_id: str, layout: str, batch_bytes: int) -> RecordStream:
-        """A Fetch stream on one shard, opened on the object (on the shared-memory plane when there is one)."""
+        """A Fetch stream on one shard, opened on the object (on the shared-memory plane when there is one).
+
+        A shard that went silent moments ago is not tried: UNAVAILABLE at once (:meth:`_silence_of`)."""
+        if (silent := self._silent_error(address)) is not None:
+            raise silent
         self._stub(address)
         # Responses are parsed by the cache's raw decoder: ``data`` is a zero-copy memoryview.
         fetch = self._channels[address].stream_stream(
@@ -345,3 +395,12 @@ class CacheClient:
             await channel.close()
         if self._plane is not None:
             self._plane.close()
+
+
+# How gRPC words a shard that does not answer at all (as opposed to one that refuses the connection)
+_SILENCE = ("ping timeout", "keepalive watchdog timeout", "timed out before receiving settings")
+
+
+def _silence(message: str) -> bool:
+    lowered = message.lower()
+    return any(phrase in lowered for phrase in _SILENCE)
