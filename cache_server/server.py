@@ -29,12 +29,12 @@ from contiguouskv.cache_server.service import METHOD_SCOPES, SERVICE_NAME, Cache
 from contiguouskv.cache_server.store import RecordStore
 from contiguouskv.common import telemetry
 from contiguouskv.common.access import AccessInterceptor, access_interceptor
-from contiguouskv.common.config import ConfigError, load_config
+from contiguouskv.common.config import load_config
 from contiguouskv.common.logs import setup_logging
 from contiguouskv.common.malloc import keep_freed_buffers
 from contiguouskv.common.security import server_credentials
 from contiguouskv.common.serving import (
-    SERVING_FIELDS, ServerLifecycle, add_serving_arguments, run_async, server_options,
+    SERVING_FIELDS, ServerLifecycle, add_serving_arguments, run_async, run_main, server_options,
 )
 
 logger = logging.getLogger(__name__)
@@ -190,12 +190,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.set_defaults(log_level="INFO", log_format="text")
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
-    try:
-        config = config_from_args(args)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    try:
-        return run(config)
-    except OSError as exc:  # a root, port or socket another server holds: say which, not a traceback
-        logger.error("cache server cannot start: %s", exc)
-        return 2
+    return run_main(parser, lambda: config_from_args(args), run, "cache server")

@@ -11,11 +11,10 @@ import torch
 
 from contiguouskv.common import telemetry
 from contiguouskv.common.access import access_interceptor
-from contiguouskv.common.config import ConfigError
 from contiguouskv.common.logs import setup_logging
 from contiguouskv.common.malloc import keep_freed_buffers
 from contiguouskv.common.security import read_token_file, server_credentials
-from contiguouskv.common.serving import ServerLifecycle, run_async, server_options
+from contiguouskv.common.serving import ServerLifecycle, run_async, run_main, server_options
 from contiguouskv.compute_server.cachenet.cache_client import CacheClient
 from contiguouskv.compute_server.config import ComputeServerConfig
 from contiguouskv.compute_server.core import ComputeCore
@@ -98,12 +97,4 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_format", "text"))
-    try:
-        config = config_from_args(args)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    try:
-        return run(config)
-    except OSError as exc:  # a port, socket or file the server cannot have: say which, not a traceback
-        log.error("compute server cannot start: %s", exc)
-        return 2
+    return run_main(parser, lambda: config_from_args(args), run, "compute server")

@@ -20,8 +20,11 @@ try:
 except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
     uvloop = None  # type: ignore[assignment]
 
+from contiguouskv.common.config import ConfigError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+C = TypeVar("C")
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -130,6 +133,21 @@ class ServerLifecycle:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+
+def run_main(parser: argparse.ArgumentParser, build: Callable[[], C], run: Callable[[C], int], what: str) -> int:
+    """A server process's exit status: its config from ``build`` (a wrong or missing setting is a
+    usage error naming it), then ``run``; a port, root or socket it cannot have (another server
+    holds it) ends it with status 2 and one log line saying which, not a traceback."""
+    try:
+        config = build()
+    except ConfigError as exc:
+        parser.error(str(exc))
+    try:
+        return run(config)
+    except OSError as exc:
+        log.error("%s cannot start: %s", what, exc)
+        return 2
 
 
 def _bind(add_port: Callable[[], int]) -> int:
