@@ -275,6 +275,16 @@ def test_three_shards_two_compute_servers_survive_a_lost_shard(
             clients[0].register(token_ids=on_victim[0])
         assert victim.address in str(info.value) and "write quorum is 2" in str(info.value)
         assert not clients[1].register(token_ids=elsewhere[0]).already_registered
+        # the live replica finishes that write in the background; trying again must not pass for
+        # stored while fewer than the quorum hold it
+        short = prefix_id_for(fingerprint, on_victim[0])
+        live = by_address[next(a for a in replica_set(short, addresses, 2) if a != victim.address)]
+        deadline = time.monotonic() + 10
+        while (short, LAYOUT) not in live.objects() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (short, LAYOUT) in live.objects()
+        with pytest.raises(UnavailableError, match="write quorum is 2"):
+            clients[1].register(token_ids=on_victim[0])
 
         # --- restart on the same root: nothing it had committed is lost -----------------------------
         victim.restart()

@@ -205,11 +205,13 @@ class CacheClient:
         None when every replica answered that it does not hold it. A replica that cannot be
         reached counts as "may hold it": when no reachable replica holds the object but one was
         unreachable, the result is UNAVAILABLE naming it. With ``everywhere`` (registration) the
-        manifest is returned only when every reachable replica holds it, else None, so that the
-        object is written again to the ones missing it.
+        manifest is returned only when every reachable replica holds it and they are at least the
+        write quorum, else None, so that the object is written again (and a registration does not
+        pass for stored while fewer than the quorum hold it: a replica down when it was written).
         """
         found: cache_pb2.Manifest | None = None
         missing, failed = [], []
+        holders = 0
         for address in self.read_order(prefix_id):
             if (silent := self._silent_error(address)) is not None:
                 failed.append(silent)  # not asked: it may hold the object, as an unreachable one
@@ -230,8 +232,10 @@ class CacheClient:
             self._note(address, None)
             if not everywhere:
                 return reply.manifest
-            found = reply.manifest
-        if found is not None or not failed or (everywhere and missing):
+            found, holders = reply.manifest, holders + 1
+        if everywhere and holders:  # on fewer than the quorum (a replica was down when it was written): again
+            return found if holders >= self.write_quorum else None
+        if found is not None or not failed:
             return found
         if len(failed) == 1 and not missing:
             raise failed[0]
