@@ -24,6 +24,10 @@ def to_error(err: grpc.RpcError, address: str) -> ContiguousKVError:
     if status == "UNAVAILABLE" and details.startswith("cache server"):
         details = f"{details} (the compute server at {address} cannot reach that cache server; start it with " \
                   f"`contiguouskv serve cache --root DIR --port N`)"
+    elif status == "UNAVAILABLE" and _tls_failure(details):
+        details = f"{details} (the TLS handshake with {address} failed: check the CA bundle, the client " \
+                  f"certificate the server may require, and the server name; CLI: --tls-ca-file, " \
+                  f"--tls-cert-file/--tls-key-file, --tls-server-name; see docs/security.md)"
     elif status == "UNAVAILABLE" and _unreachable(details):  # the call never reached a server
         details = f"{details} (is a compute server running at {address}? start one with " \
                   f"`contiguouskv serve compute --model MODEL --cache HOST:PORT --port N`)"
@@ -38,6 +42,14 @@ def to_error(err: grpc.RpcError, address: str) -> ContiguousKVError:
 _TRANSPORT_FAILURES = ("failed to connect", "connection refused", "dns resolution failed", "socket closed",
                        "connection reset", "broken pipe", "no route to host", "unreachable",
                        "connections to all backends failing", "empty address list", "endpoint closing")
+
+
+_TLS_FAILURES = ("ssl", "handshake", "certificate", "tls")
+
+
+def _tls_failure(details: str) -> bool:
+    lowered = details.lower()
+    return any(word in lowered for word in _TLS_FAILURES)
 
 
 def _unreachable(details: str) -> bool:

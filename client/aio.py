@@ -91,7 +91,7 @@ class AsyncContiguousKVClient:
         """See :meth:`ContiguousKVClient.generate` (retried only before the first token)."""
         request = compute_pb2.GenerateRequest(request=_wire.reprefill_request(
             prefix_id, query, policy, budget, max_new_tokens, None, None))
-        deadline = Deadline(timeout or self.timeout)
+        deadline = Deadline(self.timeout if timeout is None else timeout)
         span = _tracer.start(telemetry.SPAN_CALL.format("generate"),
                              {telemetry.ATTR_PREFIX_ID: prefix_id, telemetry.ATTR_POLICY: policy})
         delivered = attempts = 0
@@ -130,7 +130,7 @@ class AsyncContiguousKVClient:
     async def _call(self, what: str, invoke: Callable[[Stub, float], Awaitable[R]], attributes: Attributes,
                     timeout: float | None) -> R:
         """One unary call (all our unary calls are idempotent): next server, retry on UNAVAILABLE."""
-        deadline = Deadline(timeout or self.timeout)
+        deadline = Deadline(self.timeout if timeout is None else timeout)
         with _tracer.span(telemetry.SPAN_CALL.format(what), attributes) as span:
             attempts = 0
             while True:

@@ -18,7 +18,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from contiguouskv.client.errors import ContiguousKVError, DeadlineExceededError
+from contiguouskv.client.errors import ContiguousKVError, DeadlineExceededError, InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class Deadline:
 
     def __init__(self, timeout_s: float) -> None:
         if not timeout_s > 0:
-            raise ValueError(f"timeout: must be > 0 seconds, got {timeout_s}")
+            raise InvalidArgumentError(f"timeout: must be > 0 seconds, got {timeout_s}", "INVALID_ARGUMENT")
         self.timeout_s = timeout_s
         self._end = time.monotonic() + timeout_s
 

@@ -120,7 +120,7 @@ class ContiguousKVClient:
         """
         request = compute_pb2.GenerateRequest(request=_wire.reprefill_request(
             prefix_id, query, policy, budget, max_new_tokens, None, None))
-        deadline = Deadline(timeout or self.timeout)
+        deadline = Deadline(self.timeout if timeout is None else timeout)
         span = _tracer.start(telemetry.SPAN_CALL.format("generate"),
                              {telemetry.ATTR_PREFIX_ID: prefix_id, telemetry.ATTR_POLICY: policy})
         delivered = attempts = 0
@@ -158,7 +158,7 @@ class ContiguousKVClient:
     def _call(self, what: str, invoke: Callable[[Stub, float], R], attributes: Attributes,
               timeout: float | None) -> R:
         """One unary call (all our unary calls are idempotent): next server, retry on UNAVAILABLE."""
-        deadline = Deadline(timeout or self.timeout)
+        deadline = Deadline(self.timeout if timeout is None else timeout)
         with _tracer.span(telemetry.SPAN_CALL.format(what), attributes) as span:
             attempts = 0
             while True:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from contiguouskv.common.security import ClientTls, check_server_files
+from contiguouskv.common.security import ClientTls, check_server_files, is_loopback
 from contiguouskv.common.discovery import check_entry, is_dns
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -104,6 +104,14 @@ class ComputeServerConfig:
                 check_entry(address)
             except ValueError:
                 raise ValueError(f"cache: {address!r} is not HOST:PORT or dns:///NAME:PORT") from None
+        twice = sorted({a for a in self.cache if self.cache.count(a) > 1})
+        if twice:
+            raise ValueError(f"cache: {twice[0]} is listed twice; list each shard once (replicas are placed "
+                             "on distinct shards)")
+        remote = [a for a in self.cache if not is_loopback(a.removeprefix("dns:///"))]
+        if self.cache_token_file is not None and self.cache_tls_ca_file is None and remote:
+            raise ValueError(f"cache_token_file: a bearer token is sent only over TLS (or to a loopback address); "
+                             f"give cache_tls_ca_file to reach {remote[0]}")
         if self.replication < 0 or self.write_quorum < 0:
             raise ValueError("replication/write_quorum: must be >= 0 (0 = default)")
         if not any(is_dns(a) for a in self.cache) and self.replication > len(set(self.cache)):

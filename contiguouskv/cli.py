@@ -232,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         if err.status in ERROR_HINTS:
             print(f"hint: {ERROR_HINTS[err.status]}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as err:  # an install without the model's packages
+        print(f"error: {err}: the compute server, the demo and the benchmarks need the compute extra: "
+              "pip install 'contiguouskv[compute]' (./scripts/bootstrap.sh installs everything)", file=sys.stderr)
+        return 2
     except (OSError, RuntimeError) as err:  # unreadable --file, unwritable --png, a missing extra
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -52,3 +52,14 @@ def test_errors_exit_nonzero_with_status_name(compute_address: str, tmp_path: Pa
     down = ckv("query", "--server", "127.0.0.1:1", "--prefix", "f" * 32, "--token-ids", "1", "--timeout", "5")
     assert down.returncode != 0 and "UNAVAILABLE" in down.stderr and "127.0.0.1:1" in down.stderr
     assert "contiguouskv serve compute" in down.stderr
+
+
+def test_a_missing_compute_extra_is_named_with_the_install_command() -> None:
+    # safetensors stands for any package of the compute extra that an install left out
+    code = ("import sys; sys.modules['safetensors'] = None\n"
+            "from contiguouskv.cli import main\n"
+            "sys.exit(main(['serve', 'compute', '--model', 'random:tiny', '--cache', '127.0.0.1:1']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2
+    assert "safetensors" in done.stderr and "pip install 'contiguouskv[compute]'" in done.stderr
+    assert "Traceback" not in done.stderr

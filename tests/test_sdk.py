@@ -265,6 +265,8 @@ def test_bad_arguments_fail_before_any_call_naming_the_field() -> None:
             (lambda: client.register(token_ids=[3, 1 << 32]), "token_ids: token id 4294967296"),
             (lambda: client.register("text", token_ids=[1]), "exactly one of text or token_ids"),
             (lambda: list(client.generate(PREFIX, [1], max_new_tokens=-3)), "max_new_tokens"),
+            (lambda: client.reprefill(PREFIX, [1], timeout=0), "timeout: must be > 0"),  # not "the default"
+            (lambda: list(client.generate(PREFIX, [1], timeout=0)), "timeout: must be > 0"),
         ]
         for call, message in calls:
             with pytest.raises(InvalidArgumentError, match=message) as info:

@@ -29,8 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from contiguouskv import launch
 from contiguouskv.cache_server.service import METHOD_SCOPES as CACHE_SCOPES
 from contiguouskv.client import (
-    NO_RETRY, ClientTls, ContiguousKVClient, PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError,
-    UnavailableError,
+    NO_RETRY, ClientTls, ContiguousKVClient, FailedPreconditionError, PermissionDeniedError, ResourceExhaustedError,
+    UnauthenticatedError, UnavailableError,
 )
 from contiguouskv.common.access import ClientLimiter, peer_host
 from contiguouskv.common.security import (
@@ -223,8 +223,10 @@ def test_plaintext_and_untrusted_clients_cannot_connect(cluster: dict[str, objec
         plain.model_info()
     stranger = Pki(tmp_path / "other")  # a CA the server's certificate does not chain to
     with ContiguousKVClient(str(cluster["compute"]), timeout=10, retry=NO_RETRY, token=READ_TOKEN,
-                            tls=ClientTls(stranger.ca_file)) as untrusting, pytest.raises(UnavailableError):
+                            tls=ClientTls(stranger.ca_file)) as untrusting, pytest.raises(UnavailableError) as info:
         untrusting.model_info()
+    # the hint is about certificates, not about starting a server that is running
+    assert "TLS handshake" in info.value.details and "start one" not in info.value.details
 
 
 async def _cache_call(cluster: dict[str, object], cert: bool, token: str | None,
@@ -401,3 +403,20 @@ def test_cli_reaches_a_secured_server_with_a_token_file_or_env(cluster: dict[str
     without = subprocess.run(base, capture_output=True, text=True, env=env, timeout=120)
     assert without.returncode == 1
     assert "UNAUTHENTICATED" in without.stderr and "--token-file" in without.stderr  # the hint
+
+
+def test_a_compute_server_the_cache_refuses_says_so_and_not_that_the_caller_is_unauthenticated(
+        cluster: dict[str, object]) -> None:
+    """Without --cache-token-file (its own credential for the cache) the compute server's calls to the
+    cache are refused: the caller gets FAILED_PRECONDITION naming the compute server's settings, not
+    UNAUTHENTICATED, which would send them looking for their own token."""
+    pki, tmp = cluster["pki"], cluster["tmp"]
+    assert isinstance(pki, Pki) and isinstance(tmp, Path)
+    with launch.compute_server(
+            "random:tiny", str(cluster["cache"]), "--threads", "1", "--dtype", "float32",
+            "--cache-tls-ca-file", str(pki.ca_file), "--cache-tls-cert-file", str(pki.client_cert),
+            "--cache-tls-key-file", str(pki.client_key)) as tokenless:
+        with ContiguousKVClient(tokenless.address, timeout=60, retry=NO_RETRY) as client:
+            with pytest.raises(FailedPreconditionError,
+                               match="refused this compute server's credentials .*cache_token_file"):
+                client.register(token_ids=PREFIX_IDS)

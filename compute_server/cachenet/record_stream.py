@@ -23,6 +23,10 @@ def cache_error(address: str, err: grpc.aio.AioRpcError) -> ComputeError:
     code = err.code().name if err.code() is not None else "UNKNOWN"
     if code in ("CANCELLED", "UNKNOWN"):
         code = "UNAVAILABLE" if code == "CANCELLED" else "INTERNAL"
+    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):  # the compute server's credentials, not the caller's
+        return ComputeError(f"cache server {address} refused this compute server's credentials ({code}: "
+                            f"{err.details()}); check its cache_token_file and cache TLS settings",
+                            code="FAILED_PRECONDITION")
     return ComputeError(f"cache server {address}: {err.details()}", code=code)
 
 

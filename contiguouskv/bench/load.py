@@ -276,7 +276,8 @@ class LoadGenerator:
             return [result]
         results = []
         for concurrency in self.args.concurrency:
-            _progress(f"{concurrency} clients for {self.args.seconds:g}s (max_batch {self.max_batch})")
+            batch = "" if self.max_batch is None else f" (max_batch {self.max_batch})"  # unknown with --compute
+            _progress(f"{concurrency} clients for {self.args.seconds:g}s{batch}")
             watched_now = [ProcessSamples(p.name, p.pid) for p in watched]  # fresh samples per level
             results.append(await self.level(concurrency, self.args.seconds, watched_now))
         return results

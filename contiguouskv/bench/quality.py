@@ -283,6 +283,9 @@ def _print(rows: list[dict[str, object]]) -> None:
     def fmt(v: object, spec: str) -> str:
         return format(v, spec) if isinstance(v, (int, float)) else format("-", ">" + spec.split(".")[0])
 
+    if len({r["length"] for r in rows if r["length"] is not None}) == 1:  # the all-lengths rows repeat it
+        rows = [r for r in rows if r["length"] is not None]
+
     for r in sorted(rows, key=lambda r: (r["length"] or 1 << 30, r["policy"] != "full", r["policy"], r["budget"])):  # type: ignore[return-value]
         print(f"{r['policy']:<19}{r['budget']:>7.2f}{r['prefix_tokens']:>7}{r['n']:>4}{fmt(r['accuracy'], '6.2f')}"
               f"{fmt(r['answers_kept'], '6.2f')}{fmt(r['top1_agreement'], '6.2f')}{fmt(r['kl'], '8.4f')}"

@@ -51,6 +51,13 @@ def _coerce(name: str, raw: Any, hint: Any) -> Any:
             if str(raw).lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(raw)
+        if hint is int:
+            # a JSON 1.5 or true is not an integer: int() would make it 1 without a word
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError(raw)
+            return int(raw)
+        if hint is float and isinstance(raw, bool):
+            raise ValueError(raw)
         if hint in (int, float, str):
             return hint(raw)
         if hint is Path:
@@ -91,7 +98,10 @@ def load_config(
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     values: dict[str, Any] = {}
     if file is not None:
-        data = json.loads(Path(file).read_text())
+        try:
+            data = json.loads(Path(file).read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {file}: not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {file}: expected a JSON object")
         data = _read_renamed(data, renamed or {}, f"config file {file}: key")
