@@ -34,8 +34,9 @@ from contiguouskv.v1 import cache_pb2, cache_pb2_grpc
 
 FETCH_METHOD = "/contiguouskv.v1.CacheService/Fetch"
 DOWN_S = 5.0
+"""After a shard fails with UNAVAILABLE, reads try its replicas first for this long (and a shard that
+went silent is not called for this long unless it answers a probe)."""
 PROBE_TIMEOUT_S = 2.0  # a silent shard's probe: it answers at once when it is back
-"""After a shard fails with UNAVAILABLE, reads try its replicas first for this long."""
 # A restarted shard is dialled again within seconds, not after gRPC's default backoff (up to 120 s).
 # A ping unanswered for 10 s closes the connection: a shard whose node vanished without closing it
 # (power loss, partition) then fails its calls with UNAVAILABLE and a Fetch stream fails over within
