@@ -164,7 +164,9 @@ def _read_run(fd: int, buffer: memoryview, run: Run, stride: int, size: int) -> 
     expected = struct.unpack(f"<{len(crcs) // 4}I", crcs)
     if stride == size:  # back to back: one CRC-32 of the run against the records' CRCs combined
         bad = first_bad_record(part, size, expected)
-        return ReadReport(seconds) if bad is None else ReadReport(seconds, ("data_loss", "checksum mismatch"), first + bad)
+        if bad is None:
+            return ReadReport(seconds)
+        return ReadReport(seconds, ("data_loss", "checksum mismatch"), first + bad)
     for k, crc in enumerate(expected):
         # whole records: a helper shares no GIL with an event loop (contiguouskv/common/checksum.py)
         if crc32_any_size(part[k * stride : k * stride + size]) != crc:

@@ -104,8 +104,8 @@ def register_request(text: str | None, token_ids: Sequence[int] | None,
         raise _bad("extra_layouts: give a list of layout names, e.g. ['impress']")
     if text is not None:
         return compute_pb2.RegisterPrefixRequest(text=text, extra_layouts=list(extra_layouts))
-    return compute_pb2.RegisterPrefixRequest(token_ids=compute_pb2.TokenIds(ids=_token_ids("token_ids", token_ids or ())),
-                                             extra_layouts=list(extra_layouts))
+    ids = compute_pb2.TokenIds(ids=_token_ids("token_ids", token_ids or ()))
+    return compute_pb2.RegisterPrefixRequest(token_ids=ids, extra_layouts=list(extra_layouts))
 
 
 def reprefill_request(prefix_id: str, query: str | Sequence[int], policy: str, budget: float | None,
