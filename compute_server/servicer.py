@@ -146,7 +146,7 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
             loop.call_soon_threadsafe(queue.put_nowait, (index, token))
 
         task = asyncio.ensure_future(_guard(context, self._core.reprefill(_args(request.request), on_token)))
-        ids: list[int] = []
+        sent = 0  # token messages so far
         text = TextStream(self._core.decode)
         try:
             while not (task.done() and queue.empty()):
@@ -156,13 +156,13 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
                     getter.cancel()
                     continue
                 index, token = getter.result()
-                ids.append(token)
+                sent += 1
                 yield compute_pb2.GenerateResponse(index=index, token_id=token, text=text.push(token))
             result = await task
         finally:
             task.cancel()
         assert isinstance(result, ReprefillReport)
-        yield compute_pb2.GenerateResponse(index=len(ids), summary=_reply(result))
+        yield compute_pb2.GenerateResponse(index=sent, summary=_reply(result))
 
     async def GetModelInfo(self, request: compute_pb2.GetModelInfoRequest,  # noqa: N802
                            context: grpc.aio.ServicerContext) -> compute_pb2.GetModelInfoResponse:

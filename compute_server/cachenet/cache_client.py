@@ -42,7 +42,7 @@ PROBE_TIMEOUT_S = 2.0  # a silent shard's probe: it answers at once when it is b
 # (power loss, partition) then fails its calls with UNAVAILABLE and a Fetch stream fails over within
 # seconds (measured: 10 s), not at the call's deadline. Pings: gRPC's own flow-control probes while
 # data flows (their timeout is 60 s by default) and keepalive pings every 10 s during a call; the
-# cache server accepts pings that often (common.serving.channel_options).
+# cache server accepts pings that often (common.serving.server_options).
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000),
                      ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 10_000),
                      ("grpc.http2.ping_timeout_ms", 10_000), ("grpc.http2.max_pings_without_data", 0)]

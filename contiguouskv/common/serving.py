@@ -27,19 +27,16 @@ T = TypeVar("T")
 C = TypeVar("C")
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    # Accept keepalive pings every 5 s (the compute server's cache channels ping every 10 s during a
-    # call, to notice a shard whose node vanished without closing the connection); gRPC's default
-    # of 5 min would answer them with GOAWAY "too_many_pings".
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Options of both servers' gRPC server: message size limits, keepalive pings accepted every 5 s
+    (the compute server's cache channels ping every 10 s during a call, to notice a shard whose node
+    vanished without closing the connection; gRPC's default of 5 min would answer them with GOAWAY
+    "too_many_pings"), and the port owned alone: gRPC sets SO_REUSEPORT by default, so a second
+    server on a taken port would bind too and share the connections."""
     return [("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
-
-
-def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """:func:`channel_options` for a server, which owns its port alone: gRPC sets SO_REUSEPORT by
-    default, so a second server on a taken port would bind too and share the connections."""
-    return [*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)]
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.so_reuseport", 0)]
 
 
 SERVING_FIELDS = ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file",
