@@ -17,7 +17,9 @@ from contiguouskv.v1 import compute_pb2
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
-def to_error(err: grpc.RpcError, address: str) -> ContiguousKVError:
+def to_error(err: grpc.RpcError, address: str, secure: bool = False) -> ContiguousKVError:
+    """The SDK error for ``err`` from ``address``, with a hint where gRPC's words alone mislead;
+    ``secure``: whether the call went over TLS."""
     code = err.code() if hasattr(err, "code") else None
     status = code.name if code is not None else "UNKNOWN"
     details = (err.details() if hasattr(err, "details") else str(err)) or ""
@@ -28,6 +30,10 @@ def to_error(err: grpc.RpcError, address: str) -> ContiguousKVError:
         details = f"{details} (the TLS handshake with {address} failed: check the CA bundle, the client " \
                   f"certificate the server may require, and the server name; CLI: --tls-ca-file, " \
                   f"--tls-cert-file/--tls-key-file, --tls-server-name; see docs/security.md)"
+    elif status == "UNAVAILABLE" and not secure and _closed(details):
+        details = f"{details} (the server at {address} closed the connection: a server that serves TLS " \
+                  f"does that to a plaintext client, so pass its CA bundle (CLI: --tls-ca-file; SDK: " \
+                  f"tls=ClientTls(ca_file=...)); otherwise, is a compute server running there?)"
     elif status == "UNAVAILABLE" and _unreachable(details):  # the call never reached a server
         details = f"{details} (is a compute server running at {address}? start one with " \
                   f"`contiguouskv serve compute --model MODEL --cache HOST:PORT --port N`)"
@@ -44,7 +50,13 @@ _TRANSPORT_FAILURES = ("failed to connect", "connection refused", "dns resolutio
                        "connections to all backends failing", "empty address list", "endpoint closing")
 
 
-_TLS_FAILURES = ("ssl", "handshake", "certificate", "tls")
+_TLS_FAILURES = ("ssl", "handshake", "certificate", "tls", "verification check", "peer name")
+_CLOSED = ("socket closed", "connection reset", "endpoint closing")  # the peer hung up: maybe TLS
+
+
+def _closed(details: str) -> bool:
+    lowered = details.lower()
+    return any(phrase in lowered for phrase in _CLOSED)
 
 
 def _tls_failure(details: str) -> bool:

@@ -33,7 +33,7 @@ def _connector(tls: ClientTls | None, token: str | None) -> Callable[[str], Endp
     def connect(address: str) -> Endpoint[grpc.aio.Channel, Stub]:
         channel = open_aio_channel(address, tls, token, _wire.CHANNEL_OPTIONS,
                                    telemetry.aio_client_interceptors() or None)
-        return Endpoint(address, channel, compute_pb2_grpc.ComputeServiceStub(channel))
+        return Endpoint(address, channel, compute_pb2_grpc.ComputeServiceStub(channel), secure=tls is not None)
 
     return connect
 
@@ -109,7 +109,7 @@ class AsyncContiguousKVClient:
                     span.set_attribute(telemetry.ATTR_TOKENS, delivered)
                     return
                 except grpc.RpcError as err:
-                    error = _wire.to_error(err, endpoint.address)
+                    error = _wire.to_error(err, endpoint.address, endpoint.secure)
                 finally:
                     if stream is not None:
                         stream.cancel()
@@ -139,7 +139,7 @@ class AsyncContiguousKVClient:
                 try:
                     return await invoke(endpoint.stub, deadline.attempt_timeout(endpoint.address))
                 except grpc.RpcError as err:
-                    error: ContiguousKVError = _wire.to_error(err, endpoint.address)
+                    error: ContiguousKVError = _wire.to_error(err, endpoint.address, endpoint.secure)
                 delay = self.retry.delay_before_retry(error, attempts, deadline)
                 if delay is None:
                     raise error

@@ -34,6 +34,7 @@ class Endpoint(Generic[C, S]):
     address: str
     channel: C
     stub: S
+    secure: bool = False  # the channel speaks TLS
 
 
 class RoundRobin(Generic[C, S]):

@@ -30,7 +30,7 @@ Stub = compute_pb2_grpc.ComputeServiceStub
 def _connector(tls: ClientTls | None, token: str | None) -> Callable[[str], Endpoint[grpc.Channel, Stub]]:
     def connect(address: str) -> Endpoint[grpc.Channel, Stub]:
         channel = telemetry.intercept_channel(open_channel(address, tls, token, _wire.CHANNEL_OPTIONS))
-        return Endpoint(address, channel, compute_pb2_grpc.ComputeServiceStub(channel))
+        return Endpoint(address, channel, compute_pb2_grpc.ComputeServiceStub(channel), secure=tls is not None)
 
     return connect
 
@@ -138,7 +138,7 @@ class ContiguousKVClient:
                     span.set_attribute(telemetry.ATTR_TOKENS, delivered)
                     return
                 except grpc.RpcError as err:
-                    error = _wire.to_error(err, endpoint.address)
+                    error = _wire.to_error(err, endpoint.address, endpoint.secure)
                 finally:
                     _cancel(stream)
                 delay = None if delivered else self.retry.delay_before_retry(error, attempts, deadline)
@@ -167,7 +167,7 @@ class ContiguousKVClient:
                 try:
                     return invoke(endpoint.stub, deadline.attempt_timeout(endpoint.address))
                 except grpc.RpcError as err:
-                    error: ContiguousKVError = _wire.to_error(err, endpoint.address)
+                    error: ContiguousKVError = _wire.to_error(err, endpoint.address, endpoint.secure)
                 delay = self.retry.delay_before_retry(error, attempts, deadline)
                 if delay is None:
                     raise error

@@ -11,7 +11,7 @@ import torch
 
 from contiguouskv.common import telemetry
 from contiguouskv.common.access import access_interceptor
-from contiguouskv.common.logs import setup_logging
+from contiguouskv.common.logs import setup_logging, stderr_to_log
 from contiguouskv.common.malloc import keep_freed_buffers
 from contiguouskv.common.security import read_token_file, server_credentials
 from contiguouskv.common.serving import ServerLifecycle, run_async, run_main, server_options
@@ -45,7 +45,9 @@ async def serve(config: ComputeServerConfig) -> int:
     policies = PolicyRegistry.with_plugins(config.policy_plugins)  # a bad plugin fails before the model loads
     device, dtype = _resolve_device(config)
     log.info("loading model %s on %s (%s)", config.model, device, dtype)
-    model = load_model(config.model, cache_dir=config.resolved_cache_dir(), dtype=TORCH_DTYPES[dtype], device=device)
+    with stderr_to_log(log):  # the loaders' progress bars: log lines, not terminal drawing
+        model = load_model(config.model, cache_dir=config.resolved_cache_dir(), dtype=TORCH_DTYPES[dtype],
+                           device=device)
     token = read_token_file(config.cache_token_file) if config.cache_token_file is not None else None
     cache = CacheClient(config.cache, config.max_message_bytes, config.rpc_timeout_s,
                         config.replication, config.write_quorum, config.cache_refresh_s,

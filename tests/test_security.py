@@ -177,7 +177,7 @@ def _client(cluster: dict[str, object], token: str | None, **tls: object) -> Con
     pki = cluster["pki"]
     assert isinstance(pki, Pki)
     return ContiguousKVClient(str(cluster["compute"]), timeout=60, retry=NO_RETRY, token=token,
-                              tls=ClientTls(pki.ca_file, **tls))  # type: ignore[arg-type]
+                              tls=ClientTls(str(pki.ca_file), **tls))  # type: ignore[arg-type]  # a str path, as users write
 
 
 PREFIX_IDS = list(range(3, 200))
@@ -219,13 +219,28 @@ def test_refused_calls_show_in_both_servers_metrics(cluster: dict[str, object]) 
 
 def test_plaintext_and_untrusted_clients_cannot_connect(cluster: dict[str, object], tmp_path: Path) -> None:
     with ContiguousKVClient(str(cluster["compute"]), timeout=10, retry=NO_RETRY, token=READ_TOKEN) as plain, \
-            pytest.raises(UnavailableError):
+            pytest.raises(UnavailableError) as closed:
         plain.model_info()
+    assert "--tls-ca-file" in closed.value.details  # a TLS server hangs up on plaintext: say so
     stranger = Pki(tmp_path / "other")  # a CA the server's certificate does not chain to
     with ContiguousKVClient(str(cluster["compute"]), timeout=10, retry=NO_RETRY, token=READ_TOKEN,
                             tls=ClientTls(stranger.ca_file)) as untrusting, pytest.raises(UnavailableError) as info:
         untrusting.model_info()
     # the hint is about certificates, not about starting a server that is running
+    assert "TLS handshake" in info.value.details and "start one" not in info.value.details
+    with pytest.raises(SecurityConfigError, match="a path"):
+        ClientTls(ca_file=7)  # type: ignore[arg-type]
+
+
+def test_a_certificate_for_another_host_gets_the_tls_hint(cluster: dict[str, object]) -> None:
+    pki = cluster["pki"]
+    assert isinstance(pki, Pki)
+    port = str(cluster["compute"]).rsplit(":", 1)[1]
+    # the server's certificate names localhost and 127.0.0.1: a name it does not hold fails verification
+    tls = ClientTls(ca_file=str(pki.ca_file), server_name="cache.example.org")
+    with ContiguousKVClient(f"localhost:{port}", timeout=10, retry=NO_RETRY, token=READ_TOKEN, tls=tls) as client, \
+            pytest.raises(UnavailableError) as info:
+        client.model_info()
     assert "TLS handshake" in info.value.details and "start one" not in info.value.details
 
 

@@ -306,6 +306,36 @@ def test_json_log_lines_carry_the_current_trace(memory_spans: Any) -> None:
     assert re.fullmatch(r"[0-9a-f]{32}", trace_id) and re.fullmatch(r"[0-9a-f]{16}", span_id)
 
 
+def test_what_libraries_print_while_a_server_loads_becomes_json_lines() -> None:
+    """Model loading draws progress bars on stderr; a JSON log must stay one object per line."""
+    import io
+
+    from tqdm import tqdm
+
+    from contiguouskv.common.logs import JsonFormatter, stderr_to_log
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)  # made before, like the server's: keeps its own stream
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("ckv-test-stderr")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        with stderr_to_log(logger):
+            for _ in tqdm(range(50), desc="Loading weights", mininterval=0):
+                pass
+            print("UserWarning: a library warning", file=sys.stderr)  # as warnings' default hook prints
+            sys.stderr.write("no newline at the end")
+    finally:
+        logger.removeHandler(handler)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]  # every line is JSON
+    messages = [line["message"] for line in lines]
+    assert sum("Loading weights" in m for m in messages) == 1 and "50/50" in messages[0]
+    assert any("a library warning" in m for m in messages)
+    assert messages[-1] == "no newline at the end"
+
+
 def test_span_conventions() -> None:
     names = [v for k, v in vars(telemetry).items() if k.startswith("SPAN_")]
     assert all(re.fullmatch(r"[a-z_]+ (\{\}|[a-z_]+)", n) for n in names), names  # "{verb} {object}"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 
 from contiguouskv.common.telemetry import current_trace_ids
 
@@ -43,3 +46,42 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class _LinesToLog(io.TextIOBase):
+    """A text stream whose complete lines become log records; a line redrawn in place (``\\r``, a
+    progress bar) is logged once, as it last stood."""
+
+    def __init__(self, logger: logging.Logger, level: int) -> None:
+        self._logger, self._level, self._line = logger, level, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *done, self._line = (self._line + text).split("\n")
+        for line in done:
+            line = line.rsplit("\r", 1)[-1].strip()  # what the terminal would show last
+            if line:
+                self._logger.log(self._level, "%s", line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def close_line(self) -> None:
+        if self._line.strip():
+            self.write("\n")
+
+
+@contextlib.contextmanager
+def stderr_to_log(logger: logging.Logger, level: int = logging.INFO) -> Iterator[None]:
+    """Inside, what libraries print to ``sys.stderr`` (model loading's progress bars, warnings)
+    goes through ``logger`` instead, so a server's log stays one record per line (JSON lines with
+    ``--log-format json``). Handlers made before keep the real stderr."""
+    stream = _LinesToLog(logger, level)
+    try:
+        with contextlib.redirect_stderr(stream):
+            yield
+    finally:
+        stream.close_line()

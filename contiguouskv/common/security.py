@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import hmac
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -211,7 +212,7 @@ def server_credentials(cert: Path | None, key: Path | None, client_ca: Path | No
 class ClientTls:
     """How a client reaches a TLS server: CA bundle to trust (system roots when ``None``), an
     optional client certificate and key (mutual TLS), and ``server_name`` to expect in the
-    server's certificate when it differs from the address's host."""
+    server's certificate when it differs from the address's host. Paths may be given as strings."""
 
     ca_file: Path | None = None
     cert_file: Path | None = None
@@ -219,6 +220,12 @@ class ClientTls:
     server_name: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                if not isinstance(value, (str, os.PathLike)):
+                    raise SecurityConfigError(f"{name}: a path, got {type(value).__name__}")
+                object.__setattr__(self, name, Path(value))
         if (self.cert_file is None) != (self.key_file is None):
             raise SecurityConfigError("a client certificate and its key go together")
 
