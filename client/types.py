@@ -111,6 +111,8 @@ class ReprefillResult:
     generated_ids: tuple[int, ...]
     generated_text: str
     chunks_loaded: int
+    """Units of KV read per layer, on average: ContiguousChunks (of ``num_chunks``), but 64-token
+    blocks for `h2o` and `impress` (a block is four chunks); ``bytes_kv`` compares across policies."""
     num_chunks: int
     logits: tuple[float, ...] = ()
     """Last-position logits, only when the request asked for them (``return_logits=True``)."""

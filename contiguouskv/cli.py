@@ -1,4 +1,4 @@
-"""The ``contiguouskv`` command: serve, register, query, trace, info, bench, demo."""
+"""The ``contiguouskv`` command: serve, register, query, trace, info, bench, rebalance, demo."""
 
 from __future__ import annotations
 

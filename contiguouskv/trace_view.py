@@ -37,6 +37,9 @@ class LayerRow:
         return self.start_ms + self.wait_ms + self.compute_ms
 
 
+SHOWN_MS = 0.005  # the table prints milliseconds to two decimals: less reads as 0.00
+
+
 def layer_rows(layers: Sequence[Mapping[str, Any]]) -> list[LayerRow]:
     """Rows from the response's per-layer timings (dicts with layer, wait_ms, compute_ms, bytes)."""
     rows, start = [], 0.0
@@ -49,11 +52,11 @@ def layer_rows(layers: Sequence[Mapping[str, Any]]) -> list[LayerRow]:
 
 def timeline_cell(row: LayerRow, total_ms: float, width: int) -> str:
     """The row's stretch of a ``width``-character timeline: blank until it starts, then wait, then
-    compute (at least one character for a non-zero part)."""
+    compute (at least one character for a part the table shows as non-zero, i.e. from 0.005 ms)."""
     scale = width / total_ms if total_ms > 0 else 0.0
     lead = int(round(row.start_ms * scale))
-    wait = max(1 if row.wait_ms > 0 else 0, int(round(row.wait_ms * scale)))
-    compute = max(1 if row.compute_ms > 0 else 0, int(round(row.compute_ms * scale)))
+    wait = max(1 if row.wait_ms >= SHOWN_MS else 0, int(round(row.wait_ms * scale)))
+    compute = max(1 if row.compute_ms >= SHOWN_MS else 0, int(round(row.compute_ms * scale)))
     return (" " * lead + WAIT_CHAR * wait + COMPUTE_CHAR * compute)[: width + 2]
 
 

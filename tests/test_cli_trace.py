@@ -35,6 +35,9 @@ def test_layer_rows_follow_each_other() -> None:
     cells = [trace_view.timeline_cell(r, 10.0, 20) for r in rows]
     assert cells[0] == "\u00b7" * 8 + "\u2588" * 4
     assert cells[1] == " " * 12 + "\u00b7" * 2 + "\u2588" * 6
+    # a wait the table prints as 0.00 draws nothing; one it prints as 0.01 draws a character
+    tiny = [trace_view.LayerRow(0, 0.0, wait, 5.0, 0) for wait in (0.004, 0.006)]
+    assert [trace_view.timeline_cell(r, 10.0, 20).count("\u00b7") for r in tiny] == [0, 1]
     text = trace_view.table(SAVED)
     assert "policy contiguous budget 0.50" in text and "ttft 12.0 ms" in text and "io wait 50%" in text
 

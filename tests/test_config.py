@@ -52,3 +52,34 @@ def test_unknown_file_keys_are_rejected(tmp_path: Path) -> None:
     file.write_text(json.dumps({"model": "m", "cache": ["h:1"], "chunksize": 8}))
     with pytest.raises(ConfigError, match="chunksize"):
         load_config(ComputeServerConfig, {}, env={}, file=file)
+
+
+def test_operations_doc_names_the_limits_without_a_flag() -> None:
+    """docs/operations.md's Limits table names config fields; those without a flag must be in its
+    "no flag" list (set by env or file), and that list must name only real fields without a flag."""
+    import argparse
+    import dataclasses
+    import re
+
+    from contiguouskv.cache_server import server as cache_server
+    from contiguouskv.cache_server.config import CacheServerConfig
+    from contiguouskv.compute_server.flags import add_arguments
+
+    no_flag: set[str] = set()
+    fields: set[str] = set()
+    for config, add in ((ComputeServerConfig, add_arguments), (CacheServerConfig, cache_server.add_arguments)):
+        parser = argparse.ArgumentParser()
+        add(parser)
+        dests = {action.dest for action in parser._actions}
+        names = {f.name for f in dataclasses.fields(config)}
+        fields |= names
+        no_flag |= names - dests
+    text = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    sentence = re.search(r"These have no flag; set them by env or file:(.*?)\. An", text, re.S)
+    assert sentence, "the no-flag sentence of docs/operations.md moved"
+    listed = set(re.findall(r"`(\w+)`", sentence.group(1)))
+    table = text.split("| Limit (field) |", 1)[1].split("\n\n", 1)[0]
+    named = {name for row in table.splitlines()[2:] for name in re.findall(r"^\| `(\w+)`", row)}
+    assert named <= fields, f"table rows that are not config fields: {sorted(named - fields)}"
+    assert listed <= no_flag, f"listed but they have a flag (or are not fields): {sorted(listed - no_flag)}"
+    assert named & no_flag <= listed, f"limits without a flag not listed: {sorted(named & no_flag - listed)}"
