@@ -462,6 +462,9 @@ class ReprefillResponse(_message.Message):
     generated_text: _builtins.str
     """The generated tokens alone, decoded (special tokens skipped). The answer is answer_text."""
     chunks_loaded: _builtins.int
+    """Units of KV read per layer, on average: ContiguousChunks (of num_chunks), but 64-token blocks
+    for h2o and impress; bytes_kv compares across policies.
+    """
     num_chunks: _builtins.int
     prediction_hit_rate: _builtins.float
     """Fraction of predicted chunks that the real selection kept (1 when nothing was predicted)."""
