@@ -27,6 +27,7 @@ from contiguouskv.compute_server.config import default_cache_dir
 from contiguouskv.compute_server.model.loading import load_model
 from contiguouskv.compute_server.model.runner import ModelRunner
 from contiguouskv.compute_server.policies.identified import IdentifiedPolicy
+from contiguouskv.compute_server.policies.registry import BUILTIN_POLICIES
 from contiguouskv.compute_server.selection.keyquant import dequantize_keys, quantize_keys
 from test_compute_metrics import scrape
 
@@ -106,11 +107,14 @@ def _products(qs: torch.Tensor, keys: torch.Tensor, heads: int, scale: float, lo
 
 
 def _scores(method: str, runner: ModelRunner, layer_keys: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor,
-            n: int, budget: float, low: bool = False) -> list[float]:
+            n: int, budget: float, low: bool = False, rows: int | None = None, rule: str = "sum") -> list[float]:
     """Chunk scores of one layer by ``method``, every product materialised (``low``: the q.k
-    products of the key scorers as a bfloat16 scorer forms them)."""
+    products of the key scorers as a bfloat16 scorer forms them). The key and Quest scorers score
+    with the query's last ``rows`` tokens (all when ``None``) and combine heads by ``rule``."""
     heads, t = runner.num_heads, qs.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+    if method != "digest" and rows is not None and rows < t:  # the last rows, normalised over all they see
+        qs, causal = qs[:, t - rows:], causal[t - rows:]
     self_logits = (qs @ _expand(ks, heads).transpose(1, 2) * runner.scaling).masked_fill(causal, -torch.inf)
     bounds = [(s, min(s + C, n)) for s in range(0, n, C)]
     counts = torch.tensor([b - a for a, b in bounds], dtype=torch.float32)
@@ -136,7 +140,8 @@ def _scores(method: str, runner: ModelRunner, layer_keys: torch.Tensor, qs: torc
         upper = torch.maximum(qe * _expand(lo, heads)[:, None], qe * _expand(hi, heads)[:, None]).sum(dim=-1)
         pl = upper * runner.scaling + counts.log()
         probs = torch.softmax(torch.cat([pl, self_logits], dim=-1), dim=-1)
-        return probs[:, :, : len(bounds)].sum(dim=(0, 1)).tolist()
+        per_head = probs[:, :, : len(bounds)].sum(dim=1)  # [H, m]
+        return (per_head.sum(dim=0) if rule == "sum" else per_head.amax(dim=0)).tolist()
     if method == "qkeys1":  # the 1-bit least-squares format: its round trip is property-tested on its own
         keys = dequantize_keys(quantize_keys(layer_keys, 1, 128, "lloyd"), n, layer_keys.shape[0],
                                layer_keys.shape[2], 1, 128, dtype=torch.bfloat16 if low else torch.float32).float()
@@ -144,11 +149,13 @@ def _scores(method: str, runner: ModelRunner, layer_keys: torch.Tensor, qs: torc
         keys = _quantized(layer_keys, low) if method == "qkeys" else layer_keys
     pl = _products(qs, keys, heads, runner.scaling, low)
     probs = torch.softmax(torch.cat([pl, self_logits], dim=-1), dim=-1)
-    return _chunk_sums(probs[:, :, :n].sum(dim=(0, 1)), n)
+    per_head = [_chunk_sums(mass, n) for mass in probs[:, :, :n].sum(dim=1)]  # each head's chunk masses
+    return [sum(col) if rule == "sum" else max(col) for col in zip(*per_head)]
 
 
 METHODS = {"contiguous": "exact", "oracle": "exact", "contiguous+digest": "digest", "contiguous+": "qkeys",
            "contiguous+quest": "quest", "contiguous+1bit": "qkeys1"}
+POLICY_CLASSES = {cls.name: cls for cls in BUILTIN_POLICIES}  # each one's scoring rule (rows, heads)
 SPECULATIVE = {"contiguous+", "contiguous+quest", "contiguous+1bit"}  # speculate from the hidden state a layer early, then correct
 
 
@@ -159,6 +166,8 @@ def reference(runner: ModelRunner, prefix: list[int], query: list[int], budget: 
     ``score_dtype`` says."""
     method = METHODS[policy]
     low = score_dtype == "bfloat16" and policy != "oracle"
+    rule = POLICY_CLASSES[policy]
+    rows, heads_rule = rule.SCORE_TOKENS, rule.SCORE_HEADS
     with torch.inference_mode():
         pre = runner.prefill(torch.tensor(prefix))
         n, t, heads = len(prefix), len(query), runner.num_heads
@@ -179,8 +188,9 @@ def reference(runner: ModelRunner, prefix: list[int], query: list[int], budget: 
                 if policy in SPECULATIVE and layer > 0:  # from the last SPECULATE_TOKENS query tokens only
                     tail = slice(max(0, t - IdentifiedPolicy.SPECULATE_TOKENS), None)
                     qe, ke, _ = runner.project(layer, entering[layer - 1][tail], pos[tail])
-                    speculated.append(_top(_scores(method, runner, pre.keys[layer], qe, ke, n, budget, low), budget))
-                chosen = _top(_scores(method, runner, pre.keys[layer], qs, ks, n, budget, low), budget)
+                    speculated.append(_top(_scores(method, runner, pre.keys[layer], qe, ke, n, budget, low, rows,
+                                                   heads_rule), budget))
+                chosen = _top(_scores(method, runner, pre.keys[layer], qs, ks, n, budget, low, rows, heads_rule), budget)
                 selections.append(chosen)
                 keep = torch.zeros(n, dtype=torch.bool)
                 for j in chosen:

@@ -90,32 +90,37 @@ def test_decoding_rejects_a_wrong_buffer() -> None:
             dequantize_keys(record, 70, 2, 8, 2, 64, out=bad)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 200), t=st.integers(1, 9), kv_heads=st.sampled_from([1, 2]), groups=st.sampled_from([1, 3]),
-       seed=st.integers(0, 1000), half=st.booleans())
+       seed=st.integers(0, 1000), half=st.booleans(), rows=st.integers(1, 9), heads=st.sampled_from(["sum", "max"]))
 def test_exact_scores_equal_the_materialised_softmax(n: int, t: int, kv_heads: int, groups: int, seed: int,
-                                                     half: bool) -> None:
+                                                     half: bool, rows: int, heads: str) -> None:
     """The in-place scoring (row max, exp in the logits buffer, one matrix-vector product per KV
-    head) against the paper's definition written out: softmax over [prefix ; causal self] per query
-    head and token, prefix columns summed over heads and tokens, then per chunk."""
+    head, or a batched one per query head) against the definition written out: softmax over
+    [prefix ; causal self] per query head and token, prefix columns summed over the scoring rows
+    (the query's last ``rows`` tokens, each normalised over every query token it sees), per chunk,
+    then summed over heads (the paper's rule) or the largest head's."""
+    rows = min(rows, t)
     gen = torch.Generator().manual_seed(seed)
-    heads, d, scale = kv_heads * groups, 8, 0.4
+    num_heads, d, scale = kv_heads * groups, 8, 0.4
     lay = ContiguousLayout(num_tokens=n, num_layers=1, num_kv_heads=kv_heads, head_dim=d, dtype="float32", chunk_size=4)
-    q, k_self = torch.randn(heads, t, d, generator=gen) * 2, torch.randn(kv_heads, t, d, generator=gen) * 2
+    q, k_self = torch.randn(num_heads, t, d, generator=gen) * 2, torch.randn(kv_heads, t, d, generator=gen) * 2
     keys = torch.randn(kv_heads, n, d, generator=gen) * 2
     if half:  # stored-dtype keys are converted through the workspace
         keys = keys.to(torch.bfloat16)
-    mass = torch.zeros(n, dtype=torch.float64)
-    for h in range(heads):
+    per_head = []
+    for h in range(num_heads):
         kv = h // groups
-        logits = torch.cat([q[h].double() @ keys[kv].double().T,
-                            (q[h].double() @ k_self[kv].double().T).masked_fill(
-                                torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))], dim=1) * scale
-        mass += torch.softmax(logits, dim=1)[:, :n].sum(dim=0)
-    ref = torch.nn.functional.pad(mass, (0, lay.num_chunks * 4 - n)).view(-1, 4).sum(dim=1)
+        mine = q[h, t - rows:].double()
+        logits = torch.cat([mine @ keys[kv].double().T,
+                            (mine @ k_self[kv].double().T).masked_fill(
+                                torch.ones(t, t, dtype=torch.bool).triu(1)[t - rows:], float("-inf"))], dim=1) * scale
+        mass = torch.softmax(logits, dim=1)[:, :n].sum(dim=0)
+        per_head.append(torch.nn.functional.pad(mass, (0, lay.num_chunks * 4 - n)).view(-1, 4).sum(dim=1))
+    ref = torch.stack(per_head).sum(dim=0) if heads == "sum" else torch.stack(per_head).amax(dim=0)
     workspace = Workspace()
     for _ in range(2):  # the second call reuses (and must overwrite) the first call's scratch
-        got = exact_chunk_scores(lay, q, k_self, keys, scale, workspace)
+        got = exact_chunk_scores(lay, q[:, t - rows:], k_self, keys, scale, workspace, heads=heads)
         assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6)
 
 

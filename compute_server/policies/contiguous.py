@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from contiguouskv.compute_server.policies.periodic import PeriodicPolicy
-from contiguouskv.compute_server.selection.chunks import exact_chunk_scores
 
 
 class ContiguousPolicy(PeriodicPolicy):
@@ -14,6 +13,4 @@ class ContiguousPolicy(PeriodicPolicy):
     name = "contiguous"
 
     def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        keys = self._layer_keys(self._ident.pop(start))
-        return exact_chunk_scores(self.chunks, q, k, keys, self.projector.scaling, self.workspace,
-                                  self.context.score_dtype)
+        return self._exact_scores(q, k, self._layer_keys(self._ident.pop(start)), self.context.score_dtype)

@@ -42,7 +42,7 @@ from contiguouskv.compute_server.engine import Engine, QueryJob, QueryOutcome
 from contiguouskv.compute_server.kvio.loader import Records
 from contiguouskv.compute_server.policies.base import PolicyContext
 from contiguouskv.compute_server.policies.periodic import PeriodicPolicy
-from contiguouskv.compute_server.selection.chunks import exact_chunk_scores, quest_chunk_scores, select_top
+from contiguouskv.compute_server.selection.chunks import quest_chunk_scores, select_top
 
 
 class IdentifiedPolicy(PeriodicPolicy):
@@ -138,8 +138,7 @@ class IdentifiedPolicy(PeriodicPolicy):
         """Layer ``start``'s identification records -> what :meth:`_score` scores with, on the compute device."""
 
     def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return exact_chunk_scores(self.chunks, q, k, self._ident_data(start), self.projector.scaling, self.workspace,
-                                  self.context.score_dtype)
+        return self._exact_scores(q, k, self._ident_data(start), self.context.score_dtype)
 
 
 class ContiguousPlusPolicy(IdentifiedPolicy):
@@ -188,7 +187,8 @@ class QuestPolicy(IdentifiedPolicy):
         return self.codec.minmax(records[0], device=self.projector.device)
 
     def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return quest_chunk_scores(self.chunks, q, k, self._ident_data(start), self.projector.scaling)
+        return quest_chunk_scores(self.chunks, self._scoring_rows(q), k, self._ident_data(start),
+                                  self.projector.scaling, self.SCORE_HEADS)
 
 
 class OraclePolicy(IdentifiedPolicy):
@@ -203,4 +203,4 @@ class OraclePolicy(IdentifiedPolicy):
 
     def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """In float32 whatever ``score_dtype`` says: the ceiling the others are measured against."""
-        return exact_chunk_scores(self.chunks, q, k, self._ident_data(start), self.projector.scaling, self.workspace)
+        return self._exact_scores(q, k, self._ident_data(start))

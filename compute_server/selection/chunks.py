@@ -24,19 +24,39 @@ from contiguouskv.compute_server.selection.importance import per_chunk
 from contiguouskv.compute_server.workspace import Workspace
 
 
+HEAD_RULES = ("sum", "max")
+"""How per-head masses combine into a chunk's score: summed over heads (the paper), or the largest
+head's (a chunk one head relies on is not outvoted by the others; docs/selection.md)."""
+
+
 def _self_logits(q: torch.Tensor, k_self: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal logits of the query over its own keys: [heads, T, T] with -inf above the diagonal."""
+    """Causal logits of the query's rows over its own keys: [heads, R, T], -inf where a row would
+    see a later token. ``q`` holds the last R of the T tokens whose keys are ``k_self`` (R = T for
+    the whole query; fewer when only the query's last tokens score)."""
     groups = q.shape[0] // k_self.shape[0]
     k = k_self.float().repeat_interleave(groups, dim=0)  # [heads, T, d]
-    logits = torch.matmul(q.float(), k.transpose(1, 2)) * scale  # [heads, T, T]
-    t = q.shape[1]
-    return logits.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    logits = torch.matmul(q.float(), k.transpose(1, 2)) * scale  # [heads, R, T]
+    rows, t = q.shape[1], k_self.shape[1]
+    if rows > t:
+        raise ValueError(f"{rows} query rows but keys of only {t} query tokens")
+    later = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)[t - rows:]
+    return logits.masked_fill(later, float("-inf"))
 
 
-def _prefix_mass(prefix_logits: torch.Tensor, self_logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over [prefix ; self] per row, summed over heads and rows, prefix part only: [n or m]."""
+def _combine_heads(per_head: torch.Tensor, heads: str) -> torch.Tensor:
+    """[heads, ...] masses -> [...] by :data:`HEAD_RULES`."""
+    if heads == "sum":
+        return per_head.sum(dim=0)
+    if heads == "max":
+        return per_head.amax(dim=0)
+    raise ValueError(f"heads: must be one of {HEAD_RULES}, got {heads!r}")
+
+
+def _prefix_mass(prefix_logits: torch.Tensor, self_logits: torch.Tensor, heads: str = "sum") -> torch.Tensor:
+    """Softmax over [prefix ; self] per row, summed over rows, heads combined (:data:`HEAD_RULES`),
+    prefix part only: [n or m]."""
     norm = torch.logsumexp(torch.cat([prefix_logits, self_logits], dim=-1), dim=-1, keepdim=True)  # [H, T, 1]
-    return torch.exp(prefix_logits - norm).sum(dim=(0, 1))
+    return _combine_heads(torch.exp(prefix_logits - norm).sum(dim=1), heads)
 
 
 def score_dtype(setting: str, device: torch.device) -> torch.dtype:
@@ -58,8 +78,12 @@ def score_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 def exact_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.Tensor,
                        prefix_keys: torch.Tensor, scale: float, workspace: Workspace | None = None,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                       dtype: torch.dtype = torch.float32, heads: str = "sum") -> torch.Tensor:
     """Per-chunk attention mass [m] from all prefix keys of the layer (the paper's scoring).
+
+    ``q`` may be the last R of the query's T rows (``k_self`` always holds all T: a row's softmax
+    is normalised over every query token it sees). ``heads``: how the query heads' masses combine
+    (:data:`HEAD_RULES`; ``sum`` is the paper's).
 
     One KV head at a time (memory bounded by ``[groups * T, n]`` logits), in place: the logits
     become ``exp(logit - row max)`` in their buffer and their row-normalised column sums are one
@@ -71,15 +95,18 @@ def exact_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.
     products accumulate in float32 inside the matmul and are rounded once to bfloat16; everything
     after (row max, exp, the normalised sums) is float32.
     """
-    heads, t, d = q.shape
+    if heads not in HEAD_RULES:
+        raise ValueError(f"heads: must be one of {HEAD_RULES}, got {heads!r}")
+    num_heads, t, d = q.shape  # t: the scoring rows
     kv_heads, n = prefix_keys.shape[0], prefix_keys.shape[1]
-    groups = heads // kv_heads
-    self_logits = _self_logits(q, k_self, scale).view(kv_heads, groups * t, t)
+    groups = num_heads // kv_heads
+    self_logits = _self_logits(q, k_self, scale).view(kv_heads, groups * t, k_self.shape[1])
     qs = (q.float() * scale).to(dtype).view(kv_heads, groups * t, d)  # the scale folded into the query
     workspace = workspace or Workspace()
     logits = workspace.get("logits", (groups * t, n), q.device)
     products = logits if dtype == torch.float32 else workspace.get("products", (groups * t, n), q.device, dtype)
     token_mass = torch.zeros(n, dtype=torch.float32, device=q.device)
+    best = torch.zeros(layout.num_chunks, dtype=torch.float32, device=q.device)  # heads == "max"
     for g in range(kv_heads):
         keys = prefix_keys[g]
         if keys.dtype != dtype:
@@ -91,8 +118,12 @@ def exact_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.
             logits.copy_(products)  # prefix-sized float32 temporary, mmap-ed afresh every call
         logits.sub_(top).exp_()  # float32 from here on
         total = logits.sum(dim=1) + torch.exp(own - top).sum(dim=1)  # softmax denominators [groups * T]
-        token_mass.addmv_(logits.T, total.reciprocal_())
-    return per_chunk(layout, token_mass)
+        if heads == "sum":
+            token_mass.addmv_(logits.T, total.reciprocal_())
+        else:  # each query head's row-normalised column sums, [groups, n]: one batched product
+            per_head = torch.bmm(total.reciprocal_().view(groups, 1, t), logits.view(groups, t, n)).squeeze(1)
+            torch.maximum(best, per_chunk(layout, per_head).amax(dim=0), out=best)
+    return per_chunk(layout, token_mass) if heads == "sum" else best
 
 
 def _chunk_token_counts(layout: ContiguousLayout, device: torch.device) -> torch.Tensor:
@@ -103,22 +134,20 @@ def _chunk_token_counts(layout: ContiguousLayout, device: torch.device) -> torch
 
 
 def digest_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.Tensor,
-                        digest: torch.Tensor, scale: float) -> torch.Tensor:
+                        digest: torch.Tensor, scale: float, heads: str = "sum") -> torch.Tensor:
     """Approximate per-chunk mass [m]: every key of chunk j taken as its mean key (the digest)."""
-    heads, kv_heads = q.shape[0], digest.shape[1]
-    groups = heads // kv_heads
+    groups = q.shape[0] // digest.shape[1]
     counts = _chunk_token_counts(layout, q.device)
     mean_keys = digest.float().repeat_interleave(groups, dim=1).transpose(0, 1)  # [heads, m, d]
     logits = torch.matmul(q.float(), mean_keys.transpose(1, 2)) * scale + torch.log(counts)  # [heads, T, m]
-    return _prefix_mass(logits, _self_logits(q, k_self, scale))
+    return _prefix_mass(logits, _self_logits(q, k_self, scale), heads)
 
 
 def quest_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.Tensor,
-                       minmax: torch.Tensor, scale: float) -> torch.Tensor:
+                       minmax: torch.Tensor, scale: float, heads: str = "sum") -> torch.Tensor:
     """Per-chunk mass [m] from Quest's upper bound of q.k: per channel the larger of q*min and q*max,
     summed over channels, stands for every key of the chunk (``minmax``: [m, kv_heads, 2, d])."""
-    heads, kv_heads = q.shape[0], minmax.shape[1]
-    groups = heads // kv_heads
+    groups = q.shape[0] // minmax.shape[1]
     counts = _chunk_token_counts(layout, q.device)
     bounds = minmax.float().repeat_interleave(groups, dim=1).transpose(0, 1)  # [heads, m, 2, d]
     center = (bounds[:, :, 0] + bounds[:, :, 1]) / 2  # max(q*lo, q*hi) = q*center + |q|*radius
@@ -126,7 +155,7 @@ def quest_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.
     qf = q.float()
     upper = torch.matmul(qf, center.transpose(1, 2)) + torch.matmul(qf.abs(), radius.transpose(1, 2))
     logits = upper * scale + torch.log(counts)  # [heads, T, m]
-    return _prefix_mass(logits, _self_logits(q, k_self, scale))
+    return _prefix_mass(logits, _self_logits(q, k_self, scale), heads)
 
 
 def shortlist_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.Tensor, digest: torch.Tensor,

@@ -12,10 +12,10 @@ from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
 
 
 def per_chunk(layout: ContiguousLayout, token_scores: torch.Tensor) -> torch.Tensor:
-    """Sum token scores [n] into chunk scores [m]."""
-    pad = layout.num_chunks * layout.chunk_size - token_scores.shape[0]
+    """Sum token scores [..., n] into chunk scores [..., m]."""
+    pad = layout.num_chunks * layout.chunk_size - token_scores.shape[-1]
     padded = torch.nn.functional.pad(token_scores, (0, pad))
-    return padded.view(layout.num_chunks, layout.chunk_size).sum(dim=1)
+    return padded.view(*token_scores.shape[:-1], layout.num_chunks, layout.chunk_size).sum(dim=-1)
 
 
 def window_importance(layout: ContiguousLayout, q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
