@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 import pytest
 
@@ -133,3 +134,12 @@ def test_warm_speedups_compare_like_rules_and_each_baseline_with_its_own() -> No
 def test_the_json_names_the_commit_it_measured() -> None:
     commit = source_commit()  # the suite runs from a git checkout (CI: a fresh clone)
     assert commit is not None and re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", commit), commit
+
+
+def test_reports_record_paths_without_the_machine_s_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from contiguouskv.bench.reprefill import _shown
+
+    monkeypatch.chdir(tmp_path)
+    assert _shown(tmp_path / "docs" / "bench" / "run.json") == "docs/bench/run.json"
+    assert _shown(Path("docs/bench/run.json")) == "docs/bench/run.json"
+    assert _shown(Path("/elsewhere/on/this/machine/run.json")) == "run.json"

@@ -451,6 +451,15 @@ def _kv_request(layout: str, sub_period: int | None) -> str:
     return "128KiB" if (sub_period or 4) >= 4 else "64KiB"
 
 
+def _shown(path: Path) -> str:
+    """A path as the JSON records it: relative to the current directory when under it, else its
+    name (a report says what was run, not where on the machine that ran it)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path.name
+
+
 def _speedups(results: list[dict[str, object]]) -> None:
     """Each row's TTFT speedup against every other policy at the same budget (or budgetless), on
     the same cache, length, path and DRAM eviction rule; warm rows also get ``speedup_vs_own_rule``:
@@ -573,7 +582,7 @@ def run(args: argparse.Namespace) -> int:
         all_results += results
         rows_by_run += rows
         _print(results, gbps)
-    report = {"machine": machine, "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+    report = {"machine": machine, "config": {k: (_shown(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                              if k not in ("func",)},
               "raw_disk_gbps": gbps.get("128KiB"), "raw_disk_gbps_by_size": gbps,
               "wall_s": time.monotonic() - began, "registration_s": registration_s, "results": all_results}
