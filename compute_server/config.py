@@ -12,6 +12,7 @@ DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DATA_PATHS = ("auto", "grpc", "shm")
 SCORE_DTYPES = ("auto", "float32", "bfloat16")
+SCORE_HEADS = ("sum", "max")
 
 
 def default_cache_dir() -> Path:
@@ -50,6 +51,11 @@ class ComputeServerConfig:
     # has native bfloat16 dot products). float32 by default: bfloat16 kept one answer fewer of 28 at
     # 10 % on the real model (docs/selection.md, "Scoring precision").
     score_dtype: str = "float32"
+    # How the per-layer chunk scorers (contiguous+, contiguous+1bit, contiguous+quest, oracle) combine
+    # the query heads' attention mass on a chunk: summed (the paper's rule) or the largest head's.
+    # max kept 17 of 28 answers at 5 % against 14, and 24 against 26 at 10 % (docs/selection.md,
+    # "Combining heads"): opt-in.
+    score_heads: str = "sum"
     # Threads that run policies' look-ahead (contiguous+ scoring layer l + 1 while layer l runs) off
     # the requests' threads; 0 = on the request's own thread (docs/performance.md, "contiguous+'s speculation
     # on a look-ahead thread").
@@ -141,6 +147,8 @@ class ComputeServerConfig:
             raise ValueError(f"look_ahead_threads: must be in [0, 64], got {self.look_ahead_threads}")
         if self.score_dtype not in SCORE_DTYPES:
             raise ValueError(f"score_dtype: must be one of {SCORE_DTYPES}, got {self.score_dtype!r}")
+        if self.score_heads not in SCORE_HEADS:
+            raise ValueError(f"score_heads: must be one of {SCORE_HEADS}, got {self.score_heads!r}")
         if self.threads < 0:
             raise ValueError(f"threads: must be >= 0 (0 = torch's default), got {self.threads}")
         for name in ("max_active_requests", "max_staged_bytes", "max_batch"):

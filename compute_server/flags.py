@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score-dtype", choices=("auto", "float32", "bfloat16"),
                         help="dtype of the chunk scorers' q.k matmuls (default float32; auto: bfloat16 on cuda and "
                         "on CPUs with AVX512-BF16 or AMX; softmax and sums stay float32)")
+    parser.add_argument("--score-heads", choices=("sum", "max"),
+                        help="how contiguous+, contiguous+1bit, contiguous+quest and oracle combine the query heads' "
+                        "mass on a chunk: summed (default, the paper's) or the largest head's (docs/selection.md)")
     parser.add_argument("--look-ahead-threads", type=int,
                         help="threads running policies' look-ahead (contiguous+ scores layer l+1 while layer l "
                         "runs) off the requests' threads; 0 = on the request's thread (default 1)")
@@ -84,7 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> ComputeServerConfig:
     flags = {k: getattr(args, k, None) for k in
              ("model", "cache", "replication", "write_quorum", "host", "port", "port_file", "device", "dtype", "kv_dtype",
-              "model_cache_dir", "chunk_size", "metrics_port", "threads", "score_dtype", "look_ahead_threads", "policy_plugins", "max_active_requests",
+              "model_cache_dir", "chunk_size", "metrics_port", "threads", "score_dtype", "score_heads",
+              "look_ahead_threads", "policy_plugins", "max_active_requests",
               "max_queued_requests", "max_staged_bytes", "max_batch", "ident_cache_bytes", "data_path", "shm_socket",
               "shm_slots", "shm_slot_bytes", "fetch_streams", *SERVING_FIELDS,
               "cache_tls_ca_file", "cache_tls_cert_file", "cache_tls_key_file", "cache_tls_server_name",

@@ -8,7 +8,9 @@ chunks and give the same logits — so mispredicted chunks were fetched before u
 server scoring in float32 and one scoring in bfloat16 (``--score-dtype``); for the second the
 reference rounds the scaled query, the keys and the q.k products to bfloat16 where the server does.
 Both run the speculation on the server's look-ahead thread; a third server (float32) runs it on
-the request's thread (``--look-ahead-threads 0``): the results must not depend on which.
+the request's thread (``--look-ahead-threads 0``): the results must not depend on which. The third
+also combines the query heads by the largest head's mass (``--score-heads max``) in the policies
+that follow that setting, and its reference does the same.
 """
 
 from __future__ import annotations
@@ -35,28 +37,29 @@ MODEL = "random:tiny"
 C = 16
 
 
-@pytest.fixture(scope="module", params=[("float32", 1), ("bfloat16", 1), ("float32", 0)],
-                ids=["float32", "bfloat16", "float32-inline"])
+@pytest.fixture(scope="module", params=[("float32", 1, "sum"), ("bfloat16", 1, "sum"), ("float32", 0, "max")],
+                ids=["float32", "bfloat16", "float32-inline-headmax"])
 def served(request: pytest.FixtureRequest,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ContiguousKVClient, str]]:
-    """A client of a server scoring in ``float32`` or ``bfloat16`` with or without a look-ahead
-    thread, and its scoring dtype."""
-    score_dtype, ahead = request.param
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ContiguousKVClient, str, str]]:
+    """A client of a server scoring in ``float32`` or ``bfloat16``, with or without a look-ahead
+    thread, combining heads by ``sum`` or ``max`` (``--score-heads``); its scoring dtype and rule."""
+    score_dtype, ahead, heads = request.param
     with launch.cache_server(tmp_path_factory.mktemp("store")) as cache:
         with launch.compute_server(MODEL, cache.address, "--dtype", "float32", "--score-dtype", score_dtype,
-                                   "--look-ahead-threads", str(ahead), "--metrics-port", "0") as compute:
+                                   "--look-ahead-threads", str(ahead), "--score-heads", heads,
+                                   "--metrics-port", "0") as compute:
             found = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", compute.log_tail(200))
             assert found, compute.log_tail()
             METRICS[score_dtype, ahead] = found.group(1)
             with ContiguousKVClient(compute.address, timeout=120) as c:
-                yield c, score_dtype
+                yield c, score_dtype, heads
 
 
 METRICS: dict[tuple[str, int], str] = {}  # (score dtype, look-ahead threads) -> the server's metrics URL
 
 
 @pytest.fixture
-def client(served: tuple[ContiguousKVClient, str]) -> ContiguousKVClient:
+def client(served: tuple[ContiguousKVClient, str, str]) -> ContiguousKVClient:
     return served[0]
 
 
@@ -79,6 +82,11 @@ def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _chunk_sums(token_mass: torch.Tensor, n: int) -> list[float]:
     return [float(token_mass[s : min(s + C, n)].sum()) for s in range(0, n, C)]
+
+
+def _combine(per_head: list[list[float]], rule: str) -> list[float]:
+    """Each chunk's score from every head's mass on it: summed, or the largest."""
+    return [sum(c) if rule == "sum" else max(c) for c in zip(*per_head)]
 
 
 def _quantized(keys: torch.Tensor, low: bool, group: int = 64, bits: int = 2) -> torch.Tensor:
@@ -107,14 +115,12 @@ def _products(qs: torch.Tensor, keys: torch.Tensor, heads: int, scale: float, lo
 
 
 def _scores(method: str, runner: ModelRunner, layer_keys: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor,
-            n: int, budget: float, low: bool = False, rows: int | None = None, rule: str = "sum") -> list[float]:
+            n: int, budget: float, low: bool = False, rule: str = "sum") -> list[float]:
     """Chunk scores of one layer by ``method``, every product materialised (``low``: the q.k
-    products of the key scorers as a bfloat16 scorer forms them). The key and Quest scorers score
-    with the query's last ``rows`` tokens (all when ``None``) and combine heads by ``rule``."""
+    products of the key scorers as a bfloat16 scorer forms them). The key and Quest scorers combine
+    heads by ``rule``."""
     heads, t = runner.num_heads, qs.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool).triu(1)
-    if method != "digest" and rows is not None and rows < t:  # the last rows, normalised over all they see
-        qs, causal = qs[:, t - rows:], causal[t - rows:]
     self_logits = (qs @ _expand(ks, heads).transpose(1, 2) * runner.scaling).masked_fill(causal, -torch.inf)
     bounds = [(s, min(s + C, n)) for s in range(0, n, C)]
     counts = torch.tensor([b - a for a, b in bounds], dtype=torch.float32)
@@ -140,8 +146,7 @@ def _scores(method: str, runner: ModelRunner, layer_keys: torch.Tensor, qs: torc
         upper = torch.maximum(qe * _expand(lo, heads)[:, None], qe * _expand(hi, heads)[:, None]).sum(dim=-1)
         pl = upper * runner.scaling + counts.log()
         probs = torch.softmax(torch.cat([pl, self_logits], dim=-1), dim=-1)
-        per_head = probs[:, :, : len(bounds)].sum(dim=1)  # [H, m]
-        return (per_head.sum(dim=0) if rule == "sum" else per_head.amax(dim=0)).tolist()
+        return _combine(probs[:, :, : len(bounds)].sum(dim=1).tolist(), rule)  # per head [H][m]
     if method == "qkeys1":  # the 1-bit least-squares format: its round trip is property-tested on its own
         keys = dequantize_keys(quantize_keys(layer_keys, 1, 128, "lloyd"), n, layer_keys.shape[0],
                                layer_keys.shape[2], 1, 128, dtype=torch.bfloat16 if low else torch.float32).float()
@@ -149,25 +154,24 @@ def _scores(method: str, runner: ModelRunner, layer_keys: torch.Tensor, qs: torc
         keys = _quantized(layer_keys, low) if method == "qkeys" else layer_keys
     pl = _products(qs, keys, heads, runner.scaling, low)
     probs = torch.softmax(torch.cat([pl, self_logits], dim=-1), dim=-1)
-    per_head = [_chunk_sums(mass, n) for mass in probs[:, :, :n].sum(dim=1)]  # each head's chunk masses
-    return [sum(col) if rule == "sum" else max(col) for col in zip(*per_head)]
+    return _combine([_chunk_sums(mass, n) for mass in probs[:, :, :n].sum(dim=1)], rule)  # per head [H][m]
 
 
 METHODS = {"contiguous": "exact", "oracle": "exact", "contiguous+digest": "digest", "contiguous+": "qkeys",
            "contiguous+quest": "quest", "contiguous+1bit": "qkeys1"}
-POLICY_CLASSES = {cls.name: cls for cls in BUILTIN_POLICIES}  # each one's scoring rule (rows, heads)
+POLICY_CLASSES = {cls.name: cls for cls in BUILTIN_POLICIES}  # whether each follows --score-heads
 SPECULATIVE = {"contiguous+", "contiguous+quest", "contiguous+1bit"}  # speculate from the hidden state a layer early, then correct
 
 
 def reference(runner: ModelRunner, prefix: list[int], query: list[int], budget: float, period: int,
-              policy: str, score_dtype: str = "float32") -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
+              policy: str, score_dtype: str = "float32",
+              score_heads: str = "sum") -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
     """Selections per period, speculative selections per period (empty when none), and
     last-position logits, with materialised attention. The oracle scores in float32 whatever
     ``score_dtype`` says."""
     method = METHODS[policy]
     low = score_dtype == "bfloat16" and policy != "oracle"
-    rule = POLICY_CLASSES[policy]
-    rows, heads_rule = rule.SCORE_TOKENS, rule.SCORE_HEADS
+    heads_rule = score_heads if POLICY_CLASSES[policy].follows_score_heads else "sum"
     with torch.inference_mode():
         pre = runner.prefill(torch.tensor(prefix))
         n, t, heads = len(prefix), len(query), runner.num_heads
@@ -188,9 +192,9 @@ def reference(runner: ModelRunner, prefix: list[int], query: list[int], budget: 
                 if policy in SPECULATIVE and layer > 0:  # from the last SPECULATE_TOKENS query tokens only
                     tail = slice(max(0, t - IdentifiedPolicy.SPECULATE_TOKENS), None)
                     qe, ke, _ = runner.project(layer, entering[layer - 1][tail], pos[tail])
-                    speculated.append(_top(_scores(method, runner, pre.keys[layer], qe, ke, n, budget, low, rows,
-                                                   heads_rule), budget))
-                chosen = _top(_scores(method, runner, pre.keys[layer], qs, ks, n, budget, low, rows, heads_rule), budget)
+                    speculated.append(_top(_scores(method, runner, pre.keys[layer], qe, ke, n, budget, low, heads_rule),
+                                           budget))
+                chosen = _top(_scores(method, runner, pre.keys[layer], qs, ks, n, budget, low, heads_rule), budget)
                 selections.append(chosen)
                 keep = torch.zeros(n, dtype=torch.bool)
                 for j in chosen:
@@ -215,17 +219,18 @@ CASES = [  # prefix tokens, query tokens, budget, period, sub_period, seed
 
 @pytest.mark.parametrize("policy", sorted(METHODS))
 @pytest.mark.parametrize("n,t,budget,period,sub,seed", CASES)
-def test_selection_and_output_match_the_reference(served: tuple[ContiguousKVClient, str], runner: ModelRunner,
+def test_selection_and_output_match_the_reference(served: tuple[ContiguousKVClient, str, str], runner: ModelRunner,
                                                   policy: str, n: int, t: int, budget: float, period: int, sub: int,
                                                   seed: int) -> None:
-    client, score_dtype = served
+    client, score_dtype, score_heads = served
     rng = random.Random(seed)
     prefix = [rng.randrange(512) for _ in range(n)]
     query = [rng.randrange(512) for _ in range(t)]
     reg = client.register(token_ids=prefix)
     got = client.reprefill(reg.prefix_id, query, policy=policy, budget=budget, period=period, sub_period=sub,
                            return_logits=True)
-    selections, speculated, logits = reference(runner, prefix, query, budget, period, policy, score_dtype)
+    selections, speculated, logits = reference(runner, prefix, query, budget, period, policy, score_dtype,
+                                               score_heads)
     assert [list(p.chunks) for p in got.periods] == selections
     assert [p.first_layer for p in got.periods] == list(range(0, runner.num_layers, period))
     assert got.token_id == int(logits.argmax())
@@ -298,14 +303,14 @@ def test_period_options_are_validated(client: ContiguousKVClient) -> None:
             client.reprefill(reg.prefix_id, [1, 2], policy="contiguous", budget=0.5, **kwargs)  # type: ignore[arg-type]
 
 
-def test_model_info_names_the_scoring_dtype(served: tuple[ContiguousKVClient, str]) -> None:
-    client, score_dtype = served
+def test_model_info_names_the_scoring_dtype(served: tuple[ContiguousKVClient, str, str]) -> None:
+    client, score_dtype, _ = served
     assert client.model_info().score_dtype == score_dtype
 
 
-def test_speculation_runs_on_the_look_ahead_thread_when_there_is_one(served: tuple[ContiguousKVClient, str],
+def test_speculation_runs_on_the_look_ahead_thread_when_there_is_one(served: tuple[ContiguousKVClient, str, str],
                                                                     request: pytest.FixtureRequest) -> None:
-    client, score_dtype = served
+    client, score_dtype, _ = served
     threads = request.node.callspec.params["served"][1]  # the server's --look-ahead-threads
     url = METRICS[score_dtype, threads]
     rng = random.Random(21)

@@ -116,6 +116,8 @@ class PolicyContext:
     ahead: LookAhead | None = None
     """The server's look-ahead thread(s), which also count where look-ahead work ran (None: a
     policy's look-ahead runs on the request's thread, uncounted)."""
+    score_heads: str = "sum"
+    """How the per-layer scorers combine query heads (config ``score_heads``: ``sum`` or ``max``)."""
 
 
 @dataclass

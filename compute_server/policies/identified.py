@@ -49,7 +49,7 @@ class IdentifiedPolicy(PeriodicPolicy):
     """Per-layer selection from one identification record per layer; see the module docstring."""
 
     default_period = 1
-    SCORE_HEADS = "max"  # on the real model: 19 of 28 answers kept at 5 % against 17 summed (docs/selection.md)
+    follows_score_heads = True
     speculate: ClassVar[bool] = True
     """Ship layer ``l + 1``'s chunks from the hidden state entering ``l`` (then correct at ``l + 1``)."""
     SPECULATE_TOKENS: ClassVar[int] = 16
@@ -188,8 +188,8 @@ class QuestPolicy(IdentifiedPolicy):
         return self.codec.minmax(records[0], device=self.projector.device)
 
     def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return quest_chunk_scores(self.chunks, self._scoring_rows(q), k, self._ident_data(start),
-                                  self.projector.scaling, self.SCORE_HEADS)
+        return quest_chunk_scores(self.chunks, q, k, self._ident_data(start), self.projector.scaling,
+                                  self.score_heads)
 
 
 class OraclePolicy(IdentifiedPolicy):

@@ -41,10 +41,8 @@ class PeriodicPolicy(LoadingPolicy):
     ident_region: ClassVar[str] = "idkeys"
     """The region read to score a period's first layer: ``idkeys`` (every key), ``digest``,
     ``qkeys`` or ``minmax``; read whole, through the server's identification cache."""
-    SCORE_HEADS: ClassVar[str] = "sum"
-    """How query heads' masses combine into a chunk's score (``sum``: the paper's; ``max``)."""
-    SCORE_TOKENS: ClassVar[int | None] = None
-    """Score with the query's last this many tokens (``None``: every token, the paper's)."""
+    follows_score_heads: ClassVar[bool] = False
+    """Whether the server's ``score_heads`` applies; otherwise heads are summed, the paper's rule."""
 
     def __init__(self, context: PolicyContext) -> None:
         super().__init__(context)
@@ -159,16 +157,16 @@ class PeriodicPolicy(LoadingPolicy):
         return self.codec.layer_keys(self._wait_blob(future), device=self.projector.device, scratch=self.workspace,
                                      dtype=self.context.score_dtype)
 
-    def _scoring_rows(self, q: torch.Tensor) -> torch.Tensor:
-        """The rows of ``q`` [heads, T, d] that score: its last ``SCORE_TOKENS`` (or all)."""
-        r = self.SCORE_TOKENS
-        return q if r is None or q.shape[1] <= r else q[:, -r:]
-
     def _exact_scores(self, q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """This policy's rule (:attr:`SCORE_TOKENS`, :attr:`SCORE_HEADS`) over exact (or dequantised) keys."""
-        return exact_chunk_scores(self.chunks, self._scoring_rows(q), k, keys, self.projector.scaling, self.workspace,
-                                  dtype, self.SCORE_HEADS)
+        """This policy's rule (:attr:`score_heads`) over exact (or dequantised) keys."""
+        return exact_chunk_scores(self.chunks, q, k, keys, self.projector.scaling, self.workspace,
+                                  dtype, self.score_heads)
+
+    @property
+    def score_heads(self) -> str:
+        """How this policy combines the query heads' mass on a chunk (``sum`` or ``max``)."""
+        return self.context.score_heads if self.follows_score_heads else "sum"
 
     def _evaluate(self, layer: int, q: torch.Tensor, k: torch.Tensor, chunks: list[int]) -> None:
         """evaluate_recall: set and mass recall of ``chunks`` against the exact top-k at ``layer``

@@ -18,15 +18,10 @@ import math
 
 import torch
 
-from contiguouskv.compute_server.config import SCORE_DTYPES
+from contiguouskv.compute_server.config import SCORE_DTYPES, SCORE_HEADS
 from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
 from contiguouskv.compute_server.selection.importance import per_chunk
 from contiguouskv.compute_server.workspace import Workspace
-
-
-HEAD_RULES = ("sum", "max")
-"""How per-head masses combine into a chunk's score: summed over heads (the paper), or the largest
-head's (a chunk one head relies on is not outvoted by the others; docs/selection.md)."""
 
 
 def _self_logits(q: torch.Tensor, k_self: torch.Tensor, scale: float) -> torch.Tensor:
@@ -44,16 +39,16 @@ def _self_logits(q: torch.Tensor, k_self: torch.Tensor, scale: float) -> torch.T
 
 
 def _combine_heads(per_head: torch.Tensor, heads: str) -> torch.Tensor:
-    """[heads, ...] masses -> [...] by :data:`HEAD_RULES`."""
+    """[heads, ...] masses -> [...] by :data:`SCORE_HEADS`."""
     if heads == "sum":
         return per_head.sum(dim=0)
     if heads == "max":
         return per_head.amax(dim=0)
-    raise ValueError(f"heads: must be one of {HEAD_RULES}, got {heads!r}")
+    raise ValueError(f"heads: must be one of {SCORE_HEADS}, got {heads!r}")
 
 
 def _prefix_mass(prefix_logits: torch.Tensor, self_logits: torch.Tensor, heads: str = "sum") -> torch.Tensor:
-    """Softmax over [prefix ; self] per row, summed over rows, heads combined (:data:`HEAD_RULES`),
+    """Softmax over [prefix ; self] per row, summed over rows, heads combined (:data:`SCORE_HEADS`),
     prefix part only: [n or m]."""
     norm = torch.logsumexp(torch.cat([prefix_logits, self_logits], dim=-1), dim=-1, keepdim=True)  # [H, T, 1]
     return _combine_heads(torch.exp(prefix_logits - norm).sum(dim=1), heads)
@@ -83,7 +78,7 @@ def exact_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.
 
     ``q`` may be the last R of the query's T rows (``k_self`` always holds all T: a row's softmax
     is normalised over every query token it sees). ``heads``: how the query heads' masses combine
-    (:data:`HEAD_RULES`; ``sum`` is the paper's).
+    (:data:`SCORE_HEADS`; ``sum`` is the paper's).
 
     One KV head at a time (memory bounded by ``[groups * T, n]`` logits), in place: the logits
     become ``exp(logit - row max)`` in their buffer and their row-normalised column sums are one
@@ -95,8 +90,8 @@ def exact_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.
     products accumulate in float32 inside the matmul and are rounded once to bfloat16; everything
     after (row max, exp, the normalised sums) is float32.
     """
-    if heads not in HEAD_RULES:
-        raise ValueError(f"heads: must be one of {HEAD_RULES}, got {heads!r}")
+    if heads not in SCORE_HEADS:
+        raise ValueError(f"heads: must be one of {SCORE_HEADS}, got {heads!r}")
     num_heads, t, d = q.shape  # t: the scoring rows
     kv_heads, n = prefix_keys.shape[0], prefix_keys.shape[1]
     groups = num_heads // kv_heads
@@ -106,7 +101,7 @@ def exact_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.
     logits = workspace.get("logits", (groups * t, n), q.device)
     products = logits if dtype == torch.float32 else workspace.get("products", (groups * t, n), q.device, dtype)
     token_mass = torch.zeros(n, dtype=torch.float32, device=q.device)
-    best = torch.zeros(layout.num_chunks, dtype=torch.float32, device=q.device)  # heads == "max"
+    best = torch.zeros(layout.num_chunks, dtype=torch.float32, device=q.device)  # the largest head's, per chunk
     for g in range(kv_heads):
         keys = prefix_keys[g]
         if keys.dtype != dtype:
