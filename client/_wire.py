@@ -7,7 +7,9 @@ from collections.abc import Sequence
 
 import grpc
 
-from contiguouskv.client.errors import ERRORS_BY_STATUS, ContiguousKVError, InvalidArgumentError
+from contiguouskv.client.errors import (
+    ERRORS_BY_STATUS, ContiguousKVError, FailedPreconditionError, InvalidArgumentError,
+)
 from contiguouskv.client.types import (
     GeneratedToken, LayerTiming, ModelInfo, PeriodSelection, PolicyInfo, RegisteredPrefix, ReprefillResult, Timings,
     TokenLayerSelection,
@@ -17,13 +19,16 @@ from contiguouskv.v1 import compute_pb2
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
-def to_error(err: grpc.RpcError, address: str, secure: bool = False) -> ContiguousKVError:
+def to_error(err: grpc.RpcError, address: str, secure: bool = False, delivered: int = 0) -> ContiguousKVError:
     """The SDK error for ``err`` from ``address``, with a hint where gRPC's words alone mislead;
-    ``secure``: whether the call went over TLS."""
+    ``secure``: whether the call went over TLS; ``delivered``: stream messages that had arrived."""
     code = err.code() if hasattr(err, "code") else None
     status = code.name if code is not None else "UNKNOWN"
     details = (err.details() if hasattr(err, "details") else str(err)) or ""
-    if status == "UNAVAILABLE" and details.startswith("cache server"):
+    if status == "UNAVAILABLE" and delivered:  # it was talking to us: neither TLS nor a missing server
+        details = f"{details} (the connection to {address} broke after {delivered} token(s) had arrived; a " \
+                  f"stream is not retried once it has delivered tokens)"
+    elif status == "UNAVAILABLE" and details.startswith("cache server"):
         details = f"{details} (the compute server at {address} cannot reach that cache server; start it with " \
                   f"`contiguouskv serve cache --root DIR --port N`)"
     elif status == "UNAVAILABLE" and _tls_failure(details):
@@ -112,18 +117,37 @@ def register_request(text: str | None, token_ids: Sequence[int] | None,
                      extra_layouts: Sequence[str] = ()) -> compute_pb2.RegisterPrefixRequest:
     if (text is None) == (token_ids is None):
         raise _bad("give exactly one of text or token_ids")
+    if token_ids is not None and not hasattr(token_ids, "__iter__"):
+        raise _bad(f"token_ids: give a list of integers, got {type(token_ids).__name__}")
     if isinstance(extra_layouts, str):
         raise _bad("extra_layouts: give a list of layout names, e.g. ['impress']")
     if text is not None:
-        return compute_pb2.RegisterPrefixRequest(text=text, extra_layouts=list(extra_layouts))
+        return compute_pb2.RegisterPrefixRequest(text=_text("text", text), extra_layouts=list(extra_layouts))
     ids = compute_pb2.TokenIds(ids=_token_ids("token_ids", token_ids or ()))
     return compute_pb2.RegisterPrefixRequest(token_ids=ids, extra_layouts=list(extra_layouts))
+
+
+def closed() -> ContiguousKVError:
+    """What a call on a closed client raises."""
+    return FailedPreconditionError("the client is closed; make a new one", "FAILED_PRECONDITION")
+
+
+def _text(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise _bad(f"{name}: must be a string, got {type(value).__name__}")
+    return value
 
 
 def reprefill_request(prefix_id: str, query: str | Sequence[int], policy: str, budget: float | None,
                       max_new_tokens: int, period: int | None, sub_period: int | None,
                       return_logits: bool = False, evaluate_recall: bool = False,
                       measure_floor: bool = False) -> compute_pb2.ReprefillRequest:
+    _text("prefix_id", prefix_id)
+    _text("policy", policy)
+    if query is None or not isinstance(query, str) and not hasattr(query, "__iter__"):
+        raise _bad(f"query: give text as a string or token ids as a list of integers, got {type(query).__name__}")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))):
+        raise _bad(f"budget: must be a number in (0, 1], got {budget!r}")
     req = compute_pb2.ReprefillRequest(prefix_id=prefix_id, policy=policy,
                                        max_new_tokens=_count("max_new_tokens", max_new_tokens),
                                        return_logits=return_logits, evaluate_recall=evaluate_recall,
@@ -173,4 +197,4 @@ def model_info(r: compute_pb2.GetModelInfoResponse) -> ModelInfo:
                      r.hidden_size, r.vocab_size, r.max_position_embeddings, r.has_tokenizer, r.dtype, r.device,
                      r.chunk_size, tuple(r.policies),
                      tuple(PolicyInfo(p.name, p.layout, p.selective, p.loads_kv, p.default_period)
-                           for p in r.policy_info), tuple(r.extra_layouts), r.score_dtype)
+                           for p in r.policy_info), tuple(r.extra_layouts), r.score_dtype, r.score_heads)

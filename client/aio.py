@@ -13,7 +13,7 @@ import grpc
 from contiguouskv.client import _wire
 from contiguouskv.client.errors import ContiguousKVError
 from contiguouskv.client.pool import Endpoint, RoundRobin, parse_addresses
-from contiguouskv.client.retry import DEFAULT_RETRY, Deadline, RetryPolicy
+from contiguouskv.client.retry import DEFAULT_RETRY, Deadline, RetryPolicy, check_retry
 from contiguouskv.client.types import GeneratedToken, ModelInfo, RegisteredPrefix, ReprefillResult
 from contiguouskv.common import telemetry
 from contiguouskv.common.security import ClientTls, open_aio_channel
@@ -38,10 +38,18 @@ def _connector(tls: ClientTls | None, token: str | None) -> Callable[[str], Endp
     return connect
 
 
+def _cancelled_by_caller() -> bool:
+    """Whether the running task is being cancelled (by its owner, not by a closed channel)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+; before, assume the caller's
+    return task is None or cancelling is None or cancelling() > 0
+
+
 class AsyncContiguousKVClient:
     """Async client; ``address``, ``timeout``, ``retry``, ``token`` and ``tls`` as in :class:`ContiguousKVClient`.
 
-    Use ``async with`` or ``await close()``; create and use it on one event loop.
+    Use ``async with`` or ``await close()``; create it inside a running event loop (in a coroutine)
+    and use it on that loop only.
     """
 
     def __init__(self, address: str | Sequence[str], *, timeout: float = 300.0,
@@ -50,9 +58,10 @@ class AsyncContiguousKVClient:
         self.addresses = parse_addresses(address)
         self.address = self.addresses[0]
         self.timeout = timeout
-        self.retry = retry
+        self.retry = check_retry(retry)
         Deadline(timeout)  # checks it
         self._pool: RoundRobin[grpc.aio.Channel, Stub] = RoundRobin(self.addresses, _connector(tls, token))
+        self._closed = False
 
     async def __aenter__(self) -> "AsyncContiguousKVClient":
         return self
@@ -62,6 +71,9 @@ class AsyncContiguousKVClient:
         await self.close()
 
     async def close(self) -> None:
+        """Close the channels; a stream still open ends with CANCELLED, later calls raise
+        :class:`FailedPreconditionError`."""
+        self._closed = True
         for endpoint in self._pool.endpoints:
             await endpoint.channel.close()
 
@@ -85,13 +97,20 @@ class AsyncContiguousKVClient:
                                  timeout)
         return _wire.result(reply)
 
-    async def generate(self, prefix_id: str, query: str | Sequence[int], *, max_new_tokens: int = 32,
-                       policy: str = "full", budget: float | None = None,
-                       timeout: float | None = None) -> AsyncIterator[GeneratedToken]:
-        """See :meth:`ContiguousKVClient.generate` (retried only before the first token)."""
+    def generate(self, prefix_id: str, query: str | Sequence[int], *, max_new_tokens: int = 32,
+                 policy: str = "full", budget: float | None = None,
+                 timeout: float | None = None) -> AsyncIterator[GeneratedToken]:
+        """See :meth:`ContiguousKVClient.generate` (retried only before the first token; the
+        arguments are checked here, before iteration)."""
         request = compute_pb2.GenerateRequest(request=_wire.reprefill_request(
             prefix_id, query, policy, budget, max_new_tokens, None, None))
         deadline = Deadline(self.timeout if timeout is None else timeout)
+        if self._closed:
+            raise _wire.closed()
+        return self._stream(request, deadline, prefix_id, policy)
+
+    async def _stream(self, request: compute_pb2.GenerateRequest, deadline: Deadline, prefix_id: str,
+                      policy: str) -> AsyncIterator[GeneratedToken]:
         span = _tracer.start(telemetry.SPAN_CALL.format("generate"),
                              {telemetry.ATTR_PREFIX_ID: prefix_id, telemetry.ATTR_POLICY: policy})
         delivered = attempts = 0
@@ -109,7 +128,12 @@ class AsyncContiguousKVClient:
                     span.set_attribute(telemetry.ATTR_TOKENS, delivered)
                     return
                 except grpc.RpcError as err:
-                    error = _wire.to_error(err, endpoint.address, endpoint.secure)
+                    error = _wire.to_error(err, endpoint.address, endpoint.secure, delivered)
+                except (asyncio.CancelledError, grpc.aio.UsageError):
+                    if not self._closed or _cancelled_by_caller():
+                        raise  # the caller's own cancellation, or a misuse not ours to name
+                    error = ContiguousKVError(f"the client was closed while this stream was open "
+                                              f"({delivered} token(s) delivered)", "CANCELLED")
                 finally:
                     if stream is not None:
                         stream.cancel()
@@ -131,6 +155,8 @@ class AsyncContiguousKVClient:
                     timeout: float | None) -> R:
         """One unary call (all our unary calls are idempotent): next server, retry on UNAVAILABLE."""
         deadline = Deadline(self.timeout if timeout is None else timeout)
+        if self._closed:
+            raise _wire.closed()
         with _tracer.span(telemetry.SPAN_CALL.format(what), attributes) as span:
             attempts = 0
             while True:
@@ -140,6 +166,10 @@ class AsyncContiguousKVClient:
                     return await invoke(endpoint.stub, deadline.attempt_timeout(endpoint.address))
                 except grpc.RpcError as err:
                     error: ContiguousKVError = _wire.to_error(err, endpoint.address, endpoint.secure)
+                except grpc.aio.UsageError:  # "Channel is closed": closed while the call was starting
+                    if not self._closed:
+                        raise
+                    raise _wire.closed() from None
                 delay = self.retry.delay_before_retry(error, attempts, deadline)
                 if delay is None:
                     raise error

@@ -16,6 +16,9 @@ S = TypeVar("S")
 
 def parse_addresses(address: str | Sequence[str]) -> tuple[str, ...]:
     """``"h:p"``, ``"h1:p1,h2:p2"`` or a list of ``"h:p"`` as a tuple of addresses, checked."""
+    if not isinstance(address, (str, Sequence)) or any(not isinstance(a, str) for a in (
+            [address] if isinstance(address, str) else address)):
+        raise InvalidArgumentError(f"address: give \"HOST:PORT\", \"H1:P1,H2:P2\" or a list of them, got {address!r}")
     items = address.split(",") if isinstance(address, str) else list(address)
     addresses = tuple(a.strip() for a in items if a.strip())
     if not addresses:

@@ -56,10 +56,19 @@ NO_RETRY = RetryPolicy(max_attempts=1)
 DEFAULT_RETRY = RetryPolicy()
 
 
+def check_retry(retry: object) -> RetryPolicy:
+    """``retry`` if it is a :class:`RetryPolicy` (``NO_RETRY`` turns retries off), else an error."""
+    if not isinstance(retry, RetryPolicy):
+        raise InvalidArgumentError(f"retry: give a RetryPolicy (NO_RETRY for none), got {retry!r}", "INVALID_ARGUMENT")
+    return retry
+
+
 class Deadline:
     """The end of one SDK call: ``timeout_s`` from now, shared by its attempts."""
 
     def __init__(self, timeout_s: float) -> None:
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+            raise InvalidArgumentError(f"timeout: must be a number of seconds, got {timeout_s!r}", "INVALID_ARGUMENT")
         if not timeout_s > 0:
             raise InvalidArgumentError(f"timeout: must be > 0 seconds, got {timeout_s}", "INVALID_ARGUMENT")
         self.timeout_s = timeout_s

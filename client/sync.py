@@ -13,7 +13,7 @@ import grpc
 from contiguouskv.client import _wire
 from contiguouskv.client.errors import ContiguousKVError
 from contiguouskv.client.pool import Endpoint, RoundRobin, parse_addresses
-from contiguouskv.client.retry import DEFAULT_RETRY, Deadline, RetryPolicy
+from contiguouskv.client.retry import DEFAULT_RETRY, Deadline, RetryPolicy, check_retry
 from contiguouskv.client.types import GeneratedToken, ModelInfo, RegisteredPrefix, ReprefillResult
 from contiguouskv.common import telemetry
 from contiguouskv.common.security import ClientTls, open_channel
@@ -63,9 +63,10 @@ class ContiguousKVClient:
         self.addresses = parse_addresses(address)
         self.address = self.addresses[0]
         self.timeout = timeout
-        self.retry = retry
+        self.retry = check_retry(retry)
         Deadline(timeout)  # checks it
         self._pool: RoundRobin[grpc.Channel, Stub] = RoundRobin(self.addresses, _connector(tls, token))
+        self._closed = False
 
     def __enter__(self) -> "ContiguousKVClient":
         return self
@@ -75,6 +76,9 @@ class ContiguousKVClient:
         self.close()
 
     def close(self) -> None:
+        """Close the channels; a stream still open ends with CANCELLED, later calls raise
+        :class:`FailedPreconditionError`."""
+        self._closed = True
         for endpoint in self._pool.endpoints:
             endpoint.channel.close()
 
@@ -116,11 +120,17 @@ class ContiguousKVClient:
         """Stream tokens as they are computed: the first token, then up to ``max_new_tokens`` more.
 
         Retried on UNAVAILABLE only before the first token arrived. Close the iterator (or leave
-        the loop) to cancel the stream.
+        the loop) to cancel the stream. The arguments are checked here, before the first token.
         """
         request = compute_pb2.GenerateRequest(request=_wire.reprefill_request(
             prefix_id, query, policy, budget, max_new_tokens, None, None))
         deadline = Deadline(self.timeout if timeout is None else timeout)
+        if self._closed:
+            raise _wire.closed()
+        return self._stream(request, deadline, prefix_id, policy)
+
+    def _stream(self, request: compute_pb2.GenerateRequest, deadline: Deadline, prefix_id: str,
+                policy: str) -> Iterator[GeneratedToken]:
         span = _tracer.start(telemetry.SPAN_CALL.format("generate"),
                              {telemetry.ATTR_PREFIX_ID: prefix_id, telemetry.ATTR_POLICY: policy})
         delivered = attempts = 0
@@ -138,7 +148,11 @@ class ContiguousKVClient:
                     span.set_attribute(telemetry.ATTR_TOKENS, delivered)
                     return
                 except grpc.RpcError as err:
-                    error = _wire.to_error(err, endpoint.address, endpoint.secure)
+                    error = _wire.to_error(err, endpoint.address, endpoint.secure, delivered)
+                except ValueError:  # grpc's "Cannot invoke RPC: Channel closed!"
+                    if not self._closed:
+                        raise
+                    error = _wire.closed()
                 finally:
                     _cancel(stream)
                 delay = None if delivered else self.retry.delay_before_retry(error, attempts, deadline)
@@ -159,6 +173,8 @@ class ContiguousKVClient:
               timeout: float | None) -> R:
         """One unary call (all our unary calls are idempotent): next server, retry on UNAVAILABLE."""
         deadline = Deadline(self.timeout if timeout is None else timeout)
+        if self._closed:
+            raise _wire.closed()
         with _tracer.span(telemetry.SPAN_CALL.format(what), attributes) as span:
             attempts = 0
             while True:
@@ -168,6 +184,10 @@ class ContiguousKVClient:
                     return invoke(endpoint.stub, deadline.attempt_timeout(endpoint.address))
                 except grpc.RpcError as err:
                     error: ContiguousKVError = _wire.to_error(err, endpoint.address, endpoint.secure)
+                except ValueError:  # grpc's "Cannot invoke RPC on closed channel!": closed meanwhile
+                    if not self._closed:
+                        raise
+                    raise _wire.closed() from None
                 delay = self.retry.delay_before_retry(error, attempts, deadline)
                 if delay is None:
                     raise error

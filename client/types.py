@@ -188,6 +188,9 @@ class ModelInfo:
     """Layouts a registration may store besides `contiguous` (``register(..., extra_layouts=...)``)."""
     score_dtype: str = ""
     """What the chunk scorers' q.k matmuls run in: ``float32`` or ``bfloat16`` (``--score-dtype``)."""
+    score_heads: str = ""
+    """How the per-layer chunk scorers combine query heads: ``sum`` or ``max`` (``--score-heads``;
+    empty from a server older than the setting, which sums)."""
 
     def policy(self, name: str) -> PolicyInfo:
         """The description of policy ``name``; KeyError when the server does not serve it."""

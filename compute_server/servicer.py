@@ -148,6 +148,7 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
         task = asyncio.ensure_future(_guard(context, self._core.reprefill(_args(request.request), on_token)))
         sent = 0  # token messages so far
         text = TextStream(self._core.decode)
+        getter: asyncio.Future[tuple[int, int]] | None = None
         try:
             while not (task.done() and queue.empty()):
                 getter = asyncio.ensure_future(queue.get())
@@ -159,8 +160,10 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
                 sent += 1
                 yield compute_pb2.GenerateResponse(index=index, token_id=token, text=text.push(token))
             result = await task
-        finally:
+        finally:  # a cancelled call leaves neither the request nor a pending queue read behind
             task.cancel()
+            if getter is not None:
+                getter.cancel()
         assert isinstance(result, ReprefillReport)
         yield compute_pb2.GenerateResponse(index=sent, summary=_reply(result))
 
@@ -176,4 +179,5 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
             policy_info=[compute_pb2.PolicyInfo(name=cls.name, layout=cls.layout, selective=cls.selective,
                                                 loads_kv=cls.loads_kv, default_period=self._core.default_period(cls))
                          for cls in self._core.policies.classes()],
-            extra_layouts=self._core.extra_layouts(), score_dtype=dtype_name(self._core.score_dtype))
+            extra_layouts=self._core.extra_layouts(), score_dtype=dtype_name(self._core.score_dtype),
+            score_heads=self._core.config.score_heads)

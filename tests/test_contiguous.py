@@ -303,9 +303,10 @@ def test_period_options_are_validated(client: ContiguousKVClient) -> None:
             client.reprefill(reg.prefix_id, [1, 2], policy="contiguous", budget=0.5, **kwargs)  # type: ignore[arg-type]
 
 
-def test_model_info_names_the_scoring_dtype(served: tuple[ContiguousKVClient, str, str]) -> None:
-    client, score_dtype, _ = served
-    assert client.model_info().score_dtype == score_dtype
+def test_model_info_names_the_scoring_dtype_and_head_rule(served: tuple[ContiguousKVClient, str, str]) -> None:
+    client, score_dtype, score_heads = served
+    info = client.model_info()
+    assert (info.score_dtype, info.score_heads) == (score_dtype, score_heads)
 
 
 def test_speculation_runs_on_the_look_ahead_thread_when_there_is_one(served: tuple[ContiguousKVClient, str, str],

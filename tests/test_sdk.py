@@ -24,7 +24,7 @@ from contiguouskv import client as sdk
 from contiguouskv.client import _wire
 from contiguouskv.client import (
     NO_RETRY, AsyncContiguousKVClient, ContiguousKVClient, ContiguousKVError, DeadlineExceededError,
-    InvalidArgumentError, NotFoundError, RetryPolicy, UnavailableError,
+    FailedPreconditionError, InvalidArgumentError, NotFoundError, RetryPolicy, UnavailableError,
 )
 from contiguouskv.client.errors import ERRORS_BY_STATUS
 from contiguouskv.client.pool import parse_addresses
@@ -45,6 +45,7 @@ class FakeCompute(compute_pb2_grpc.ComputeServiceServicer):
         self.failures: list[grpc.StatusCode] = []
         self.delay_s = 0.0
         self.tokens_then_fail: int | None = None  # Generate: send this many tokens, then UNAVAILABLE
+        self.token_delay_s = 0.0  # Generate: pause before each token after the first
         self._lock = threading.Lock()
 
     def _enter(self, method: str, context: grpc.ServicerContext) -> None:
@@ -68,6 +69,8 @@ class FakeCompute(compute_pb2_grpc.ComputeServiceServicer):
         for index in range(3):
             if self.tokens_then_fail is not None and index == self.tokens_then_fail:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "went away mid-stream")
+            if index:
+                time.sleep(self.token_delay_s)
             yield compute_pb2.GenerateResponse(index=index, token_id=100 + index, text=f"t{index}")
         yield compute_pb2.GenerateResponse(index=3, summary=compute_pb2.ReprefillResponse(token_id=100))
 
@@ -190,10 +193,12 @@ def test_generate_retries_only_before_the_first_token(fakes: list[tuple[str, Fak
         fake.calls.clear()
         fake.tokens_then_fail = 1
         got = []
-        with pytest.raises(UnavailableError, match="mid-stream"):
+        with pytest.raises(UnavailableError, match="mid-stream") as info:
             for token in client.generate(PREFIX, [1], max_new_tokens=2):
                 got.append(token.token_id)
         assert got == [100] and fake.calls == ["Generate"]  # never repeated: tokens were delivered
+        # the server was talking: the hint says so, not "start a server" nor a TLS mismatch
+        assert "after 1 token(s) had arrived" in info.value.details and "TLS" not in info.value.details
 
 
 async def test_async_client_retries_round_robin_and_streams(fakes: list[tuple[str, FakeCompute]]) -> None:
@@ -264,9 +269,16 @@ def test_bad_arguments_fail_before_any_call_naming_the_field() -> None:
             (lambda: client.reprefill(PREFIX, [1], period=-1), "period: must be"),
             (lambda: client.register(token_ids=[3, 1 << 32]), "token_ids: token id 4294967296"),
             (lambda: client.register("text", token_ids=[1]), "exactly one of text or token_ids"),
-            (lambda: list(client.generate(PREFIX, [1], max_new_tokens=-3)), "max_new_tokens"),
+            (lambda: client.generate(PREFIX, [1], max_new_tokens=-3), "max_new_tokens"),  # before iterating
             (lambda: client.reprefill(PREFIX, [1], timeout=0), "timeout: must be > 0"),  # not "the default"
-            (lambda: list(client.generate(PREFIX, [1], timeout=0)), "timeout: must be > 0"),
+            (lambda: client.generate(PREFIX, [1], timeout=0), "timeout: must be > 0"),
+            (lambda: client.reprefill(PREFIX, [1], timeout="5"), "timeout: must be a number"),  # type: ignore[arg-type]
+            (lambda: client.reprefill(123, [1]), "prefix_id: must be a string"),  # type: ignore[arg-type]
+            (lambda: client.reprefill(PREFIX, None), "query: give text"),  # type: ignore[arg-type]
+            (lambda: client.reprefill(PREFIX, [1], budget="x"), "budget: must be a number"),  # type: ignore[arg-type]
+            (lambda: client.register(42), "text: must be a string"),  # type: ignore[arg-type]
+            (lambda: ContiguousKVClient(53202), "address: give"),  # type: ignore[arg-type]
+            (lambda: ContiguousKVClient("h:1", retry=None), "retry: give a RetryPolicy"),  # type: ignore[arg-type]
         ]
         for call, message in calls:
             with pytest.raises(InvalidArgumentError, match=message) as info:
@@ -278,3 +290,39 @@ def test_bad_arguments_fail_before_any_call_naming_the_field() -> None:
     request = _wire.reprefill_request(PREFIX, numpy.array([5, 6], dtype=numpy.int64), "full", None,
                                       numpy.int32(2), None, None)
     assert list(request.token_ids.ids) == [5, 6] and request.max_new_tokens == 2
+
+
+def test_a_closed_client_raises_sdk_errors(fakes: list[tuple[str, FakeCompute]]) -> None:
+    address, fake = fakes[0]
+    client = ContiguousKVClient(address, timeout=10)
+    client.close()
+    for call in (lambda: client.reprefill(PREFIX, [1]), lambda: client.generate(PREFIX, [1]), client.model_info):
+        with pytest.raises(FailedPreconditionError, match="client is closed"):
+            call()
+
+
+async def test_async_client_closed_before_or_during_a_stream_raises_sdk_errors(
+        fakes: list[tuple[str, FakeCompute]]) -> None:
+    address, fake = fakes[0]
+    fake.token_delay_s = 0.5
+    client = AsyncContiguousKVClient(address, timeout=10)
+    first = asyncio.Event()
+
+    async def read() -> list[int]:
+        got = []
+        async for token in client.generate(PREFIX, [1], max_new_tokens=2):
+            got.append(token.token_id)
+            first.set()
+        return got
+
+    reader = asyncio.create_task(read())
+    await first.wait()
+    await client.close()  # another task closes the client while the reader waits for its next token
+    with pytest.raises(ContiguousKVError) as info:  # an SDK error, not a stray CancelledError
+        await reader
+    assert info.value.status == "CANCELLED", info.value
+    for call in (client.model_info, lambda: client.reprefill(PREFIX, [1])):
+        with pytest.raises(FailedPreconditionError, match="client is closed"):
+            await call()
+    with pytest.raises(FailedPreconditionError, match="client is closed"):
+        client.generate(PREFIX, [1])

@@ -36,7 +36,7 @@ from typing import Any
 from contiguouskv import launch
 from contiguouskv.bench.policies import cells, extra_layouts, resolve
 from contiguouskv.bench.quality_tasks import TASKS, Case, make_cases
-from contiguouskv.client import ContiguousKVClient, ReprefillResult
+from contiguouskv.client import ContiguousKVClient, ModelInfo, ReprefillResult
 
 DEFAULT_POLICIES = "oracle,contiguous+"  # the ceiling and the default; --policies all for the rest
 PER_PREFIX = 5
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
                                   f"~{elapsed / done * (len(cases) - done):.0f} s left", file=sys.stderr, flush=True)
                             if args.json_path:  # after every case: a long run's partial results stay usable
                                 _write(args, done, len(groups), lengths, budgets, table, tokens, start,
-                                       finished=done == len(cases))
+                                       finished=done == len(cases), info=info)
     _print(_rows(table, tokens))
     return 0
 
@@ -269,9 +269,11 @@ def merge(paths: list[Path], out: Path | None) -> int:
 
 
 def _write(args: argparse.Namespace, cases: int, prefixes: int, lengths: list[int], budgets: list[float],
-           table: dict[tuple[str, float, int], Cell], tokens: dict[int, list[int]], start: float, finished: bool) -> None:
+           table: dict[tuple[str, float, int], Cell], tokens: dict[int, list[int]], start: float, finished: bool,
+           info: ModelInfo) -> None:
     args.json_path.write_text(json.dumps({
-        "model": args.model, "dtype": args.dtype, "kv_dtype": args.kv_dtype, "cases": cases, "seed": args.seed,
+        "model": args.model, "dtype": args.dtype, "kv_dtype": args.kv_dtype, "score_dtype": info.score_dtype,
+        "score_heads": info.score_heads, "cases": cases, "seed": args.seed,
         "per_prefix": args.per_prefix, "prefixes": prefixes, "complete": finished, "lengths": lengths, "budgets": budgets, "wall_s": round(time.perf_counter() - start, 1),
         "results": _rows(table, tokens)}, indent=2))
 

@@ -399,7 +399,8 @@ class Bench:
         finally:
             shutil.rmtree(Path(self.socket).parent, ignore_errors=True)
         return rows, gbps, {"model": info.name, "num_layers": info.num_layers, "kv_heads": info.num_kv_heads,
-                            "head_dim": info.head_dim, "dtype": info.dtype, "device": info.device}
+                            "head_dim": info.head_dim, "dtype": info.dtype, "device": info.device,
+                            "score_dtype": info.score_dtype, "score_heads": info.score_heads}
 
     def _warm(self, info: ModelInfo) -> list[Row]:
         """Per policy: the warm stream with the attention-guided DRAM cache (ContiguousKV's rule) and,

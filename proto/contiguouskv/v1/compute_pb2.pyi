@@ -651,6 +651,7 @@ class GetModelInfoResponse(_message.Message):
     POLICY_INFO_FIELD_NUMBER: _builtins.int
     EXTRA_LAYOUTS_FIELD_NUMBER: _builtins.int
     SCORE_DTYPE_FIELD_NUMBER: _builtins.int
+    SCORE_HEADS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     fingerprint: _builtins.str
     num_layers: _builtins.int
@@ -666,6 +667,8 @@ class GetModelInfoResponse(_message.Message):
     chunk_size: _builtins.int
     score_dtype: _builtins.str
     """What the chunk scorers' q.k matmuls run in ("float32" or "bfloat16"; --score-dtype)."""
+    score_heads: _builtins.str
+    """How the per-layer chunk scorers combine query heads ("sum" or "max"; --score-heads)."""
     @_builtins.property
     def policies(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Names of the loading policies this server serves (built-in and plug-ins)."""
@@ -698,10 +701,11 @@ class GetModelInfoResponse(_message.Message):
         policy_info: _abc.Iterable[Global___PolicyInfo] | None = ...,
         extra_layouts: _abc.Iterable[_builtins.str] | None = ...,
         score_dtype: _builtins.str = ...,
+        score_heads: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "device", b"device", "dtype", b"dtype", "extra_layouts", b"extra_layouts", "fingerprint", b"fingerprint", "has_tokenizer", b"has_tokenizer", "head_dim", b"head_dim", "hidden_size", b"hidden_size", "max_position_embeddings", b"max_position_embeddings", "name", b"name", "num_attention_heads", b"num_attention_heads", "num_kv_heads", b"num_kv_heads", "num_layers", b"num_layers", "policies", b"policies", "policy_info", b"policy_info", "score_dtype", b"score_dtype", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "device", b"device", "dtype", b"dtype", "extra_layouts", b"extra_layouts", "fingerprint", b"fingerprint", "has_tokenizer", b"has_tokenizer", "head_dim", b"head_dim", "hidden_size", b"hidden_size", "max_position_embeddings", b"max_position_embeddings", "name", b"name", "num_attention_heads", b"num_attention_heads", "num_kv_heads", b"num_kv_heads", "num_layers", b"num_layers", "policies", b"policies", "policy_info", b"policy_info", "score_dtype", b"score_dtype", "score_heads", b"score_heads", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
