@@ -83,3 +83,15 @@ def test_operations_doc_names_the_limits_without_a_flag() -> None:
     assert named <= fields, f"table rows that are not config fields: {sorted(named - fields)}"
     assert listed <= no_flag, f"listed but they have a flag (or are not fields): {sorted(listed - no_flag)}"
     assert named & no_flag <= listed, f"limits without a flag not listed: {sorted(named & no_flag - listed)}"
+
+
+def test_a_refused_value_names_where_it_came_from(tmp_path: Path) -> None:
+    base = {"model": "random:tiny", "cache": "a:1"}
+    with pytest.raises(ConfigError, match=r"score_heads: .*got 'mean' \(from env CKV_SCORE_HEADS\)"):
+        load_config(ComputeServerConfig, base, env={"CKV_SCORE_HEADS": "mean"})
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps({"score_heads": "MAX"}))
+    with pytest.raises(ConfigError, match=rf"got 'MAX' \(from config file {file}\)"):
+        load_config(ComputeServerConfig, base, env={}, file=file)
+    with pytest.raises(ConfigError, match=r"port: .* \(from --port\)"):
+        load_config(ComputeServerConfig, {**base, "port": "x"}, env={})

@@ -97,6 +97,7 @@ def load_config(
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     values: dict[str, Any] = {}
+    source: dict[str, str] = {}  # where each value came from, for the error that names it
     if file is not None:
         try:
             data = json.loads(Path(file).read_text())
@@ -109,17 +110,29 @@ def load_config(
         if unknown:
             raise ConfigError(f"config file {file}: unknown keys {sorted(unknown)}")
         values.update(data)
+        source.update((name, f"config file {file}") for name in data)
     env_values = _read_renamed(os.environ if env is None else env,
                                {ENV_PREFIX + old.upper(): ENV_PREFIX + new.upper()
                                 for old, new in (renamed or {}).items()}, "env")
     for name in fields:
         key = ENV_PREFIX + name.upper()
         if key in env_values:
-            values[name] = env_values[key]
+            values[name], source[name] = env_values[key], f"env {key}"
     for name, value in (flags or {}).items():
         if name in fields and value is not None:
-            values[name] = value
-    coerced = {name: _coerce(name, value, hints[name]) for name, value in values.items()}
+            values[name], source[name] = value, f"--{name.replace('_', '-')}"
+
+    def sourced(message: str) -> str:
+        """``message`` with where its field's value came from, when it names a field that was set."""
+        name = message.split(":", 1)[0]
+        return f"{message} (from {source[name]})" if name in source else message
+
+    coerced = {}
+    for name, value in values.items():
+        try:
+            coerced[name] = _coerce(name, value, hints[name])
+        except ConfigError as exc:
+            raise ConfigError(sourced(str(exc))) from None
     missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in coerced
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -131,4 +144,4 @@ def load_config(
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError(str(exc)) from exc
+        raise ConfigError(sourced(str(exc))) from exc
