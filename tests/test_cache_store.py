@@ -336,7 +336,7 @@ def test_raw_fetch_responses_parse_as_protobuf_and_back() -> None:
         decode_fetch_response(wire[:-1])
 
 
-def test_bench_storage_runs_on_a_tiny_shape(tmp_path: Path) -> None:
+def test_bench_storage_runs_on_a_tiny_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
     import json
 
@@ -351,6 +351,8 @@ def test_bench_storage_runs_on_a_tiny_shape(tmp_path: Path) -> None:
                               "--read-threads", "2", "--rounds", "2", "--path", "grpc,shm", "--streams", "1,2",
                               "--shm-slot-bytes", "65536", "--json", str(out)])
     assert storage.run(args) == 0
+    printed = capsys.readouterr().out  # each summary line says what its two sides share
+    assert "shm/grpc, 2 stream(s)" in printed and "2/1 streams, shm" in printed
     report = json.loads(out.read_text())
     assert report["page_cache_resident_fraction"] == 0.0 and report["direct_io"]
     assert report["rounds"] == 2 and report["ways"] == ["grpc/1", "grpc/2", "shm/1", "shm/2"]

@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--kv-heads", type=int, default=4, help="KV heads (4)")
     a("--head-dim", type=int, default=128, help="head dim (128)")
     a("--dtype-bytes", type=int, default=2, help="bytes per value (2: bf16)")
-    a("--selections", default="0.05,0.1,0.25,1.0", help="fractions of chunks to read")
+    a("--selections", default="0.05,0.1,0.25,1.0", help="fractions of chunks to read (default 0.05,0.1,0.25,1.0)")
     a("--target-mb", type=float, default=600.0, help="read about this many MB per selection and way")
     a("--batch-bytes", type=int, default=1 << 20, help="payload per Fetch response (1 MiB)")
     a("--inflight-bytes", type=int, default=16 << 20, help="server in-flight bytes per stream")
@@ -541,8 +541,9 @@ def _print(report: dict) -> None:
         print(f"{r['selection']:>5.0%} {r['source']:>6} {r['path']:>5} {r['streams']:>3} {r['gbps']:>6.2f} "
               f"{over:>5} {r['cpu_s_per_gb']:>8.2f} {r['client_cpu_s_per_gb']:>6.2f} "
               f"{r['server_cpu_s_per_gb']:>6.2f} {r['shm_fraction']:>5.0%} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f}")
-    for c in report["summary"]:
-        print(f"{c['selection']:>5.0%} {c['source']:>6} {c['compare']:>12}: GB/s x{c['gbps_ratio']:.2f}, "
+    for c in report["summary"]:  # what is compared, and what the two sides share
+        what = f"{c['compare']}, {c['streams']} stream(s)" if "streams" in c else f"{c['compare']}, {c['path']}"
+        print(f"{c['selection']:>5.0%} {c['source']:>6} {what:>24}: GB/s x{c['gbps_ratio']:.2f}, "
               f"CPU/GB x{c['cpu_ratio']:.2f}")
 
 
