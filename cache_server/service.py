@@ -134,6 +134,19 @@ def manifest_to_pb(manifest: Manifest, with_metadata: bool = True) -> pb.Manifes
     )
 
 
+
+DRAIN_SLACK_BYTES = 1 << 20
+"""What a refused upload may send beyond its declared records before the refusal goes out anyway."""
+
+
+async def _drain(requests: AsyncIterator[pb.PutPrefixRequest], limit: int) -> None:
+    """Read and drop the rest of an upload, up to ``limit`` bytes of records."""
+    seen = 0
+    async for request in requests:
+        seen += len(request.data.data) if request.WhichOneof("kind") == "data" else 0
+        if seen > limit:
+            return
+
 class CacheServicer:
     """``contiguouskv.v1.CacheService`` for ``grpc.aio`` over ``store`` and ``cache``.
 
@@ -170,7 +183,15 @@ class CacheServicer:
                     h = request.header
                     regions = [(r.name, r.num_records, r.record_size) for r in h.regions]
                     key = ObjectKey(h.prefix_id, h.layout)
-                    writer = await asyncio.to_thread(self._store.begin_put, key, regions, h.metadata)
+                    try:
+                        writer = await asyncio.to_thread(self._store.begin_put, key, regions, h.metadata)
+                    except CacheError:
+                        # Refused before any byte was written (store full, bad header). Read what the
+                        # client is still sending first: a status sent mid-upload can reach it as
+                        # gRPC's "Internal error from Core" instead of this refusal.
+                        declared = sum(n * size for _, n, size in regions)
+                        await _drain(request_iterator, declared + DRAIN_SLACK_BYTES)
+                        raise
                 elif kind == "data":
                     d = request.data
                     await asyncio.to_thread(writer.write, d.region, d.first_record, d.data)

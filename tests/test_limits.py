@@ -27,7 +27,8 @@ def compute(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("limits")
     config = tmp / "compute.json"
     config.write_text(json.dumps(LIMITS))
-    with launch.cache_server(tmp / "store") as cache, \
+    # room for the one 200-token prefix below (499,712 bytes) and not for a second one
+    with launch.cache_server(tmp / "store", "--max-store-bytes", "800000") as cache, \
             launch.compute_server("random:tiny", cache.address, "--threads", "1", "--config", str(config)) as server:
         yield server.address
 
@@ -47,6 +48,8 @@ def prefix_id(compute: str) -> str:
     (lambda c, p: c.reprefill(p, list(range(3, 23))), InvalidArgumentError, "max_query_tokens"),
     (lambda c, p: c.reprefill(p, [5, 6], max_new_tokens=9), InvalidArgumentError, "max_new_tokens"),
     (lambda c, p: c.register("x " * 600_000), ResourceExhaustedError, "larger than max"),
+    # a full store is the cache's refusal, passed on as such: not UNAVAILABLE, which clients retry
+    (lambda c, p: c.register(token_ids=list(range(4, 204))), ResourceExhaustedError, "max_store_bytes 800000"),
 ])
 def test_each_limit_is_named_in_its_refusal(compute: str, prefix_id: str, call: object, status: type,
                                             names: str) -> None:

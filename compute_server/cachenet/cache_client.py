@@ -49,6 +49,10 @@ RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reco
 
 log = logging.getLogger(__name__)
 
+REFUSALS = frozenset({"RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "FAILED_PRECONDITION"})
+"""A shard's answers to a write that no retry changes: passed on with their code, not as UNAVAILABLE."""
+
+
 class CacheClient:
     """Async access to the cache shards; created and closed on the server's event loop.
 
@@ -260,7 +264,7 @@ class CacheClient:
         tasks = {asyncio.create_task(self._put_at(a, header, parts)): a for a in replicas}
         pending: set[asyncio.Task[cache_pb2.PutPrefixResponse]] = set(tasks)
         replies: list[cache_pb2.PutPrefixResponse] = []
-        failed: list[str] = []
+        failed: list[BaseException] = []
         try:
             while pending and len(replies) < quorum and len(replicas) - len(failed) >= quorum:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -268,7 +272,7 @@ class CacheClient:
                     if task.exception() is None:
                         replies.append(task.result())
                     else:
-                        failed.append(str(task.exception()))
+                        failed.append(task.exception())  # type: ignore[arg-type]
         except asyncio.CancelledError:
             for task in pending:
                 task.cancel()
@@ -277,8 +281,12 @@ class CacheClient:
             self._background.add(task)
             task.add_done_callback(self._finished_in_background)
         if len(replies) < quorum:
-            raise Unavailable(f"prefix {prefix_id} ({layout}): committed on {len(replies)} of {len(replicas)} "
-                              f"replicas, the write quorum is {quorum}: " + "; ".join(failed))
+            message = (f"prefix {prefix_id} ({layout}): committed on {len(replies)} of {len(replicas)} replicas, "
+                       f"the write quorum is {quorum}: " + "; ".join(str(e) for e in failed))
+            refused = [e for e in failed if isinstance(e, ComputeError) and e.code in REFUSALS]
+            if refused:  # a shard said no (full, invalid): a retry cannot succeed, so not UNAVAILABLE
+                raise ComputeError(message, code=refused[0].code)
+            raise Unavailable(message)
         best = max(replies, key=lambda r: r.bytes_written)
         return cache_pb2.PutPrefixResponse(manifest=best.manifest, bytes_written=best.bytes_written,
                                            already_committed=all(r.already_committed for r in replies))
