@@ -28,7 +28,7 @@ def to_error(err: grpc.RpcError, address: str, secure: bool = False, delivered: 
     if status == "UNAVAILABLE" and delivered:  # it was talking to us: neither TLS nor a missing server
         details = f"{details} (the connection to {address} broke after {delivered} token(s) had arrived; a " \
                   f"stream is not retried once it has delivered tokens)"
-    elif status == "UNAVAILABLE" and details.startswith("cache server"):
+    elif status == "UNAVAILABLE" and "cache server" in details:  # the compute server answered for its shards
         details = f"{details} (the compute server at {address} cannot reach that cache server; start it with " \
                   f"`contiguouskv serve cache --root DIR --port N`)"
     elif status == "UNAVAILABLE" and _tls_failure(details):

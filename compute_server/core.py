@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import asyncio
+import contextlib
 import hashlib
 import math
 import re
@@ -166,7 +167,8 @@ class ComputeCore:
         burst's. Back-to-back requests keep their memory warm."""
         def trim_if_idle() -> None:
             if self.admission.snapshot() == AdmissionSnapshot(0, 0, 0):
-                self._requests.submit(return_free_memory)
+                with contextlib.suppress(RuntimeError):  # the request threads are gone: shutting down
+                    self._requests.submit(return_free_memory)
 
         asyncio.get_running_loop().call_later(self.IDLE_TRIM_S, trim_if_idle)
 

@@ -326,3 +326,18 @@ async def test_async_client_closed_before_or_during_a_stream_raises_sdk_errors(
             await call()
     with pytest.raises(FailedPreconditionError, match="client is closed"):
         client.generate(PREFIX, [1])
+
+
+def test_a_cache_shard_the_compute_server_cannot_reach_is_not_blamed_on_the_compute_server() -> None:
+    class Refused(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:  # what a register with a shard down reports
+            return ("prefix ab (contiguous): committed on 0 of 2 replicas (any still writing finish in the "
+                    "background), the write quorum is 2: cache server 127.0.0.1:7: failed to connect to all "
+                    "addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:7: Connection refused")
+
+    error = _wire.to_error(Refused(), "127.0.0.1:9")
+    assert isinstance(error, UnavailableError)
+    assert "cannot reach that cache server" in error.details and "is a compute server running" not in error.details

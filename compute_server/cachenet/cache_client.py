@@ -281,8 +281,9 @@ class CacheClient:
             self._background.add(task)
             task.add_done_callback(self._finished_in_background)
         if len(replies) < quorum:
-            message = (f"prefix {prefix_id} ({layout}): committed on {len(replies)} of {len(replicas)} replicas, "
-                       f"the write quorum is {quorum}: " + "; ".join(str(e) for e in failed))
+            message = (f"prefix {prefix_id} ({layout}): committed on {len(replies)} of {len(replicas)} replicas "
+                       f"(any still writing finish in the background), the write quorum is {quorum}: "
+                       + "; ".join(str(e) for e in failed))
             refused = [e for e in failed if isinstance(e, ComputeError) and e.code in REFUSALS]
             if refused:  # a shard said no (full, invalid): a retry cannot succeed, so not UNAVAILABLE
                 raise ComputeError(message, code=refused[0].code)
