@@ -28,6 +28,7 @@ import contextlib
 import concurrent.futures
 import dataclasses
 import heapq
+import logging
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from concurrent.futures import Executor
 
@@ -48,6 +49,8 @@ DEFAULT_INFLIGHT_BYTES = 16 << 20
 DISK_BYTES_PER_PAYLOAD_BYTE = 4  # default cap of a batch's disk read, per byte of payload cap
 MAX_INDICES_PER_READ = 1 << 20
 MAX_PENDING_INDICES = 1 << 22  # per stream, over requests not yet done
+log = logging.getLogger(__name__)
+
 INTERNAL = 13
 
 
@@ -350,6 +353,8 @@ class FetchSession:
             self._end(request)
             self._counters.add(fetch_requests_failed=1)
             code = exc.code if isinstance(exc, CacheError) else INTERNAL
+            # the stream goes on (the read fails alone, in its notice); the operator's line is here
+            log.warning("Fetch read failed: %s %s", type(exc).__name__, exc)
             return Batch.notice(request.tag, request.region.name, error_code=code,
                                 error_message=str(exc))
         if request.ended:

@@ -244,6 +244,7 @@ def test_damaged_data_files_under_a_running_server(cluster: Cluster) -> None:
             with pytest.raises(DataLossError):
                 client.reprefill(ids[name], cluster.query, return_logits=True)
         assert cluster.cache_stats().checksum_failures > failures
+        assert "Fetch read failed: DataLoss checksum mismatch" in cluster.cache.log_tail(400)  # the operator's line
 
         got = _read_all(address, ids["intact"])
         assert not _errors(got) and _records(got) == stored["intact"]
