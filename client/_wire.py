@@ -31,15 +31,15 @@ def to_error(err: grpc.RpcError, address: str, secure: bool = False, delivered: 
     elif status == "UNAVAILABLE" and "cache server" in details:  # the compute server answered for its shards
         details = f"{details} (the compute server at {address} cannot reach that cache server; start it with " \
                   f"`contiguouskv serve cache --root DIR --port N`)"
-    elif status == "UNAVAILABLE" and _tls_failure(details):
+    elif status == "UNAVAILABLE" and _says(details, _TLS_FAILURES):
         details = f"{details} (the TLS handshake with {address} failed: check the CA bundle, the client " \
                   f"certificate the server may require, and the server name; CLI: --tls-ca-file, " \
                   f"--tls-cert-file/--tls-key-file, --tls-server-name; see docs/security.md)"
-    elif status == "UNAVAILABLE" and not secure and _closed(details):
+    elif status == "UNAVAILABLE" and not secure and _says(details, _CLOSED):
         details = f"{details} (the server at {address} closed the connection: a server that serves TLS " \
                   f"does that to a plaintext client, so pass its CA bundle (CLI: --tls-ca-file; SDK: " \
                   f"tls=ClientTls(ca_file=...)); otherwise, is a compute server running there?)"
-    elif status == "UNAVAILABLE" and _unreachable(details):  # the call never reached a server
+    elif status == "UNAVAILABLE" and (not details or _says(details, _TRANSPORT_FAILURES)):  # never reached a server
         details = f"{details} (is a compute server running at {address}? start one with " \
                   f"`contiguouskv serve compute --model MODEL --cache HOST:PORT --port N`)"
     elif status == "DEADLINE_EXCEEDED":
@@ -59,19 +59,10 @@ _TLS_FAILURES = ("ssl", "handshake", "certificate", "tls", "verification check",
 _CLOSED = ("socket closed", "connection reset", "endpoint closing")  # the peer hung up: maybe TLS
 
 
-def _closed(details: str) -> bool:
+def _says(details: str, phrases: tuple[str, ...]) -> bool:
+    """Whether gRPC's ``details`` contain one of ``phrases`` (case-insensitive)."""
     lowered = details.lower()
-    return any(phrase in lowered for phrase in _CLOSED)
-
-
-def _tls_failure(details: str) -> bool:
-    lowered = details.lower()
-    return any(word in lowered for word in _TLS_FAILURES)
-
-
-def _unreachable(details: str) -> bool:
-    lowered = details.lower()
-    return not details or any(phrase in lowered for phrase in _TRANSPORT_FAILURES)
+    return any(phrase in lowered for phrase in phrases)
 
 
 UINT32 = 1 << 32

@@ -25,17 +25,12 @@ from contiguouskv.compute_server.workspace import Workspace
 
 
 def _self_logits(q: torch.Tensor, k_self: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal logits of the query's rows over its own keys: [heads, R, T], -inf where a row would
-    see a later token. ``q`` holds the last R of the T tokens whose keys are ``k_self`` (R = T for
-    the whole query; fewer when only the query's last tokens score)."""
+    """Causal logits of the query over its own keys: [heads, T, T] with -inf above the diagonal."""
     groups = q.shape[0] // k_self.shape[0]
     k = k_self.float().repeat_interleave(groups, dim=0)  # [heads, T, d]
-    logits = torch.matmul(q.float(), k.transpose(1, 2)) * scale  # [heads, R, T]
-    rows, t = q.shape[1], k_self.shape[1]
-    if rows > t:
-        raise ValueError(f"{rows} query rows but keys of only {t} query tokens")
-    later = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)[t - rows:]
-    return logits.masked_fill(later, float("-inf"))
+    logits = torch.matmul(q.float(), k.transpose(1, 2)) * scale  # [heads, T, T]
+    t = q.shape[1]
+    return logits.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
 
 
 def _combine_heads(per_head: torch.Tensor, heads: str) -> torch.Tensor:
@@ -76,9 +71,7 @@ def exact_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.
                        dtype: torch.dtype = torch.float32, heads: str = "sum") -> torch.Tensor:
     """Per-chunk attention mass [m] from all prefix keys of the layer (the paper's scoring).
 
-    ``q`` may be the last R of the query's T rows (``k_self`` always holds all T: a row's softmax
-    is normalised over every query token it sees). ``heads``: how the query heads' masses combine
-    (:data:`SCORE_HEADS`; ``sum`` is the paper's).
+    ``heads``: how the query heads' masses combine (:data:`SCORE_HEADS`; ``sum`` is the paper's).
 
     One KV head at a time (memory bounded by ``[groups * T, n]`` logits), in place: the logits
     become ``exp(logit - row max)`` in their buffer and their row-normalised column sums are one
@@ -92,10 +85,10 @@ def exact_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.
     """
     if heads not in SCORE_HEADS:
         raise ValueError(f"heads: must be one of {SCORE_HEADS}, got {heads!r}")
-    num_heads, t, d = q.shape  # t: the scoring rows
+    num_heads, t, d = q.shape
     kv_heads, n = prefix_keys.shape[0], prefix_keys.shape[1]
     groups = num_heads // kv_heads
-    self_logits = _self_logits(q, k_self, scale).view(kv_heads, groups * t, k_self.shape[1])
+    self_logits = _self_logits(q, k_self, scale).view(kv_heads, groups * t, t)
     qs = (q.float() * scale).to(dtype).view(kv_heads, groups * t, d)  # the scale folded into the query
     workspace = workspace or Workspace()
     logits = workspace.get("logits", (groups * t, n), q.device)
@@ -129,13 +122,13 @@ def _chunk_token_counts(layout: ContiguousLayout, device: torch.device) -> torch
 
 
 def digest_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.Tensor,
-                        digest: torch.Tensor, scale: float, heads: str = "sum") -> torch.Tensor:
+                        digest: torch.Tensor, scale: float) -> torch.Tensor:
     """Approximate per-chunk mass [m]: every key of chunk j taken as its mean key (the digest)."""
     groups = q.shape[0] // digest.shape[1]
     counts = _chunk_token_counts(layout, q.device)
     mean_keys = digest.float().repeat_interleave(groups, dim=1).transpose(0, 1)  # [heads, m, d]
     logits = torch.matmul(q.float(), mean_keys.transpose(1, 2)) * scale + torch.log(counts)  # [heads, T, m]
-    return _prefix_mass(logits, _self_logits(q, k_self, scale), heads)
+    return _prefix_mass(logits, _self_logits(q, k_self, scale))
 
 
 def quest_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.Tensor,
