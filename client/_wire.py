@@ -188,4 +188,5 @@ def model_info(r: compute_pb2.GetModelInfoResponse) -> ModelInfo:
                      r.hidden_size, r.vocab_size, r.max_position_embeddings, r.has_tokenizer, r.dtype, r.device,
                      r.chunk_size, tuple(r.policies),
                      tuple(PolicyInfo(p.name, p.layout, p.selective, p.loads_kv, p.default_period)
-                           for p in r.policy_info), tuple(r.extra_layouts), r.score_dtype, r.score_heads)
+                           for p in r.policy_info), tuple(r.extra_layouts), r.score_dtype, r.score_heads,
+                     r.score_window)

@@ -191,6 +191,9 @@ class ModelInfo:
     score_heads: str = ""
     """How the per-layer chunk scorers combine query heads: ``sum`` or ``max`` (``--score-heads``;
     empty from a server older than the setting, which sums)."""
+    score_window: int = 0
+    """The query's last this many tokens score chunks in the per-layer scorers (``--score-window``;
+    0: every token, also from a server older than the setting)."""
 
     def policy(self, name: str) -> PolicyInfo:
         """The description of policy ``name``; KeyError when the server does not serve it."""

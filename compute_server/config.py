@@ -13,6 +13,9 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 DATA_PATHS = ("auto", "grpc", "shm")
 SCORE_DTYPES = ("auto", "float32", "bfloat16")
 SCORE_HEADS = ("sum", "max")
+SCORE_WINDOW = 8
+"""Default ``score_window``: on the quality suite the query's last 8 tokens kept 17 and 27 of 28
+answers at 5 % and 10 % where every token kept 14 and 26 (docs/selection.md)."""
 
 
 def default_cache_dir() -> Path:
@@ -56,6 +59,9 @@ class ComputeServerConfig:
     # max kept 17 of 28 answers at 5 % against 14, and 24 against 26 at 10 % (docs/selection.md,
     # "Combining heads"): opt-in.
     score_heads: str = "sum"
+    # The query's last this many tokens score chunks in those same policies (0: every query token).
+    # SnapKV's observation window; docs/selection.md, "Scoring with the query's last tokens".
+    score_window: int = SCORE_WINDOW
     # Threads that run policies' look-ahead (contiguous+ scoring layer l + 1 while layer l runs) off
     # the requests' threads; 0 = on the request's own thread (docs/performance.md, "contiguous+'s speculation
     # on a look-ahead thread").
@@ -149,6 +155,8 @@ class ComputeServerConfig:
             raise ValueError(f"score_dtype: must be one of {SCORE_DTYPES}, got {self.score_dtype!r}")
         if self.score_heads not in SCORE_HEADS:
             raise ValueError(f"score_heads: must be one of {SCORE_HEADS}, got {self.score_heads!r}")
+        if self.score_window < 0:
+            raise ValueError(f"score_window: must be >= 0 (0 = every query token), got {self.score_window}")
         if self.threads < 0:
             raise ValueError(f"threads: must be >= 0 (0 = torch's default), got {self.threads}")
         for name in ("max_active_requests", "max_staged_bytes", "max_batch"):

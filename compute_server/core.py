@@ -353,7 +353,8 @@ class ComputeCore:
             policy = self.policies.create(cls.name, PolicyContext(loader, codec, chunks, self.projector, params,
                                                                          self.ident_cache, prefix_id,
                                                                          self.score_dtype, self.look_ahead,
-                                                                         self.config.score_heads))
+                                                                         self.config.score_heads,
+                                                                         self.config.score_window))
             await policy.start_load_kv()
             outcome = await self._on_request_thread(job.cancellation, policy.compute, self.engine, job)
         except asyncio.CancelledError:

@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score-heads", choices=("sum", "max"),
                         help="how contiguous+, contiguous+1bit, contiguous+quest and oracle combine the query heads' "
                         "mass on a chunk: summed (default, the paper's) or the largest head's (docs/selection.md)")
+    parser.add_argument("--score-window", type=int,
+                        help="contiguous+, contiguous+1bit, contiguous+quest and oracle score chunks with the query's "
+                        "last this many tokens; 0 = every token (default 8; docs/selection.md)")
     parser.add_argument("--look-ahead-threads", type=int,
                         help="threads running policies' look-ahead (contiguous+ scores layer l+1 while layer l "
                         "runs) off the requests' threads; 0 = on the request's thread (default 1)")
@@ -87,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> ComputeServerConfig:
     flags = {k: getattr(args, k, None) for k in
              ("model", "cache", "replication", "write_quorum", "host", "port", "port_file", "device", "dtype", "kv_dtype",
-              "model_cache_dir", "chunk_size", "metrics_port", "threads", "score_dtype", "score_heads",
+              "model_cache_dir", "chunk_size", "metrics_port", "threads", "score_dtype", "score_heads", "score_window",
               "look_ahead_threads", "policy_plugins", "max_active_requests",
               "max_queued_requests", "max_staged_bytes", "max_batch", "ident_cache_bytes", "data_path", "shm_socket",
               "shm_slots", "shm_slot_bytes", "fetch_streams", *SERVING_FIELDS,

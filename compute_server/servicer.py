@@ -180,4 +180,4 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
                                                 loads_kv=cls.loads_kv, default_period=self._core.default_period(cls))
                          for cls in self._core.policies.classes()],
             extra_layouts=self._core.extra_layouts(), score_dtype=dtype_name(self._core.score_dtype),
-            score_heads=self._core.config.score_heads)
+            score_heads=self._core.config.score_heads, score_window=self._core.config.score_window)

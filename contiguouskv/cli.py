@@ -184,7 +184,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     else:
         print(f"{info.name} ({info.dtype} on {info.device}): {info.num_layers} layers, {info.num_kv_heads} KV heads "
               f"x {info.head_dim}, vocab {info.vocab_size}, chunk {info.chunk_size} tokens, "
-              f"scoring in {info.score_dtype}, heads by {info.score_heads or 'sum'}; "
+              f"scoring in {info.score_dtype}, heads by {info.score_heads or 'sum'}, "
+              f"from {f'the last {info.score_window} query tokens' if info.score_window else 'every query token'}; "
               f"policies {', '.join(info.policies)}")
     return 0
 

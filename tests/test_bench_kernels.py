@@ -35,19 +35,20 @@ def test_bench_kernels_end_to_end(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     doc = json.loads(out.read_text())
     rows = doc["results"]
-    # every kernel at every length, both ways; the scores with the query's 20 rows and the speculation's 16
+    # every kernel at every length, both ways; the scores with the query's 20 rows, the speculation's
+    # 16 and the default score window's 8
     cells = {(r["kernel"], r["prefix_tokens"], r["rows"], r["memory"]) for r in rows}
     for n in (200, 333):
-        for kernel, t in (("qkeys_decode", 0), ("exact_scores", 20), ("exact_scores", 16), ("gather", 0),
-                          ("join_kv", 20)):
+        for kernel, t in (("qkeys_decode", 0), ("exact_scores", 20), ("exact_scores", 16), ("exact_scores", 8),
+                          ("gather", 0), ("join_kv", 20)):
             assert {(kernel, n, t, "fresh"), (kernel, n, t, "reused")} <= cells
     # the scoring kernels in bfloat16 too, into reused buffers
     low = {(r["kernel"], r["prefix_tokens"], r["rows"]) for r in rows if r["dtype"] == "bfloat16"}
     assert low == {(k, n, t) for n in (200, 333) for k, t in (("qkeys_decode", 0), ("exact_scores", 20),
-                                                            ("exact_scores", 16))}
+                                                            ("exact_scores", 16), ("exact_scores", 8))}
     assert all(r["memory"] == "reused" for r in rows if r["dtype"] == "bfloat16")
     assert all(r["ms_p50"] >= r["ms_min"] > 0 and r["repeats"] == 2 for r in rows)
-    assert doc["summary"] == summarize(rows) and len(doc["summary"]) == 16
+    assert doc["summary"] == summarize(rows) and len(doc["summary"]) == 20
     assert "fresh/reused" in done.stdout and "float32/bfloat16" in done.stdout
 
 

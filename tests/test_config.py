@@ -89,6 +89,9 @@ def test_a_refused_value_names_where_it_came_from(tmp_path: Path) -> None:
     base = {"model": "random:tiny", "cache": "a:1"}
     with pytest.raises(ConfigError, match=r"score_heads: .*got 'mean' \(from env CKV_SCORE_HEADS\)"):
         load_config(ComputeServerConfig, base, env={"CKV_SCORE_HEADS": "mean"})
+    with pytest.raises(ConfigError, match=r"score_window: must be >= 0 .*got -8 \(from env CKV_SCORE_WINDOW\)"):
+        load_config(ComputeServerConfig, base, env={"CKV_SCORE_WINDOW": "-8"})
+    assert load_config(ComputeServerConfig, base, env={"CKV_SCORE_WINDOW": "8"}).score_window == 8
     file = tmp_path / "c.json"
     file.write_text(json.dumps({"score_heads": "MAX"}))
     with pytest.raises(ConfigError, match=rf"got 'MAX' \(from config file {file}\)"):

@@ -9,8 +9,9 @@ server scoring in float32 and one scoring in bfloat16 (``--score-dtype``); for t
 reference rounds the scaled query, the keys and the q.k products to bfloat16 where the server does.
 Both run the speculation on the server's look-ahead thread; a third server (float32) runs it on
 the request's thread (``--look-ahead-threads 0``): the results must not depend on which. The third
-also combines the query heads by the largest head's mass (``--score-heads max``) in the policies
-that follow that setting, and its reference does the same.
+also combines the query heads by the largest head's mass (``--score-heads max``) and scores with
+the query's last 3 tokens (``--score-window 3``) in the policies that follow those settings, and
+its reference does the same.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 import random
 import re
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -37,29 +39,38 @@ MODEL = "random:tiny"
 C = 16
 
 
-@pytest.fixture(scope="module", params=[("float32", 1, "sum"), ("bfloat16", 1, "sum"), ("float32", 0, "max")],
-                ids=["float32", "bfloat16", "float32-inline-headmax"])
+class Rule(NamedTuple):
+    """A server's ``--score-heads`` and ``--score-window``."""
+
+    heads: str = "sum"
+    window: int = 0
+
+
+@pytest.fixture(scope="module", params=[("float32", 1, "sum", 0), ("bfloat16", 1, "sum", 0),
+                                        ("float32", 0, "max", 3)],
+                ids=["float32", "bfloat16", "float32-inline-headmax-window3"])
 def served(request: pytest.FixtureRequest,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ContiguousKVClient, str, str]]:
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ContiguousKVClient, str, Rule]]:
     """A client of a server scoring in ``float32`` or ``bfloat16``, with or without a look-ahead
-    thread, combining heads by ``sum`` or ``max`` (``--score-heads``); its scoring dtype and rule."""
-    score_dtype, ahead, heads = request.param
+    thread, combining heads by ``sum`` or ``max`` (``--score-heads``) over the query's last
+    ``--score-window`` tokens; its scoring dtype and rule."""
+    score_dtype, ahead, heads, window = request.param
     with launch.cache_server(tmp_path_factory.mktemp("store")) as cache:
         with launch.compute_server(MODEL, cache.address, "--dtype", "float32", "--score-dtype", score_dtype,
                                    "--look-ahead-threads", str(ahead), "--score-heads", heads,
-                                   "--metrics-port", "0") as compute:
+                                   "--score-window", str(window), "--metrics-port", "0") as compute:
             found = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", compute.log_tail(200))
             assert found, compute.log_tail()
             METRICS[score_dtype, ahead] = found.group(1)
             with ContiguousKVClient(compute.address, timeout=120) as c:
-                yield c, score_dtype, heads
+                yield c, score_dtype, Rule(heads, window)
 
 
 METRICS: dict[tuple[str, int], str] = {}  # (score dtype, look-ahead threads) -> the server's metrics URL
 
 
 @pytest.fixture
-def client(served: tuple[ContiguousKVClient, str, str]) -> ContiguousKVClient:
+def client(served: tuple[ContiguousKVClient, str, Rule]) -> ContiguousKVClient:
     return served[0]
 
 
@@ -119,8 +130,8 @@ def _scores(method: str, runner: ModelRunner, layer_keys: torch.Tensor, qs: torc
     """Chunk scores of one layer by ``method``, every product materialised (``low``: the q.k
     products of the key scorers as a bfloat16 scorer forms them). The key and Quest scorers combine
     heads by ``rule``."""
-    heads, t = runner.num_heads, qs.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+    heads, w, t = runner.num_heads, qs.shape[1], ks.shape[1]  # qs: the query's last w tokens
+    causal = torch.ones(w, t, dtype=torch.bool).triu(t - w + 1)
     self_logits = (qs @ _expand(ks, heads).transpose(1, 2) * runner.scaling).masked_fill(causal, -torch.inf)
     bounds = [(s, min(s + C, n)) for s in range(0, n, C)]
     counts = torch.tensor([b - a for a, b in bounds], dtype=torch.float32)
@@ -159,19 +170,19 @@ def _scores(method: str, runner: ModelRunner, layer_keys: torch.Tensor, qs: torc
 
 METHODS = {"contiguous": "exact", "oracle": "exact", "contiguous+digest": "digest", "contiguous+": "qkeys",
            "contiguous+quest": "quest", "contiguous+1bit": "qkeys1"}
-POLICY_CLASSES = {cls.name: cls for cls in BUILTIN_POLICIES}  # whether each follows --score-heads
+POLICY_CLASSES = {cls.name: cls for cls in BUILTIN_POLICIES}  # whether each follows --score-heads/--score-window
 SPECULATIVE = {"contiguous+", "contiguous+quest", "contiguous+1bit"}  # speculate from the hidden state a layer early, then correct
 
 
 def reference(runner: ModelRunner, prefix: list[int], query: list[int], budget: float, period: int,
               policy: str, score_dtype: str = "float32",
-              score_heads: str = "sum") -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
+              rule: Rule = Rule()) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
     """Selections per period, speculative selections per period (empty when none), and
     last-position logits, with materialised attention. The oracle scores in float32 whatever
     ``score_dtype`` says."""
     method = METHODS[policy]
     low = score_dtype == "bfloat16" and policy != "oracle"
-    heads_rule = score_heads if POLICY_CLASSES[policy].follows_score_heads else "sum"
+    heads_rule, window = rule if POLICY_CLASSES[policy].follows_score_rule else Rule()
     with torch.inference_mode():
         pre = runner.prefill(torch.tensor(prefix))
         n, t, heads = len(prefix), len(query), runner.num_heads
@@ -189,11 +200,13 @@ def reference(runner: ModelRunner, prefix: list[int], query: list[int], budget: 
                 qs, ks = (q, k)
                 if method == "digest" and layer > 0:  # contiguous+digest: scored from the hidden state entering layer - 1
                     qs, ks, _ = runner.project(layer, entering[layer - 1], pos)
-                if policy in SPECULATIVE and layer > 0:  # from the last SPECULATE_TOKENS query tokens only
-                    tail = slice(max(0, t - IdentifiedPolicy.SPECULATE_TOKENS), None)
+                if policy in SPECULATIVE and layer > 0:  # from the last SPECULATE_TOKENS (or window) query tokens
+                    tail = slice(max(0, t - min(IdentifiedPolicy.SPECULATE_TOKENS, window or t)), None)
                     qe, ke, _ = runner.project(layer, entering[layer - 1][tail], pos[tail])
                     speculated.append(_top(_scores(method, runner, pre.keys[layer], qe, ke, n, budget, low, heads_rule),
                                            budget))
+                if 0 < window < t:  # the real query's last `window` tokens score
+                    qs = qs[:, -window:]
                 chosen = _top(_scores(method, runner, pre.keys[layer], qs, ks, n, budget, low, heads_rule), budget)
                 selections.append(chosen)
                 keep = torch.zeros(n, dtype=torch.bool)
@@ -219,18 +232,17 @@ CASES = [  # prefix tokens, query tokens, budget, period, sub_period, seed
 
 @pytest.mark.parametrize("policy", sorted(METHODS))
 @pytest.mark.parametrize("n,t,budget,period,sub,seed", CASES)
-def test_selection_and_output_match_the_reference(served: tuple[ContiguousKVClient, str, str], runner: ModelRunner,
+def test_selection_and_output_match_the_reference(served: tuple[ContiguousKVClient, str, Rule], runner: ModelRunner,
                                                   policy: str, n: int, t: int, budget: float, period: int, sub: int,
                                                   seed: int) -> None:
-    client, score_dtype, score_heads = served
+    client, score_dtype, rule = served
     rng = random.Random(seed)
     prefix = [rng.randrange(512) for _ in range(n)]
     query = [rng.randrange(512) for _ in range(t)]
     reg = client.register(token_ids=prefix)
     got = client.reprefill(reg.prefix_id, query, policy=policy, budget=budget, period=period, sub_period=sub,
                            return_logits=True)
-    selections, speculated, logits = reference(runner, prefix, query, budget, period, policy, score_dtype,
-                                               score_heads)
+    selections, speculated, logits = reference(runner, prefix, query, budget, period, policy, score_dtype, rule)
     assert [list(p.chunks) for p in got.periods] == selections
     assert [p.first_layer for p in got.periods] == list(range(0, runner.num_layers, period))
     assert got.token_id == int(logits.argmax())
@@ -303,13 +315,13 @@ def test_period_options_are_validated(client: ContiguousKVClient) -> None:
             client.reprefill(reg.prefix_id, [1, 2], policy="contiguous", budget=0.5, **kwargs)  # type: ignore[arg-type]
 
 
-def test_model_info_names_the_scoring_dtype_and_head_rule(served: tuple[ContiguousKVClient, str, str]) -> None:
-    client, score_dtype, score_heads = served
+def test_model_info_names_the_scoring_dtype_and_rule(served: tuple[ContiguousKVClient, str, Rule]) -> None:
+    client, score_dtype, rule = served
     info = client.model_info()
-    assert (info.score_dtype, info.score_heads) == (score_dtype, score_heads)
+    assert (info.score_dtype, info.score_heads, info.score_window) == (score_dtype, *rule)
 
 
-def test_speculation_runs_on_the_look_ahead_thread_when_there_is_one(served: tuple[ContiguousKVClient, str, str],
+def test_speculation_runs_on_the_look_ahead_thread_when_there_is_one(served: tuple[ContiguousKVClient, str, Rule],
                                                                     request: pytest.FixtureRequest) -> None:
     client, score_dtype, _ = served
     threads = request.node.callspec.params["served"][1]  # the server's --look-ahead-threads

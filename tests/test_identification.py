@@ -15,7 +15,9 @@ from contiguouskv.compute_server.layouts.contiguous_codec import ContiguousCodec
 from contiguouskv.compute_server.layouts.tensors import as_bytes
 from contiguouskv.compute_server.config import ComputeServerConfig
 from contiguouskv.compute_server.config import SCORE_HEADS
-from contiguouskv.compute_server.selection.chunks import exact_chunk_scores, quest_chunk_scores, score_dtype, select_top
+from contiguouskv.compute_server.selection.chunks import (
+    exact_chunk_scores, query_window, quest_chunk_scores, score_dtype, select_top,
+)
 from contiguouskv.compute_server.selection.keyquant import (
     dequantize_keys, dequantized_shape, quantize_keys, quantized_bytes,
 )
@@ -93,13 +95,14 @@ def test_decoding_rejects_a_wrong_buffer() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 200), t=st.integers(1, 9), kv_heads=st.sampled_from([1, 2]), groups=st.sampled_from([1, 3]),
-       seed=st.integers(0, 1000), half=st.booleans(), heads=st.sampled_from(SCORE_HEADS))
+       seed=st.integers(0, 1000), half=st.booleans(), heads=st.sampled_from(SCORE_HEADS), window=st.integers(0, 10))
 def test_exact_scores_equal_the_materialised_softmax(n: int, t: int, kv_heads: int, groups: int, seed: int,
-                                                     half: bool, heads: str) -> None:
+                                                     half: bool, heads: str, window: int) -> None:
     """The in-place scoring (row max, exp in the logits buffer, one matrix-vector product per KV
     head, or a batched one per query head) against the definition written out: softmax over
-    [prefix ; causal self] per query head and token, prefix columns summed over the query's tokens,
-    per chunk, then summed over heads (the paper's rule) or the largest head's."""
+    [prefix ; causal self] per query head and token, prefix columns summed over the query's last
+    ``window`` tokens (0: all), per chunk, then summed over heads (the paper's rule) or the largest
+    head's."""
     gen = torch.Generator().manual_seed(seed)
     num_heads, d, scale = kv_heads * groups, 8, 0.4
     lay = ContiguousLayout(num_tokens=n, num_layers=1, num_kv_heads=kv_heads, head_dim=d, dtype="float32", chunk_size=4)
@@ -114,13 +117,14 @@ def test_exact_scores_equal_the_materialised_softmax(n: int, t: int, kv_heads: i
         logits = torch.cat([mine @ keys[kv].double().T,
                             (mine @ k_self[kv].double().T).masked_fill(
                                 torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))], dim=1) * scale
-        mass = torch.softmax(logits, dim=1)[:, :n].sum(dim=0)
+        rows = range(t - window, t) if 0 < window < t else range(t)
+        mass = torch.softmax(logits, dim=1)[list(rows), :n].sum(dim=0)
         per_head.append(torch.nn.functional.pad(mass, (0, lay.num_chunks * 4 - n)).view(-1, 4).sum(dim=1))
     stacked = torch.stack(per_head)
     ref = stacked.sum(dim=0) if heads == "sum" else stacked.amax(dim=0)
     workspace = Workspace()
     for _ in range(2):  # the second call reuses (and must overwrite) the first call's scratch
-        got = exact_chunk_scores(lay, q, k_self, keys, scale, workspace, heads=heads)
+        got = exact_chunk_scores(lay, query_window(q, window), k_self, keys, scale, workspace, heads=heads)
         assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6)
 
 

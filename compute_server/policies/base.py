@@ -118,6 +118,9 @@ class PolicyContext:
     policy's look-ahead runs on the request's thread, uncounted)."""
     score_heads: str = "sum"
     """How the per-layer scorers combine query heads (config ``score_heads``: ``sum`` or ``max``)."""
+    score_window: int = 0
+    """The query's last this many tokens score chunks in the per-layer scorers (config
+    ``score_window``; 0: every token)."""
 
 
 @dataclass

@@ -49,11 +49,12 @@ class IdentifiedPolicy(PeriodicPolicy):
     """Per-layer selection from one identification record per layer; see the module docstring."""
 
     default_period = 1
-    follows_score_heads = True
+    follows_score_rule = True
     speculate: ClassVar[bool] = True
     """Ship layer ``l + 1``'s chunks from the hidden state entering ``l`` (then correct at ``l + 1``)."""
     SPECULATE_TOKENS: ClassVar[int] = 16
-    """The speculation scores with the query's last this many tokens only. It only decides what is
+    """The speculation scores with the query's last this many tokens only (fewer if the server's
+    ``score_window`` is smaller). It only decides what is
     read early: the real query (every token) then makes the selection, so the answer does not
     depend on it, while its cost (a pass over all of a layer's identification keys per query
     token) sat on the request's critical path every layer (docs/performance.md)."""
@@ -68,7 +69,8 @@ class IdentifiedPolicy(PeriodicPolicy):
         start = layer + 1
         if (self._speculates(start) and start < self.chunks.num_layers and start % self.params.period == 0
                 and start not in self._selected and start not in self._predicted and start not in self._ahead):
-            tail = slice(max(0, hidden.shape[0] - self.SPECULATE_TOKENS), None)
+            rows = min(self.SPECULATE_TOKENS, self.score_window or self.SPECULATE_TOKENS)
+            tail = slice(max(0, hidden.shape[0] - rows), None)
             ahead = self.context.ahead
             if ahead is None or not ahead.has_threads:
                 with self.selecting():

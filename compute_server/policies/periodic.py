@@ -31,7 +31,7 @@ from contiguouskv.compute_server.policies.base import (
     STATS_PRIORITY, LoadingPolicy, LoadUsage, PeriodChoice, PolicyContext, chunk_usage,
 )
 from contiguouskv.compute_server.policies.feedback import attention_report
-from contiguouskv.compute_server.selection.chunks import exact_chunk_scores, select_top
+from contiguouskv.compute_server.selection.chunks import exact_chunk_scores, query_window, select_top
 from contiguouskv.compute_server.workspace import Workspace
 
 
@@ -41,8 +41,9 @@ class PeriodicPolicy(LoadingPolicy):
     ident_region: ClassVar[str] = "idkeys"
     """The region read to score a period's first layer: ``idkeys`` (every key), ``digest``,
     ``qkeys`` or ``minmax``; read whole, through the server's identification cache."""
-    follows_score_heads: ClassVar[bool] = False
-    """Whether the server's ``score_heads`` applies; otherwise heads are summed, the paper's rule."""
+    follows_score_rule: ClassVar[bool] = False
+    """Whether the server's ``score_heads`` and ``score_window`` apply; otherwise every query token
+    scores and heads are summed, the paper's rule."""
 
     def __init__(self, context: PolicyContext) -> None:
         super().__init__(context)
@@ -166,22 +167,28 @@ class PeriodicPolicy(LoadingPolicy):
     @property
     def score_heads(self) -> str:
         """How this policy combines the query heads' mass on a chunk (``sum`` or ``max``)."""
-        return self.context.score_heads if self.follows_score_heads else "sum"
+        return self.context.score_heads if self.follows_score_rule else "sum"
+
+    @property
+    def score_window(self) -> int:
+        """The query's last this many tokens score chunks (0: every token)."""
+        return self.context.score_window if self.follows_score_rule else 0
 
     def _evaluate(self, layer: int, q: torch.Tensor, k: torch.Tensor, chunks: list[int]) -> None:
         """evaluate_recall: set and mass recall of ``chunks`` against the exact top-k at ``layer``
         (by this policy's rule, from every key in float32)."""
         records, _ = self.loader.wait_blob(self._eval.pop(layer))  # evaluation reads are not charged
         keys = self.codec.layer_keys(records, device=self.projector.device)
-        exact = self._exact_scores(q, k, keys)
+        exact = self._exact_scores(query_window(q, self.score_window), k, keys)
         top = select_top(exact, self.budget)
         mass = float(exact[top].sum())
         self._recalls[layer] = (len(set(top) & set(chunks)) / len(top),
                                 float(exact[chunks].sum()) / mass if mass > 0 else 1.0)
 
     def _choose(self, start: int, q: torch.Tensor, k: torch.Tensor) -> None:
-        """Score period ``start`` from the query's q and k there and commit its chunk set."""
-        scores = self._score(start, q, k)
+        """Score period ``start`` from the query's q (its :attr:`score_window`) and k there and
+        commit its chunk set."""
+        scores = self._score(start, query_window(q, self.score_window), k)
         chunks = select_top(scores, self.budget)  # synchronises: the scores are ready to copy
         self._commit(start, chunks, scores.cpu())  # host copy for the report (event loop)
 

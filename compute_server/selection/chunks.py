@@ -4,8 +4,9 @@ Scores follow the paper (docs/reprefill.md): softmax attention of every query to
 tokens, normalised together with the query's own causal keys, summed over query tokens and over all
 heads (query head h reads KV head h // (heads / kv_heads)), then summed per chunk.
 
-Shapes: q [heads, T, d] and k_self [kv_heads, T, d] are the query's post-RoPE projections at the
-scored layer; prefix keys are [kv_heads, n, d]; digests are float32 [m, kv_heads, d].
+Shapes: q [heads, W, d] and k_self [kv_heads, T, d] are the query's post-RoPE projections at the
+scored layer, q's rows the query's last W <= T tokens (:func:`query_window`; W = T: all of them);
+prefix keys are [kv_heads, n, d]; digests are float32 [m, kv_heads, d].
 
 Devices: every operand must already be on the query's device (prefix keys and digests reach it
 through :func:`~..kvio.staging.to_device_now`, via the codec); every tensor made here is made on
@@ -25,12 +26,21 @@ from contiguouskv.compute_server.workspace import Workspace
 
 
 def _self_logits(q: torch.Tensor, k_self: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal logits of the query over its own keys: [heads, T, T] with -inf above the diagonal."""
+    """Causal logits of the query over its own keys: [heads, W, T], -inf where a key comes after its
+    row. The W rows are the query's last W tokens (``W == T``: all of it, -inf above the diagonal)."""
     groups = q.shape[0] // k_self.shape[0]
     k = k_self.float().repeat_interleave(groups, dim=0)  # [heads, T, d]
-    logits = torch.matmul(q.float(), k.transpose(1, 2)) * scale  # [heads, T, T]
-    t = q.shape[1]
-    return logits.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    logits = torch.matmul(q.float(), k.transpose(1, 2)) * scale  # [heads, W, T]
+    w, t = q.shape[1], k_self.shape[1]
+    if w > t:
+        raise ValueError(f"q has {w} rows but the query only {t} keys")
+    return logits.masked_fill(torch.ones(w, t, dtype=torch.bool, device=q.device).triu(t - w + 1), float("-inf"))
+
+
+def query_window(q: torch.Tensor, window: int) -> torch.Tensor:
+    """The query rows that score: the last ``window`` tokens of q [heads, T, d] (0: all of them).
+    Their softmax still runs over every prefix key and every query key up to each row."""
+    return q if window <= 0 or window >= q.shape[1] else q[:, -window:]
 
 
 def _combine_heads(per_head: torch.Tensor, heads: str) -> torch.Tensor:
@@ -88,7 +98,7 @@ def exact_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.
     num_heads, t, d = q.shape
     kv_heads, n = prefix_keys.shape[0], prefix_keys.shape[1]
     groups = num_heads // kv_heads
-    self_logits = _self_logits(q, k_self, scale).view(kv_heads, groups * t, t)
+    self_logits = _self_logits(q, k_self, scale).view(kv_heads, groups * t, k_self.shape[1])
     qs = (q.float() * scale).to(dtype).view(kv_heads, groups * t, d)  # the scale folded into the query
     workspace = workspace or Workspace()
     logits = workspace.get("logits", (groups * t, n), q.device)

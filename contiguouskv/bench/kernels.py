@@ -83,6 +83,7 @@ def _time(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, lis
 def run(args: argparse.Namespace) -> int:
     import torch  # optional: the compute extra
 
+    from contiguouskv.compute_server.config import SCORE_WINDOW  # optional: the compute extra
     from contiguouskv.compute_server.engine import join_kv  # optional: the compute extra
     from contiguouskv.compute_server.layouts.contiguous import (  # optional: the compute extra
         QKEY_BITS, QKEY_GROUP, ContiguousLayout,
@@ -128,8 +129,9 @@ def run(args: argparse.Namespace) -> int:
         }, args.repeats))
         keys = dequantize_keys(record, n, kv_heads, d, QKEY_BITS, QKEY_GROUP)
         keys16 = dequantize_keys(record, n, kv_heads, d, QKEY_BITS, QKEY_GROUP, dtype=torch.bfloat16)
-        for rows_ in sorted({t, min(t, IdentifiedPolicy.SPECULATE_TOKENS)}):
-            q, k_self = torch.randn(heads, rows_, d, generator=gen), torch.randn(kv_heads, rows_, d, generator=gen)
+        k_self = torch.randn(kv_heads, t, d, generator=gen)
+        for rows_ in sorted({t, min(t, IdentifiedPolicy.SPECULATE_TOKENS), min(t, SCORE_WINDOW)}):
+            q = torch.randn(heads, rows_, d, generator=gen)  # the query's last rows_ tokens score
             workspace, workspace16 = Workspace(), Workspace()
             add("exact_scores", n, rows_, _time({
                 "fresh": lambda: exact_chunk_scores(lay, q, k_self, keys, 0.088),

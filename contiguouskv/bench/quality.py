@@ -273,7 +273,7 @@ def _write(args: argparse.Namespace, cases: int, prefixes: int, lengths: list[in
            info: ModelInfo) -> None:
     args.json_path.write_text(json.dumps({
         "model": args.model, "dtype": args.dtype, "kv_dtype": args.kv_dtype, "score_dtype": info.score_dtype,
-        "score_heads": info.score_heads, "cases": cases, "seed": args.seed,
+        "score_heads": info.score_heads, "score_window": info.score_window, "cases": cases, "seed": args.seed,
         "per_prefix": args.per_prefix, "prefixes": prefixes, "complete": finished, "lengths": lengths, "budgets": budgets, "wall_s": round(time.perf_counter() - start, 1),
         "results": _rows(table, tokens)}, indent=2))
 

@@ -400,7 +400,8 @@ class Bench:
             shutil.rmtree(Path(self.socket).parent, ignore_errors=True)
         return rows, gbps, {"model": info.name, "num_layers": info.num_layers, "kv_heads": info.num_kv_heads,
                             "head_dim": info.head_dim, "dtype": info.dtype, "device": info.device,
-                            "score_dtype": info.score_dtype, "score_heads": info.score_heads}
+                            "score_dtype": info.score_dtype, "score_heads": info.score_heads,
+                            "score_window": info.score_window}
 
     def _warm(self, info: ModelInfo) -> list[Row]:
         """Per policy: the warm stream with the attention-guided DRAM cache (ContiguousKV's rule) and,

@@ -652,6 +652,7 @@ class GetModelInfoResponse(_message.Message):
     EXTRA_LAYOUTS_FIELD_NUMBER: _builtins.int
     SCORE_DTYPE_FIELD_NUMBER: _builtins.int
     SCORE_HEADS_FIELD_NUMBER: _builtins.int
+    SCORE_WINDOW_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     fingerprint: _builtins.str
     num_layers: _builtins.int
@@ -669,6 +670,10 @@ class GetModelInfoResponse(_message.Message):
     """What the chunk scorers' q.k matmuls run in ("float32" or "bfloat16"; --score-dtype)."""
     score_heads: _builtins.str
     """How the per-layer chunk scorers combine query heads ("sum" or "max"; --score-heads)."""
+    score_window: _builtins.int
+    """The query's last this many tokens score chunks in the per-layer scorers (0: every token;
+    --score-window).
+    """
     @_builtins.property
     def policies(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Names of the loading policies this server serves (built-in and plug-ins)."""
@@ -702,10 +707,11 @@ class GetModelInfoResponse(_message.Message):
         extra_layouts: _abc.Iterable[_builtins.str] | None = ...,
         score_dtype: _builtins.str = ...,
         score_heads: _builtins.str = ...,
+        score_window: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "device", b"device", "dtype", b"dtype", "extra_layouts", b"extra_layouts", "fingerprint", b"fingerprint", "has_tokenizer", b"has_tokenizer", "head_dim", b"head_dim", "hidden_size", b"hidden_size", "max_position_embeddings", b"max_position_embeddings", "name", b"name", "num_attention_heads", b"num_attention_heads", "num_kv_heads", b"num_kv_heads", "num_layers", b"num_layers", "policies", b"policies", "policy_info", b"policy_info", "score_dtype", b"score_dtype", "score_heads", b"score_heads", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "device", b"device", "dtype", b"dtype", "extra_layouts", b"extra_layouts", "fingerprint", b"fingerprint", "has_tokenizer", b"has_tokenizer", "head_dim", b"head_dim", "hidden_size", b"hidden_size", "max_position_embeddings", b"max_position_embeddings", "name", b"name", "num_attention_heads", b"num_attention_heads", "num_kv_heads", b"num_kv_heads", "num_layers", b"num_layers", "policies", b"policies", "policy_info", b"policy_info", "score_dtype", b"score_dtype", "score_heads", b"score_heads", "score_window", b"score_window", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
