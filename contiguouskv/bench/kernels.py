@@ -4,8 +4,9 @@ In-process, no servers: what one request's layer loop does per layer besides the
 at a preset's shapes, timed two ways side by side (interleaved, the order alternating per repeat):
 
 - ``qkeys_decode`` — a layer's 2-bit identification keys dequantised to float32 ``[kv_heads, n, d]``;
-- ``exact_scores`` — a layer's chunk scores from those keys, with every query token (the real
-  query) and with the speculation's last ``IdentifiedPolicy.SPECULATE_TOKENS`` (16);
+- ``exact_scores`` — a layer's chunk scores from those keys, with every query token, with the
+  speculation's last ``IdentifiedPolicy.SPECULATE_TOKENS`` (16) and with the default score
+  window's last ``SCORE_WINDOW`` (8; ``--score-window``), each normalised over every query key;
 - ``gather`` — a layer's arrived K/V records (one view per chunk) gathered into ``[kv_heads, n, d]``
   K and V, as the loader does for every layer of ``full`` (``reused``: into the request's pooled
   buffers, :meth:`~contiguouskv.compute_server.kvio.loader.KVLoader.consumed`);
