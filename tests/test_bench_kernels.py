@@ -19,11 +19,14 @@ def test_summary_divides_fresh_by_reused_per_kernel_length_and_rows() -> None:
         {"kernel": "a", "memory": "reused", "dtype": "bfloat16", "prefix_tokens": 8, "rows": 4, "ms_p50": 1.5},
         {"kernel": "b", "memory": "fresh", "prefix_tokens": 16, "rows": 0, "ms_p50": 5.0},  # no reused row: left out
         {"kernel": "b", "memory": "reused", "dtype": "bfloat16", "prefix_tokens": 16, "rows": 0, "ms_p50": 1.0},
+        {"kernel": "c", "memory": "decoded", "dtype": "float32", "prefix_tokens": 16, "rows": 8, "ms_p50": 6.0},
+        {"kernel": "c", "memory": "tiled", "dtype": "float32", "prefix_tokens": 16, "rows": 8, "ms_p50": 2.0},
     ]
     assert summarize(rows) == [
         {"kernel": "a", "prefix_tokens": 8, "rows": 2, "fresh_over_reused": 0.25},
         {"kernel": "a", "prefix_tokens": 8, "rows": 4, "fresh_over_reused": 3.0},
         {"kernel": "a", "prefix_tokens": 8, "rows": 4, "float32_over_bfloat16": 2.0},  # reused float32 / bfloat16
+        {"kernel": "c", "prefix_tokens": 16, "rows": 8, "decoded_over_tiled": 3.0},
     ]
 
 
@@ -42,14 +45,16 @@ def test_bench_kernels_end_to_end(tmp_path: Path) -> None:
         for kernel, t in (("qkeys_decode", 0), ("exact_scores", 20), ("exact_scores", 16), ("exact_scores", 8),
                           ("gather", 0), ("join_kv", 20)):
             assert {(kernel, n, t, "fresh"), (kernel, n, t, "reused")} <= cells
+        for t in (20, 16, 8):  # the packed record to scores, decoded whole and tiled
+            assert {("qkeys_scores", n, t, "decoded"), ("qkeys_scores", n, t, "tiled")} <= cells
     # the scoring kernels in bfloat16 too, into reused buffers
     low = {(r["kernel"], r["prefix_tokens"], r["rows"]) for r in rows if r["dtype"] == "bfloat16"}
     assert low == {(k, n, t) for n in (200, 333) for k, t in (("qkeys_decode", 0), ("exact_scores", 20),
                                                             ("exact_scores", 16), ("exact_scores", 8))}
     assert all(r["memory"] == "reused" for r in rows if r["dtype"] == "bfloat16")
     assert all(r["ms_p50"] >= r["ms_min"] > 0 and r["repeats"] == 2 for r in rows)
-    assert doc["summary"] == summarize(rows) and len(doc["summary"]) == 20
-    assert "fresh/reused" in done.stdout and "float32/bfloat16" in done.stdout
+    assert doc["summary"] == summarize(rows) and len(doc["summary"]) == 26
+    assert "fresh/reused" in done.stdout and "float32/bfloat16" in done.stdout and "decoded/tiled" in done.stdout
 
 
 def test_bench_kernels_wants_a_preset() -> None:

@@ -16,10 +16,10 @@ from contiguouskv.compute_server.layouts.tensors import as_bytes
 from contiguouskv.compute_server.config import ComputeServerConfig
 from contiguouskv.compute_server.config import SCORE_HEADS
 from contiguouskv.compute_server.selection.chunks import (
-    exact_chunk_scores, query_window, quest_chunk_scores, score_dtype, select_top,
+    exact_chunk_scores, packed_chunk_scores, query_window, quest_chunk_scores, score_dtype, select_top,
 )
 from contiguouskv.compute_server.selection.keyquant import (
-    dequantize_keys, dequantized_shape, quantize_keys, quantized_bytes,
+    PackedKeys, dequantize_keys, dequantized_shape, quantize_keys, quantized_bytes,
 )
 from contiguouskv.compute_server.workspace import Workspace
 
@@ -126,6 +126,41 @@ def test_exact_scores_equal_the_materialised_softmax(n: int, t: int, kv_heads: i
     for _ in range(2):  # the second call reuses (and must overwrite) the first call's scratch
         got = exact_chunk_scores(lay, query_window(q, window), k_self, keys, scale, workspace, heads=heads)
         assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 300), t=st.integers(1, 6), kv_heads=st.sampled_from([1, 2]), groups=st.sampled_from([1, 3]),
+       bits_group=st.sampled_from([(2, 64), (1, 128), (2, 8)]), tile=st.sampled_from([None, 1, 64, 100, 256]),
+       low=st.booleans(), heads=st.sampled_from(SCORE_HEADS), seed=st.integers(0, 1000))
+def test_tiled_packed_scores_equal_the_scores_of_the_decoded_keys(n: int, t: int, kv_heads: int, groups: int,
+                                                                 bits_group: tuple[int, int], tile: int | None,
+                                                                 low: bool, heads: str, seed: int) -> None:
+    """Decoding a tile of whole groups at a time (a tile smaller than a group still takes one; a
+    partial last group; one tile for all) scores exactly what decoding the layer whole does, in
+    float32 and bfloat16, both head rules; the second call reuses the first call's tile buffer."""
+    bits, group = bits_group
+    gen = torch.Generator().manual_seed(seed)
+    lay = ContiguousLayout(num_tokens=n, num_layers=1, num_kv_heads=kv_heads, head_dim=8, dtype="float32",
+                           chunk_size=4)
+    q, k_self = torch.randn(kv_heads * groups, t, 8, generator=gen), torch.randn(kv_heads, t, 8, generator=gen)
+    record = quantize_keys(torch.randn(kv_heads, n, 8, generator=gen) * 2, bits, group)
+    dtype = torch.bfloat16 if low else torch.float32
+    decoded = dequantize_keys(record, n, kv_heads, 8, bits, group, dtype=dtype)
+    want = exact_chunk_scores(lay, q, k_self, decoded, 0.3, dtype=dtype, heads=heads)
+    workspace = Workspace()
+    for _ in range(2):
+        got = packed_chunk_scores(lay, q, k_self, PackedKeys(record, n, kv_heads, 8, bits, group), 0.3, workspace,
+                                  dtype, heads, tile)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), (got - want).abs().max()
+
+
+def test_a_packed_record_of_the_wrong_size_or_a_wrong_tile_is_refused() -> None:
+    record = quantize_keys(torch.randn(2, 70, 8), 2, 64)
+    with pytest.raises(ValueError, match="expected"):
+        PackedKeys(record[:-1], 70, 2, 8, 2, 64)
+    keys = PackedKeys(record, 70, 2, 8, 2, 64)
+    with pytest.raises(ValueError, match="out must be"):
+        keys.decode(torch.empty(1, 100, 8), slice(0, 1), 0, 2)
 
 
 def test_quantisation_rejects_bad_arguments() -> None:

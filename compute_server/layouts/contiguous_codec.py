@@ -20,7 +20,9 @@ from contiguouskv.compute_server.layouts.base import KVGeometry, KVRecord, Layou
 from contiguouskv.compute_server.layouts.contiguous import LAYOUT_KIND, QUANTIZED_KEYS, ContiguousLayout
 from contiguouskv.compute_server.layouts.tensors import TORCH_DTYPES, Payload, as_bytes, batches, frombuffer
 from contiguouskv.compute_server.selection.importance import window_importance
-from contiguouskv.compute_server.selection.keyquant import dequantize_keys, dequantized_shape, quantize_keys
+from contiguouskv.compute_server.selection.keyquant import (
+    PackedKeys, dequantize_keys, dequantized_shape, quantize_keys,
+)
 from contiguouskv.compute_server.workspace import Workspace
 
 
@@ -190,7 +192,7 @@ class ContiguousCodec(LayoutCodec[ContiguousLayout]):
               kind: str = "qkeys", out: torch.Tensor | None = None) -> torch.Tensor:
         """A quantised key record (``qkeys``, ``qkeys1``) -> the layer's keys dequantised, float32
         ``[kv_heads, n, d]`` on ``device`` (the packed bytes cross to the device; decoding runs there),
-        decoded into ``out`` when given, in its dtype (see :meth:`qkeys_buffer`)."""
+        decoded into ``out`` (:func:`~..selection.keyquant.dequantized_shape`) when given, in its dtype."""
         lay = self.geometry
         bits, group, _ = QUANTIZED_KEYS[kind]
         packed = to_device_now(frombuffer(record, torch.uint8), device)
@@ -198,13 +200,16 @@ class ContiguousCodec(LayoutCodec[ContiguousLayout]):
             packed = packed.clone()      # unpacking ran 2-6x slower on it than on torch's aligned copy
         return dequantize_keys(packed, lay.num_tokens, lay.num_kv_heads, lay.head_dim, bits, group, out=out)
 
-    def qkeys_buffer(self, device: torch.device | str = "cpu", kind: str = "qkeys",
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A buffer :meth:`qkeys` can decode a layer's ``kind`` record into, on ``device``, of
-        ``dtype`` (float32 or bfloat16: what the keys are decoded to)."""
+    def packed_qkeys(self, record: memoryview | bytes, device: torch.device | str = "cpu",
+                     kind: str = "qkeys") -> PackedKeys:
+        """A quantised key record (``qkeys``, ``qkeys1``) parsed on ``device`` (the packed bytes
+        cross to it), for :func:`~..selection.chunks.packed_chunk_scores` to decode tile by tile."""
         lay = self.geometry
-        shape = dequantized_shape(lay.num_tokens, lay.num_kv_heads, lay.head_dim, QUANTIZED_KEYS[kind][1])
-        return torch.empty(shape, dtype=dtype, device=device)
+        bits, group, _ = QUANTIZED_KEYS[kind]
+        packed = to_device_now(frombuffer(record, torch.uint8), device)
+        if packed.device.type == "cpu":  # see qkeys: unpacking from an unaligned view ran 2-6x slower
+            packed = packed.clone()
+        return PackedKeys(packed, lay.num_tokens, lay.num_kv_heads, lay.head_dim, bits, group)
 
     def minmax(self, record: memoryview | bytes, device: torch.device | str = "cpu") -> torch.Tensor:
         """A ``minmax`` record -> per-chunk min and max key ``[m, kv_heads, 2, d]`` on ``device``."""

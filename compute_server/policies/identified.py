@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import abc
 from concurrent.futures import Future, wait
-from typing import ClassVar
+from typing import ClassVar, TypeAlias
 
 import torch
 
@@ -42,7 +42,13 @@ from contiguouskv.compute_server.engine import Engine, QueryJob, QueryOutcome
 from contiguouskv.compute_server.kvio.loader import Records
 from contiguouskv.compute_server.policies.base import PolicyContext
 from contiguouskv.compute_server.policies.periodic import PeriodicPolicy
-from contiguouskv.compute_server.selection.chunks import quest_chunk_scores, select_top
+from contiguouskv.compute_server.selection.chunks import (
+    packed_chunk_scores, quest_chunk_scores, score_tile_tokens, select_top,
+)
+from contiguouskv.compute_server.selection.keyquant import PackedKeys
+
+IdentData: TypeAlias = torch.Tensor | PackedKeys
+"""A layer's identification data as a policy scores it: keys, min/max bounds, or packed 2-bit keys."""
 
 
 class IdentifiedPolicy(PeriodicPolicy):
@@ -54,14 +60,14 @@ class IdentifiedPolicy(PeriodicPolicy):
     """Ship layer ``l + 1``'s chunks from the hidden state entering ``l`` (then correct at ``l + 1``)."""
     SPECULATE_TOKENS: ClassVar[int] = 16
     """The speculation scores with the query's last this many tokens only (fewer if the server's
-    ``score_window`` is smaller). It only decides what is
-    read early: the real query (every token) then makes the selection, so the answer does not
-    depend on it, while its cost (a pass over all of a layer's identification keys per query
-    token) sat on the request's critical path every layer (docs/performance.md)."""
+    ``score_window`` is smaller). It only decides what is read early: the real query (its
+    ``score_window``) then makes the selection, so the answer does not depend on it, while its
+    cost (a pass over all of a layer's identification keys per query token) sat on the request's
+    critical path every layer (docs/performance.md)."""
 
     def __init__(self, context: PolicyContext) -> None:
         super().__init__(context)
-        self._decoded: dict[int, torch.Tensor] = {}
+        self._decoded: dict[int, IdentData] = {}
         self._ahead: dict[int, tuple[Future[None], torch.Tensor, torch.Tensor]] = {}  # start -> (task, its input)
 
     def before_layer(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> None:
@@ -118,7 +124,7 @@ class IdentifiedPolicy(PeriodicPolicy):
     def _speculates(self, start: int) -> bool:
         return self.speculate and start > 0
 
-    def _ident_data(self, start: int, charge: bool = True) -> torch.Tensor:
+    def _ident_data(self, start: int, charge: bool = True) -> IdentData:
         """Layer ``start``'s identification data on the compute device, decoded once. ``charge``:
         a wait for its record is the request's (its thread is the one waiting)."""
         if start not in self._decoded:
@@ -137,40 +143,30 @@ class IdentifiedPolicy(PeriodicPolicy):
         self._decoded.pop(start, None)
 
     @abc.abstractmethod
-    def _decode(self, start: int, records: Records) -> torch.Tensor:
+    def _decode(self, start: int, records: Records) -> IdentData:
         """Layer ``start``'s identification records -> what :meth:`_score` scores with, on the compute device."""
-
-    def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return self._exact_scores(q, k, self._ident_data(start), self.context.score_dtype)
 
 
 class ContiguousPlusPolicy(IdentifiedPolicy):
     """2-bit keys per layer, speculated a layer early and corrected with the real query.
 
-    Layers are decoded into buffers recycled as each layer is scored for good (at most two are
-    live: layer ``l``'s, and ``l + 1``'s decoded for speculation): a fresh float32 copy of a
-    layer's keys per layer cost more in page faults than the decoding itself (docs/performance.md).
+    A layer's record is kept packed and decoded by the scorer one cache-sized tile at a time, for
+    the speculation and again for the correction: writing the decoded layer out whole and reading
+    it back cost more than decoding it twice (docs/performance.md).
     """
 
     name = "contiguous+"
     ident_region = "qkeys"
 
-    def __init__(self, context: PolicyContext) -> None:
-        super().__init__(context)
-        self._buffers: dict[int, torch.Tensor] = {}  # layer -> the buffer its keys were decoded into
-        self._spare: list[torch.Tensor] = []
+    def _decode(self, start: int, records: Records) -> PackedKeys:
+        return self.codec.packed_qkeys(records[0], device=self.projector.device, kind=self.ident_region)
 
-    def _decode(self, start: int, records: Records) -> torch.Tensor:
+    def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         device = self.projector.device
-        out = self._spare.pop() if self._spare else self.codec.qkeys_buffer(device, self.ident_region,
-                                                                              self.context.score_dtype)
-        self._buffers[start] = out
-        return self.codec.qkeys(records[0], device=device, kind=self.ident_region, out=out)
-
-    def _done_with(self, start: int) -> None:
-        super()._done_with(start)
-        if (buffer := self._buffers.pop(start, None)) is not None:
-            self._spare.append(buffer)
+        keys = self._ident_data(start)
+        assert isinstance(keys, PackedKeys)
+        return packed_chunk_scores(self.chunks, q, k, keys, self.projector.scaling, self.workspace,
+                                   self.context.score_dtype, self.score_heads, score_tile_tokens(device))
 
 
 class OneBitPolicy(ContiguousPlusPolicy):
@@ -190,8 +186,9 @@ class QuestPolicy(IdentifiedPolicy):
         return self.codec.minmax(records[0], device=self.projector.device)
 
     def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return quest_chunk_scores(self.chunks, q, k, self._ident_data(start), self.projector.scaling,
-                                  self.score_heads)
+        bounds = self._ident_data(start)
+        assert isinstance(bounds, torch.Tensor)
+        return quest_chunk_scores(self.chunks, q, k, bounds, self.projector.scaling, self.score_heads)
 
 
 class OraclePolicy(IdentifiedPolicy):
@@ -206,4 +203,6 @@ class OraclePolicy(IdentifiedPolicy):
 
     def _score(self, start: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """In float32 whatever ``score_dtype`` says: the ceiling the others are measured against."""
-        return self._exact_scores(q, k, self._ident_data(start))
+        keys = self._ident_data(start)
+        assert isinstance(keys, torch.Tensor)
+        return self._exact_scores(q, k, keys)

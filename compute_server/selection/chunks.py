@@ -16,12 +16,14 @@ through :func:`~..kvio.staging.to_device_now`, via the codec); every tensor made
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from contiguouskv.compute_server.config import SCORE_DTYPES, SCORE_HEADS
 from contiguouskv.compute_server.layouts.contiguous import ContiguousLayout
 from contiguouskv.compute_server.selection.importance import per_chunk
+from contiguouskv.compute_server.selection.keyquant import PackedKeys
 from contiguouskv.compute_server.workspace import Workspace
 
 
@@ -83,7 +85,7 @@ def exact_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.
 
     ``heads``: how the query heads' masses combine (:data:`SCORE_HEADS`; ``sum`` is the paper's).
 
-    One KV head at a time (memory bounded by ``[groups * T, n]`` logits), in place: the logits
+    One KV head at a time (memory bounded by ``[groups * W, n]`` logits), in place: the logits
     become ``exp(logit - row max)`` in their buffer and their row-normalised column sums are one
     matrix-vector product, so a call allocates nothing of the prefix's size beyond that buffer
     (taken from ``workspace`` when given: then not even that, after the first call).
@@ -93,23 +95,73 @@ def exact_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.
     products accumulate in float32 inside the matmul and are rounded once to bfloat16; everything
     after (row max, exp, the normalised sums) is float32.
     """
+    workspace = workspace or Workspace()
+    n, d = prefix_keys.shape[1], prefix_keys.shape[2]
+
+    def products_of(g: int, qs: torch.Tensor, products: torch.Tensor) -> None:
+        keys = prefix_keys[g]
+        if keys.dtype != dtype:
+            keys = workspace.get("keys", (n, d), q.device, dtype).copy_(keys)
+        torch.matmul(qs, keys.T, out=products)
+
+    return _chunk_mass(layout, q, k_self, n, scale, workspace, dtype, heads, products_of)
+
+
+SCORE_TILE_TOKENS = 2048
+"""Keys per decoded tile in :func:`packed_chunk_scores` on a CPU (one KV head: 1 MiB in float32).
+At 16K tokens of `random:kvheavy`, 8 query rows, one thread: 512 / 1024 / 2048 / 4096 tokens took
+8.6 / 7.4 / 6.8 / 8.0 ms for the products, against 20.7 ms to decode the layer whole and score it."""
+
+
+def score_tile_tokens(device: torch.device) -> int | None:
+    """:func:`packed_chunk_scores`' tile on ``device``: one tile (the whole layer) on a GPU, where
+    each tile's kernels cost a launch and memory is not the limit."""
+    return None if device.type == "cuda" else SCORE_TILE_TOKENS
+
+
+def packed_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.Tensor, keys: PackedKeys,
+                        scale: float, workspace: Workspace | None = None, dtype: torch.dtype = torch.float32,
+                        heads: str = "sum", tile_tokens: int | None = None) -> torch.Tensor:
+    """:func:`exact_chunk_scores` over quantised keys, decoded a tile at a time: per KV head,
+    ``tile_tokens`` keys (whole quantisation groups; None: all of them, one tile) are decoded into
+    one reused buffer of ``dtype`` and multiplied at once. On a CPU a tile that stays in cache
+    spares the decoded layer's round trip through memory (written whole, then read back by the
+    matmul), which cost more than the arithmetic (docs/performance.md). The products, hence the
+    scores, are those of the decoded keys: the same values, the same matmul per key."""
+    workspace = workspace or Workspace()
+    n, d, group = keys.num_tokens, keys.head_dim, keys.group
+    step = keys.num_groups if tile_tokens is None else max(1, tile_tokens // group)
+    tile = workspace.get("tile", (1, min(step, keys.num_groups) * group, d), q.device, dtype)
+
+    def products_of(g: int, qs: torch.Tensor, products: torch.Tensor) -> None:
+        for first in range(0, keys.num_groups, step):
+            stop = min(keys.num_groups, first + step)
+            part = keys.decode(tile[:, : (stop - first) * group], slice(g, g + 1), first, stop)
+            lo, hi = first * group, min(stop * group, n)
+            torch.matmul(qs, part[0, : hi - lo].T, out=products[:, lo:hi])
+
+    return _chunk_mass(layout, q, k_self, n, scale, workspace, dtype, heads, products_of)
+
+
+def _chunk_mass(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.Tensor, n: int, scale: float,
+                workspace: Workspace, dtype: torch.dtype, heads: str,
+                products_of: Callable[[int, torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
+    """The scorers' common part: ``products_of(g, scaled query rows of KV head g [groups * W, d],
+    out [groups * W, n])`` writes the q.k products of KV head ``g``'s query rows in ``dtype``; the
+    softmax over [prefix ; causal self] and the per-chunk masses follow, in float32, in place."""
     if heads not in SCORE_HEADS:
         raise ValueError(f"heads: must be one of {SCORE_HEADS}, got {heads!r}")
     num_heads, t, d = q.shape
-    kv_heads, n = prefix_keys.shape[0], prefix_keys.shape[1]
+    kv_heads = k_self.shape[0]
     groups = num_heads // kv_heads
     self_logits = _self_logits(q, k_self, scale).view(kv_heads, groups * t, k_self.shape[1])
     qs = (q.float() * scale).to(dtype).view(kv_heads, groups * t, d)  # the scale folded into the query
-    workspace = workspace or Workspace()
     logits = workspace.get("logits", (groups * t, n), q.device)
     products = logits if dtype == torch.float32 else workspace.get("products", (groups * t, n), q.device, dtype)
     token_mass = torch.zeros(n, dtype=torch.float32, device=q.device)
     best = torch.zeros(layout.num_chunks, dtype=torch.float32, device=q.device)  # the largest head's, per chunk
     for g in range(kv_heads):
-        keys = prefix_keys[g]
-        if keys.dtype != dtype:
-            keys = workspace.get("keys", (n, d), q.device, dtype).copy_(keys)
-        torch.matmul(qs[g], keys.T, out=products)  # [groups * T, n], scaled
+        products_of(g, qs[g], products)  # [groups * T, n], scaled
         own = self_logits[g]  # [groups * T, T]
         top = torch.maximum(products.amax(dim=1).float(), own.amax(dim=1)).unsqueeze(1)  # row max over [prefix ; self]
         if products is not logits:  # a plain copy, then in place: a mixed-dtype sub makes a

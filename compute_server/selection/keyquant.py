@@ -103,23 +103,60 @@ def dequantized_shape(num_tokens: int, kv_heads: int, head_dim: int, group: int)
 DECODED_DTYPES = (torch.float32, torch.bfloat16)
 
 
+class PackedKeys:
+    """A packed record parsed in place (no copy): per group, KV head and channel the (min, step)
+    pair, and the codes; decoded a slice of groups at a time by :meth:`decode` (the scorers decode
+    one cache-sized tile of one KV head, score it and reuse the tile: the layer's keys are never
+    written out whole). ``record``: flat uint8 on any device; decoding runs there."""
+
+    def __init__(self, record: torch.Tensor, num_tokens: int, kv_heads: int, head_dim: int, bits: int,
+                 group: int) -> None:
+        self.per_byte = _check(bits, group)
+        expected = quantized_bytes(num_tokens, kv_heads, head_dim, bits, group)
+        if record.dtype != torch.uint8 or record.numel() != expected:
+            raise ValueError(f"qkeys record: expected {expected} uint8 bytes, got {record.numel()} {record.dtype}")
+        self.num_tokens, self.kv_heads, self.head_dim, self.bits, self.group = num_tokens, kv_heads, head_dim, bits, group
+        self.num_groups = groups = -(-num_tokens // group)
+        split = groups * kv_heads * 2 * head_dim * 2
+        # [kvH, G, 2, d] float16 (min, step), and the codes [kvH, G, group / per_byte, d]
+        self.scales = record[:split].view(torch.float16).view(groups, kv_heads, 2, head_dim).transpose(0, 1)
+        self.packed = record[split:].view(groups, kv_heads, group // self.per_byte, head_dim).transpose(0, 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def decode(self, out: torch.Tensor, heads: slice, first: int, stop: int) -> torch.Tensor:
+        """Groups ``[first, stop)`` of KV heads ``heads`` into ``out``: contiguous float32 or bfloat16
+        ``[len(heads), (stop - first) * group, d]`` (whole groups: the last one's padding too). The
+        codes are unpacked straight into ``out`` in token order and scaled in place; in bfloat16
+        ``lo + code * step`` is rounded once more, far below the quantisation's own error."""
+        packed, scales = self.packed[heads, first:stop], self.scales[heads, first:stop]
+        h, g, d = packed.shape[0], stop - first, self.head_dim
+        if tuple(out.shape) != (h, g * self.group, d) or out.dtype not in DECODED_DTYPES or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 or bfloat16 {(h, g * self.group, d)} tensor, got "
+                             f"{out.dtype} {tuple(out.shape)}")
+        codes = out.view(h, g, self.group // self.per_byte, self.per_byte, d)  # token t of a group: byte t // pb, slot t % pb
+        mask = (1 << self.bits) - 1
+        for slot in range(self.per_byte):
+            codes[:, :, :, slot].copy_((packed >> (slot * self.bits)) & mask)
+        keys = out.view(h, g, self.group, d)
+        scales = scales.to(out.dtype)
+        torch.addcmul(scales[:, :, 0:1], keys, scales[:, :, 1:2], out=keys)  # lo + code * step, as encoded, one pass
+        return out
+
+
 def dequantize_keys(record: torch.Tensor, num_tokens: int, kv_heads: int, head_dim: int, bits: int,
                     group: int, out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A packed record (flat uint8, on any device) -> keys ``[kv_heads, n, d]`` of ``dtype`` (float32
-    or bfloat16) on that device.
+    or bfloat16) on that device (:meth:`PackedKeys.decode` of every group).
 
     ``out``: a buffer of :func:`dequantized_shape` on the record's device to decode into (its
     dtype is the one decoded to; its first ``n`` tokens are returned, a view); reusing one saves
     the page faults of a fresh ``[kv_heads, n, d]`` tensor per layer, which cost more than the
-    decoding itself on a CPU (docs/performance.md). The codes are unpacked straight into the
-    buffer in token order and scaled in place: no full-size temporary. In bfloat16 the codes are
-    exact and ``lo + code * step`` is rounded once more, far below the quantisation's own error.
+    decoding itself on a CPU (docs/performance.md).
     """
-    per_byte = _check(bits, group)
-    expected = quantized_bytes(num_tokens, kv_heads, head_dim, bits, group)
-    if record.dtype != torch.uint8 or record.numel() != expected:
-        raise ValueError(f"qkeys record: expected {expected} uint8 bytes, got {record.numel()} {record.dtype}")
-    groups, d = -(-num_tokens // group), head_dim
+    keys = PackedKeys(record, num_tokens, kv_heads, head_dim, bits, group)
     shape = dequantized_shape(num_tokens, kv_heads, head_dim, group)
     if out is None:
         if dtype not in DECODED_DTYPES:
@@ -129,13 +166,4 @@ def dequantize_keys(record: torch.Tensor, num_tokens: int, kv_heads: int, head_d
             or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 or bfloat16 {shape} tensor on {record.device}, got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
-    split = groups * kv_heads * 2 * d * 2
-    scales = record[:split].view(torch.float16).view(groups, kv_heads, 2, d).transpose(0, 1).to(out.dtype)  # [kvH, G, 2, d]
-    packed = record[split:].view(groups, kv_heads, group // per_byte, d).transpose(0, 1)  # [kvH, G, g/pb, d]
-    codes = out.view(kv_heads, groups, group // per_byte, per_byte, d)  # token t of a group = byte t // pb, slot t % pb
-    mask = (1 << bits) - 1
-    for slot in range(per_byte):
-        codes[:, :, :, slot].copy_((packed >> (slot * bits)) & mask)
-    keys = out.view(kv_heads, groups, group, d)
-    torch.addcmul(scales[:, :, 0:1], keys, scales[:, :, 1:2], out=keys)  # lo + code * step, as encoded, one pass
-    return out[:, :num_tokens]
+    return keys.decode(out, slice(None), 0, keys.num_groups)[:, :num_tokens]

@@ -7,6 +7,10 @@ at a preset's shapes, timed two ways side by side (interleaved, the order altern
 - ``exact_scores`` — a layer's chunk scores from those keys, with every query token, with the
   speculation's last ``IdentifiedPolicy.SPECULATE_TOKENS`` (16) and with the default score
   window's last ``SCORE_WINDOW`` (8; ``--score-window``), each normalised over every query key;
+- ``qkeys_scores`` — the whole step from a layer's packed 2-bit record to its chunk scores, two
+  ways: ``decoded`` (the layer decoded whole into a reused buffer, then ``exact_scores``) and
+  ``tiled`` (:func:`~contiguouskv.compute_server.selection.chunks.packed_chunk_scores`, what
+  ``contiguous+`` runs on a CPU: per KV head a 2,048-key tile decoded and multiplied at once);
 - ``gather`` — a layer's arrived K/V records (one view per chunk) gathered into ``[kv_heads, n, d]``
   K and V, as the loader does for every layer of ``full`` (``reused``: into the request's pooled
   buffers, :meth:`~contiguouskv.compute_server.kvio.loader.KVLoader.consumed`);
@@ -50,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def summarize(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     """Per (kernel, prefix_tokens, query rows): fresh ÷ reused of the median milliseconds in float32
-    and, where the kernel was timed in bfloat16 too, float32 ÷ bfloat16 (reused buffers both).
-    Rows without a ``dtype`` are float32."""
+    and, where the kernel was timed in bfloat16 too, float32 ÷ bfloat16 (reused buffers both);
+    for ``qkeys_scores``, decoded ÷ tiled. Rows without a ``dtype`` are float32."""
     out: list[dict[str, object]] = []
     keys = sorted({(str(r["kernel"]), int(r["prefix_tokens"]), int(r["rows"])) for r in rows})  # type: ignore[call-overload]
     for kernel, n, t in keys:
@@ -64,6 +68,9 @@ def summarize(rows: list[dict[str, object]]) -> list[dict[str, object]]:
         if ("reused", "bfloat16") in ms and reused > 0 and ms[("reused", "bfloat16")] > 0:
             out.append({"kernel": kernel, "prefix_tokens": n, "rows": t,
                         "float32_over_bfloat16": reused / ms[("reused", "bfloat16")]})
+        if ms.get(("tiled", "float32"), 0.0) > 0 and ("decoded", "float32") in ms:
+            out.append({"kernel": kernel, "prefix_tokens": n, "rows": t,
+                        "decoded_over_tiled": ms[("decoded", "float32")] / ms[("tiled", "float32")]})
     return out
 
 
@@ -92,9 +99,11 @@ def run(args: argparse.Namespace) -> int:
     from contiguouskv.compute_server.layouts.contiguous_codec import ContiguousCodec  # optional: the compute extra
     from contiguouskv.compute_server.model.presets import get_preset  # optional: the compute extra
     from contiguouskv.compute_server.policies.identified import IdentifiedPolicy  # optional: the compute extra
-    from contiguouskv.compute_server.selection.chunks import exact_chunk_scores  # optional: the compute extra
+    from contiguouskv.compute_server.selection.chunks import (  # optional: the compute extra
+        SCORE_TILE_TOKENS, exact_chunk_scores, packed_chunk_scores,
+    )
     from contiguouskv.compute_server.selection.keyquant import (  # optional: the compute extra
-        dequantize_keys, dequantized_shape, quantize_keys,
+        PackedKeys, dequantize_keys, dequantized_shape, quantize_keys,
     )
     from contiguouskv.compute_server.workspace import Workspace  # optional: the compute extra
 
@@ -110,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, object]] = []
 
     def add(kernel: str, n: int, rows_: int, got: dict[str, list[float]]) -> None:
-        for way, ms in got.items():  # "fresh", "reused" (float32), "bfloat16" (reused buffers)
+        for way, ms in got.items():  # "fresh", "reused" (float32), "bfloat16" (reused buffers); "decoded", "tiled"
             memory, dtype = ("reused", "bfloat16") if way == "bfloat16" else (way, "float32")
             rows.append({"kernel": kernel, "memory": memory, "dtype": dtype, "prefix_tokens": n, "rows": rows_,
                          "heads": heads, "kv_heads": kv_heads, "head_dim": d, "ms_p50": statistics.median(ms),
@@ -139,6 +148,13 @@ def run(args: argparse.Namespace) -> int:
                 "reused": lambda: exact_chunk_scores(lay, q, k_self, keys, 0.088, workspace),
                 "bfloat16": lambda: exact_chunk_scores(lay, q, k_self, keys16, 0.088, workspace16, torch.bfloat16),
             }, args.repeats))
+            packed, tiles = PackedKeys(record, n, kv_heads, d, QKEY_BITS, QKEY_GROUP), Workspace()
+            add("qkeys_scores", n, rows_, _time({  # the whole step from the packed record, both ways
+                "decoded": lambda: exact_chunk_scores(lay, q, k_self, dequantize_keys(
+                    record, n, kv_heads, d, QKEY_BITS, QKEY_GROUP, out=buffer), 0.088, workspace),
+                "tiled": lambda: packed_chunk_scores(lay, q, k_self, packed, 0.088, tiles,
+                                                     tile_tokens=SCORE_TILE_TOKENS),
+            }, args.repeats))
         kv_lay = ContiguousLayout(n, preset.num_layers, kv_heads, d, args.kv_dtype)
         codec, chunks = ContiguousCodec(kv_lay), list(range(kv_lay.num_chunks))
         arrived = torch.randn(len(chunks), 2, kv_heads, kv_lay.chunk_size, d, generator=gen).to(kv_dtype)
@@ -158,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(rows)
     for s in summary:
         ratio = (f"fresh/reused {s['fresh_over_reused']:.2f}x" if "fresh_over_reused" in s
+                 else f"decoded/tiled {s['decoded_over_tiled']:.2f}x" if "decoded_over_tiled" in s
                  else f"float32/bfloat16 {s['float32_over_bfloat16']:.2f}x")
         print(f"{s['kernel']:13s} n={s['prefix_tokens']:6d} rows={s['rows']:3d} {ratio}")
     if args.json_path:
