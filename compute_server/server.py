@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 import grpc
 import torch
@@ -27,6 +28,9 @@ from contiguouskv.compute_server.servicer import METHOD_SCOPES, ComputeServicer
 from contiguouskv.v1 import compute_pb2, compute_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+GIL_SWITCH_INTERVAL_S = 0.001
+"""The interpreter's switch interval in the compute server (Python's default: 0.005)."""
 
 
 def _resolve_device(config: ComputeServerConfig) -> tuple[str, str]:
@@ -89,6 +93,10 @@ async def serve(config: ComputeServerConfig) -> int:
 def run(config: ComputeServerConfig) -> int:
     """Serve until SIGTERM; tracing (service ``contiguouskv-compute``) is set up for the process here."""
     keep_freed_buffers(os.environ, max_arenas=2)  # reuse ~1 MiB Fetch buffers; bounded arenas (common/malloc.py)
+    # Every torch op gives up the GIL and takes it back; while another thread runs Python (the event
+    # loop parsing records, a request's look-ahead) each take can wait out the switch interval, 5 ms
+    # by default: a request's layer loop of many small ops paid it op after op (docs/performance.md).
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     with telemetry.tracing("contiguouskv-compute"):
         telemetry.instrument_aio_channels()  # the cache client's channels: RPC spans, W3C context out
         return run_async(serve(config))

@@ -107,10 +107,14 @@ def exact_chunk_scores(layout: ContiguousLayout, q: torch.Tensor, k_self: torch.
     return _chunk_mass(layout, q, k_self, n, scale, workspace, dtype, heads, products_of)
 
 
-SCORE_TILE_TOKENS = 2048
-"""Keys per decoded tile in :func:`packed_chunk_scores` on a CPU (one KV head: 1 MiB in float32).
-At 16K tokens of `random:kvheavy`, 8 query rows, one thread: 512 / 1024 / 2048 / 4096 tokens took
-8.6 / 7.4 / 6.8 / 8.0 ms for the products, against 20.7 ms to decode the layer whole and score it."""
+SCORE_TILE_TOKENS = 4096
+"""Keys per decoded tile in :func:`packed_chunk_scores` on a CPU (one KV head: 2 MiB in float32).
+At 16K tokens of `random:kvheavy`, 8 query rows, one thread, the products took 8.6 / 7.4 / 6.8 /
+8.0 ms with tiles of 512 / 1,024 / 2,048 / 4,096 tokens in one measurement and 11.5 / 9.9 ms with
+2,048 / 4,096 in another, against 19–21 ms to decode the layer whole and score it. The larger tile
+wins where it matters: every op of the loop gives up the GIL and takes it back, and with another
+thread running Python (the event loop, a look-ahead) each take can wait out the interpreter's switch
+interval; 4,096 has half the ops of 2,048."""
 
 
 def score_tile_tokens(device: torch.device) -> int | None:
