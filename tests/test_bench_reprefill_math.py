@@ -48,9 +48,10 @@ def test_p95_picks_the_value_at_the_95th_percentile_rank() -> None:
 
 
 def _result(policy: str, ttft: float, path: str = "grpc", selective: bool = True, budget: float = 0.05,
-            page_cache_reads: int = 0) -> dict[str, object]:
+            page_cache_reads: int = 0, score_window: int = 8) -> dict[str, object]:
     return {"policy": policy, "ttft_ms_p50": ttft, "path": path, "selective": selective, "budget": budget,
-            "cache": "cold", "prefix_tokens": 16384, "page_cache_reads": page_cache_reads}
+            "cache": "cold", "prefix_tokens": 16384, "page_cache_reads": page_cache_reads,
+            "score_window": score_window}
 
 
 def test_speedups_compare_one_path_and_budget_and_leave_page_cache_rows_out() -> None:
@@ -62,6 +63,18 @@ def test_speedups_compare_one_path_and_budget_and_leave_page_cache_rows_out() ->
     assert contiguous == {"full": 4.0, "contiguous+": 0.8}  # not impress (page cache), not shm, not budget 0.1
     assert rows[3]["speedup"] == {}  # a page-cache row compares with nothing
     assert rows[4]["speedup_over_grpc"] == 2.0 and "speedup_over_grpc" not in rows[1]
+
+
+def test_speedups_compare_one_window_and_each_cell_across_windows() -> None:
+    rows = [_result("full", 1000.0, selective=False, budget=1.0), _result("contiguous+", 400.0),
+            _result("full", 1100.0, selective=False, budget=1.0, score_window=0),
+            _result("contiguous+", 800.0, score_window=0), _result("contiguous+", 200.0, path="shm")]
+    _speedups(rows)
+    assert rows[1]["speedup"] == {"full": 2.5} and rows[3]["speedup"] == {"full": 1.375}
+    assert rows[1]["speedup_vs_score_window"] == {"0": 2.0}  # the same cell with every query token
+    assert rows[3]["speedup_vs_score_window"] == {"8": 0.5}
+    assert "speedup_vs_score_window" not in rows[4]  # shm: no other window on that path
+    assert rows[4]["speedup_over_grpc"] == 2.0
 
 
 def test_rows_of_two_start_orders_merge_into_one_row_per_cell_and_path() -> None:

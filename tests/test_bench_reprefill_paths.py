@@ -32,6 +32,29 @@ def test_bench_measures_each_policy_over_grpc_and_shared_memory(tmp_path: Path) 
     assert by[("full", "grpc")]["bytes_fetched"] == by[("full", "shm")]["bytes_fetched"] > 0
 
 
+def test_bench_measures_each_scoring_window_side_by_side(tmp_path: Path) -> None:
+    out = tmp_path / "windows.json"
+    proc = subprocess.run([sys.executable, "-m", "contiguouskv", "bench", "--model", "random:tiny",
+                           "--prefix-tokens", "512", "--query-tokens", "8", "--budgets", "0.1",
+                           "--policies", "full,contiguous+", "--repeats", "1", "--warm-prefixes", "0",
+                           "--dtype", "float32", "--device", "cpu", "--score-window", "0,3",
+                           "--json", str(out), "--workdir", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["results"]
+    # the windows the two servers reported, each cell on both
+    assert sorted((r["policy"], r["score_window"]) for r in rows) == [
+        ("contiguous+", 0), ("contiguous+", 3), ("full", 0), ("full", 3)]
+    by = {(r["policy"], r["score_window"]): r for r in rows}
+    plus0, plus3 = by[("contiguous+", 0)], by[("contiguous+", 3)]
+    assert plus3["speedup_vs_score_window"] == {"0": plus0["ttft_ms_p50"] / plus3["ttft_ms_p50"]}
+    assert plus3["speedup"] == {"full": by[("full", 3)]["ttft_ms_p50"] / plus3["ttft_ms_p50"]}  # one window's rows
+    assert "w0" in proc.stdout and "w3" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "contiguouskv", "bench", "--model", "random:tiny",
+                          "--score-window", "8,-1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--score-window" in bad.stderr
+
+
 def test_bench_runs_several_prefix_lengths_in_one_run_and_plots_the_scaling(tmp_path: Path) -> None:
     out, plots = tmp_path / "lengths.json", tmp_path / "plots"
     proc = subprocess.run([sys.executable, "-m", "contiguouskv", "bench", "--model", "random:tiny",

@@ -17,7 +17,8 @@ floor, max(io floor, the server's compute time), is kept as ``overlap_floor_ms``
 which the cache server read through the page cache is marked (``page_cache_reads``) and left out of
 the speedups. With several ``--path`` values each path has its own compute server; the paths take
 turns request by request, and every cell is measured with the servers started in both orders (the
-process started second ran slower here, whatever it served).
+process started second ran slower here, whatever it served). ``--score-window 0,8`` does the same
+for the per-layer policies' scoring window: one compute server per (path, window).
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path", default="grpc",
                         help="data paths of the cold rows, comma-separated: grpc (record bytes over gRPC), shm "
                         "(the co-located cache server's shared memory); e.g. grpc,shm measures both side by side")
+    parser.add_argument("--score-window", default="",
+                        help="the per-layer policies' scoring windows of the cold rows, comma-separated "
+                        "(--score-window of the compute server; e.g. 0,8 measures every query token beside the "
+                        "last 8, side by side like --path); default: the server's own")
     parser.add_argument("--seed", type=int, default=0, help="random seed of prefixes and queries (default 0)")
     parser.add_argument("--json", dest="json_path", type=Path, help="write results as JSON here")
     parser.add_argument("--plot", type=Path, help="write PNG plots into this directory")
@@ -112,6 +117,7 @@ class Row:
     prefix_tokens: int
     query_tokens: int
     path: str = "grpc"
+    score_window: int | None = None  # the scoring window the compute server reported
     ttft_ms: list[float] = field(default_factory=list)
     io_wait_ms: list[float] = field(default_factory=list)
     compute_ms: list[float] = field(default_factory=list)
@@ -148,7 +154,8 @@ class Row:
         io_wait = statistics.median(self.io_wait_ms) if self.io_wait_ms else 0.0
         return {
             "policy": self.policy, "layout": self.layout, "selective": self.selective, "budget": self.budget,
-            "cache": self.cache, "path": self.path, "eviction_rule": self.eviction_rule,
+            "cache": self.cache, "path": self.path, "score_window": self.score_window,
+            "eviction_rule": self.eviction_rule,
             "dram_budget_bytes": self.dram_budget_bytes,
             "prefix_tokens": self.prefix_tokens, "query_tokens": self.query_tokens,
             "ttft_ms_p50": p50, "ttft_ms_p95": _p95(self.ttft_ms),
@@ -176,7 +183,7 @@ class Row:
 
 def _merged(rows: list[Row], more: list[Row]) -> list[Row]:
     """``rows`` with the runs of ``more`` added to the row of the same cell and path (or appended)."""
-    key = lambda r: (r.policy, r.budget, r.cache, r.prefix_tokens, r.path, r.eviction_rule)  # noqa: E731
+    key = lambda r: (r.policy, r.budget, r.cache, r.prefix_tokens, r.path, r.score_window, r.eviction_rule)  # noqa: E731
     by = {key(r): r for r in rows}
     out = list(rows)
     for r in more:
@@ -250,13 +257,20 @@ class Bench:
         self.paths = [p for p in dict.fromkeys(x.strip() for x in args.path.split(",")) if p]
         if not self.paths or not set(self.paths) <= {"grpc", "shm"}:
             raise SystemExit(f"--path: {args.path!r}: give grpc and/or shm")
+        windows = [w.strip() for w in args.score_window.split(",") if w.strip()]
+        if not all(w.isdigit() for w in windows):
+            raise SystemExit(f"--score-window: {args.score_window!r}: give whole numbers >= 0 (0: every query token)")
+        self.windows: list[int | None] = list(dict.fromkeys(int(w) for w in windows)) or [None]
+        self.variants: list[Variant] = [(p, w) for p in self.paths for w in self.windows]
         # Unix socket paths are limited to ~100 bytes: a short directory, wherever the workdir is
         self.socket = str(Path(tempfile.mkdtemp(prefix="ckv-shm-")) / "plane.sock")
 
-    def _compute(self, cache_address: str, ident_cache: bool = True, path: str = "grpc") -> launch.ServiceProcess:
+    def _compute(self, cache_address: str, ident_cache: bool = True, path: str = "grpc",
+                 window: int | None = None) -> launch.ServiceProcess:
         """A compute server; ``ident_cache=False`` makes every request read its identification data
         (cold), else hot prefixes keep it resident (the server's default). ``path`` shm reads the
-        cache server's records through its shared-memory plane (``--data-path shm``)."""
+        cache server's records through its shared-memory plane (``--data-path shm``); ``window``:
+        its ``--score-window`` (None: its default)."""
         threads = self.args.compute_threads
         if threads is None:
             threads = 1 if (os.cpu_count() or 1) <= 4 else 0
@@ -266,6 +280,8 @@ class Bench:
             extra += ["--ident-cache-bytes", "0"]
         if path != "grpc":
             extra += ["--data-path", path, "--shm-socket", self.socket]
+        if window is not None:
+            extra += ["--score-window", str(window)]
         # the server's default max_prefix_tokens (32768) would refuse a longer bench prefix
         env = {"CKV_MAX_PREFIX_TOKENS": str(self.prefix_tokens)} if self.prefix_tokens > 32768 else None
         proc = launch.compute_server(self.model, cache_address, *extra, log_path=self.root / "compute.log", env=env)
@@ -297,11 +313,11 @@ class Bench:
         by_name = {p.name: p for p in self.policies}
         return [(by_name[name], b) for name, b in policy_cells(self.policies, self.budgets)]
 
-    def measure(self, cache: launch.ServiceProcess, clients: dict[str, ContiguousKVClient], label: str,
+    def measure(self, cache: launch.ServiceProcess, clients: dict[Variant, ContiguousKVClient], label: str,
                 prefixes: list[str], queries: int) -> list[Row]:
-        """One row per cell and data path. With several paths (one compute server each) the paths take
-        turns request by request, on the same queries, in rotating order, so that both see the
-        same machine; the cache server's counters are read around every request."""
+        """One row per cell and (data path, scoring window). With several (one compute server each)
+        they take turns request by request, on the same queries, in rotating order, so that all see
+        the same machine; the cache server's counters are read around every request."""
         rows = []
         cells = self.cells()
         paths = list(clients)
@@ -309,10 +325,10 @@ class Bench:
         for i, (info, budget) in enumerate(cells, 1):
             policy = info.name
             _progress(f"{label} {i}/{len(cells)}: {policy} budget {budget:g} x {queries}"
-                      + (f" over {' and '.join(paths)}" if len(paths) > 1 else "")
+                      + (f" over {' and '.join(_variant_label(v) for v in paths)}" if len(paths) > 1 else "")
                       + eta(time.monotonic() - began, i - 1, len(cells)))
             by_path = {path: Row(policy, info.layout, info.selective, budget, label, self.prefix_tokens,
-                                 self.args.query_tokens, path) for path in paths}
+                                 self.args.query_tokens, path[0], path[1]) for path in paths}
             with Progress(f"{label} {policy} {budget:g}", total=queries * len(paths)) as bar:
                 for q in range(queries):
                     query, prefix = self._query(), prefixes[q % len(prefixes)]
@@ -327,7 +343,7 @@ class Bench:
                 if row.page_cache_reads:
                     _progress(f"warning: {row.page_cache_reads} reads went through the page cache: "
                               "the row is marked and left out of the ratios")
-                if path == "shm" and not row.bytes_shm:
+                if path[0] == "shm" and not row.bytes_shm:
                     raise RuntimeError(f"{policy} {budget:g} over shm: the cache server sent no record through "
                                        "shared memory")
                 rows.append(row)
@@ -366,20 +382,22 @@ class Bench:
         # One compute server per data path, side by side on the same store. The process started
         # second ran slower here whatever it served, so with several paths every cell is measured
         # twice, the servers started in one order and then in the other, and the two merged.
-        orders = [self.paths] if len(self.paths) == 1 else [self.paths, self.paths[::-1]]
+        orders = [self.variants] if len(self.variants) == 1 else [self.variants, self.variants[::-1]]
         try:
             for n, order in enumerate(orders):
                 if len(orders) > 1:
-                    _progress(f"compute servers started in the order {', '.join(order)}")
-                computes: dict[str, launch.ServiceProcess] = {}
+                    _progress(f"compute servers started in the order {', '.join(map(_variant_label, order))}")
+                computes: dict[Variant, launch.ServiceProcess] = {}
                 try:
-                    for path in order:  # cold: no resident identification data
-                        computes[path] = self._compute(cache.address, ident_cache=False, path=path)
+                    for path, window in order:  # cold: no resident identification data
+                        computes[path, window] = self._compute(cache.address, ident_cache=False, path=path,
+                                                               window=window)
                     with contextlib.ExitStack() as stack:
-                        clients = {path: stack.enter_context(ContiguousKVClient(c.address, timeout=3600))
-                                   for path, c in computes.items()}
+                        # keyed by the window each server reports, not the one asked for
+                        clients = dict(_served(path, stack.enter_context(ContiguousKVClient(c.address, timeout=3600)))
+                                       for (path, _), c in computes.items())
                         if n == 0:
-                            first = clients[order[0]]
+                            first = next(iter(clients.values()))
                             info = first.model_info()
                             self.vocab = info.vocab_size
                             self.policies = resolve(self.requested, info) if self.requested != LOADING else \
@@ -429,7 +447,8 @@ class Bench:
                                                  timeout=3600)
                             saved = self.policies, self.budgets
                             self.policies, self.budgets = [policy_info], [b]
-                            measured = self.measure(cache, {"grpc": client}, "warm", stream, len(stream))
+                            measured = self.measure(cache, dict([_served("grpc", client)]), "warm", stream,
+                                                    len(stream))
                             self.policies, self.budgets = saved
                     finally:
                         compute.stop()
@@ -445,6 +464,20 @@ class Bench:
         sizes = {"64KiB": 64 << 10, "128KiB": 128 << 10, "1MiB": 1 << 20}
         _progress("measuring raw O_DIRECT disk bandwidth at 64 KiB, 128 KiB and 1 MiB ...")
         return {name: raw_read_gbps(files, size) for name, size in sizes.items()}
+
+
+Variant = tuple[str, int | None]
+"""What a cold row's compute server was started with: (data path, ``--score-window`` or None for its default)."""
+
+
+def _served(path: str, client: ContiguousKVClient) -> tuple[Variant, ContiguousKVClient]:
+    """``client`` keyed by its data path and the scoring window its server reports."""
+    return (path, client.model_info().score_window), client
+
+
+def _variant_label(variant: Variant) -> str:
+    path, window = variant
+    return path if window is None else f"{path} window {window}"
 
 
 def _kv_request(layout: str, sub_period: int | None) -> str:
@@ -464,11 +497,14 @@ def _shown(path: Path) -> str:
 
 def _speedups(results: list[dict[str, object]]) -> None:
     """Each row's TTFT speedup against every other policy at the same budget (or budgetless), on
-    the same cache, length, path and DRAM eviction rule; warm rows also get ``speedup_vs_own_rule``:
-    against each other policy run with its own rule (:data:`OWN_RULES`)."""
+    the same cache, length, path, scoring window and DRAM eviction rule; warm rows also get
+    ``speedup_vs_own_rule``: against each other policy run with its own rule (:data:`OWN_RULES`).
+    Rows of a run with several windows also get ``speedup_vs_score_window``: against the same cell
+    scored with each other window."""
     for row in results:
         peers = [r for r in results
                  if r["cache"] == row["cache"] and r["prefix_tokens"] == row["prefix_tokens"] and r["path"] == row["path"]
+                 and r.get("score_window") == row.get("score_window")
                  and not r["page_cache_reads"] and not row["page_cache_reads"]
                  and r["policy"] != row["policy"] and (not r["selective"] or r["budget"] == row["budget"])]
         rule = row.get("eviction_rule", "")
@@ -478,22 +514,31 @@ def _speedups(results: list[dict[str, object]]) -> None:
             row["speedup_vs_own_rule"] = {
                 r["policy"]: r["ttft_ms_p50"] / row["ttft_ms_p50"]  # type: ignore[operator]
                 for r in peers if r.get("eviction_rule") == OWN_RULES.get(str(r["policy"]), "attention")}
-        if row["path"] != "grpc":  # the same policy, budget and cache over gRPC bytes, side by side
-            over_grpc = [r for r in results if r["path"] == "grpc" and all(
-                r[k] == row[k] for k in ("policy", "budget", "cache", "prefix_tokens"))]
+        if row["path"] != "grpc":  # the same policy, budget, cache and window over gRPC bytes, side by side
+            over_grpc = [r for r in results if r["path"] == "grpc" and r.get("score_window") == row.get("score_window")
+                         and all(r[k] == row[k] for k in ("policy", "budget", "cache", "prefix_tokens"))]
             if over_grpc:
                 row["speedup_over_grpc"] = over_grpc[0]["ttft_ms_p50"] / row["ttft_ms_p50"]  # type: ignore[operator]
+        other_windows = {str(r["score_window"]): r["ttft_ms_p50"] / row["ttft_ms_p50"]  # type: ignore[operator]
+                         for r in results if r.get("score_window") != row.get("score_window")
+                         and not r["page_cache_reads"] and not row["page_cache_reads"]
+                         and all(r[k] == row[k] for k in ("policy", "budget", "cache", "prefix_tokens", "path"))}
+        if other_windows:  # the same cell scored with another window, side by side (--score-window 0,8)
+            row["speedup_vs_score_window"] = other_windows
 
 
 def _print(results: list[dict[str, object]], gbps: dict[str, float]) -> None:
     print("raw O_DIRECT disk: " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in gbps.items()))
-    head = f"{'cache':<5} {'path':<5}{'policy':<12}{'budget':>7}{'TTFT p50':>10}{'p95':>9}{'floor':>8}{'/floor':>7}" \
+    several = len({r.get("score_window") for r in results}) > 1
+    width = 10 if several else 5
+    head = f"{'cache':<5} {'path':<{width}}{'policy':<12}{'budget':>7}{'TTFT p50':>10}{'p95':>9}{'floor':>8}{'/floor':>7}" \
            f"{'io fl':>7}{'resid':>7}{'wait':>8}{'compute':>9}{'MiB disk':>10}{'MiB dram':>9}{'amp':>6}  speedup vs"
     print(head)
     for r in results:
         sp = " ".join(f"{p}:{v:.2f}x" for p, v in r["speedup"].items())  # type: ignore[union-attr]
         cache = f"{r['cache']}" + (f"/{r['eviction_rule']}" if r.get("eviction_rule") else "")
-        print(f"{cache:<5} {r['path']:<5}{r['policy']:<12}{r['budget']:>7.2f}{r['ttft_ms_p50']:>10.1f}{r['ttft_ms_p95']:>9.1f}"
+        path = f"{r['path']}/w{r['score_window']}" if several else r["path"]
+        print(f"{cache:<5} {path:<{width}}{r['policy']:<12}{r['budget']:>7.2f}{r['ttft_ms_p50']:>10.1f}{r['ttft_ms_p95']:>9.1f}"
               f"{r['floor_ms']:>8.1f}{r['ttft_over_floor'] or 0:>7.2f}{r['io_floor_ms']:>7.1f}"
               f"{r['resident_compute_ms']:>7.1f}{r['io_wait_ms']:>8.1f}{r['compute_ms']:>9.1f}"
               f"{r['bytes_from_disk'] / 2**20:>10.1f}{r['bytes_from_dram'] / 2**20:>9.1f}"
