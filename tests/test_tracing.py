@@ -336,6 +336,29 @@ def test_what_libraries_print_while_a_server_loads_becomes_json_lines() -> None:
     assert messages[-1] == "no newline at the end"
 
 
+def test_grpc_s_client_gone_error_becomes_one_warning_line() -> None:
+    """grpc's asyncio server logs a response it could not send to a client that had cancelled as an
+    ERROR with a traceback; the servers' logging makes it one WARNING line, and leaves other grpc
+    errors alone."""
+    from contiguouskv.common.logs import ClientGoneFilter
+
+    try:
+        raise RuntimeError("Failed \"execute_batch\"")
+    except RuntimeError:
+        exc = sys.exc_info()
+    gone = logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, "server.pyx", 710,
+                             "ExecuteBatchError raised in core by servicer method [%s]",
+                             ("/contiguouskv.v1.ComputeService/Reprefill",), exc)
+    other = logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, "server.pyx", 1, "Unexpected [%s] raised",
+                              ("ValueError",), exc)
+    rule = ClientGoneFilter()
+    assert rule.filter(gone) and rule.filter(other)
+    assert (gone.levelname, gone.exc_info) == ("WARNING", None)
+    assert gone.getMessage() == ("[/contiguouskv.v1.ComputeService/Reprefill]: the client left before the response "
+                                 "was sent (grpc: ExecuteBatchError)")
+    assert (other.levelname, other.getMessage(), other.exc_info) == ("ERROR", "Unexpected [ValueError] raised", exc)
+
+
 def test_span_conventions() -> None:
     names = [v for k, v in vars(telemetry).items() if k.startswith("SPAN_")]
     assert all(re.fullmatch(r"[a-z_]+ (\{\}|[a-z_]+)", n) for n in names), names  # "{verb} {object}"

@@ -46,6 +46,28 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, ClientGoneFilter) for f in grpc_log.filters):
+        grpc_log.addFilter(ClientGoneFilter())
+
+
+class ClientGoneFilter(logging.Filter):
+    """grpc's asyncio server logs ``ExecuteBatchError raised in core by servicer method [...]`` at
+    ERROR, with a traceback, when a handler's response or status could not be sent because the
+    client had already cancelled or gone (grpc/grpc#32551 made it a log line instead of an
+    unretrieved task exception). Nothing failed on the server: the filter rewrites the record as
+    one WARNING line that says so."""
+
+    PREFIX = "ExecuteBatchError raised in core by servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith(self.PREFIX):
+            method = record.getMessage()[len(self.PREFIX):].strip()
+            record.msg = "%s: the client left before the response was sent (grpc: ExecuteBatchError)"
+            record.args = (method,)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 class _LinesToLog(io.TextIOBase):
