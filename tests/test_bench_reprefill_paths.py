@@ -1,4 +1,5 @@
-"""``contiguouskv bench --path grpc,shm``: the cold rows over both data paths, side by side, on real servers."""
+"""``contiguouskv bench --path grpc,shm`` and ``--score-window 0,3``: the cold rows on one compute server
+per variant, side by side, on real servers; several prefix lengths; the defaults; warm rows."""
 
 from __future__ import annotations
 
@@ -9,16 +10,22 @@ import sys
 from pathlib import Path
 
 
-def test_bench_measures_each_policy_over_grpc_and_shared_memory(tmp_path: Path) -> None:
-    out = tmp_path / "paths.json"
+def _side_by_side(tmp_path: Path, *variants: str) -> tuple[subprocess.CompletedProcess[str], list[dict]]:
+    """`full` and `contiguous+` at 10 % of a 512-token tiny prefix, cold, one request each, with
+    ``variants`` (``--path grpc,shm`` or ``--score-window 0,3``); the run and its JSON rows."""
+    out = tmp_path / "side.json"
     proc = subprocess.run([sys.executable, "-m", "contiguouskv", "bench", "--model", "random:tiny",
                            "--prefix-tokens", "512", "--query-tokens", "8", "--budgets", "0.1",
                            "--policies", "full,contiguous+", "--repeats", "1", "--warm-prefixes", "0",
-                           "--dtype", "float32", "--device", "cpu", "--path", "grpc,shm",
+                           "--dtype", "float32", "--device", "cpu", *variants,
                            "--json", str(out), "--workdir", str(tmp_path / "work")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = json.loads(out.read_text())["results"]
+    return proc, json.loads(out.read_text())["results"]
+
+
+def test_bench_measures_each_policy_over_grpc_and_shared_memory(tmp_path: Path) -> None:
+    _, rows = _side_by_side(tmp_path, "--path", "grpc,shm")
     assert sorted((r["policy"], r["path"]) for r in rows) == [
         ("contiguous+", "grpc"), ("contiguous+", "shm"), ("full", "grpc"), ("full", "shm")]
     by = {(r["policy"], r["path"]): r for r in rows}
@@ -33,15 +40,7 @@ def test_bench_measures_each_policy_over_grpc_and_shared_memory(tmp_path: Path) 
 
 
 def test_bench_measures_each_scoring_window_side_by_side(tmp_path: Path) -> None:
-    out = tmp_path / "windows.json"
-    proc = subprocess.run([sys.executable, "-m", "contiguouskv", "bench", "--model", "random:tiny",
-                           "--prefix-tokens", "512", "--query-tokens", "8", "--budgets", "0.1",
-                           "--policies", "full,contiguous+", "--repeats", "1", "--warm-prefixes", "0",
-                           "--dtype", "float32", "--device", "cpu", "--score-window", "0,3",
-                           "--json", str(out), "--workdir", str(tmp_path / "work")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = json.loads(out.read_text())["results"]
+    proc, rows = _side_by_side(tmp_path, "--score-window", "0,3")
     # the windows the two servers reported, each cell on both
     assert sorted((r["policy"], r["score_window"]) for r in rows) == [
         ("contiguous+", 0), ("contiguous+", 3), ("full", 0), ("full", 3)]
