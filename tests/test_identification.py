@@ -63,6 +63,12 @@ def test_least_squares_levels_never_do_worse_than_min_max(n: int, bits: int, gro
         assert err["lloyd"] < 0.7 * err["minmax"]
 
 
+def _whole(keys: PackedKeys) -> torch.Tensor:
+    """Every group of a parsed record decoded, ``[kv_heads, n, d]`` float32."""
+    out = torch.empty(keys.kv_heads, keys.num_groups * keys.group, keys.head_dim)
+    return keys.decode(out, slice(None), 0, keys.num_groups)[:, : keys.num_tokens]
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 300), kv_heads=st.integers(1, 3), bits=st.sampled_from([1, 2, 4, 8]),
        group=st.sampled_from([8, 64, 128]), seed=st.integers(0, 1000))
@@ -185,12 +191,12 @@ def test_codec_round_trips_identification_regions() -> None:
     keys = (torch.randn(2, 150, 8) * 3).to(torch.bfloat16)
     record = bytes(as_bytes(quantize_keys(keys, QKEY_BITS, QKEY_GROUP)))
     assert len(record) == lay.qkeys_record_size == lay.ident_record_size("qkeys")
-    assert torch.equal(codec.qkeys(record), dequantize_keys(quantize_keys(keys, QKEY_BITS, QKEY_GROUP), 150, 2, 8,
-                                                            QKEY_BITS, QKEY_GROUP))
+    assert torch.equal(_whole(codec.packed_qkeys(record)),
+                       dequantize_keys(quantize_keys(keys, QKEY_BITS, QKEY_GROUP), 150, 2, 8, QKEY_BITS, QKEY_GROUP))
     one_bit = bytes(as_bytes(quantize_keys(keys, 1, 128, "lloyd")))
     # 2 groups of 128 x 2 heads x 8 channels x (4 + 16) bytes, against 3 groups of 64 x ... x (4 + 16)
     assert len(one_bit) == lay.ident_record_size("qkeys1") == 640 and lay.ident_record_size("qkeys") == 960
-    assert torch.equal(codec.qkeys(one_bit, kind="qkeys1"),
+    assert torch.equal(_whole(codec.packed_qkeys(one_bit, kind="qkeys1")),
                        dequantize_keys(quantize_keys(keys, 1, 128, "lloyd"), 150, 2, 8, 1, 128))
     mm = chunk_minmax(lay, keys)
     assert len(bytes(as_bytes(mm))) == lay.minmax_record_size

@@ -20,9 +20,7 @@ from contiguouskv.compute_server.layouts.base import KVGeometry, KVRecord, Layou
 from contiguouskv.compute_server.layouts.contiguous import LAYOUT_KIND, QUANTIZED_KEYS, ContiguousLayout
 from contiguouskv.compute_server.layouts.tensors import TORCH_DTYPES, Payload, as_bytes, batches, frombuffer
 from contiguouskv.compute_server.selection.importance import window_importance
-from contiguouskv.compute_server.selection.keyquant import (
-    PackedKeys, dequantize_keys, dequantized_shape, quantize_keys,
-)
+from contiguouskv.compute_server.selection.keyquant import PackedKeys, quantize_keys
 from contiguouskv.compute_server.workspace import Workspace
 
 
@@ -188,18 +186,6 @@ class ContiguousCodec(LayoutCodec[ContiguousLayout]):
         view = frombuffer(record, torch.float32).view(lay.num_chunks, lay.num_kv_heads, lay.head_dim)
         return to_device_now(view, device)
 
-    def qkeys(self, record: memoryview | bytes, device: torch.device | str = "cpu",
-              kind: str = "qkeys", out: torch.Tensor | None = None) -> torch.Tensor:
-        """A quantised key record (``qkeys``, ``qkeys1``) -> the layer's keys dequantised, float32
-        ``[kv_heads, n, d]`` on ``device`` (the packed bytes cross to the device; decoding runs there),
-        decoded into ``out`` (:func:`~..selection.keyquant.dequantized_shape`) when given, in its dtype."""
-        lay = self.geometry
-        bits, group, _ = QUANTIZED_KEYS[kind]
-        packed = to_device_now(frombuffer(record, torch.uint8), device)
-        if packed.device.type == "cpu":  # a view at whatever alignment the bytes arrived with: the
-            packed = packed.clone()      # unpacking ran 2-6x slower on it than on torch's aligned copy
-        return dequantize_keys(packed, lay.num_tokens, lay.num_kv_heads, lay.head_dim, bits, group, out=out)
-
     def packed_qkeys(self, record: memoryview | bytes, device: torch.device | str = "cpu",
                      kind: str = "qkeys") -> PackedKeys:
         """A quantised key record (``qkeys``, ``qkeys1``) parsed on ``device`` (the packed bytes
@@ -207,8 +193,8 @@ class ContiguousCodec(LayoutCodec[ContiguousLayout]):
         lay = self.geometry
         bits, group, _ = QUANTIZED_KEYS[kind]
         packed = to_device_now(frombuffer(record, torch.uint8), device)
-        if packed.device.type == "cpu":  # see qkeys: unpacking from an unaligned view ran 2-6x slower
-            packed = packed.clone()
+        if packed.device.type == "cpu":  # a view at whatever alignment the bytes arrived with: the
+            packed = packed.clone()      # unpacking ran 2-6x slower on it than on torch's aligned copy
         return PackedKeys(packed, lay.num_tokens, lay.num_kv_heads, lay.head_dim, bits, group)
 
     def minmax(self, record: memoryview | bytes, device: torch.device | str = "cpu") -> torch.Tensor:
