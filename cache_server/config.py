@@ -10,6 +10,7 @@ import dataclasses
 from pathlib import Path
 
 from contiguouskv.cache_server.eviction import DEFAULT_EVICTION_RULE, EVICTION_RULES
+from contiguouskv.cache_server.read_process import ENGINES as READ_ENGINES
 from contiguouskv.common.security import check_server_files
 
 MIN_MESSAGE_BYTES = 1 << 20
@@ -23,7 +24,9 @@ class CacheServerConfig:
     ``port_file`` when given. ``max_batch_bytes`` caps the payload of one Fetch response;
     ``max_store_bytes`` caps the bytes of all data files (0 = unlimited). ``read_threads`` is the
     size of the disk read pool; ``read_processes`` helper processes (0 = none) make the Fetch reads
-    with those threads shared among them (:mod:`.read_process`). ``direct_io`` asks for O_DIRECT
+    with those threads shared among them (:mod:`.read_process`); ``read_engine`` is how a helper
+    reads O_DIRECT files: ``aio`` (Linux native AIO from one thread, ``4 * threads`` reads in
+    flight; threads where the kernel refuses it) or ``threads``. ``direct_io`` asks for O_DIRECT
     reads where the filesystem allows.
     ``max_message_bytes`` raises gRPC's send and receive message limits. ``dram_cache_bytes`` is
     the DRAM cache's budget (0 = no cache), kept by the eviction rule ``eviction_rule``
@@ -48,6 +51,7 @@ class CacheServerConfig:
     max_store_bytes: int = 0
     read_threads: int = 16
     read_processes: int = 1
+    read_engine: str = "aio"
     grace_seconds: float = 5.0
     direct_io: bool = True
     max_message_bytes: int = 64 << 20
@@ -78,6 +82,8 @@ class CacheServerConfig:
             raise ValueError(f"read_threads: {self.read_threads} must be at least 1")
         if not 0 <= self.read_processes <= self.read_threads:
             raise ValueError(f"read_processes: {self.read_processes} must be between 0 and read_threads")
+        if self.read_engine not in READ_ENGINES:
+            raise ValueError(f"read_engine: {self.read_engine!r} is not one of {', '.join(READ_ENGINES)}")
         if self.grace_seconds < 0:
             raise ValueError(f"grace_seconds: {self.grace_seconds} must be >= 0")
         if self.max_message_bytes < MIN_MESSAGE_BYTES:

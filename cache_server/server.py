@@ -22,7 +22,7 @@ from contiguouskv.cache_server.config import CacheServerConfig
 from contiguouskv.cache_server.dram_cache import DramCache
 from contiguouskv.cache_server.eviction import DEFAULT_EVICTION_RULE, EVICTION_RULES
 from contiguouskv.cache_server.fetch import DISK_BYTES_PER_PAYLOAD_BYTE
-from contiguouskv.cache_server.read_process import ReadProcesses
+from contiguouskv.cache_server.read_process import ENGINES as READ_ENGINES, ReadProcesses
 from contiguouskv.cache_server.rootlock import hold_root
 from contiguouskv.cache_server.shm_plane import PlaneServer
 from contiguouskv.cache_server.service import METHOD_SCOPES, SERVICE_NAME, CacheServicer, add_cache_service
@@ -63,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--read-processes", type=int,
                         help="helper processes making the Fetch reads, the read threads shared among them "
                              "(1; 0 = read in the server's own threads)")
+    parser.add_argument("--read-engine", choices=READ_ENGINES,
+                        help="how helpers read O_DIRECT files: aio (Linux native AIO, the default) or threads")
     parser.add_argument("--metrics-port", type=int,
                         help="serve Prometheus metrics on this port (0 = any free port; off if absent)")
     parser.add_argument("--shm-socket",
@@ -82,7 +84,7 @@ def config_from_args(args: argparse.Namespace) -> CacheServerConfig:
         name: getattr(args, name, None)
         for name in ("root", "host", "port", "port_file", "max_batch_bytes", "max_store_bytes",
                      "dram_cache_bytes", "eviction_rule", "max_inflight_bytes", "read_threads",
-                     "read_processes", "metrics_port", "shm_socket", *SERVING_FIELDS)
+                     "read_processes", "read_engine", "metrics_port", "shm_socket", *SERVING_FIELDS)
     }
     return load_config(CacheServerConfig, flags=flags, file=args.config, renamed=RENAMED_FIELDS)
 
@@ -156,7 +158,7 @@ async def _start_helpers(config: CacheServerConfig) -> ReadProcesses | None:
     threads = max(1, config.read_threads // config.read_processes)
     try:
         helpers = ReadProcesses(config.read_processes, threads, HELPER_SLOTS,
-                                DISK_BYTES_PER_PAYLOAD_BYTE * config.max_batch_bytes)
+                                DISK_BYTES_PER_PAYLOAD_BYTE * config.max_batch_bytes, config.read_engine)
     except OSError as exc:
         logger.warning("no helper processes for reads (%s); reading in the server's threads", exc)
         return None

@@ -12,14 +12,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import start_cache_server
+from conftest import start_cache_server, wait_for_log
 from contiguouskv.cache_server.assemble import BatchAssembler
 from contiguouskv.cache_server.buffers import ReadBuffers
 from contiguouskv.cache_server.config import CacheServerConfig
 from contiguouskv.cache_server.dram_cache import DramCache
 from contiguouskv.cache_server.errors import DataLoss
 from contiguouskv.cache_server.keys import ObjectKey, object_paths
-from contiguouskv.cache_server.read_process import ReadProcesses
+from contiguouskv.cache_server.native_aio import open_native_aio
+from contiguouskv.cache_server.read_process import ENGINES, THREADS, ReadProcesses
 from contiguouskv.cache_server.store import RecordStore
 from contiguouskv.v1 import cache_pb2 as pb
 from contiguouskv.v1 import cache_pb2_grpc
@@ -31,12 +32,25 @@ KEY = ObjectKey("p", "l")
 REGIONS = [("kv/G0", 40, 5000), ("kv/G1", 24, 8192)]  # padded to 8 KiB, and exactly 8 KiB
 
 
-@pytest.fixture
-async def helpers() -> AsyncIterator[ReadProcesses]:
-    procs = ReadProcesses(processes=2, threads=3, slots=2, slot_bytes=1 << 20)
+def native_aio_available() -> bool:
+    aio, _ = open_native_aio(4)
+    if aio is None:
+        return False
+    aio.close()
+    return True
+
+
+@pytest.fixture(params=ENGINES)
+async def helpers(request: pytest.FixtureRequest) -> AsyncIterator[ReadProcesses]:
+    """Two helpers reading with each engine: native AIO (O_DIRECT files here) and threads."""
+    procs = ReadProcesses(processes=2, threads=3, slots=2, slot_bytes=1 << 20, engine=request.param)
     procs.start()
     await procs.ready()
     try:
+        if request.param == THREADS or not native_aio_available():
+            assert procs.engines == ["threads"] * 2
+        else:  # the AIO path is what these tests exercise, not a silent fallback to threads
+            assert procs.engines == ["native AIO, 12 reads in flight"] * 2
         yield procs
     finally:
         procs.close()
@@ -94,6 +108,25 @@ async def test_a_flipped_byte_is_data_loss_through_a_helper(
     assert helpers.free_slots == 2
 
 
+async def test_a_truncated_data_file_is_data_loss_through_a_helper(
+        tmp_path: Path, helpers: ReadProcesses) -> None:
+    """The read of a run comes back short (the rest is read again, then nothing): DATA_LOSS, and the
+    records before the cut still read."""
+    store, records = stored(tmp_path)
+    with store.open_object(KEY) as reader:
+        layout = reader.manifest.region("kv/G1")
+    os.truncate(object_paths(tmp_path / "root", KEY).data, layout.record_offset(20))
+    with store.open_object(KEY) as reader:
+        assert reader.direct  # the helpers' O_DIRECT path, native AIO where the fixture asks for it
+        assembler = BatchAssembler(reader, DramCache(0), ReadBuffers(1 << 20), store.counters)
+        with pytest.raises(DataLoss, match=f"ends at {layout.record_offset(20)}, before the 49152 bytes at "
+                                           f"{layout.record_offset(18)}"):
+            await assembler.build_in_helper(helpers, 1, layout, [18, 19, 20, 21, 22, 23], True)
+        batch = await assembler.build_in_helper(helpers, 2, layout, [17, 18, 19], True)
+        assert batch is not None and bytes(batch.data) == b"".join(records["kv/G1"][17:20])
+    assert helpers.free_slots == 2
+
+
 async def test_a_cancelled_read_keeps_its_slot_until_the_helper_answers(
         tmp_path: Path, helpers: ReadProcesses) -> None:
     store, records = stored(tmp_path)
@@ -137,8 +170,10 @@ def _gone(pid: int) -> bool:
 
 
 async def test_killed_helpers_leave_fetch_correct_and_exit_with_the_server(tmp_path: Path) -> None:
-    server = start_cache_server(tmp_path / "root", "--read-processes", "2", "--read-threads", "4")
+    server = start_cache_server(tmp_path / "root", "--read-processes", "2", "--read-threads", "4",
+                                "--read-engine", THREADS)
     try:
+        wait_for_log(server, r"(?m)O_DIRECT reads by threads$")  # the flag reached the helpers
         helpers = _children(server.proc.pid)
         assert len(helpers) == 2, helpers
         records = records_of([("a", 50, 5000)])
@@ -171,6 +206,9 @@ async def test_helpers_exit_when_the_server_is_killed(tmp_path: Path) -> None:
     orphans = []
     for extra, count in (((), 1), (("--read-processes", "2"), 2)):  # the default is one helper
         server = start_cache_server(tmp_path / f"root{count}", *extra)
+        if native_aio_available():  # the default engine, unless the kernel refuses it
+            wait_for_log(server, r"(?m)O_DIRECT reads by native AIO, 64 reads in flight$"
+                         if count == 1 else r"(?m)O_DIRECT reads by native AIO, 32 reads in flight$")
         helpers = _children(server.proc.pid)
         assert len(helpers) == count, helpers
         server.proc.kill()
@@ -203,3 +241,7 @@ def test_read_processes_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="read_processes"):
         CacheServerConfig(root=tmp_path, read_processes=-1)
     assert CacheServerConfig(root=tmp_path, read_threads=4, read_processes=4).read_processes == 4
+    with pytest.raises(ValueError, match="read_engine: 'uring' is not one of aio, threads"):
+        CacheServerConfig(root=tmp_path, read_engine="uring")
+    with pytest.raises(ValueError, match="engine"):
+        ReadProcesses(1, 1, 1, 4096, engine="uring")

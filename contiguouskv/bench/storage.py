@@ -60,7 +60,7 @@ from contiguouskv.cache_server.config import CacheServerConfig
 from contiguouskv.cache_server.dram_cache import DramCache
 from contiguouskv.cache_server.fetch import DISK_BYTES_PER_PAYLOAD_BYTE, FetchSession
 from contiguouskv.cache_server.keys import ObjectKey, object_paths
-from contiguouskv.cache_server.read_process import ReadProcesses
+from contiguouskv.cache_server.read_process import ENGINES as READ_ENGINES, ReadProcesses
 from contiguouskv.cache_server.server import HELPER_SLOTS
 from contiguouskv.cache_server.store import RecordStore
 from contiguouskv.common.fetch_wire import BULK_RECEIVE_OPTIONS, decode_fetch_response
@@ -92,6 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--read-threads", type=int, default=16, help="server read threads (16)")
     a("--read-processes", type=int, default=1,
       help="helper processes making the reads, sharing the read threads (1; 0 = in-process threads)")
+    a("--read-engine", choices=READ_ENGINES, default="aio",
+      help="how the helpers read O_DIRECT files, for the raw way and the servers (aio: native AIO; threads)")
     a("--path", default="grpc,shm",
       help="data paths to measure, comma-separated: grpc, shm (co-located shared memory), auto (grpc,shm)")
     a("--streams", default="1,4", help="Fetch streams per client, comma-separated counts, reads spread over them (1,4)")
@@ -147,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
         report = _report(shape, resident, fractions, ways, rounds, dram)
         report["page_cache_resident_after"] = resident_after
         report["shm_buffer"] = {"slots": args.shm_slots, "slot_bytes": args.shm_slot_bytes}
+        report["read_engine"] = args.read_engine
+        report["helper_engines"] = sorted({e for f in fractions for run in rounds[f] for e in run["raw"]["engines"]})
     _print(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
@@ -278,9 +282,10 @@ async def _read_raw(root: Path, plans: list[list[Request]], args: argparse.Names
     helpers = None
     if args.read_processes:
         helpers = ReadProcesses(args.read_processes, max(1, args.read_threads // args.read_processes),
-                                HELPER_SLOTS, DISK_BYTES_PER_PAYLOAD_BYTE * args.batch_bytes)
+                                HELPER_SLOTS, DISK_BYTES_PER_PAYLOAD_BYTE * args.batch_bytes, args.read_engine)
         helpers.start()
         await helpers.ready()
+    engines = helpers.engines if helpers is not None else ["threads (in process)"]
     with contextlib.ExitStack() as cleanup, store.open_object(ObjectKey(PREFIX_ID, LAYOUT)) as reader, \
             ThreadPoolExecutor(args.read_threads) as pool:
         if helpers is not None:
@@ -312,6 +317,7 @@ async def _read_raw(root: Path, plans: list[list[Request]], args: argparse.Names
     summary = _summary(total, records, elapsed, latencies, stats)
     summary["cpu_s_per_gb"] = cpu / (total / 1e9)
     summary["direct_io"] = store.direct_io and stats.get("buffered_reads", 0) == 0
+    summary["engines"] = engines
     return summary
 
 
@@ -333,6 +339,7 @@ def _server(root: Path, args: argparse.Namespace, dram_bytes: int, socket_path: 
          "--port-file", str(port_file), "--dram-cache-bytes", str(dram_bytes),
          "--max-batch-bytes", str(args.batch_bytes), "--max-inflight-bytes", str(args.inflight_bytes),
          "--read-threads", str(args.read_threads), "--read-processes", str(args.read_processes),
+         "--read-engine", args.read_engine,
          "--shm-socket", str(socket_path)],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
@@ -529,7 +536,7 @@ def _print(report: dict) -> None:
     print(f"shape: {s['tokens']} tokens, c={s['chunk']}, {s['layers']} layers, "
           f"{s['record_size'] // 1024} KiB records, {s['read_bytes'] // 1024} KiB per sub-period read; "
           f"O_DIRECT: {report['direct_io']}; page-cache resident after all reads: "
-          f"{report['page_cache_resident_after']:.1%}")
+          f"{report['page_cache_resident_after']:.1%}; helpers read by {'; '.join(report['helper_engines'])}")
     print(f"disk rows: the round of median GB/s out of {report['rounds']} side-by-side rounds with raw; "
           f"dram rows: one warm run. CPU s/GB: client + server (+ read helpers)")
     print(f"(load average at the end: {report['machine']['loadavg_at_end'][0]:.2f} on "
