@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -45,6 +46,18 @@ def data(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def aligned(nbytes: int) -> Iterator[tuple[mmap.mmap, int]]:
+    """A page-aligned buffer and its address (valid until the block ends)."""
+    buffer = mmap.mmap(-1, nbytes)
+    anchor = ctypes.c_char.from_buffer(buffer)
+    try:
+        yield buffer, ctypes.addressof(anchor)
+    finally:
+        del anchor
+        buffer.close()
+
+
 def wait_all(aio: NativeAio, pending: list, timeout: float = 10.0) -> dict[object, int]:
     """Submit ``pending`` reads as room allows and collect every result by token."""
     results: dict[object, int] = {}
@@ -62,48 +75,36 @@ def wait_all(aio: NativeAio, pending: list, timeout: float = 10.0) -> dict[objec
 
 def test_reads_land_where_asked_with_more_reads_than_room(aio: NativeAio, data: tuple[int, bytes]) -> None:
     fd, payload = data
-    buffer = mmap.mmap(-1, 64 * BLOCK)
-    anchor = ctypes.c_char.from_buffer(buffer)
-    base = ctypes.addressof(anchor)
     order = list(range(16))
     random.Random(1).shuffle(order)
-    # 16 reads of 4 blocks through a context with room for 4: block j of the file lands at slot k
-    reads = [(fd, base + k * 4 * BLOCK, 4 * BLOCK, j * 4 * BLOCK, ("read", k, j)) for k, j in enumerate(order)]
-    results = wait_all(aio, reads)
-    assert results == {("read", k, j): 4 * BLOCK for k, j in enumerate(order)}
-    for k, j in enumerate(order):
-        assert buffer[k * 4 * BLOCK : (k + 1) * 4 * BLOCK] == payload[j * 4 * BLOCK : (j + 1) * 4 * BLOCK]
+    with aligned(64 * BLOCK) as (buffer, base):
+        # 16 reads of 4 blocks through a context with room for 4: block j of the file lands at slot k
+        reads = [(fd, base + k * 4 * BLOCK, 4 * BLOCK, j * 4 * BLOCK, ("read", k, j)) for k, j in enumerate(order)]
+        results = wait_all(aio, reads)
+        assert results == {("read", k, j): 4 * BLOCK for k, j in enumerate(order)}
+        for k, j in enumerate(order):
+            assert buffer[k * 4 * BLOCK : (k + 1) * 4 * BLOCK] == payload[j * 4 * BLOCK : (j + 1) * 4 * BLOCK]
     assert aio.room == 4 and aio.busy == 0
-    del anchor
-    buffer.close()
 
 
 def test_reads_at_and_past_the_end_come_back_short(aio: NativeAio, data: tuple[int, bytes]) -> None:
     fd, payload = data
-    buffer = mmap.mmap(-1, 8 * BLOCK)
-    anchor = ctypes.c_char.from_buffer(buffer)
-    base = ctypes.addressof(anchor)
-    results = wait_all(aio, [(fd, base, 4 * BLOCK, 62 * BLOCK, "straddles"),
-                             (fd, base + 4 * BLOCK, 4 * BLOCK, 64 * BLOCK, "past")])
-    assert results == {"straddles": 2 * BLOCK, "past": 0}
-    assert buffer[: 2 * BLOCK] == payload[62 * BLOCK :]
-    del anchor
-    buffer.close()
+    with aligned(8 * BLOCK) as (buffer, base):
+        results = wait_all(aio, [(fd, base, 4 * BLOCK, 62 * BLOCK, "straddles"),
+                                 (fd, base + 4 * BLOCK, 4 * BLOCK, 64 * BLOCK, "past")])
+        assert results == {"straddles": 2 * BLOCK, "past": 0}
+        assert buffer[: 2 * BLOCK] == payload[62 * BLOCK :]
 
 
 def test_refused_reads_are_reported_with_their_error(aio: NativeAio, data: tuple[int, bytes]) -> None:
     fd, payload = data
-    buffer = mmap.mmap(-1, 4 * BLOCK)
-    anchor = ctypes.c_char.from_buffer(buffer)
-    base = ctypes.addressof(anchor)
     unused = os.sysconf("SC_OPEN_MAX") - 1  # a descriptor number nobody holds
     with pytest.raises(OSError):
         os.fstat(unused)
-    results = wait_all(aio, [(unused, base, BLOCK, 0, "bad fd"),
-                             (fd, base + 1, BLOCK, 0, "misaligned"),  # O_DIRECT needs aligned memory
-                             (fd, base + BLOCK, BLOCK, 3 * BLOCK, "good")])
-    assert results == {"bad fd": -errno.EBADF, "misaligned": -errno.EINVAL, "good": BLOCK}
-    assert buffer[BLOCK : 2 * BLOCK] == payload[3 * BLOCK : 4 * BLOCK]
+    with aligned(4 * BLOCK) as (buffer, base):
+        results = wait_all(aio, [(unused, base, BLOCK, 0, "bad fd"),
+                                 (fd, base + 1, BLOCK, 0, "misaligned"),  # O_DIRECT needs aligned memory
+                                 (fd, base + BLOCK, BLOCK, 3 * BLOCK, "good")])
+        assert results == {"bad fd": -errno.EBADF, "misaligned": -errno.EINVAL, "good": BLOCK}
+        assert buffer[BLOCK : 2 * BLOCK] == payload[3 * BLOCK : 4 * BLOCK]
     assert aio.room == 4
-    del anchor
-    buffer.close()
