@@ -170,10 +170,10 @@ def _gone(pid: int) -> bool:
 
 
 async def test_killed_helpers_leave_fetch_correct_and_exit_with_the_server(tmp_path: Path) -> None:
-    server = start_cache_server(tmp_path / "root", "--read-processes", "2", "--read-threads", "4",
-                                "--read-engine", THREADS)
+    server = start_cache_server(tmp_path / "root", "--read-processes", "2", "--read-threads", "4")
     try:
-        wait_for_log(server, r"(?m)O_DIRECT reads by threads$")  # the flag reached the helpers
+        if native_aio_available():  # the default engine: helpers killed with native reads in flight
+            wait_for_log(server, r"(?m)O_DIRECT reads by native AIO, 8 reads in flight$")
         helpers = _children(server.proc.pid)
         assert len(helpers) == 2, helpers
         records = records_of([("a", 50, 5000)])
@@ -204,11 +204,13 @@ async def test_killed_helpers_leave_fetch_correct_and_exit_with_the_server(tmp_p
 
 async def test_helpers_exit_when_the_server_is_killed(tmp_path: Path) -> None:
     orphans = []
-    for extra, count in (((), 1), (("--read-processes", "2"), 2)):  # the default is one helper
+    # the default is one helper reading by native AIO (unless the kernel refuses it)
+    for extra, count in (((), 1), (("--read-processes", "2", "--read-engine", THREADS), 2)):
         server = start_cache_server(tmp_path / f"root{count}", *extra)
-        if native_aio_available():  # the default engine, unless the kernel refuses it
-            wait_for_log(server, r"(?m)O_DIRECT reads by native AIO, 64 reads in flight$"
-                         if count == 1 else r"(?m)O_DIRECT reads by native AIO, 32 reads in flight$")
+        if count == 2:
+            wait_for_log(server, r"(?m)O_DIRECT reads by threads$")  # the flag reached the helpers
+        elif native_aio_available():
+            wait_for_log(server, r"(?m)O_DIRECT reads by native AIO, 64 reads in flight$")
         helpers = _children(server.proc.pid)
         assert len(helpers) == count, helpers
         server.proc.kill()
