@@ -341,6 +341,7 @@ def test_bench_storage_runs_on_a_tiny_shape(tmp_path: Path, capsys: pytest.Captu
     import json
 
     from contiguouskv.bench import storage
+    from contiguouskv.cache_server.native_aio import open_native_aio
 
     parser = argparse.ArgumentParser()
     storage.add_arguments(parser)
@@ -357,6 +358,15 @@ def test_bench_storage_runs_on_a_tiny_shape(tmp_path: Path, capsys: pytest.Captu
     assert report["page_cache_resident_fraction"] == 0.0 and report["direct_io"]
     assert report["rounds"] == 2 and report["ways"] == ["grpc/1", "grpc/2", "shm/1", "shm/2"]
     assert report["shm_buffer"] == {"slots": 32, "slot_bytes": 65536}
+    # the helpers' engine is the default, native AIO (one helper: 4 x 2 read threads in flight)
+    assert report["read_engine"] == "aio"
+    aio, _ = open_native_aio(1)
+    if aio is not None:
+        aio.close()
+        assert report["helper_engines"] == ["native AIO, 8 reads in flight"]
+    else:
+        assert report["helper_engines"][0].startswith("threads (native AIO unavailable")
+    assert ("helpers read by " + report["helper_engines"][0]) in printed
     rows = report["rows"]
     assert {(r["selection"], r["path"], r["source"], r["streams"]) for r in rows} == {
         (f, p, src, n) for f in (0.25, 1.0) for p in ("grpc", "shm") for src in ("disk", "dram") for n in (1, 2)}
