@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from contiguouskv.compute_server.layouts.base import KVGeometry, PrefilledPrefix
-from contiguouskv.compute_server.layouts.contiguous_codec import ContiguousCodec, chunk_digest
+from contiguouskv.compute_server.layouts.contiguous_codec import ContiguousCodec, chunk_digest, ref_runs
 from contiguouskv.compute_server.layouts.impress_codec import ImpressCodec
 from contiguouskv.compute_server.layouts.registry import LAYOUT_CODECS, build_codec, parse_codec
 from contiguouskv.compute_server.layouts.tensors import frombuffer
@@ -59,10 +59,10 @@ def test_contiguous_pack_and_load_round_trip(n: int, layers: int, kv_heads: int,
 
     chunks = sorted(rng.sample(range(lay.num_chunks), rng.randint(1, lay.num_chunks)))
     layer_run = range(rng.randrange(layers), layers)
-    arrived: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    arrived: dict[int, dict[int, tuple[torch.Tensor, int]]] = {}
     for region, indices in codec.kv_requests(chunks, layer_run).items():
-        for layer, unit, k, v in codec.kv_records(region, indices, records(region, indices)) or []:
-            arrived.setdefault(layer, {})[unit] = (k, v)
+        for layer, unit, batch, row in codec.kv_records(region, indices, records(region, indices)) or []:
+            arrived.setdefault(layer, {})[unit] = (batch, row)
     assert sorted(arrived) == list(layer_run)
     tokens = torch.cat([torch.arange(*lay.chunk_tokens(c)) for c in chunks])
     for layer in layer_run:
@@ -135,3 +135,15 @@ def test_views_over_read_only_bytes_warn_nothing_and_leave_the_warning_filters_a
     monkeypatch.setattr(warnings, "simplefilter", lambda *a, **k: swaps.append(a))
     assert frombuffer(b"\0" * 16, torch.float32).shape == (4,)
     assert swaps == []
+
+
+def test_ref_runs_cut_records_into_strided_runs_of_one_batch() -> None:
+    a, b = torch.zeros(1), torch.zeros(1)  # two batches: identity, not value, tells them apart
+    parts = [(a, 0), (a, 4), (a, 8), (a, 9), (b, 1), (b, 2), (b, 3), (a, 12), (a, 11), (a, 20)]
+    runs = [(start, stop, batch is a, row, step) for start, stop, batch, row, step in ref_runs(parts)]
+    assert runs == [(0, 3, True, 0, 4), (3, 4, True, 9, 1), (4, 7, False, 1, 1), (7, 8, True, 12, 1),
+                    (8, 10, True, 11, 9)]
+    # every part is in exactly one run, and the run's arithmetic gives back its rows
+    for start, stop, batch, row, step in ref_runs(parts):
+        assert [(batch, row + k * step) for k in range(stop - start)] == parts[start:stop]
+    assert list(ref_runs([])) == []

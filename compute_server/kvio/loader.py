@@ -36,7 +36,7 @@ from contiguouskv.compute_server.cachenet.record_stream import FetchStream
 from contiguouskv.compute_server.errors import ComputeError
 from contiguouskv.compute_server.kvio.pump import FetchPump
 from contiguouskv.compute_server.kvio.staging import to_device, to_device_now, wait_copy
-from contiguouskv.compute_server.layouts.base import LayoutCodec
+from contiguouskv.compute_server.layouts.base import KVRef, LayoutCodec
 
 KVPair = tuple[torch.Tensor, torch.Tensor]
 MAX_POOLED = 4  # gather buffer pairs a request keeps for reuse (the stager runs a few layers ahead)
@@ -86,7 +86,7 @@ class KVLoader:
         self._waiters = 0
         self._pump = FetchPump(stream, loop, self._on_batch, self._fail, self._has_room)
         self._cond = threading.Condition()
-        self._arrived: dict[int, dict[int, KVPair]] = {}  # layer -> unit -> (K, V) views
+        self._arrived: dict[int, dict[int, KVRef]] = {}  # layer -> unit -> (batch view, row)
         self._expected: dict[int, list[int]] = {}
         self._staging: set[int] = set()
         self._staged: dict[int, _Staged] = {}
@@ -214,8 +214,8 @@ class KVLoader:
         size = len(data) // len(records)
         with self._cond:
             layers = set()
-            for layer, unit, k, v in records:
-                self._arrived.setdefault(layer, {})[unit] = (k, v)
+            for layer, unit, rows, row in records:
+                self._arrived.setdefault(layer, {})[unit] = (rows, row)
                 self._held_by_layer[layer] = self._held_by_layer.get(layer, 0) + size
                 layers.add(layer)
             self._held += size * len(records)
@@ -268,7 +268,7 @@ class KVLoader:
         self._staging.add(layer)
         self._stager.submit(self._stage, layer, want, [have[c] for c in want])
 
-    def _stage(self, layer: int, want: list[int], parts: list[KVPair]) -> None:
+    def _stage(self, layer: int, want: list[int], parts: list[KVRef]) -> None:
         try:
             keys, values = self._gather(layer, want, parts)
             event = None
@@ -339,13 +339,14 @@ class KVLoader:
         wait_copy(ready.copied, self._device)
         return ready.keys, ready.values, waited
 
-    def _gather(self, layer: int, want: list[int], parts: list[KVPair]) -> KVPair:
+    def _gather(self, layer: int, want: list[int], parts: list[KVRef]) -> KVPair:
         """K/V of ``want`` at ``layer``: on CUDA into fresh pinned memory (torch's host allocator
         caches it), on the CPU into a pooled pair of buffers lent to the layer until :meth:`consumed`."""
         if self._device.type == "cuda" or not parts:
             return self.codec.gather(want, parts, pin=self._device.type == "cuda")
-        numel = parts[0][0].numel() * len(parts)
-        dtype = parts[0][0].dtype
+        batch = parts[0][0]  # [records, K/V, kv_heads, unit tokens, head_dim]
+        numel = batch[0, 0].numel() * len(parts)
+        dtype = batch.dtype
         with self._cond:
             fits = next((k for k, pair in enumerate(self._pool)
                          if pair[0].numel() >= numel and pair[0].dtype == dtype), None)

@@ -5,7 +5,7 @@ Saving and loading are a pair, as ``save_kv_layer`` / ``start_load_kv`` are in v
 - :meth:`LayoutCodec.pack` (register, compute thread) turns a prefilled prefix into the layout's
   records: the payloads of one ``PutPrefix`` object named :attr:`LayoutCodec.name`.
 - :meth:`LayoutCodec.kv_records` (load, event loop) turns one arriving Fetch batch into
-  ``(layer, unit, K, V)`` views when the batch holds K/V records the loader files per layer, or
+  ``(layer, unit, batch view, row)`` references when the batch holds K/V records the loader files per layer, or
   returns None when it holds whole records the requester decodes itself (identification keys,
   digests, statistics, K-only or V-only blocks): those reach the requester as bytes. The loader
   therefore never parses a region name.
@@ -28,9 +28,16 @@ import torch
 from contiguouskv.compute_server.layouts.region import Region
 from contiguouskv.compute_server.layouts.tensors import Payload
 
-KVRecord = tuple[int, int, torch.Tensor, torch.Tensor]
-"""(layer, unit, K, V): one arrived K/V record; the unit is the layout's (a chunk for `contiguous`);
-K and V are ``[kv_heads, unit tokens, head_dim]`` views over the received bytes."""
+KVRef = tuple[torch.Tensor, int]
+"""Where one arrived K/V record lies: ``(batch, row)``, ``batch`` a ``[records, 2, kv_heads, unit
+tokens, head_dim]`` view over one Fetch batch's received bytes (K at ``[row, 0]``, V at
+``[row, 1]``). By reference, not one K and one V tensor per record: making 2 Python tensors per
+record on the event loop was the largest holder of the GIL in the compute server (a third of the
+GIL-held samples of a ``full`` run over shared memory; docs/performance.md)."""
+
+KVRecord = tuple[int, int, torch.Tensor, int]
+"""(layer, unit, batch, row): one arrived K/V record (see :data:`KVRef`); the unit is the layout's
+(a chunk for `contiguous`)."""
 
 
 @dataclass(frozen=True)
@@ -147,7 +154,7 @@ class LayoutCodec(abc.ABC, Generic[G]):
         order to ask for them. Layouts whose K/V reach policies only as whole records have none."""
         raise ValueError(f"layout {self.name}: no per-layer K/V records to request by unit")
 
-    def gather(self, units: Sequence[int], parts: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    def gather(self, units: Sequence[int], parts: Sequence[KVRef],
                pin: bool, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of ``units`` (ascending) from their arrived records ``parts`` (as :meth:`kv_records`
         gave them): ``[kv_heads, real tokens, head_dim]`` each, padding cut; one copy, into pinned
@@ -158,6 +165,7 @@ class LayoutCodec(abc.ABC, Generic[G]):
     def kv_records(self, region: str, indices: Sequence[int], data: memoryview) -> list[KVRecord] | None:
         """Load direction: the K/V records of one Fetch batch, or None when ``region`` holds none.
 
-        Called on the event loop for every arriving batch; returns views, never copies.
+        Called on the event loop for every arriving batch; returns one view over the batch and each
+        record's row in it, never copies, and no tensor per record.
         """
         return None

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from contiguouskv.compute_server.kvio.staging import host_buffer, to_device_now
-from contiguouskv.compute_server.layouts.base import KVGeometry, KVRecord, LayoutCodec, PrefilledPrefix
+from contiguouskv.compute_server.layouts.base import KVGeometry, KVRecord, KVRef, LayoutCodec, PrefilledPrefix
 from contiguouskv.compute_server.layouts.contiguous import LAYOUT_KIND, QUANTIZED_KEYS, ContiguousLayout
 from contiguouskv.compute_server.layouts.tensors import TORCH_DTYPES, Payload, as_bytes, batches, frombuffer
 from contiguouskv.compute_server.selection.importance import window_importance
@@ -122,35 +122,39 @@ class ContiguousCodec(LayoutCodec[ContiguousLayout]):
         group = lay.group_of_region(region)
         if group is None:
             return None
-        # One tensor over the whole batch, unbound into per-record views in C++: a Python-level view
-        # per record cost ~40 % of the event loop under load (32 clients, bench load).
+        # One tensor over the whole batch and each record's row in it: no tensor per record. Per-record
+        # views (``unbind``) were a third of the compute server's GIL-held samples (docs/performance.md).
         records = frombuffer(data, TORCH_DTYPES[lay.dtype]).view(
             len(indices), 2, lay.num_kv_heads, lay.chunk_size, lay.head_dim)  # [n, K/V, kv_heads, c, d]
-        keys, values = records[:, 0].unbind(0), records[:, 1].unbind(0)
         g = lay.layers_in_group(group)
         first = group * lay.group_size
         if indices and not 0 <= min(indices) <= max(indices) < lay.num_chunks * g:
             raise IndexError(f"record index outside kv/G{group} of {lay.num_chunks * g}")
-        return [(first + index % g, index // g, k, v) for index, k, v in zip(indices, keys, values)]
+        return [(first + index % g, index // g, records, row) for row, index in enumerate(indices)]
 
     def kv_requests(self, units: Sequence[int], layers: range) -> dict[str, list[int]]:
         return self.geometry.kv_requests(list(units), layers)
 
-    def gather(self, units: Sequence[int], parts: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    def gather(self, units: Sequence[int], parts: Sequence[KVRef],
                pin: bool, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         lay = self.geometry
         shape = (lay.num_kv_heads, len(units) * lay.chunk_size, lay.head_dim)
         if not units:
             return torch.empty(lay.num_kv_heads, 0, lay.head_dim), torch.empty(lay.num_kv_heads, 0, lay.head_dim)
         real = lay.tokens_in(list(units))  # only the prefix's last chunk is partial; it sorts last
+        dtype = parts[0][0].dtype
         if out is not None:  # [kv_heads, chunks * c, d] over the buffers' first elements
             numel = math.prod(shape)
             keys, values = out[0][:numel].view(shape), out[1][:numel].view(shape)
         else:
-            keys = torch.empty(shape, dtype=parts[0][0].dtype, pin_memory=pin)  # [kv_heads, chunks * c, d]
-            values = torch.empty(shape, dtype=parts[0][1].dtype, pin_memory=pin)
-        torch.cat([k for k, _ in parts], dim=1, out=keys)
-        torch.cat([v for _, v in parts], dim=1, out=values)
+            keys = torch.empty(shape, dtype=dtype, pin_memory=pin)  # [kv_heads, chunks * c, d]
+            values = torch.empty(shape, dtype=dtype, pin_memory=pin)
+        by_unit = (lay.num_kv_heads, len(units), lay.chunk_size, lay.head_dim)
+        k4, v4 = keys.view(by_unit), values.view(by_unit)
+        for start, stop, batch, row, step in ref_runs(parts):  # one strided copy per run of rows
+            src = batch[row : row + (stop - start - 1) * step + 1 : step]  # [n, K/V, kv_heads, c, d]
+            k4[:, start:stop].copy_(src[:, 0].transpose(0, 1))
+            v4[:, start:stop].copy_(src[:, 1].transpose(0, 1))
         return keys[:, :real], values[:, :real]
 
     def chunk_keys(self, records: Sequence[memoryview | bytes], device: torch.device | str = "cpu",
@@ -213,3 +217,19 @@ class ContiguousCodec(LayoutCodec[ContiguousLayout]):
     def tokens(record: memoryview | bytes) -> list[int]:
         """The ``tokens`` record -> the prefix's token ids."""
         return frombuffer(record, torch.int32).tolist()
+
+
+def ref_runs(parts: Sequence[KVRef]) -> Iterator[tuple[int, int, torch.Tensor, int, int]]:
+    """``parts`` cut into runs ``(start, stop, batch, row, step)``: ``parts[start:stop]`` are rows
+    ``row, row + step, ...`` of one batch (one strided view). The records of one layer in a batch
+    are every ``sub_period``-th row, so a layer's records from one batch are usually one run."""
+    start = 0
+    while start < len(parts):
+        batch, row = parts[start]
+        stop, step = start + 1, 1
+        if stop < len(parts) and parts[stop][0] is batch and parts[stop][1] > row:
+            step = parts[stop][1] - row
+            while stop < len(parts) and parts[stop][0] is batch and parts[stop][1] == row + (stop - start) * step:
+                stop += 1
+        yield start, stop, batch, row, step
+        start = stop

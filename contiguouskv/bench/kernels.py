@@ -11,8 +11,8 @@ at a preset's shapes, timed two ways side by side (interleaved, the order altern
   ways: ``decoded`` (the layer decoded whole into a reused buffer, then ``exact_scores``) and
   ``tiled`` (:func:`~contiguouskv.compute_server.selection.chunks.packed_chunk_scores`, what
   ``contiguous+`` runs on a CPU: per KV head a 2,048-key tile decoded and multiplied at once);
-- ``gather`` — a layer's arrived K/V records (one view per chunk) gathered into ``[kv_heads, n, d]``
-  K and V, as the loader does for every layer of ``full`` (``reused``: into the request's pooled
+- ``gather`` — a layer's arrived K/V records (rows of Fetch batches, ``(batch, row)`` references)
+  gathered into ``[kv_heads, n, d]`` K and V, as the loader does for every layer of ``full`` (``reused``: into the request's pooled
   buffers, :meth:`~contiguouskv.compute_server.kvio.loader.KVLoader.consumed`);
 - ``join_kv`` — ``[prefix K ; query K]`` and the same for V, the tensors attention reads.
 
@@ -157,9 +157,12 @@ def run(args: argparse.Namespace) -> int:
             }, args.repeats))
         kv_lay = ContiguousLayout(n, preset.num_layers, kv_heads, d, args.kv_dtype)
         codec, chunks = ContiguousCodec(kv_lay), list(range(kv_lay.num_chunks))
-        arrived = torch.randn(len(chunks), 2, kv_heads, kv_lay.chunk_size, d, generator=gen).to(kv_dtype)
-        parts = [(arrived[c, 0], arrived[c, 1]) for c in chunks]  # views over one buffer, as records are
-        pool = (torch.empty(arrived[:, 0].numel(), dtype=kv_dtype), torch.empty(arrived[:, 0].numel(), dtype=kv_dtype))
+        # as records arrive: batches of 8 chunks x a 4-layer sub-period, a layer's records every 4th row
+        arrived = torch.randn(len(chunks) * 4, 2, kv_heads, kv_lay.chunk_size, d, generator=gen).to(kv_dtype)
+        batches = arrived.split(8 * 4)
+        parts = [(batches[c // 8], (c % 8) * 4) for c in chunks]
+        numel = len(chunks) * arrived[0, 0].numel()
+        pool = (torch.empty(numel, dtype=kv_dtype), torch.empty(numel, dtype=kv_dtype))
         add("gather", n, 0, _time({
             "fresh": lambda: codec.gather(chunks, parts, pin=False),
             "reused": lambda: codec.gather(chunks, parts, pin=False, out=pool),
