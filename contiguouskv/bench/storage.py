@@ -540,7 +540,8 @@ def _print(report: dict) -> None:
     print(f"disk rows: the round of median GB/s out of {report['rounds']} side-by-side rounds with raw; "
           f"dram rows: one warm run. CPU s/GB: client + server (+ read helpers)")
     print(f"(load average at the end: {report['machine']['loadavg_at_end'][0]:.2f} on "
-          f"{report['machine']['cpus']} CPUs: other work on this machine skews these numbers)")
+          f"{report['machine']['cpus']} CPUs, read threads blocked on the disk included: "
+          f"beyond those, other work on this machine skews these numbers)")
     print(f"{'sel':>5} {'source':>6} {'path':>5} {'str':>3} {'GB/s':>6} {'/raw':>5} {'cpu s/GB':>8} "
           f"{'client':>6} {'server':>6} {'shm %':>5} {'p50 ms':>7} {'p99 ms':>7}")
     for r in report["rows"]:
