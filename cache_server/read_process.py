@@ -210,8 +210,7 @@ class _AioRuns:
         for (request, k, done, started), result in self._aio.reap():
             offset, nbytes, at, first, crcs = request.runs[k]
             if result < 0:
-                self._finish(request, k, ReadReport((), ("io", f"at {offset + done} failed: "
-                                                           f"[Errno {-result}] {os.strerror(-result)}")))
+                self._finish(request, k, _io_failure(offset + done, -result))
             elif result == 0:
                 self._finish(request, k, _short(offset + done, nbytes, offset))
             elif done + result < nbytes:
@@ -234,9 +233,7 @@ class _AioRuns:
             for _ in range(taken):
                 self._waiting.popleft()
             for (request, k, done, _), error in refused:
-                offset = request.runs[k][0]
-                self._finish(request, k, ReadReport((), ("io", f"at {offset + done} failed: "
-                                                           f"[Errno {-error}] {os.strerror(-error)}")))
+                self._finish(request, k, _io_failure(request.runs[k][0] + done, -error))
             if taken < len(reads):
                 return  # the kernel is full: the rest goes after the next completions
 
@@ -245,6 +242,10 @@ def _merge(reports: Sequence[ReadReport | None]) -> ReadReport:
     seconds = tuple(s for r in reports if r is not None for s in r.seconds)
     failed = next((r for r in reports if r is not None and r.failure is not None), None)
     return ReadReport(seconds, failed.failure, failed.bad_record) if failed else ReadReport(seconds)
+
+
+def _io_failure(at: int, error: int) -> ReadReport:
+    return ReadReport((), ("io", f"at {at} failed: [Errno {error}] {os.strerror(error)}"))
 
 
 def _short(at: int, nbytes: int, offset: int) -> ReadReport:
@@ -261,7 +262,7 @@ def _read_run(fd: int, buffer: memoryview, run: Run, stride: int, size: int) -> 
         try:
             got = os.preadv(fd, [part[done:]], offset + done)
         except OSError as exc:
-            return ReadReport((), ("io", f"at {offset + done} failed: [Errno {exc.errno}] {exc.strerror}"))
+            return _io_failure(offset + done, exc.errno)
         if got == 0:
             return _short(offset + done, nbytes, offset)
         done += got

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -345,7 +346,7 @@ class KVLoader:
         if self._device.type == "cuda" or not parts:
             return self.codec.gather(want, parts, pin=self._device.type == "cuda")
         batch = parts[0][0]  # [records, K/V, kv_heads, unit tokens, head_dim]
-        numel = batch[0, 0].numel() * len(parts)
+        numel = math.prod(batch.shape[2:]) * len(parts)
         dtype = batch.dtype
         with self._cond:
             fits = next((k for k, pair in enumerate(self._pool)
