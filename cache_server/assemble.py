@@ -13,12 +13,15 @@ from collections.abc import Sequence
 
 from contiguouskv.cache_server.buffers import ReadBuffers
 from contiguouskv.cache_server.errors import CacheError, DataLoss
-from contiguouskv.cache_server.dram_cache import DramCache, ObjectId
+from contiguouskv.cache_server.dram_arena import Arena
+from contiguouskv.cache_server.dram_cache import DramCache, ObjectId, Payload, Pin
 from contiguouskv.cache_server.manifest import RegionLayout
 from contiguouskv.cache_server.read_process import ReadProcesses, ReadReport, Run
 from contiguouskv.cache_server.reader import ObjectReader, coalesce
 from contiguouskv.cache_server.stats import Counters
-from contiguouskv.common.fetch_wire import BytesLike, encode_fetch_descriptor, encode_fetch_response
+from contiguouskv.common.fetch_wire import (
+    BytesLike, encode_arena_descriptor, encode_fetch_descriptor, encode_fetch_response,
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -72,14 +75,16 @@ class BatchAssembler:
 
     def build(self, tag: int, layout: RegionLayout, indices: Sequence[int], done: bool) -> Batch:
         """The batch of ``indices`` (already checked); raises ``DataLoss`` on a bad checksum."""
-        region = layout.name
-        cached = self._cache.lookup(self._object, region, indices)
-        missing = sorted({i for i, c in zip(indices, cached) if c is None})
-        views = {}
-        if missing:
-            buffer = self._buffers.get(len(missing) * layout.stride)
-            views = self._reader.read_verified(layout, missing, buffer)
-        return self._assemble(tag, layout, indices, done, cached, missing, views)
+        cached, pin = self.lookup(layout, indices)
+        try:
+            missing = sorted({i for i, c in zip(indices, cached) if c is None})
+            views = {}
+            if missing:
+                buffer = self._buffers.get(len(missing) * layout.stride)
+                views = self._reader.read_verified(layout, missing, buffer)
+            return self._assemble(tag, layout, indices, done, cached, missing, views)
+        finally:
+            pin.release()
 
     async def build_in_helper(self, helpers: ReadProcesses, tag: int, layout: RegionLayout,
                               indices: Sequence[int], done: bool) -> Batch | None:
@@ -93,8 +98,9 @@ class BatchAssembler:
         slot = helpers.acquire(len(indices) * stride)  # room for the worst case: nothing cached
         if slot is None:
             return None
+        pin = None
         try:
-            cached = self._cache.lookup(self._object, region, indices)
+            cached, pin = self.lookup(layout, indices)
             missing = sorted({i for i, c in zip(indices, cached) if c is None})
             if not missing:
                 return self._assemble(tag, layout, indices, done, cached, missing, {})
@@ -117,6 +123,8 @@ class BatchAssembler:
             return self._assemble(tag, layout, indices, done, cached, missing, views)
         finally:
             helpers.release(slot)
+            if pin is not None:
+                pin.release()
 
     def _check_report(self, report: ReadReport, region: str, runs: int, nbytes: int) -> None:
         """Count a helper's reads; raise ``DataLoss`` or ``CacheError`` for the failure it reports."""
@@ -146,7 +154,7 @@ class BatchAssembler:
         return runs, at
 
     def direct_runs(self, layout: RegionLayout, indices: Sequence[int],
-                    cached: Sequence[bytes | None]) -> list[Run] | None:
+                    cached: Sequence[Payload | None]) -> list[Run] | None:
         """The reads that put ``indices`` where a shared-memory batch wants them (back to back, in
         order), when all come from disk, ascending, without padding; else ``None``."""
         if (layout.stride != layout.record_size or any(c is not None for c in cached)
@@ -162,12 +170,36 @@ class BatchAssembler:
         views = {i: dest[k * size : (k + 1) * size] for k, i in enumerate(indices)}
         return self._described(tag, layout, indices, done, slot, [], sorted(views), views)
 
-    def lookup(self, layout: RegionLayout, indices: Sequence[int]) -> list[bytes | None]:
-        """The DRAM cache's copies of ``indices`` (``None`` where it has none); counts the accesses."""
-        return self._cache.lookup(self._object, layout.name, indices)
+    def lookup(self, layout: RegionLayout, indices: Sequence[int]) -> tuple[list[Payload | None], Pin]:
+        """The DRAM cache's payloads of ``indices`` (``None`` where it has none), counting the
+        accesses, and the pin that keeps them valid until released."""
+        return self._cache.lookup_pinned(self._object, layout.name, indices)
+
+    def arena(self) -> Arena | None:
+        """This object's DRAM arena, or ``None`` (no shared cache, or nothing of it cached yet)."""
+        return self._cache.arena(self._object)
+
+    def arena_batch(self, tag: int, layout: RegionLayout, indices: Sequence[int], done: bool,
+                    lease: int) -> Batch:
+        """The batch of ``indices``, all in the DRAM cache's arena of this object (looked up and
+        pinned by the caller under ``lease``): a descriptor of their offsets, no copy."""
+        arena = self.arena()
+        assert arena is not None
+        size = layout.record_size
+        self._counters.add(bytes_served_from_dram=len(indices) * size)
+        crcs = self._reader.manifest.checksums[layout.name]
+        packed = b"".join(crcs[4 * i : 4 * i + 4] for i in indices)
+        wire = encode_arena_descriptor(tag, layout.name, indices, done, arena.number, lease,
+                                       [layout.record_offset(i) for i in indices], size, packed)
+        return Batch(tag, layout.name, indices, wire, len(wire), done, shm_bytes=len(indices) * size)
+
+    def _admit(self, layout: RegionLayout, missing: Sequence[int], views: dict[int, memoryview]) -> None:
+        """Offer records just read (and checked) to the DRAM cache, at their file offsets."""
+        self._cache.admit(self._object, layout.name, [(i, views[i]) for i in missing],
+                          [layout.record_offset(i) for i in missing], self._reader.manifest.data_bytes)
 
     def build_into(self, tag: int, layout: RegionLayout, indices: Sequence[int], done: bool,
-                   dest: memoryview, slot: int, cached: Sequence[bytes | None]) -> Batch:
+                   dest: memoryview, slot: int, cached: Sequence[Payload | None]) -> Batch:
         """The batch written into a client's shared-memory slot ``dest``, and its descriptor.
 
         ``cached`` is :meth:`lookup` of ``indices``, made by the caller. Records are placed back to back in the order asked. When all of them come from disk in
@@ -190,20 +222,20 @@ class BatchAssembler:
         return self._described(tag, layout, indices, done, slot, cached, missing, views)
 
     def _described(self, tag: int, layout: RegionLayout, indices: Sequence[int], done: bool, slot: int,
-                   cached: Sequence[bytes | None], missing: Sequence[int], views: dict[int, memoryview]) -> Batch:
+                   cached: Sequence[Payload | None], missing: Sequence[int], views: dict[int, memoryview]) -> Batch:
         """Count, offer what came from disk to the DRAM cache, and describe the slot's batch."""
         region, size = layout.name, layout.record_size
         hits = sum(c is not None for c in cached)
         self._counters.add(bytes_served_from_dram=hits * size, bytes_requested_from_disk=len(missing) * size)
         if missing and self._cache.enabled:
-            self._cache.admit(self._object, region, [(i, views[i]) for i in missing])
+            self._admit(layout, missing, views)
         crcs = self._reader.manifest.checksums[region]
         packed = b"".join(crcs[4 * i : 4 * i + 4] for i in indices)
         wire = encode_fetch_descriptor(tag, region, indices, done, slot, len(indices) * size, packed)
         return Batch(tag, region, indices, wire, len(wire), done, shm_bytes=len(indices) * size)
 
     def _assemble(self, tag: int, layout: RegionLayout, indices: Sequence[int], done: bool,
-                  cached: Sequence[bytes | None], missing: Sequence[int],
+                  cached: Sequence[Payload | None], missing: Sequence[int],
                   views: dict[int, memoryview], payload: memoryview | None = None) -> Batch:
         """The response; records from ``cached``, ``views``, or all of them in order as ``payload``."""
         region = layout.name
@@ -219,5 +251,5 @@ class BatchAssembler:
         self._counters.add(bytes_served_from_dram=hits * layout.record_size,
                            bytes_requested_from_disk=len(missing) * layout.record_size)
         if missing and self._cache.enabled:
-            self._cache.admit(self._object, region, [(i, views[i]) for i in missing])
+            self._admit(layout, missing, views)
         return Batch(tag, region, indices, wire, offset, done)

@@ -16,6 +16,15 @@ heap yields is therefore the one of lowest current priority, as with an eager he
 push for every hit (which cost more than copying the record out on the shared-memory path). A
 report may lower a priority (``impress``'s mean important fraction), so reports re-rank at once.
 
+Storage. With ``shared`` (the server's default on Linux) an object's records live in its
+:class:`~.dram_arena.Arena`, a sealed memfd mirroring the object's data file, so that a
+co-located compute server can map it read-only and take a DRAM hit without a copy
+(:mod:`.shm_plane`). Views handed out of an arena are *pinned* (:meth:`DramCache.lookup_pinned`)
+until their :class:`Pin` is released: a pinned record that is evicted (or whose object is deleted)
+is *retired*, still counted in the budget, and its pages are freed only when its last pin goes; a
+retired record that is admitted again is simply kept (an object's bytes never change). Without
+``shared`` records are immutable ``bytes`` and pins do nothing.
+
 Thread-safe (one lock); called from the read pool. A budget of 0 disables the cache.
 """
 
@@ -24,8 +33,9 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from contiguouskv.cache_server.dram_arena import Arena, arenas_supported
 from contiguouskv.cache_server.eviction import DEFAULT_EVICTION_RULE, Priority, RecordStats, eviction_rule
 from contiguouskv.cache_server.keys import ObjectKey
 from contiguouskv.cache_server.stats import Counters
@@ -33,19 +43,50 @@ from contiguouskv.cache_server.stats import Counters
 ObjectId = tuple[ObjectKey, float]  # (key, committed_at)
 RecordKey = tuple[int, str, int]  # (the object's number in this cache, region, index)
 MAX_TRACKED = 1 << 20  # records with stats but no cached bytes kept before the stats are reset
+Payload = bytes | memoryview  # bytes, or a read-only view into the object's arena
+
+
+class Pin:
+    """Holds the records under the views one lookup handed out; :meth:`release` (idempotent, any
+    thread) lets them go. A pinned record's pages are not freed, even if it is evicted."""
+
+    __slots__ = ("_cache", "_keys")
+
+    def __init__(self, cache: DramCache | None, keys: list[RecordKey]) -> None:
+        self._cache, self._keys = cache, keys
+
+    @property
+    def records(self) -> int:
+        return len(self._keys)
+
+    def release(self) -> None:
+        keys, self._keys = self._keys, []
+        if keys and self._cache is not None:
+            self._cache._unpin(keys)
+
+
+NO_PIN = Pin(None, [])
 
 
 class DramCache:
     """Record payloads in DRAM, at most ``budget_bytes`` in all, kept by the eviction rule named ``rule``."""
 
     def __init__(self, budget_bytes: int, rule: str = DEFAULT_EVICTION_RULE,
-                 counters: Counters | None = None) -> None:
+                 counters: Counters | None = None, shared: bool = False) -> None:
         self.budget_bytes = budget_bytes
+        self.shared = shared and budget_bytes > 0 and arenas_supported()
         self.eviction_rule = rule
         self._priority = eviction_rule(rule)
         self._counters = counters or Counters()
         self._lock = threading.Lock()
-        self._data: dict[RecordKey, bytes] = {}
+        self._data: dict[RecordKey, Payload] = {}
+        self._arenas: dict[int, Arena] = {}  # object number -> its arena (shared)
+        self._offsets: dict[RecordKey, int] = {}  # where a record of an arena lies (shared)
+        self._pins: dict[RecordKey, int] = {}
+        self._retired: dict[RecordKey, Payload] = {}  # evicted while pinned: freed at the last unpin
+        self._dropped: set[int] = set()  # deleted objects whose arena waits for retired records
+        self.on_arena_closed: Callable[[int], None] | None = None
+        """Called (under the lock, from any thread) with an arena's number once it is freed."""
         self._stats: dict[RecordKey, RecordStats] = {}
         self._heap: list[tuple[Priority, int, RecordKey]] = []
         self._token: dict[RecordKey, int] = {}  # heap entry that is current for a cached record
@@ -57,7 +98,7 @@ class DramCache:
         # out on the shared-memory path.
         self._numbers: dict[ObjectId, int] = {}
         self._objects: dict[int, ObjectId] = {}
-        self._next_number = itertools.count()
+        self._next_number = itertools.count(1)  # an arena's number is its object's: never 0 (no arena)
 
     @property
     def enabled(self) -> bool:
@@ -73,10 +114,22 @@ class DramCache:
         return len(self._data)
 
     def lookup(self, obj: ObjectId, region: str, indices: Sequence[int]) -> list[bytes | None]:
-        """Cached payloads of ``indices`` (``None`` for a miss); counts an access to each."""
+        """Cached payloads of ``indices`` (``None`` for a miss) as ``bytes`` copies; counts an
+        access to each. (:meth:`lookup_pinned` hands out views without a copy.)"""
+        found, pin = self.lookup_pinned(obj, region, indices)
+        try:
+            return [None if d is None else bytes(d) for d in found]
+        finally:
+            pin.release()
+
+    def lookup_pinned(self, obj: ObjectId, region: str,
+                      indices: Sequence[int]) -> tuple[list[Payload | None], Pin]:
+        """Cached payloads of ``indices`` (``None`` for a miss), counting an access to each, and the
+        pin that keeps them valid: release it once the payloads are used (copied or sent)."""
         if not self.enabled:
-            return [None] * len(indices)
-        found: list[bytes | None] = []
+            return [None] * len(indices), NO_PIN
+        found: list[Payload | None] = []
+        pinned: list[RecordKey] = []
         with self._lock:
             number = self._number(obj)
             for index in indices:
@@ -84,34 +137,81 @@ class DramCache:
                 stats = self._touch(rk)
                 stats.frequency += 1
                 stats.last_access = next(self._clock)
-                found.append(self._data.get(rk))  # its heap entry is re-ranked when it surfaces
+                data = self._data.get(rk)  # its heap entry is re-ranked when it surfaces
+                found.append(data)
+                if data is not None and self.shared:
+                    self._pins[rk] = self._pins.get(rk, 0) + 1
+                    pinned.append(rk)
         hits = sum(d is not None for d in found)
         self._counters.add(dram_hits=hits, dram_misses=len(found) - hits)
-        return found
+        return found, Pin(self, pinned) if pinned else NO_PIN
 
-    def admit(self, obj: ObjectId, region: str, records: Sequence[tuple[int, memoryview]]) -> int:
-        """Offer records read from disk; copies and keeps those the eviction rule admits; returns how many."""
+    def admit(self, obj: ObjectId, region: str, records: Sequence[tuple[int, memoryview]],
+              offsets: Sequence[int] | None = None, object_bytes: int = 0) -> int:
+        """Offer records read from disk; copies and keeps those the eviction rule admits; returns how many.
+
+        A ``shared`` cache needs each record's file ``offsets`` (parallel to ``records``) and the
+        object's data file size, ``object_bytes``: the record is kept at that offset of the
+        object's arena."""
         if not self.enabled:
             return 0
+        if self.shared and (offsets is None or len(offsets) != len(records) or object_bytes <= 0):
+            raise ValueError("a shared DRAM cache admits records with their file offsets and the object's size")
         admitted = rejected = evicted = 0
         with self._lock:
             number = self._number(obj)
-            for index, payload in records:
+            for k, (index, payload) in enumerate(records):
                 rk = (number, region, index)
                 if rk in self._data:
                     continue
                 stats = self._touch(rk)
+                if rk in self._retired:  # evicted but still pinned: its bytes are there, counted
+                    self._data[rk] = self._retired.pop(rk)
+                    self._push(rk, stats)
+                    admitted += 1
+                    continue
                 room = self._make_room(len(payload), self._priority(stats))
                 if room is None:
                     rejected += 1
                     continue
                 evicted += room
-                self._data[rk] = bytes(payload)
+                if self.shared:
+                    assert offsets is not None
+                    arena = self._arenas.get(number)
+                    if arena is None:
+                        arena = self._arenas[number] = Arena(number, object_bytes)
+                    self._data[rk] = arena.put(offsets[k], payload)
+                    self._offsets[rk] = offsets[k]
+                else:
+                    self._data[rk] = bytes(payload)
                 self._used += len(payload)
                 self._push(rk, stats)
                 admitted += 1
         self._counters.add(dram_evictions=evicted, dram_rejections=rejected)
         return admitted
+
+    def arena(self, obj: ObjectId) -> Arena | None:
+        """The arena holding ``obj``'s records (shared caches, once one was admitted)."""
+        with self._lock:
+            number = self._numbers.get(obj)
+            return None if number is None else self._arenas.get(number)
+
+    @property
+    def retired_bytes(self) -> int:
+        """Bytes of evicted records still pinned (counted in :attr:`used_bytes`)."""
+        with self._lock:
+            return sum(len(d) for d in self._retired.values())
+
+    def _unpin(self, keys: Sequence[RecordKey]) -> None:
+        with self._lock:
+            for rk in keys:
+                left = self._pins[rk] - 1
+                if left:
+                    self._pins[rk] = left
+                    continue
+                del self._pins[rk]
+                if rk in self._retired:
+                    self._free(rk, self._retired.pop(rk))
 
     def report(self, obj: ObjectId, region: str, indices: Sequence[int],
                attention: Sequence[float], important: Sequence[float] | None) -> int:
@@ -140,6 +240,8 @@ class DramCache:
                 self._forget(rk)
             for n in numbers:
                 del self._numbers[self._objects.pop(n)]
+                self._dropped.add(n)
+                self._close_dropped(n)
 
     def stats_of(self, obj: ObjectId, region: str, index: int) -> RecordStats | None:
         """A copy of one record's stats (for tests and debugging)."""
@@ -192,7 +294,8 @@ class DramCache:
                     heapq.heappush(self._heap, kept)
                 return None
             victims.append(entry)
-            free += len(self._data[entry[2]])
+            if entry[2] not in self._pins:  # a pinned victim is retired: its bytes stay counted
+                free += len(self._data[entry[2]])
         for _, _, rk in victims:
             self._forget(rk)
         return len(victims)
@@ -214,6 +317,30 @@ class DramCache:
 
     def _forget(self, rk: RecordKey) -> None:
         data = self._data.pop(rk, None)
-        if data is not None:
-            self._used -= len(data)
         self._token.pop(rk, None)
+        if data is None:
+            return
+        if rk in self._pins:
+            self._retired[rk] = data
+        else:
+            self._free(rk, data)
+
+    def _free(self, rk: RecordKey, data: Payload) -> None:
+        """A record no longer cached nor pinned: its budget, and its arena pages, go back."""
+        self._used -= len(data)
+        offset = self._offsets.pop(rk, None)
+        if offset is not None:
+            self._arenas[rk[0]].free(offset, len(data))
+            if rk[0] in self._dropped:
+                self._close_dropped(rk[0])
+
+    def _close_dropped(self, number: int) -> None:
+        """Close a deleted object's arena once none of its records is retired (pinned) any more."""
+        if any(rk[0] == number for rk in self._retired):
+            return
+        self._dropped.discard(number)
+        arena = self._arenas.pop(number, None)
+        if arena is not None:
+            arena.close()
+            if self.on_arena_closed is not None:
+                self.on_arena_closed(number)

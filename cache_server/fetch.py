@@ -33,6 +33,7 @@ from collections.abc import AsyncGenerator, Iterator, Sequence
 from concurrent.futures import Executor
 
 from contiguouskv.cache_server.assemble import Batch, BatchAssembler
+from contiguouskv.cache_server.dram_cache import Payload, Pin
 from contiguouskv.cache_server.errors import CacheError, InvalidArgument
 from contiguouskv.cache_server.keys import check_region_name
 from contiguouskv.cache_server.manifest import RegionLayout
@@ -71,6 +72,7 @@ class _InFlight:
     done: bool
     batch: asyncio.Future[Batch]
     slot: int | None = None  # the shared-memory slot being written (plane streams)
+    lease: int | None = None  # the plane's lease on DRAM hits read in place (plane streams)
     # what writes the slot: a read-pool thread, or a helper's read (done when its answer came)
     work: concurrent.futures.Future[Batch] | asyncio.Future[ReadReport] | None = None
 
@@ -211,9 +213,6 @@ class FetchSession:
             nbytes = (stop - start) * request.region.record_size
             if in_flight and self._held + nbytes > self._max_inflight_bytes:
                 return
-            # Every slot written or held by the client: this batch goes as bytes (waiting for a
-            # release could wait forever, the client holding slots until records still to come)
-            slot = self._plane.take() if self._plane is not None else None
             request.planned = stop
             done = stop == len(request.indices)
             if done:
@@ -221,33 +220,55 @@ class FetchSession:
             self._held += nbytes
             self._counters.add(inflight_bytes=nbytes)
             indices = request.indices[start:stop]
-            if slot is not None:
-                in_flight.append(self._start_into(request, indices, nbytes, done, slot))
-                continue
+            if self._plane is not None and self._plane.usable:
+                cached, pin = self._assembler.lookup(request.region, indices)
+                if pin.records == len(indices) and (arena := self._assembler.arena()) is not None \
+                        and self._plane.share(arena):  # all in the arena: read in place, no slot
+                    in_flight.append(self._in_place(request, indices, nbytes, done, pin))
+                    continue
+                # Every slot written or held by the client: this batch goes as bytes (waiting for
+                # a release could wait forever, the client holding slots until records still to come)
+                slot = self._plane.take()
+                if slot is not None:
+                    in_flight.append(self._start_into(request, indices, nbytes, done, slot, cached, pin))
+                    continue
+                pin.release()
             future: asyncio.Future[Batch] = (
                 asyncio.ensure_future(self._build_helped(request, indices, done)) if self._helpers is not None
                 else loop.run_in_executor(self._executor, self._build, request, indices, done))
             in_flight.append(_InFlight(request, len(indices), nbytes, done, future))
 
+    def _in_place(self, request: _StreamRead, indices: list[int], nbytes: int, done: bool, pin: Pin) -> _InFlight:
+        """A batch wholly in the DRAM cache's arena, which the client maps: a descriptor of the
+        records' offsets under a new lease holding ``pin``; nothing is copied."""
+        assert self._plane is not None
+        lease = self._plane.lend(pin)
+        ready: asyncio.Future[Batch] = asyncio.get_running_loop().create_future()
+        ready.set_result(self._assembler.arena_batch(request.tag, request.region, indices, done, lease))
+        return _InFlight(request, len(indices), nbytes, done, ready, lease=lease)
+
     def _start_into(self, request: _StreamRead, indices: list[int], nbytes: int, done: bool,
-                    slot: int) -> _InFlight:
-        """Start filling shared-memory ``slot``: on the event loop when every record is in DRAM (no
-        thread hop), by a read helper when all come straight from disk, else on the read pool."""
+                    slot: int, cached: list[Payload | None], pin: Pin) -> _InFlight:
+        """Start filling shared-memory ``slot`` with ``indices`` (``cached``: their DRAM hits, held
+        by ``pin`` until copied): on the event loop when every record is in DRAM (no thread hop),
+        by a read helper when all come straight from disk, else on the read pool."""
         loop = asyncio.get_running_loop()
-        cached = self._assembler.lookup(request.region, indices)
         if all(record is not None for record in cached):
             ready: asyncio.Future[Batch] = loop.create_future()
             try:
                 ready.set_result(self._build_into(request, indices, done, slot, cached))
             except Exception as exc:  # noqa: BLE001 - reported by _finish_read, as from a thread
                 ready.set_exception(exc)
+            finally:
+                pin.release()
             return _InFlight(request, len(indices), nbytes, done, ready, slot)
         runs = self._assembler.direct_runs(request.region, indices, cached) if self._helpers else None
-        if runs is not None:
+        if runs is not None:  # nothing cached, so nothing pinned
             item = _InFlight(request, len(indices), nbytes, done, loop.create_future(), slot)
             item.batch = asyncio.ensure_future(self._build_into_helped(item, indices, runs, cached))
             return item
         work = self._executor.submit(self._build_into, request, indices, done, slot, cached)
+        work.add_done_callback(lambda _: pin.release())  # the hits are copied (or never will be)
         return _InFlight(request, len(indices), nbytes, done, asyncio.wrap_future(work), slot, work)
 
     def _batch_end(self, request: _StreamRead) -> int:
@@ -278,7 +299,7 @@ class FetchSession:
             return batch
 
     def _build_into(self, request: _StreamRead, indices: list[int], done: bool, slot: int,
-                    cached: list[bytes | None]) -> Batch:
+                    cached: list[Payload | None]) -> Batch:
         """The batch written into shared-memory ``slot`` (:meth:`BatchAssembler.build_into`): on the read
         pool when records must come from disk, on the event loop when ``cached`` holds them all."""
         assert self._plane is not None
@@ -289,7 +310,7 @@ class FetchSession:
             return batch
 
     async def _build_into_helped(self, item: _InFlight, indices: list[int], runs: list[Run],
-                                 cached: list[bytes | None]) -> Batch:
+                                 cached: list[Payload | None]) -> Batch:
         """The batch a read helper reads into ``item``'s slot (O_DIRECT, CRC-checked by the helper), or
         a read-pool thread when no helper could take it."""
         assert self._plane is not None and self._helpers is not None and item.slot is not None
@@ -313,7 +334,9 @@ class FetchSession:
         return await asyncio.wrap_future(work)
 
     def _drop_slot_when_written(self, item: _InFlight) -> None:
-        """Free ``item``'s slot, unsent, once no thread writes it any more."""
+        """Free ``item``'s slot (or lease), unsent, once no thread writes it any more."""
+        if item.lease is not None and self._plane is not None:
+            self._plane.drop_lease(item.lease)
         if item.slot is None or self._plane is None:
             return
         plane, slot, loop = self._plane, item.slot, asyncio.get_running_loop()
@@ -365,6 +388,11 @@ class FetchSession:
             if not self._plane.sent(item.slot):  # the client ended the stream: nobody reads it
                 return None
             self._counters.add(bytes_served_shm=batch.payload_bytes)
+        elif item.lease is not None:
+            assert self._plane is not None
+            if not self._plane.sent_lease(item.lease):  # the client ended the stream: nobody reads it
+                return None
+            self._counters.add(bytes_served_shm=batch.payload_bytes, bytes_served_in_place=batch.payload_bytes)
         if item.done:
             self._end(request)
         self._counters.add(bytes_served=batch.payload_bytes, records_served=item.count)

@@ -48,6 +48,8 @@ COUNTERS = (
     ("dram_evictions", "dram_evictions", "Records evicted from the DRAM cache."),
     ("dram_rejections", "dram_rejections", "Records the eviction rule did not admit."),
     ("shm_served_bytes", "bytes_served_shm", "Record payload bytes placed in clients' shared memory."),
+    ("in_place_served_bytes", "bytes_served_in_place",
+     "Of those, DRAM hits the clients read in place in the DRAM cache's shared arenas."),
 )
 GAUGES = (
     ("inflight_streams", "inflight_streams", "Fetch streams open now."),
@@ -55,6 +57,7 @@ GAUGES = (
     ("inflight_bytes", "inflight_bytes", "Record bytes held by Fetch streams now."),
     ("shm_planes", "shm_planes", "Shared-memory data planes open now (co-located clients)."),
     ("shm_slots_lent", "shm_slots_lent", "Shared-memory slots being written or held by clients now."),
+    ("shm_leases", "shm_leases", "DRAM-arena batches held by shared-memory clients now."),
 )
 
 

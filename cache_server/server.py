@@ -114,9 +114,12 @@ async def serve(config: CacheServerConfig, ready: Callable[[int], None] | None =
 
 async def _serve_store(config: CacheServerConfig, ready: Callable[[int], None] | None) -> None:
     store = await asyncio.to_thread(RecordStore, config)
-    cache = DramCache(config.dram_cache_bytes, config.eviction_rule, store.counters)
-    logger.info("DRAM cache: %d bytes, eviction rule %s; reads %s", config.dram_cache_bytes,
-                config.eviction_rule, "O_DIRECT" if store.direct_io else "buffered (no O_DIRECT)")
+    # With a shared-memory plane the DRAM cache keeps records in per-object shared arenas, so that
+    # co-located clients read its hits in place (cache_server/dram_arena.py)
+    cache = DramCache(config.dram_cache_bytes, config.eviction_rule, store.counters, shared=bool(config.shm_socket))
+    logger.info("DRAM cache: %d bytes%s, eviction rule %s; reads %s", config.dram_cache_bytes,
+                " in shared arenas" if cache.shared else "", config.eviction_rule,
+                "O_DIRECT" if store.direct_io else "buffered (no O_DIRECT)")
     access = access_interceptor(METHOD_SCOPES, config.auth_tokens_file, config.max_streams_per_client)
     metrics = None
     if config.metrics_port is not None:
@@ -126,7 +129,7 @@ async def _serve_store(config: CacheServerConfig, ready: Callable[[int], None] |
                                    (lambda: dict(access.refusals)) if access is not None else dict)
         metrics = start_metrics_server(config.host, config.metrics_port, collector)
     helpers = await _start_helpers(config)
-    planes = PlaneServer(config.shm_socket, store.counters, helpers) if config.shm_socket else None
+    planes = PlaneServer(config.shm_socket, store.counters, helpers, cache) if config.shm_socket else None
     try:
         if planes is not None:
             planes.start()

@@ -324,7 +324,7 @@ STATS_FIELDS = (
     "checksum_failures", "dram_hits", "dram_misses", "dram_evictions", "bytes_served_from_dram",
     "records_requested", "bytes_requested", "bytes_requested_from_disk", "disk_reads",
     "buffered_reads", "fetch_requests_failed", "inflight_streams", "inflight_reads",
-    "inflight_bytes", "shm_planes", "shm_slots_lent", "bytes_served_shm",
+    "inflight_bytes", "shm_planes", "shm_slots_lent", "bytes_served_shm", "bytes_served_in_place", "shm_leases",
 )
 
 

@@ -17,11 +17,19 @@ the client releases it, or with ``end`` of its stream unless the client says it 
 slot is never written while sent, and never handed out while written. When the client's socket
 closes, the plane is forgotten; its mapping is freed when the last batch still being written lets
 go of it (views keep the ``mmap`` alive, so nothing is unmapped under a running write).
+
+A batch wholly in the DRAM cache takes no slot: its records are read in place from the object's
+arena (:mod:`.dram_arena`), which the plane sends the client (read-only) the first time. Such a
+batch holds a *lease*: the DRAM cache's pin on its records (:class:`~.dram_cache.Pin`), lent
+(unsent) or sent on stream S, given back by ``unpin``, by ``end`` unless listed in its ``leases``,
+or when the plane closes. An arena freed by the DRAM cache (its object deleted, no record pinned)
+is ``forget``-ed on every plane that had it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import mmap
 import os
@@ -30,6 +38,8 @@ import socket
 import stat
 from pathlib import Path
 
+from contiguouskv.cache_server.dram_arena import Arena
+from contiguouskv.cache_server.dram_cache import DramCache, Pin
 from contiguouskv.cache_server.errors import InvalidArgument
 from contiguouskv.cache_server.read_process import ReadProcesses
 from contiguouskv.cache_server.stats import Counters
@@ -52,6 +62,10 @@ class Plane:
         self._owner: dict[int, int] = {}  # slot -> WRITING or the stream it was sent on
         self._open: dict[int, PlaneStream] = {}  # stream id -> its stream while the Fetch call runs
         self._ended: set[int] = set()  # streams the client said are over
+        self._leases: dict[int, tuple[int, Pin]] = {}  # lease -> (WRITING or the stream it was sent on, pin)
+        self._lease_ids = itertools.count(1)
+        self._arenas: set[int] = set()  # arenas the client was sent
+        self.conn: socket.socket | None = None  # the control socket (set by the server)
         self.closed = False
 
     # --- streams ---------------------------------------------------------------------------------
@@ -103,19 +117,27 @@ class Plane:
                 raise proto.ProtocolError(f"release: slot {slot} is not held on stream {stream_id}")
             self._free_slot(slot)
 
-    def end(self, stream_id: int, holding: list[int]) -> None:
-        """Stream ``stream_id`` is over for the client: its sent slots not in ``holding`` are free."""
-        keep = set(holding)
+    def end(self, stream_id: int, holding: list[int], leases: list[int] = ()) -> None:  # type: ignore[assignment]
+        """Stream ``stream_id`` is over for the client: its sent slots not in ``holding`` are free,
+        its leases not in ``leases`` given back."""
+        keep, kept = set(holding), set(leases)
         for slot in keep:
             if self._owner.get(slot) != stream_id:
                 raise proto.ProtocolError(f"end: slot {slot} is not held on stream {stream_id}")
+        for lease in kept:
+            if lease not in self._leases or self._leases[lease][0] != stream_id:
+                raise proto.ProtocolError(f"end: lease {lease} is not held on stream {stream_id}")
         self._ended.add(stream_id)
         for slot, owner in list(self._owner.items()):
             if owner == stream_id and slot not in keep:
                 self._free_slot(slot)
+        for lease, (owner, _) in list(self._leases.items()):
+            if owner == stream_id and lease not in kept:
+                self._give_back(lease)
 
     def close(self) -> None:
-        """The client is gone: every slot it held is free (its batches being written are dropped)."""
+        """The client is gone: every slot it held is free (its batches being written are dropped),
+        every lease given back."""
         if self.closed:
             return
         self.closed = True
@@ -123,6 +145,68 @@ class Plane:
         for slot in [s for s, owner in self._owner.items() if owner != WRITING]:
             del self._owner[slot]
         self._counters.add(shm_slots_lent=-held)
+        for lease in list(self._leases):
+            self._give_back(lease)
+
+    # --- arenas and leases -----------------------------------------------------------------------
+    def share(self, arena: Arena) -> bool:
+        """Make sure the client has ``arena`` (sent once, read-only); False if it cannot be sent now
+        (the socket is full or broken: the batch then takes a slot)."""
+        if arena.number in self._arenas:
+            return True
+        if self.closed or self.conn is None or arena.closed:
+            return False
+        fd = arena.reader_fd()
+        try:
+            socket.send_fds(self.conn, [proto.encode(proto.ARENA, arena=arena.number, size=arena.size)], [fd])
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        self._arenas.add(arena.number)
+        return True
+
+    def forget(self, number: int) -> None:
+        """The DRAM cache freed arena ``number``: tell the client, if it has it, to unmap it."""
+        if number in self._arenas and not self.closed and self.conn is not None:
+            self._arenas.discard(number)
+            try:
+                self.conn.send(proto.encode(proto.FORGET, arena=number))
+            except OSError:
+                pass  # a full or broken socket: the client keeps an empty mapping until the plane ends
+
+    def lend(self, pin: Pin) -> int:
+        """A new lease holding ``pin`` for a batch about to be sent."""
+        lease = next(self._lease_ids)
+        self._leases[lease] = (WRITING, pin)
+        self._counters.add(shm_leases=1)
+        return lease
+
+    def sent_lease(self, lease: int, stream_id: int) -> bool:
+        """Mark a lease as the client's on ``stream_id``; False (given back) when the client already
+        ended that stream or the plane closed."""
+        if self.closed or stream_id in self._ended:
+            self._give_back(lease)
+            return False
+        self._leases[lease] = (stream_id, self._leases[lease][1])
+        return True
+
+    def drop_lease(self, lease: int) -> None:
+        """A lease whose batch is not sent."""
+        if lease in self._leases and self._leases[lease][0] == WRITING:
+            self._give_back(lease)
+
+    def unpin(self, stream_id: int, leases: list[int]) -> None:
+        """The client gives back ``leases`` it got on ``stream_id``; ``ProtocolError`` for any other."""
+        for lease in leases:
+            if lease not in self._leases or self._leases[lease][0] != stream_id:
+                raise proto.ProtocolError(f"unpin: lease {lease} is not held on stream {stream_id}")
+            self._give_back(lease)
+
+    def _give_back(self, lease: int) -> None:
+        _, pin = self._leases.pop(lease)
+        pin.release()
+        self._counters.add(shm_leases=-1)
 
     def _free_slot(self, slot: int) -> None:
         del self._owner[slot]
@@ -173,6 +257,18 @@ class PlaneStream:
     def drop(self, slot: int) -> None:
         self.plane.drop(slot)
 
+    def share(self, arena: Arena) -> bool:
+        return self.usable and self.plane.share(arena)
+
+    def lend(self, pin: Pin) -> int:
+        return self.plane.lend(pin)
+
+    def sent_lease(self, lease: int) -> bool:
+        return self.plane.sent_lease(lease, self.id)
+
+    def drop_lease(self, lease: int) -> None:
+        self.plane.drop_lease(lease)
+
     def close(self) -> None:
         """The Fetch call ended; slots it sent stay the client's until released or ended."""
         self.plane._stream_closed(self)
@@ -181,10 +277,12 @@ class PlaneStream:
 class PlaneServer:
     """Accepts planes on ``path``; runs on the server's event loop (:meth:`start`, :meth:`close`)."""
 
-    def __init__(self, path: str, counters: Counters, helpers: ReadProcesses | None = None) -> None:
+    def __init__(self, path: str, counters: Counters, helpers: ReadProcesses | None = None,
+                 cache: DramCache | None = None) -> None:
         self.path = Path(path)
         self._counters = counters
         self._helpers = helpers
+        self._cache = cache
         self._planes: dict[str, Plane] = {}
         self._connections: dict[socket.socket, Plane | None] = {}
         self._listener: socket.socket | None = None
@@ -217,7 +315,21 @@ class PlaneServer:
             raise
         self._listener = listener
         self._loop.add_reader(listener.fileno(), self._accept)
-        log.info("shared-memory data plane on %s", self.path)
+        if self._cache is not None and self._cache.shared:
+            loop = self._loop
+
+            def closed(number: int) -> None:  # any thread, under the cache's lock
+                try:
+                    loop.call_soon_threadsafe(self._forget_arena, number)
+                except RuntimeError:  # the loop is closed: no plane is left to tell
+                    pass
+            self._cache.on_arena_closed = closed
+        log.info("shared-memory data plane on %s%s", self.path,
+                 "; DRAM hits in place" if self._cache is not None and self._cache.shared else "")
+
+    def _forget_arena(self, number: int) -> None:
+        for plane in self._planes.values():
+            plane.forget(number)
 
     def find(self, plane_id: str) -> Plane | None:
         """The open plane with this id (``None``: unknown, so the stream uses gRPC bytes)."""
@@ -301,6 +413,7 @@ class PlaneServer:
             if len(fds) != 1:
                 raise proto.ProtocolError("hello: needs the shared buffer's descriptor attached")
             plane = self._map(message, fds[0])
+            plane.conn = conn
             self._connections[conn] = plane
             conn.send(proto.encode(proto.WELCOME, plane=plane.id))
             return
@@ -311,8 +424,11 @@ class PlaneServer:
         stream = proto.int_field(message, "stream")
         if op == proto.RELEASE:
             plane.release(stream, proto.int_list(message, "slots", plane.slots))
+        elif op == proto.UNPIN:
+            plane.unpin(stream, proto.int_list(message, "leases", proto.MAX_ID))
         elif op == proto.END:
-            plane.end(stream, proto.int_list(message, "holding", plane.slots))
+            leases = proto.int_list(message, "leases", proto.MAX_ID) if "leases" in message else []
+            plane.end(stream, proto.int_list(message, "holding", plane.slots), leases)
         else:
             raise proto.ProtocolError(f"unknown op {op!r}")
 

@@ -28,6 +28,7 @@ COUNTER_NAMES = (
     "dram_evictions",
     "dram_rejections",  # records the policy did not admit
     "bytes_served_shm",  # of bytes_served, those placed in a client's shared memory (descriptors sent)
+    "bytes_served_in_place",  # of bytes_served_shm, DRAM hits read by the client in the DRAM cache's arena
 )
 GAUGE_NAMES = (
     "inflight_streams",
@@ -35,6 +36,7 @@ GAUGE_NAMES = (
     "inflight_bytes",  # payload bytes held by Fetch streams (being read, or waiting to be sent)
     "shm_planes",  # shared-memory planes open (co-located clients)
     "shm_slots_lent",  # slots of those planes written or held by their clients
+    "shm_leases",  # DRAM-arena batches lent to those clients and not yet given back
 )
 # Upper bounds (seconds) of the read-latency histogram; one batch read = one observation.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)

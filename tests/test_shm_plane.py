@@ -9,6 +9,7 @@ server's own user can open a plane; and SIGKILL of either side leaks no shared m
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import mmap
 import os
@@ -154,6 +155,204 @@ def test_shm_required_without_a_server_is_unavailable(cache: launch.ServiceProce
     assert getattr(info.value, "code", "") == "UNAVAILABLE"
 
 
+# --- DRAM hits in place --------------------------------------------------------------------------
+SCATTERED = [0, 1, 2, 5, 6, 9]
+
+
+def _read_records(address: str, socket_path: str, prefix_id: str, layout: str, data_path: str,
+                  then=None) -> tuple[list[FetchBatch], dict]:  # type: ignore[no-untyped-def]
+    """The batches of one read of ``SCATTERED`` in ``kv/G0`` (with their data copied) on ``data_path``;
+    ``then(client, batches)`` runs while the shared-memory ones are still held, before they are released."""
+    async def main() -> tuple[list[FetchBatch], dict]:
+        client = CacheClient((address,), 64 << 20, 30.0, data_path=data_path, shm_socket=socket_path,
+                             shm_slots=4, shm_slot_bytes=64 << 10)
+        try:
+            stream = await client.open_stream_at(address, prefix_id, layout, 64 << 10)
+            await stream.read(1, "kv/G0", SCATTERED)
+            batches = []
+            async for batch in stream.responses():
+                batches.append(batch)
+                if batch.done:
+                    break
+            seen = {"readonly": all(b.data.readonly for b in batches),
+                    "arenas": client.plane.arenas if client.plane is not None else 0}
+            if then is not None:
+                seen.update(await then(client, batches))
+            copies = [dataclasses.replace(b, data=memoryview(bytes(b.data)), lease=None) for b in batches]
+            for batch in batches:
+                if batch.lease is not None:
+                    batch.lease.release()
+            await stream.close()
+            return copies, seen
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+def _by_index(batches: list[FetchBatch]) -> dict[int, bytes]:
+    out = {}
+    for batch in batches:
+        size = len(batch.data) // len(batch.indices)
+        for k, index in enumerate(batch.indices):
+            out[index] = bytes(batch.data[k * size : (k + 1) * size])
+    return out
+
+
+def test_dram_hits_are_read_in_place_from_the_server_s_arena_with_the_bytes_of_the_grpc_path(
+        cache: launch.ServiceProcess, model: LoadedModel, socket_path: str) -> None:
+    _, (prefix_id, layout) = _answers(model, cache.address, "grpc", socket_path, [11] * 170)  # now in DRAM
+    over_grpc, _ = _read_records(cache.address, socket_path, prefix_id, layout, "grpc")
+    before = _stats(cache.address)
+    in_place, seen = _read_records(cache.address, socket_path, prefix_id, layout, "shm")
+    after = _stats(cache.address)
+    assert _by_index(in_place) == _by_index(over_grpc) and sorted(_by_index(in_place)) == SCATTERED
+    # one batch per run of records adjacent in the arena; only the last says done
+    assert [b.done for b in in_place] == [False] * (len(in_place) - 1) + [True]
+    assert [i for b in in_place for i in b.indices] == SCATTERED
+    assert seen["readonly"] and seen["arenas"] == 1  # mapped read-only by the client
+    served = after.bytes_served_in_place - before.bytes_served_in_place
+    assert served == sum(len(b.data) for b in in_place) > 0
+    assert after.bytes_served_shm - before.bytes_served_shm == served  # no slot was used
+    assert after.bytes_read_from_disk == before.bytes_read_from_disk
+    _wait_for(lambda: _stats(cache.address).shm_leases == 0)  # every lease came back
+
+
+def test_a_prefix_deleted_while_its_records_are_leased_keeps_their_bytes_until_released(
+        cache: launch.ServiceProcess, model: LoadedModel, socket_path: str) -> None:
+    _, (prefix_id, layout) = _answers(model, cache.address, "grpc", socket_path, [13] * 170)
+    expected = _by_index(_read_records(cache.address, socket_path, prefix_id, layout, "grpc")[0])
+
+    async def delete_while_held(client: CacheClient, batches: list[FetchBatch]) -> dict:
+        assert all(b.lease is not None for b in batches)
+        with grpc.insecure_channel(cache.address) as channel:
+            cache_pb2_grpc.CacheServiceStub(channel).DeletePrefix(
+                cache_pb2.DeletePrefixRequest(prefix_id=prefix_id), timeout=10)
+        time.sleep(0.3)
+        plane = client.plane
+        assert plane is not None
+        return {"held": _by_index(batches), "mapped_while_held": plane.arenas,
+                "leases_while_held": _stats(cache.address).shm_leases}
+
+    _, seen = _read_records(cache.address, socket_path, prefix_id, layout, "shm", delete_while_held)
+    assert seen["held"] == expected  # deleted meanwhile: the leased pages were not freed
+    assert seen["leases_while_held"] >= 1 and seen["mapped_while_held"] >= 1
+    _wait_for(lambda: _stats(cache.address).shm_leases == 0)
+
+
+def test_the_server_forgets_a_deleted_prefix_s_arena_on_the_client(
+        cache: launch.ServiceProcess, model: LoadedModel, socket_path: str) -> None:
+    _, (prefix_id, layout) = _answers(model, cache.address, "grpc", socket_path, [17] * 170)
+
+    async def main() -> tuple[int, int]:
+        client = CacheClient((cache.address,), 64 << 20, 30.0, data_path="shm", shm_socket=socket_path,
+                             shm_slots=4, shm_slot_bytes=64 << 10)
+        try:
+            stream = await client.open_stream_at(cache.address, prefix_id, layout, 64 << 10)
+            await stream.read(1, "kv/G0", [0])
+            batch = await anext(stream.responses())
+            assert batch.lease is not None and batch.shm is not None and batch.shm.arena
+            batch.lease.release()
+            await stream.close()
+            plane = client.plane
+            assert plane is not None
+            mapped = plane.arenas
+            with grpc.insecure_channel(cache.address) as channel:
+                cache_pb2_grpc.CacheServiceStub(channel).DeletePrefix(
+                    cache_pb2.DeletePrefixRequest(prefix_id=prefix_id), timeout=10)
+            deadline = time.monotonic() + 10
+            while plane.alive and plane.arenas == mapped and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # ``alive`` reads the server's messages
+            return mapped, plane.arenas if plane.alive else -1
+        finally:
+            await client.close()
+
+    mapped, after = asyncio.run(main())
+    assert after == mapped - 1  # unmapped on ``forget``, and the plane lives on
+
+
+def test_bad_in_place_descriptors_are_refused_before_their_bytes_are_used(
+        cache: launch.ServiceProcess, model: LoadedModel, socket_path: str) -> None:
+    _, (prefix_id, layout) = _answers(model, cache.address, "grpc", socket_path, [19] * 170)
+
+    async def main() -> None:
+        client = CacheClient((cache.address,), 64 << 20, 30.0, data_path="shm", shm_socket=socket_path,
+                             shm_slots=4, shm_slot_bytes=64 << 10)
+        try:
+            stream = await client.open_stream_at(cache.address, prefix_id, layout, 64 << 10)
+            await stream.read(1, "kv/G0", [0])
+            [real] = [b async for b in _take(stream.responses(), 1)]
+            ref = real.shm
+            assert ref is not None and ref.arena and real.lease is not None
+            plane = client.plane
+            assert plane is not None
+            state = plane.stream()
+            size = ref.length
+            crc = ref.crcs
+            cases = [
+                (dataclasses.replace(ref, arena=ref.arena + 1000), 1, "did not send"),
+                (dataclasses.replace(ref, offsets=(1 << 40,)), 1, "outside arena"),
+                (dataclasses.replace(ref, offsets=()), 1, "whole records"),
+                (dataclasses.replace(ref, crcs=b"\0\0\0\1"), 1, "checksum mismatch"),
+                (dataclasses.replace(ref, length=size + 1, offsets=(0, size)), 2, "whole records"),
+            ]
+            for bad, count, message in cases:
+                with pytest.raises(PlaneError, match=message):
+                    state.receive(_batch(bad, count))
+            [good] = state.receive(_batch(dataclasses.replace(ref, lease=ref.lease + 1000), 1))
+            assert bytes(good.data) == bytes(real.data) and crc == ref.crcs
+            with pytest.raises(PlaneError, match="still holds"):
+                state.receive(_batch(dataclasses.replace(ref, lease=ref.lease + 1000), 1))
+            real.lease.release()
+            await stream.close()
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+    _wait_for(lambda: _stats(cache.address).shm_leases == 0)
+
+
+async def _take(batches, count: int):  # type: ignore[no-untyped-def]
+    async for batch in batches:
+        yield batch
+        count -= 1
+        if count == 0:
+            return
+
+
+def test_a_lease_is_lent_once_and_comes_back_only_when_the_client_lets_go() -> None:
+    plane, counters = _plane(2)
+    released: list[int] = []
+
+    class Held:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def release(self) -> None:
+            released.append(self.n)
+
+    a, b = plane.open_stream(1), plane.open_stream(2)
+    l1, l2, l3, l4 = a.lend(Held(1)), a.lend(Held(2)), b.lend(Held(3)), b.lend(Held(4))  # type: ignore[arg-type]
+    assert len({l1, l2, l3, l4}) == 4 and counters.values()["shm_leases"] == 4
+    assert a.sent_lease(l1) and a.sent_lease(l2) and b.sent_lease(l3)
+    b.drop_lease(l4)  # never sent: back at once
+    a.drop_lease(l1)  # sent: the client's, the server cannot take it back
+    assert released == [4]
+    with pytest.raises(proto.ProtocolError, match="not held on stream 2"):
+        plane.unpin(2, [l1])
+    plane.unpin(1, [l1])
+    plane.end(1, holding=[], leases=[])  # l2 sent, not kept
+    with pytest.raises(proto.ProtocolError, match="not held on stream 2"):
+        plane.end(2, holding=[], leases=[l1])
+    plane.end(2, holding=[], leases=[l3])  # the client still reads l3
+    assert released == [4, 1, 2] and counters.values()["shm_leases"] == 1
+    plane.close()  # the client is gone: what it held comes back
+    assert released == [4, 1, 2, 3] and counters.values()["shm_leases"] == 0
+    stream = plane.open_stream(3)
+    lease = stream.lend(Held(5))  # type: ignore[arg-type]
+    assert not stream.sent_lease(lease) and released[-1] == 5  # a closed plane sends nothing
+
+
 # --- the slot ledger -----------------------------------------------------------------------------
 def _plane(slots: int = 4) -> tuple[Plane, Counters]:
     counters = Counters()
@@ -229,7 +428,7 @@ def test_every_bad_descriptor_is_refused_before_its_bytes_are_used(cache: launch
             with pytest.raises(PlaneError, match=message):
                 state.receive(_batch(ref, count))
             assert state.held == 0  # nothing kept from a refused descriptor
-        good = state.receive(_batch(ShmRef(1, 0, 2048, zeros * 2), 2))
+        [good] = state.receive(_batch(ShmRef(1, 0, 2048, zeros * 2), 2))
         assert bytes(good.data) == bytes(2048) and good.lease is not None and state.held == 1
         with pytest.raises(PlaneError, match="still holds"):
             state.receive(_batch(ShmRef(1, 0, 1024, zeros), 1))
@@ -248,9 +447,9 @@ def test_past_half_the_slots_held_a_batch_is_copied_out_and_its_slot_given_back(
     try:
         state = plane.stream()
         zeros = crc32_any_size(bytes(1024)).to_bytes(4, "little")
-        kept = [state.receive(_batch(ShmRef(slot, 0, 1024, zeros), 1)) for slot in (0, 1)]
+        kept = [state.receive(_batch(ShmRef(slot, 0, 1024, zeros), 1))[0] for slot in (0, 1)]
         assert all(b.lease is not None for b in kept) and state.held == 2 and state.bytes_copied == 0
-        copied = state.receive(_batch(ShmRef(2, 0, 1024, zeros), 1))
+        [copied] = state.receive(_batch(ShmRef(2, 0, 1024, zeros), 1))
         assert copied.lease is None and bytes(copied.data) == bytes(1024)
         assert not copied.data.readonly  # a private, writable copy: the slot went back at once
         assert state.held == 2 and state.bytes_copied == 1024
@@ -258,7 +457,7 @@ def test_past_half_the_slots_held_a_batch_is_copied_out_and_its_slot_given_back(
             assert batch.lease is not None
             batch.lease.release()
         assert state.held == 0
-        again = state.receive(_batch(ShmRef(3, 0, 1024, zeros), 1))
+        [again] = state.receive(_batch(ShmRef(3, 0, 1024, zeros), 1))
         assert again.lease is not None  # room again: leased in place
     finally:
         plane.close()
@@ -357,11 +556,13 @@ def test_sigkill_of_the_client_mid_stream_frees_its_plane_and_leaks_no_memory(
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "holding", holder.stderr.read()
         _wait_for(lambda: _stats(cache.address).shm_planes == 1)
-        assert _stats(cache.address).shm_slots_lent >= 1 and _plane_mappings(cache.proc.pid) == 1
+        held = _stats(cache.address)  # the records are in DRAM since the gRPC run: read in place, leased
+        assert held.shm_leases >= 1 and held.bytes_served_in_place > 0 and _plane_mappings(cache.proc.pid) == 1
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    _wait_for(lambda: _stats(cache.address).shm_planes == 0 and _stats(cache.address).shm_slots_lent == 0)
+    _wait_for(lambda: _stats(cache.address).shm_planes == 0 and _stats(cache.address).shm_slots_lent == 0
+              and _stats(cache.address).shm_leases == 0)
     _wait_for(lambda: _plane_mappings(cache.proc.pid) == 0)  # the server let go of the buffer too
     again, _ = _answers(model, cache.address, "shm", socket_path, [7] * 160)  # and serves on
     assert len(again) == 2 * len(POLICIES)

@@ -120,15 +120,17 @@ class RecordStream:
                 message = await self._call.read()
                 if message is grpc.aio.EOF:
                     return
-                yield self._checked(cast(FetchBatch, message))  # deserializer: decode_fetch_response
+                for batch in self._checked(cast(FetchBatch, message)):  # deserializer: decode_fetch_response
+                    yield batch
         except grpc.aio.AioRpcError as err:
             raise cache_error(self._address, err) from err
         finally:
             if self._plane is not None:
                 self._plane.finish()
 
-    def _checked(self, batch: FetchBatch) -> FetchBatch:
-        """A batch whose ``data`` may be used: shared-memory descriptors resolved and checked."""
+    def _checked(self, batch: FetchBatch) -> list[FetchBatch]:
+        """Batches whose ``data`` may be used: shared-memory descriptors resolved and checked (DRAM
+        hits read in place come as one batch per run of adjacent records)."""
         if batch.shm is not None:
             if self._plane is None:
                 raise ComputeError(f"cache server {self._address}: a shared-memory descriptor on a stream "
@@ -137,7 +139,7 @@ class RecordStream:
                 return self._plane.receive(batch)
             except PlaneError as exc:
                 raise ComputeError(f"cache server {self._address}: {exc}", code="DATA_LOSS") from None
-        return batch
+        return [batch]
 
     async def close(self) -> None:
         self._call.cancel()

@@ -16,6 +16,13 @@ A batch's CRC-32s are checked in one pass over its bytes against the records' CR
 release for every record on the event loop would hand the GIL back and forth with the compute
 thread, as it did between the cache server's read threads and its event loop.
 
+DRAM hits come in place: the server sends an ``arena`` (a read-only descriptor of the DRAM cache's
+shared memory for one object) over the socket before the first descriptor that names it; the
+plane maps it ``PROT_READ`` (:meth:`ShmPlane.arena`, which reads the socket for it). Such a
+descriptor lists each record's offset in the arena and a lease; its records are checked the same
+way and handed on as one batch per run of adjacent records (:meth:`PlaneStreamState.receive`), all
+parts sharing the lease, which goes back (``unpin``) when the last part is released.
+
 Releases and ends may come from any thread (the compute thread releases a layer's records); the
 socket carries one message per datagram, sent under a lock. The plane is *dead* once the socket
 breaks: streams opened after that use gRPC bytes (``data_path`` auto) or fail (``shm``).
@@ -29,8 +36,10 @@ import mmap
 import os
 import select
 import socket
+import stat
 import struct
 import threading
+import time
 
 from contiguouskv.common import shm_protocol as proto
 from contiguouskv.common.checksum import first_bad_record
@@ -40,6 +49,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
 SEND_TIMEOUT_S = 5.0
+ARENA_WAIT_S = 2.0  # the server sends an arena on the local socket before the gRPC descriptor naming it
 
 
 class PlaneError(ValueError):
@@ -61,6 +71,7 @@ class ShmPlane:
         self._streams = itertools.count(1)
         self._alive = True
         self._held = 0  # slots held by all streams together
+        self._arenas: dict[int, memoryview] = {}  # the server's DRAM arenas sent to this plane, mapped read-only
 
     @classmethod
     def connect(cls, path: str, slots: int, slot_bytes: int) -> ShmPlane:
@@ -96,15 +107,77 @@ class ShmPlane:
     def alive(self) -> bool:
         """False once the socket broke (the server restarted or died) or :meth:`close` was called."""
         with self._lock:
-            if self._alive:
-                try:  # the server sends nothing after its welcome but an error before it closes
-                    readable, _, _ = select.select([self._sock], [], [], 0)
-                except (OSError, ValueError):
-                    readable = [self._sock]
-                if readable:
-                    self._alive = False
-                    self._sock.close()
+            self._read_messages(0.0)
             return self._alive
+
+    def arena(self, number: int) -> memoryview:
+        """The server's arena ``number``, mapped read-only; it was sent before the descriptor that
+        names it, so the socket is read for it. ``PlaneError`` if
+        it does not come within ``ARENA_WAIT_S``."""
+        with self._lock:
+            view = self._arenas.get(number)
+            if view is None:
+                self._read_messages(0.0)
+                deadline = time.monotonic() + ARENA_WAIT_S
+                while (view := self._arenas.get(number)) is None and self._alive:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._read_messages(left):
+                        break
+            if view is None:
+                raise PlaneError(f"descriptor names arena {number}, which the server did not send")
+            return view
+
+    @property
+    def arenas(self) -> int:
+        """Arenas mapped now."""
+        with self._lock:
+            return len(self._arenas)
+
+    def _read_messages(self, wait_s: float) -> bool:
+        """Handle the server's messages waiting on the socket, waiting up to ``wait_s`` for the
+        first (lock held); False if none came. A closed socket, an error or a message that breaks
+        the protocol ends the plane."""
+        got = False
+        while self._alive:
+            try:
+                readable, _, _ = select.select([self._sock], [], [], 0.0 if got else wait_s)
+                if not readable:
+                    return got
+                message, fds, _, _ = socket.recv_fds(self._sock, proto.MAX_MESSAGE, 1)
+            except (OSError, ValueError):
+                message, fds = b"", []
+            got = True
+            try:
+                if not message:
+                    raise proto.ProtocolError("closed")
+                self._on_message(proto.decode(message), fds)
+            except proto.ProtocolError as exc:
+                log.warning("shared-memory plane %s ended: %s", self.id[:8], exc)
+                self._alive = False
+                self._sock.close()
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        return got
+
+    def _on_message(self, message: dict, fds: list[int]) -> None:
+        op = message["op"]
+        if op == proto.ARENA:
+            number = proto.int_field(message, "arena", 1, proto.MAX_ID)
+            size = proto.int_field(message, "size", proto.PAGE, proto.MAX_ID)
+            if len(fds) != 1:
+                raise proto.ProtocolError("arena: needs the arena's descriptor attached")
+            info = os.fstat(fds[0])
+            if not stat.S_ISREG(info.st_mode) or info.st_size < size:
+                raise proto.ProtocolError(f"arena: {info.st_size} bytes, not the {size} announced")
+            try:
+                self._arenas[number] = memoryview(mmap.mmap(fds[0], size, mmap.MAP_SHARED, mmap.PROT_READ))
+            except (OSError, ValueError) as exc:
+                raise proto.ProtocolError(f"arena: cannot be mapped: {exc}") from None
+        elif op == proto.FORGET:  # unmapped once the last view of it (a held batch) is gone
+            self._arenas.pop(proto.int_field(message, "arena", 1, proto.MAX_ID), None)
+        else:  # ERROR, or anything else: the server ends the plane
+            raise proto.ProtocolError(str(message.get("message", f"unexpected {op!r}")))
 
     def hold(self, delta: int) -> bool:
         """Count ``delta`` slots held (or given back); True while at most half the slots are held."""
@@ -154,15 +227,73 @@ class PlaneStreamState:
         self.id = stream_id
         self._lock = threading.Lock()
         self._held: set[int] = set()
+        self._leases: set[int] = set()
         self._finished = False
         self.bytes_received = 0
         self.bytes_copied = 0  # of those, copied out of a slot because the buffer was more than half held
+        self.bytes_in_place = 0  # of those, DRAM hits read in the server's arena
 
-    def receive(self, batch: FetchBatch) -> FetchBatch:
-        """Point ``batch.data`` at its checked records in shared memory and give it a lease.
+    def receive(self, batch: FetchBatch) -> list[FetchBatch]:
+        """The batch's checked records in shared memory, as batches whose ``data`` points there and
+        whose ``lease`` gives it back: the batch itself for a slot, one per run of adjacent records
+        for DRAM hits in an arena (the last carries ``done``).
 
-        ``PlaneError`` when the descriptor is out of range, names a slot this stream already holds,
-        or a record's CRC-32 does not match (the slot is given back then)."""
+        ``PlaneError`` when the descriptor is out of range, names a slot or lease this stream
+        already holds or an arena the server did not send, or a record's CRC-32 does not match
+        (the slot or lease is given back then, with the stream's end)."""
+        ref = batch.shm
+        assert ref is not None
+        if ref.arena:
+            return self._receive_in_place(batch)
+        return [self._receive_slot(batch)]
+
+    def _receive_in_place(self, batch: FetchBatch) -> list[FetchBatch]:
+        ref = batch.shm
+        assert ref is not None
+        count = len(batch.indices)
+        if count == 0 or ref.length % count or len(ref.crcs) != 4 * count or len(ref.offsets) != count:
+            raise PlaneError(f"descriptor of {count} records, {ref.length} bytes, {len(ref.offsets)} offsets "
+                             f"and {len(ref.crcs)} checksum bytes does not describe whole records")
+        with self._lock:
+            if ref.lease in self._leases:
+                raise PlaneError(f"descriptor names lease {ref.lease}, which this stream still holds")
+            self._leases.add(ref.lease)
+        try:
+            arena = self.plane.arena(ref.arena)
+            size = ref.length // count
+            expected = struct.unpack(f"<{count}I", ref.crcs)
+            runs, first = [], 0
+            for k in range(1, count + 1):
+                if k == count or ref.offsets[k] != ref.offsets[k - 1] + size:
+                    start, stop = ref.offsets[first], ref.offsets[k - 1] + size
+                    if stop > len(arena):
+                        raise PlaneError(f"descriptor offset {ref.offsets[k - 1]} is outside arena {ref.arena} "
+                                         f"of {len(arena)} bytes")
+                    data = arena[start:stop]
+                    bad = first_bad_record(data, size, expected[first:k])
+                    if bad is not None:
+                        raise PlaneError(f"checksum mismatch in shared memory: region {batch.region!r}, "
+                                         f"record {batch.indices[first + bad]} (arena {ref.arena})")
+                    runs.append((first, k, data))
+                    first = k
+        except PlaneError:
+            with self._lock:  # not given back: the stream fails, and its end frees the lease
+                self._leases.discard(ref.lease)
+            raise
+        self.bytes_received += ref.length
+        self.bytes_in_place += ref.length
+        shared = _SharedLease(self, ref.lease, len(runs))
+        return [FetchBatch(batch.tag, batch.region, batch.indices[a:b], data, batch.done and b == count,
+                           False, 0, "", ref, _PartLease(shared)) for a, b, data in runs]
+
+    def _give_back_lease(self, lease: int) -> None:
+        with self._lock:
+            if lease not in self._leases:
+                return
+            self._leases.discard(lease)
+        self.plane.send(proto.UNPIN, stream=self.id, leases=[lease])
+
+    def _receive_slot(self, batch: FetchBatch) -> FetchBatch:
         ref = batch.shm
         assert ref is not None
         count = len(batch.indices)
@@ -209,8 +340,8 @@ class PlaneStreamState:
             if self._finished:
                 return
             self._finished = True
-            holding = sorted(self._held)
-        self.plane.send(proto.END, stream=self.id, holding=holding)
+            holding, leases = sorted(self._held), sorted(self._leases)
+        self.plane.send(proto.END, stream=self.id, holding=holding, leases=leases)
 
     @property
     def held(self) -> int:
@@ -230,3 +361,34 @@ class SlotLease:
         if not self._released:
             self._released = True
             self._state._give_back(self._slot)
+
+
+class _SharedLease:
+    """A lease on DRAM hits split over ``parts`` batches: given back when every part is released."""
+
+    __slots__ = ("_state", "_lease", "_left", "_lock")
+
+    def __init__(self, state: PlaneStreamState, lease: int, parts: int) -> None:
+        self._state, self._lease, self._left = state, lease, parts
+        self._lock = threading.Lock()
+
+    def part_done(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._state._give_back_lease(self._lease)
+
+
+class _PartLease:
+    """One part's hold on a :class:`_SharedLease`; :meth:`release` is idempotent, any thread."""
+
+    __slots__ = ("_shared", "_released")
+
+    def __init__(self, shared: _SharedLease) -> None:
+        self._shared, self._released = shared, False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._shared.part_done()

@@ -419,10 +419,11 @@ async def _client(job: dict) -> dict:
                     raise RuntimeError(f"request {message.tag}: {message.error_message}")
                 if getattr(message, "shm", None) is not None:
                     assert state is not None
-                    batch = state.receive(message)  # every record's CRC-32 checked: usable
-                    size = len(batch.data)
-                    assert batch.lease is not None
-                    batch.lease.release()
+                    size = 0
+                    for batch in state.receive(message):  # every record's CRC-32 checked: usable
+                        size += len(batch.data)
+                        assert batch.lease is not None
+                        batch.lease.release()
                     via_shm += size
                 else:
                     size = len(message.data)

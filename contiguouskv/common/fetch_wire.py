@@ -68,6 +68,14 @@ def encode_fetch_descriptor(tag: int, region: str, indices: Sequence[int], done:
                             shm=pb.ShmSlice(slot=slot, offset=0, length=length, crc32=crcs)).SerializeToString()
 
 
+def encode_arena_descriptor(tag: int, region: str, indices: Sequence[int], done: bool, arena: int, lease: int,
+                            offsets: Sequence[int], record_size: int, crcs: bytes) -> bytes:
+    """A serialized ``FetchResponse`` whose payloads are DRAM hits in the server's ``arena``, held
+    under ``lease``: record k at ``offsets[k]`` (``ShmSlice`` with ``arena``)."""
+    return pb.FetchResponse(tag=tag, region=region, indices=indices, done=done, shm=pb.ShmSlice(
+        length=len(indices) * record_size, crc32=crcs, arena=arena, lease=lease, offsets=offsets)).SerializeToString()
+
+
 def serialize_fetch_response(message: bytes | pb.FetchResponse) -> bytes:
     """gRPC response serializer of Fetch: prebuilt bytes pass through, messages are serialized."""
     if isinstance(message, bytes):
@@ -83,6 +91,9 @@ class ShmRef:
     offset: int
     length: int
     crcs: bytes  # one little-endian CRC-32 per record
+    arena: int = 0  # non-zero: DRAM hits in that server arena, record k at offsets[k]
+    lease: int = 0  # the server's hold on an arena batch
+    offsets: tuple[int, ...] = ()
 
 
 class Lease(Protocol):
@@ -154,6 +165,7 @@ def decode_fetch_response(raw: bytes) -> FetchBatch:
     if pos != end:
         raise ValueError("malformed FetchResponse: truncated")
     m = pb.FetchResponse.FromString(b"".join(header))
-    shm = ShmRef(m.shm.slot, m.shm.offset, m.shm.length, m.shm.crc32) if m.HasField("shm") else None
+    shm = (ShmRef(m.shm.slot, m.shm.offset, m.shm.length, m.shm.crc32, m.shm.arena, m.shm.lease,
+                  tuple(m.shm.offsets)) if m.HasField("shm") else None)
     return FetchBatch(m.tag, m.region, list(m.indices), data, m.done, m.cancelled, m.error_code,
                       m.error_message, shm)

@@ -17,6 +17,16 @@ The client never writes to the buffer. Closing the socket (or the death of eithe
 the plane: the server forgets it, and the memory goes away with the last mapping (a ``memfd`` has
 no name to leak).
 
+DRAM hits go without a copy. The server keeps each object's cached records in an *arena*, a sealed
+``memfd`` mirroring the object's data file. The first time a stream's batch is wholly in an arena,
+the server sends ``arena`` (its number and size) with a read-only descriptor of it attached; the
+client maps it ``PROT_READ``. The batch's ``ShmSlice`` then names the arena, each record's offset
+and a *lease*: the server keeps those records' pages (an eviction waits) until the client gives the
+lease back with ``unpin``, or ``end`` of its stream omits it from ``leases``. When the object is
+deleted and no lease holds any of its records, the server frees the arena and sends ``forget``; the
+client unmaps it. The server sends only arenas of objects the client opened with a Fetch call that
+passed the server's checks.
+
 Messages are small JSON objects; a message the receiver cannot parse ends the plane.
 """
 
@@ -31,6 +41,8 @@ MAX_MESSAGE = 64 << 10
 MAX_PLANE_BYTES = 64 << 30
 PAGE = 4096
 HELLO, WELCOME, ERROR, RELEASE, END = "hello", "welcome", "error", "release", "end"
+ARENA, FORGET, UNPIN = "arena", "forget", "unpin"
+MAX_ID = 1 << 62  # arena numbers and lease ids are below this
 
 
 class ProtocolError(ValueError):

@@ -488,6 +488,10 @@ class ShmSlice(_message.Message):
     """ShmSlice locates a batch's payloads (each record_size bytes, in the order of indices) in one slot
     of the client's shared buffer. The slot is the client's to read until it releases it over the
     plane's socket; crc32 holds each record's CRC-32 (little-endian uint32s, as in the manifest).
+    With arena set (non-zero), the records are DRAM cache hits, read in place: record k lies at
+    offsets[k] of the server's arena numbered arena (an object's records, mapped read-only by the
+    client after the server sent its descriptor over the socket), length is the records' total size,
+    and lease names the server's hold on them, which the client gives back over the socket.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -496,10 +500,17 @@ class ShmSlice(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
     CRC32_FIELD_NUMBER: _builtins.int
+    ARENA_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    OFFSETS_FIELD_NUMBER: _builtins.int
     slot: _builtins.int
     offset: _builtins.int
     length: _builtins.int
     crc32: _builtins.bytes
+    arena: _builtins.int
+    lease: _builtins.int
+    @_builtins.property
+    def offsets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -507,10 +518,13 @@ class ShmSlice(_message.Message):
         offset: _builtins.int = ...,
         length: _builtins.int = ...,
         crc32: _builtins.bytes = ...,
+        arena: _builtins.int = ...,
+        lease: _builtins.int = ...,
+        offsets: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32", b"crc32", "length", b"length", "offset", b"offset", "slot", b"slot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena", b"arena", "crc32", b"crc32", "lease", b"lease", "length", b"length", "offset", b"offset", "offsets", b"offsets", "slot", b"slot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -657,6 +671,8 @@ class GetStatsResponse(_message.Message):
     SHM_PLANES_FIELD_NUMBER: _builtins.int
     SHM_SLOTS_LENT_FIELD_NUMBER: _builtins.int
     BYTES_SERVED_SHM_FIELD_NUMBER: _builtins.int
+    BYTES_SERVED_IN_PLACE_FIELD_NUMBER: _builtins.int
+    SHM_LEASES_FIELD_NUMBER: _builtins.int
     objects: _builtins.int
     stored_bytes: _builtins.int
     bytes_read_from_disk: _builtins.int
@@ -696,6 +712,10 @@ class GetStatsResponse(_message.Message):
     """
     shm_slots_lent: _builtins.int
     bytes_served_shm: _builtins.int
+    bytes_served_in_place: _builtins.int
+    """Of bytes_served_shm, DRAM hits read by clients in place (the DRAM cache's shared arenas)."""
+    shm_leases: _builtins.int
+    """DRAM-arena batches held by shared-memory clients now."""
     def __init__(
         self,
         *,
@@ -726,10 +746,12 @@ class GetStatsResponse(_message.Message):
         shm_planes: _builtins.int = ...,
         shm_slots_lent: _builtins.int = ...,
         bytes_served_shm: _builtins.int = ...,
+        bytes_served_in_place: _builtins.int = ...,
+        shm_leases: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffered_reads", b"buffered_reads", "bytes_read_from_disk", b"bytes_read_from_disk", "bytes_requested", b"bytes_requested", "bytes_requested_from_disk", b"bytes_requested_from_disk", "bytes_served", b"bytes_served", "bytes_served_from_dram", b"bytes_served_from_dram", "bytes_served_shm", b"bytes_served_shm", "cache_policy", b"cache_policy", "checksum_failures", b"checksum_failures", "direct_io", b"direct_io", "disk_reads", b"disk_reads", "dram_budget_bytes", b"dram_budget_bytes", "dram_bytes", b"dram_bytes", "dram_evictions", b"dram_evictions", "dram_hits", b"dram_hits", "dram_misses", b"dram_misses", "fetch_requests_failed", b"fetch_requests_failed", "fetch_streams_total", b"fetch_streams_total", "inflight_bytes", b"inflight_bytes", "inflight_reads", b"inflight_reads", "inflight_streams", b"inflight_streams", "objects", b"objects", "records_requested", b"records_requested", "records_served", b"records_served", "shm_planes", b"shm_planes", "shm_slots_lent", b"shm_slots_lent", "stored_bytes", b"stored_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffered_reads", b"buffered_reads", "bytes_read_from_disk", b"bytes_read_from_disk", "bytes_requested", b"bytes_requested", "bytes_requested_from_disk", b"bytes_requested_from_disk", "bytes_served", b"bytes_served", "bytes_served_from_dram", b"bytes_served_from_dram", "bytes_served_in_place", b"bytes_served_in_place", "bytes_served_shm", b"bytes_served_shm", "cache_policy", b"cache_policy", "checksum_failures", b"checksum_failures", "direct_io", b"direct_io", "disk_reads", b"disk_reads", "dram_budget_bytes", b"dram_budget_bytes", "dram_bytes", b"dram_bytes", "dram_evictions", b"dram_evictions", "dram_hits", b"dram_hits", "dram_misses", b"dram_misses", "fetch_requests_failed", b"fetch_requests_failed", "fetch_streams_total", b"fetch_streams_total", "inflight_bytes", b"inflight_bytes", "inflight_reads", b"inflight_reads", "inflight_streams", b"inflight_streams", "objects", b"objects", "records_requested", b"records_requested", "records_served", b"records_served", "shm_leases", b"shm_leases", "shm_planes", b"shm_planes", "shm_slots_lent", b"shm_slots_lent", "stored_bytes", b"stored_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
