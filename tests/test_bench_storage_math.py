@@ -10,7 +10,7 @@ from contiguouskv.bench import storage
 def _run(gbps: float, cpu: float, client: float = 0.0, shm: float = 0.0) -> dict:
     return {"gbps": gbps, "records_per_s": gbps * 1e4, "p50_ms": 1.0, "p99_ms": 2.0, "cpu_s_per_gb": cpu,
             "client_cpu_s_per_gb": client, "server_cpu_s_per_gb": cpu - client, "shm_fraction": shm,
-            "bytes": 1000, "read_amplification": 1.0, "dram_hits": 0, "direct_io": True}
+            "in_place_fraction": 0.0, "bytes": 1000, "read_amplification": 1.0, "dram_hits": 0, "direct_io": True}
 
 
 def test_rows_take_the_median_round_and_the_median_of_the_rounds_ratios() -> None:

@@ -387,5 +387,7 @@ def test_bench_storage_runs_on_a_tiny_shape(tmp_path: Path, capsys: pytest.Captu
             assert {run["bytes"] for run in row["rounds"]} == {r["bytes"] for r in report["raw"][str(row["selection"])]}
         else:
             assert row["dram_hits"] > 0
+        # DRAM hits on the shared-memory path are read in the server's arena, never copied to a slot
+        assert row["in_place_fraction"] == (1.0 if (row["path"], row["source"]) == ("shm", "dram") else 0.0)
     compares = {(c["selection"], c["source"], c["compare"]) for c in report["summary"]}
     assert (1.0, "dram", "shm/grpc") in compares and (1.0, "dram", "2/1 streams") in compares

@@ -451,12 +451,14 @@ async def _client(job: dict) -> dict:
         total = records = via_shm = 0
         latencies: list[float] = []
         server_cpu, client_cpu = process_cpu_s(job["server_pid"]), time.process_time()
+        in_place = sum(state.bytes_in_place for state in states if state is not None)
         start = time.perf_counter()
         for reads in job["plans"]:
             t, r, v, lat = await one(reads)
             total, records, via_shm, latencies = total + t, records + r, via_shm + v, latencies + lat
         elapsed = time.perf_counter() - start
         server_cpu, client_cpu = process_cpu_s(job["server_pid"]) - server_cpu, time.process_time() - client_cpu
+        in_place = sum(state.bytes_in_place for state in states if state is not None) - in_place
         after = await stub.GetStats(pb.GetStatsRequest())
         for call, state in zip(calls, states):
             call.cancel()
@@ -469,6 +471,7 @@ async def _client(job: dict) -> dict:
     summary = _summary(total, records, elapsed, latencies, stats)
     summary["direct_io"] = after.direct_io and after.buffered_reads == 0
     summary["shm_fraction"] = via_shm / total if total else 0.0
+    summary["in_place_fraction"] = in_place / total if total else 0.0  # DRAM hits read in the server's arena
     gigabytes = total / 1e9
     summary["client_cpu_s_per_gb"] = client_cpu / gigabytes
     summary["server_cpu_s_per_gb"] = server_cpu / gigabytes
@@ -505,7 +508,7 @@ def _report(shape: dict, resident: float, fractions: list[float], ways: list[str
 
 def _row_numbers(run: dict) -> dict:
     keys = ("gbps", "records_per_s", "p50_ms", "p99_ms", "cpu_s_per_gb", "client_cpu_s_per_gb",
-            "server_cpu_s_per_gb", "shm_fraction", "bytes")
+            "server_cpu_s_per_gb", "shm_fraction", "in_place_fraction", "bytes")
     return {k: run[k] for k in keys}
 
 
@@ -544,12 +547,13 @@ def _print(report: dict) -> None:
           f"{report['machine']['cpus']} CPUs, read threads blocked on the disk included: "
           f"beyond those, other work on this machine skews these numbers)")
     print(f"{'sel':>5} {'source':>6} {'path':>5} {'str':>3} {'GB/s':>6} {'/raw':>5} {'cpu s/GB':>8} "
-          f"{'client':>6} {'server':>6} {'shm %':>5} {'p50 ms':>7} {'p99 ms':>7}")
+          f"{'client':>6} {'server':>6} {'shm %':>5} {'inpl %':>6} {'p50 ms':>7} {'p99 ms':>7}")
     for r in report["rows"]:
         over = f"{r['over_raw']:.2f}" if "over_raw" in r else ""
         print(f"{r['selection']:>5.0%} {r['source']:>6} {r['path']:>5} {r['streams']:>3} {r['gbps']:>6.2f} "
               f"{over:>5} {r['cpu_s_per_gb']:>8.2f} {r['client_cpu_s_per_gb']:>6.2f} "
-              f"{r['server_cpu_s_per_gb']:>6.2f} {r['shm_fraction']:>5.0%} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f}")
+              f"{r['server_cpu_s_per_gb']:>6.2f} {r['shm_fraction']:>5.0%} {r['in_place_fraction']:>6.0%} "
+              f"{r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f}")
     for c in report["summary"]:  # what is compared, and what the two sides share
         what = f"{c['compare']}, {c['streams']} stream(s)" if "streams" in c else f"{c['compare']}, {c['path']}"
         print(f"{c['selection']:>5.0%} {c['source']:>6} {what:>24}: GB/s x{c['gbps_ratio']:.2f}, "
