@@ -36,6 +36,7 @@ import os
 import secrets
 import socket
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 from contiguouskv.cache_server.dram_arena import Arena
@@ -117,7 +118,7 @@ class Plane:
                 raise proto.ProtocolError(f"release: slot {slot} is not held on stream {stream_id}")
             self._free_slot(slot)
 
-    def end(self, stream_id: int, holding: list[int], leases: list[int] = ()) -> None:  # type: ignore[assignment]
+    def end(self, stream_id: int, holding: Sequence[int], leases: Sequence[int] = ()) -> None:
         """Stream ``stream_id`` is over for the client: its sent slots not in ``holding`` are free,
         its leases not in ``leases`` given back."""
         keep, kept = set(holding), set(leases)
