@@ -100,13 +100,20 @@ def test_warm_rows_run_each_baseline_with_its_own_rule_and_a_budget_below_its_ho
     proc = subprocess.run([sys.executable, "-m", "contiguouskv", "bench", "--model", "random:tiny",
                            "--prefix-tokens", "1024", "--query-tokens", "4", "--budgets", "0.25",
                            "--policies", "full,contiguous", "--repeats", "1", "--warm-prefixes", "2",
-                           "--warm-queries", "3", "--device", "cpu", "--json", str(out),
+                           "--warm-queries", "2", "--device", "cpu", "--json", str(out), "--path", "grpc,shm",
                            "--workdir", str(tmp_path / "work")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [r for r in json.loads(out.read_text())["results"] if r["cache"] == "warm"]
-    assert sorted((r["policy"], r["eviction_rule"]) for r in rows) == [
-        ("contiguous", "attention"), ("full", "attention"), ("full", "lru")]
+    warm = [r for r in json.loads(out.read_text())["results"] if r["cache"] == "warm"]
+    # every warm cell over both data paths, side by side: the shared-memory one reads the DRAM
+    # cache's hits in place, and is compared with the same cell over gRPC bytes
+    assert sorted((r["policy"], r["eviction_rule"], r["path"]) for r in warm) == sorted(
+        (p, rule, path) for p, rule in [("contiguous", "attention"), ("full", "attention"), ("full", "lru")]
+        for path in ("grpc", "shm"))
+    for row in warm:
+        assert (row["bytes_shm"] > 0) == (row["path"] == "shm") and row["bytes_from_dram"] > 0
+        assert ("speedup_over_grpc" in row) == (row["path"] == "shm")
+    rows = [r for r in warm if r["path"] == "grpc"]
     # half the hot set: all of full's K/V, a quarter of it for contiguous at 25 %, over the distinct prefixes
     kv = 2 * 4 * 2 * 16 * 1024 * 2  # K+V x layers x kv_heads x head_dim x tokens x bf16 (random:tiny)
     by = {(r["policy"], r["eviction_rule"]): r for r in rows}

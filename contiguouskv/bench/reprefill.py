@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, help="store directory (default: a temp dir under the current one; "
                         "must be a real disk for O_DIRECT)")
     parser.add_argument("--path", default="grpc",
-                        help="data paths of the cold rows, comma-separated: grpc (record bytes over gRPC), shm "
+                        help="data paths of the cold and warm rows, comma-separated: grpc (record bytes over gRPC), shm "
                         "(the co-located cache server's shared memory); e.g. grpc,shm measures both side by side")
     parser.add_argument("--score-window", default="",
                         help="the per-layer policies' scoring windows of the cold rows, comma-separated "
@@ -438,20 +438,22 @@ class Bench:
             for rule in dict.fromkeys(("attention", OWN_RULES.get(policy, "attention"))):
                 cache = self._cache(dram_bytes=dram, rule=rule)
                 try:
-                    compute = self._compute(cache.address)
-                    try:
-                        with ContiguousKVClient(compute.address, timeout=3600) as client:
-                            for prefix in stream:  # warm-up pass fills the DRAM cache
-                                client.reprefill(prefix, self._query(), policy=policy, budget=b,
+                    with contextlib.ExitStack() as stack:  # one compute server per data path, side by side
+                        clients = {}
+                        for path in self.paths:
+                            compute = self._compute(cache.address, path=path)
+                            stack.callback(compute.stop)
+                            client = stack.enter_context(ContiguousKVClient(compute.address, timeout=3600))
+                            for prefix in stream:  # warm-up pass: fills the DRAM cache (and this server's
+                                client.reprefill(prefix, self._query(), policy=policy, budget=b,  # ident cache)
                                                  period=self.args.period, sub_period=self.args.sub_period,
                                                  timeout=3600)
-                            saved = self.policies, self.budgets
-                            self.policies, self.budgets = [policy_info], [b]
-                            measured = self.measure(cache, dict([_served("grpc", client)]), "warm", stream,
-                                                    len(stream))
-                            self.policies, self.budgets = saved
-                    finally:
-                        compute.stop()
+                            clients[(path, None)] = client
+                        clients = dict(_served(path, client) for (path, _), client in clients.items())
+                        saved = self.policies, self.budgets
+                        self.policies, self.budgets = [policy_info], [b]
+                        measured = self.measure(cache, clients, "warm", stream, len(stream))
+                        self.policies, self.budgets = saved
                 finally:
                     cache.stop()
                 for row in measured:
@@ -516,6 +518,7 @@ def _speedups(results: list[dict[str, object]]) -> None:
                 for r in peers if r.get("eviction_rule") == OWN_RULES.get(str(r["policy"]), "attention")}
         if row["path"] != "grpc":  # the same policy, budget, cache and window over gRPC bytes, side by side
             over_grpc = [r for r in results if r["path"] == "grpc" and r.get("score_window") == row.get("score_window")
+                         and r.get("eviction_rule", "") == row.get("eviction_rule", "")
                          and all(r[k] == row[k] for k in ("policy", "budget", "cache", "prefix_tokens"))]
             if over_grpc:
                 row["speedup_over_grpc"] = over_grpc[0]["ttft_ms_p50"] / row["ttft_ms_p50"]  # type: ignore[operator]
