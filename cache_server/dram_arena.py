@@ -63,6 +63,7 @@ class Arena:
             os.close(self.fd)
             raise
         self._view = memoryview(self._map)
+        self.records = 0  # records kept in it (cached or retired), counted by the DRAM cache
         self.closed = False
 
     def put(self, offset: int, payload: memoryview | bytes) -> memoryview:
@@ -83,8 +84,8 @@ class Arena:
         return os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
 
     def close(self) -> None:
-        """Drop the server's descriptor; the memory goes with the last mapping (the server's views
-        keep its own mapping alive until they are gone; clients' mappings keep theirs)."""
+        """Free every page and drop the server's descriptor (once nothing in it is cached or pinned);
+        the mapping goes with the last view, the memfd with the last client mapping."""
         if not self.closed:
             self.closed = True
             self._map.madvise(mmap.MADV_REMOVE, 0, self.size)  # nothing cached is left: free it all now

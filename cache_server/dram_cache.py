@@ -22,8 +22,10 @@ co-located compute server can map it read-only and take a DRAM hit without a cop
 (:mod:`.shm_plane`). Views handed out of an arena are *pinned* (:meth:`DramCache.lookup_pinned`)
 until their :class:`Pin` is released: a pinned record that is evicted (or whose object is deleted)
 is *retired*, still counted in the budget, and its pages are freed only when its last pin goes; a
-retired record that is admitted again is simply kept (an object's bytes never change). Without
-``shared`` records are immutable ``bytes`` and pins do nothing.
+retired record that is admitted again is simply kept (an object's bytes never change). An arena is
+freed (``on_arena_closed``) once none of its object's records is cached or retired; the object's
+next admission makes a new one, under a new number. Without ``shared`` records are immutable
+``bytes`` and pins do nothing.
 
 Thread-safe (one lock); called from the read pool. A budget of 0 disables the cache.
 """
@@ -84,7 +86,7 @@ class DramCache:
         self._offsets: dict[RecordKey, int] = {}  # where a record of an arena lies (shared)
         self._pins: dict[RecordKey, int] = {}
         self._retired: dict[RecordKey, Payload] = {}  # evicted while pinned: freed at the last unpin
-        self._dropped: set[int] = set()  # deleted objects whose arena waits for retired records
+        self._arena_ids = itertools.count(1)  # never 0 (no arena on the wire), never reused
         self.on_arena_closed: Callable[[int], None] | None = None
         """Called (under the lock, from any thread) with an arena's number once it is freed."""
         self._stats: dict[RecordKey, RecordStats] = {}
@@ -160,33 +162,46 @@ class DramCache:
         admitted = rejected = evicted = 0
         with self._lock:
             number = self._number(obj)
-            for k, (index, payload) in enumerate(records):
-                rk = (number, region, index)
-                if rk in self._data:
-                    continue
-                stats = self._touch(rk)
-                if rk in self._retired:  # evicted but still pinned: its bytes are there, counted
-                    self._data[rk] = self._retired.pop(rk)
+            arena = self._arenas.get(number)
+            if self.shared and arena is None:
+                try:
+                    arena = self._arenas[number] = Arena(next(self._arena_ids), object_bytes)
+                except OSError:  # out of descriptors or memory maps: this object is not cached for now
+                    self._counters.add(dram_rejections=len(records))
+                    return 0
+            if arena is not None:
+                arena.records += 1  # held while admitting: evicting its last record must not free it now
+            try:
+                for k, (index, payload) in enumerate(records):
+                    rk = (number, region, index)
+                    if rk in self._data:
+                        continue
+                    stats = self._touch(rk)
+                    if rk in self._retired:  # evicted but still pinned: its bytes are there, counted
+                        self._data[rk] = self._retired.pop(rk)
+                        self._push(rk, stats)
+                        admitted += 1
+                        continue
+                    room = self._make_room(len(payload), self._priority(stats))
+                    if room is None:
+                        rejected += 1
+                        continue
+                    evicted += room
+                    if arena is not None:
+                        assert offsets is not None
+                        self._data[rk] = arena.put(offsets[k], payload)
+                        arena.records += 1
+                        self._offsets[rk] = offsets[k]
+                    else:
+                        self._data[rk] = bytes(payload)
+                    self._used += len(payload)
                     self._push(rk, stats)
                     admitted += 1
-                    continue
-                room = self._make_room(len(payload), self._priority(stats))
-                if room is None:
-                    rejected += 1
-                    continue
-                evicted += room
-                if self.shared:
-                    assert offsets is not None
-                    arena = self._arenas.get(number)
-                    if arena is None:
-                        arena = self._arenas[number] = Arena(number, object_bytes)
-                    self._data[rk] = arena.put(offsets[k], payload)
-                    self._offsets[rk] = offsets[k]
-                else:
-                    self._data[rk] = bytes(payload)
-                self._used += len(payload)
-                self._push(rk, stats)
-                admitted += 1
+            finally:
+                if arena is not None:
+                    arena.records -= 1
+                    if arena.records == 0:  # nothing of the object is in it (nothing came in, or all left)
+                        self._close_arena(number)
         self._counters.add(dram_evictions=evicted, dram_rejections=rejected)
         return admitted
 
@@ -240,8 +255,6 @@ class DramCache:
                 self._forget(rk)
             for n in numbers:
                 del self._numbers[self._objects.pop(n)]
-                self._dropped.add(n)
-                self._close_dropped(n)
 
     def stats_of(self, obj: ObjectId, region: str, index: int) -> RecordStats | None:
         """A copy of one record's stats (for tests and debugging)."""
@@ -330,17 +343,16 @@ class DramCache:
         self._used -= len(data)
         offset = self._offsets.pop(rk, None)
         if offset is not None:
-            self._arenas[rk[0]].free(offset, len(data))
-            if rk[0] in self._dropped:
-                self._close_dropped(rk[0])
+            arena = self._arenas[rk[0]]
+            arena.free(offset, len(data))
+            arena.records -= 1
+            if arena.records == 0:
+                self._close_arena(rk[0])
 
-    def _close_dropped(self, number: int) -> None:
-        """Close a deleted object's arena once none of its records is retired (pinned) any more."""
-        if any(rk[0] == number for rk in self._retired):
-            return
-        self._dropped.discard(number)
-        arena = self._arenas.pop(number, None)
-        if arena is not None:
-            arena.close()
-            if self.on_arena_closed is not None:
-                self.on_arena_closed(number)
+    def _close_arena(self, number: int) -> None:
+        """Free object ``number``'s arena: none of its records is cached or retired any more (evicted,
+        or the object deleted). A later admission makes a new one, under a new arena number."""
+        arena = self._arenas.pop(number)
+        arena.close()
+        if self.on_arena_closed is not None:
+            self.on_arena_closed(arena.number)

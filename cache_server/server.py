@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -115,7 +116,13 @@ async def serve(config: CacheServerConfig, ready: Callable[[int], None] | None =
 async def _serve_store(config: CacheServerConfig, ready: Callable[[int], None] | None) -> None:
     store = await asyncio.to_thread(RecordStore, config)
     # With a shared-memory plane the DRAM cache keeps records in per-object shared arenas, so that
-    # co-located clients read its hits in place (cache_server/dram_arena.py)
+    # co-located clients read its hits in place (cache_server/dram_arena.py); each holds a descriptor,
+    # so the soft limit on descriptors goes up to the hard one (an arena that cannot be made leaves
+    # its object uncached: counted as rejections)
+    if config.shm_socket:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     cache = DramCache(config.dram_cache_bytes, config.eviction_rule, store.counters, shared=bool(config.shm_socket))
     logger.info("DRAM cache: %d bytes%s, eviction rule %s; reads %s", config.dram_cache_bytes,
                 " in shared arenas" if cache.shared else "", config.eviction_rule,

@@ -182,3 +182,37 @@ def test_pinned_views_never_change_and_the_budget_holds(steps: list[tuple[str, l
     assert cache.retired_bytes == 0
     live = sum(cache.contains((OBJ[0], commit), "r", i) for i in range(RECORDS))
     assert cache.used_bytes == live * SIZE
+
+
+def test_an_object_s_arena_is_freed_when_its_last_record_is_evicted_and_a_new_one_made_after() -> None:
+    cache = shared_cache(records=1)
+    closed: list[int] = []
+    cache.on_arena_closed = closed.append
+    other = (ObjectKey("q", "l"), 1.0)
+    admit(cache, [0])
+    first = cache.arena(OBJ)
+    assert first is not None
+    admit(cache, [1])  # evicts OBJ's only record, for one of the same object: the arena stays
+    assert cache.arena(OBJ) is first and cache.contains(OBJ, "r", 1) and closed == []
+    admit(cache, [2], other)  # evicts OBJ's last record: its arena goes
+    assert closed == [first.number] and first.closed and cache.arena(OBJ) is None
+    others = cache.arena(other)
+    assert others is not None
+    admit(cache, [3])  # evicts the other object's only record: that arena goes too
+    again = cache.arena(OBJ)
+    assert closed == [first.number, others.number] and cache.arena(other) is None
+    assert again is not None and again.number not in (first.number, others.number)  # numbers are never reused
+    assert bytes(cache.lookup(OBJ, "r", [3])[0] or b"") == payload(3)
+
+
+def test_an_arena_that_cannot_be_made_leaves_the_object_uncached(monkeypatch: pytest.MonkeyPatch) -> None:
+    from contiguouskv.cache_server import dram_cache
+
+    def out_of_descriptors(*_: object) -> Arena:
+        raise OSError(24, "Too many open files")
+
+    cache = shared_cache()
+    monkeypatch.setattr(dram_cache, "Arena", out_of_descriptors)
+    assert admit(cache, [0, 1]) == 0 and cache.used_bytes == 0 and cache.arena(OBJ) is None
+    monkeypatch.undo()
+    assert admit(cache, [0, 1]) == 2  # served again once descriptors are back

@@ -155,6 +155,7 @@ class ShmPlane:
                 log.warning("shared-memory plane %s ended: %s", self.id[:8], exc)
                 self._alive = False
                 self._sock.close()
+                self._arenas.clear()  # their mappings go with the last batch still holding a view
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -212,11 +213,13 @@ class ShmPlane:
                 self._sock.close()
 
     def close(self) -> None:
-        """End the plane: the server frees every slot; the buffer goes with its last view."""
+        """End the plane: the server frees every slot and lease; the buffer and the arenas' mappings
+        go with their last views."""
         with self._lock:
             if self._alive:
                 self._alive = False
                 self._sock.close()
+            self._arenas.clear()
 
 
 class PlaneStreamState:
