@@ -6,8 +6,10 @@ Modules:
   manifest), ``checksum`` (the record CRC-32), ``writer`` / ``reader`` (one object's data file),
   ``recovery`` (the start-up scan of the root), ``store`` (the record store);
 - the read path: ``buffers`` (aligned read buffers), ``read_process`` (disk reads in helper
-  processes), ``dram_cache`` (records kept in memory) with ``eviction`` (its eviction rules),
-  ``assemble`` (one Fetch response), ``fetch`` (one Fetch stream's scheduling);
+  processes), ``dram_cache`` (records kept in memory) with ``eviction`` (its eviction rules) and
+  ``dram_arena`` (its per-object shared memory, read in place by co-located clients),
+  ``assemble`` (one Fetch response), ``fetch`` (one Fetch stream's scheduling), ``shm_plane``
+  (the co-located clients' shared-memory data plane), ``native_aio`` (Linux AIO for the helpers);
 - the process: ``config`` (the frozen config), ``errors``, ``stats`` (counters), ``metrics``
   (Prometheus), ``service`` (the thin gRPC servicer), ``server`` (flags, config and the process),
   ``__main__`` (``python -m contiguouskv.cache_server``).
