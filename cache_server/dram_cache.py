@@ -100,7 +100,7 @@ class DramCache:
         # out on the shared-memory path.
         self._numbers: dict[ObjectId, int] = {}
         self._objects: dict[int, ObjectId] = {}
-        self._next_number = itertools.count(1)  # an arena's number is its object's: never 0 (no arena)
+        self._next_number = itertools.count()
 
     @property
     def enabled(self) -> bool:
