@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from contiguouskv.cache_server.buffers import ReadBuffers
 from contiguouskv.cache_server.errors import CacheError, DataLoss
 from contiguouskv.cache_server.dram_arena import Arena
-from contiguouskv.cache_server.dram_cache import DramCache, ObjectId, Payload, Pin
+from contiguouskv.cache_server.dram_cache import NO_PIN, DramCache, ObjectId, Payload, Pin
 from contiguouskv.cache_server.manifest import RegionLayout
 from contiguouskv.cache_server.read_process import ReadProcesses, ReadReport, Run
 from contiguouskv.cache_server.reader import ObjectReader, coalesce
@@ -22,6 +22,10 @@ from contiguouskv.cache_server.stats import Counters
 from contiguouskv.common.fetch_wire import (
     BytesLike, encode_arena_descriptor, encode_fetch_descriptor, encode_fetch_response,
 )
+
+
+LookedUp = tuple[list[Payload | None], Pin]
+"""A DRAM lookup of a batch's records made ahead (:meth:`BatchAssembler.lookup`): payloads and pin."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -73,9 +77,13 @@ class BatchAssembler:
         manifest = reader.manifest
         self._object: ObjectId = (manifest.key, manifest.committed_at)
 
-    def build(self, tag: int, layout: RegionLayout, indices: Sequence[int], done: bool) -> Batch:
-        """The batch of ``indices`` (already checked); raises ``DataLoss`` on a bad checksum."""
-        cached, pin = self.lookup(layout, indices)
+    def build(self, tag: int, layout: RegionLayout, indices: Sequence[int], done: bool,
+              looked_up: LookedUp | None = None) -> Batch:
+        """The batch of ``indices`` (already checked); raises ``DataLoss`` on a bad checksum.
+        ``looked_up``: :meth:`lookup` of ``indices`` made by the caller, who releases its pin."""
+        cached, pin = looked_up if looked_up is not None else self.lookup(layout, indices)
+        if looked_up is not None:
+            pin = NO_PIN  # the caller's to release
         try:
             missing = sorted({i for i, c in zip(indices, cached) if c is None})
             views = {}
@@ -87,11 +95,11 @@ class BatchAssembler:
             pin.release()
 
     async def build_in_helper(self, helpers: ReadProcesses, tag: int, layout: RegionLayout,
-                              indices: Sequence[int], done: bool) -> Batch | None:
+                              indices: Sequence[int], done: bool, looked_up: LookedUp | None = None) -> Batch | None:
         """:meth:`build`, with the disk reads made by a helper process (:mod:`.read_process`).
 
         Runs on the event loop; ``None`` if no helper slot is free (then the caller uses
-        :meth:`build` on its read pool).
+        :meth:`build` on its read pool). ``looked_up`` as for :meth:`build`.
         """
         region = layout.name
         stride, size = layout.stride, layout.record_size
@@ -100,7 +108,10 @@ class BatchAssembler:
             return None
         pin = None
         try:
-            cached, pin = self.lookup(layout, indices)
+            if looked_up is not None:
+                cached = looked_up[0]  # its pin is the caller's
+            else:
+                cached, pin = self.lookup(layout, indices)
             missing = sorted({i for i, c in zip(indices, cached) if c is None})
             if not missing:
                 return self._assemble(tag, layout, indices, done, cached, missing, {})

@@ -32,7 +32,7 @@ import logging
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from concurrent.futures import Executor
 
-from contiguouskv.cache_server.assemble import Batch, BatchAssembler
+from contiguouskv.cache_server.assemble import Batch, BatchAssembler, LookedUp
 from contiguouskv.cache_server.dram_cache import Payload, Pin
 from contiguouskv.cache_server.errors import CacheError, InvalidArgument
 from contiguouskv.cache_server.keys import check_region_name
@@ -232,10 +232,13 @@ class FetchSession:
                 if slot is not None:
                     in_flight.append(self._start_into(request, indices, nbytes, done, slot, cached, pin))
                     continue
-                pin.release()
+                looked_up: LookedUp | None = (cached, pin)  # the byte path uses this lookup: counted once
+            else:
+                looked_up = None
             future: asyncio.Future[Batch] = (
-                asyncio.ensure_future(self._build_helped(request, indices, done)) if self._helpers is not None
-                else loop.run_in_executor(self._executor, self._build, request, indices, done))
+                asyncio.ensure_future(self._build_helped(request, indices, done, looked_up))
+                if self._helpers is not None
+                else loop.run_in_executor(self._executor, self._build, request, indices, done, looked_up))
             in_flight.append(_InFlight(request, len(indices), nbytes, done, future))
 
     def _in_place(self, request: _StreamRead, indices: list[int], nbytes: int, done: bool, pin: Pin) -> _InFlight:
@@ -292,11 +295,18 @@ class FetchSession:
             self._counters.add(inflight_reads=-1)
             span.end()
 
-    def _build(self, request: _StreamRead, indices: list[int], done: bool) -> Batch:
-        with self._reading(request, len(indices)) as span:
-            batch = self._assembler.build(request.tag, request.region, indices, done)
-            span.set_attribute(telemetry.ATTR_BYTES, batch.payload_bytes)
-            return batch
+    def _build(self, request: _StreamRead, indices: list[int], done: bool,
+               looked_up: LookedUp | None = None) -> Batch:
+        """The batch as bytes (:meth:`BatchAssembler.build`), on the read pool; ``looked_up``: the
+        DRAM lookup already made for it, whose pin this releases."""
+        try:
+            with self._reading(request, len(indices)) as span:
+                batch = self._assembler.build(request.tag, request.region, indices, done, looked_up)
+                span.set_attribute(telemetry.ATTR_BYTES, batch.payload_bytes)
+                return batch
+        finally:
+            if looked_up is not None:
+                looked_up[1].release()
 
     def _build_into(self, request: _StreamRead, indices: list[int], done: bool, slot: int,
                     cached: list[Payload | None]) -> Batch:
@@ -354,16 +364,25 @@ class FetchSession:
                 pass
         item.work.add_done_callback(written)
 
-    async def _build_helped(self, request: _StreamRead, indices: list[int], done: bool) -> Batch:
-        """The batch, read by a helper process, or on the read pool when no helper slot is free."""
+    async def _build_helped(self, request: _StreamRead, indices: list[int], done: bool,
+                            looked_up: LookedUp | None = None) -> Batch:
+        """The batch, read by a helper process, or on the read pool when no helper slot is free;
+        ``looked_up`` as for :meth:`_build` (its pin released here, or by :meth:`_build`)."""
         assert self._helpers is not None
-        with self._reading(request, len(indices)) as span:
-            batch = await self._assembler.build_in_helper(self._helpers, request.tag, request.region, indices, done)
-            if batch is not None:
-                span.set_attribute(telemetry.ATTR_BYTES, batch.payload_bytes)
-                return batch
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._build, request, indices, done)
+        handed = False
+        try:
+            with self._reading(request, len(indices)) as span:
+                batch = await self._assembler.build_in_helper(self._helpers, request.tag, request.region, indices,
+                                                              done, looked_up)
+                if batch is not None:
+                    span.set_attribute(telemetry.ATTR_BYTES, batch.payload_bytes)
+                    return batch
+            loop = asyncio.get_running_loop()
+            handed = True  # the read-pool thread releases the pin when it has copied the hits
+            return await loop.run_in_executor(self._executor, self._build, request, indices, done, looked_up)
+        finally:
+            if looked_up is not None and not handed:
+                looked_up[1].release()
 
     async def _finish_read(self, item: _InFlight) -> Batch | None:
         request = item.request

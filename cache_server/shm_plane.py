@@ -186,7 +186,7 @@ class Plane:
     def sent_lease(self, lease: int, stream_id: int) -> bool:
         """Mark a lease as the client's on ``stream_id``; False (given back) when the client already
         ended that stream or the plane closed."""
-        if self.closed or stream_id in self._ended:
+        if self.closed or stream_id in self._ended or lease not in self._leases:
             self._give_back(lease)
             return False
         self._leases[lease] = (stream_id, self._leases[lease][1])
@@ -205,8 +205,10 @@ class Plane:
             self._give_back(lease)
 
     def _give_back(self, lease: int) -> None:
-        _, pin = self._leases.pop(lease)
-        pin.release()
+        entry = self._leases.pop(lease, None)
+        if entry is None:  # already back: the plane closed while its batch was on the way
+            return
+        entry[1].release()
         self._counters.add(shm_leases=-1)
 
     def _free_slot(self, slot: int) -> None:

@@ -271,6 +271,55 @@ def test_the_server_forgets_a_deleted_prefix_s_arena_on_the_client(
     assert after == mapped - 1  # unmapped on ``forget``, and the plane lives on
 
 
+def _register(model: LoadedModel, address: str, prefix: list[int]) -> tuple[str, str]:
+    """Store a prefix without reading any of it back (nothing of it in the DRAM cache)."""
+    async def main() -> tuple[str, str]:
+        config = ComputeServerConfig(model=MODEL, cache=(address,), device="cpu", dtype="float32")
+        client = CacheClient(config.cache, config.max_message_bytes, 60.0)
+        core = ComputeCore(config, model, ModelRunner(model), client)
+        try:
+            reg = await core.register(prefix, [])
+            return reg.prefix_id, core.layout_name
+        finally:
+            core.close()
+            await client.close()
+
+    return asyncio.run(main())
+
+
+def test_a_batch_that_finds_no_slot_is_looked_up_in_dram_once(
+        cache: launch.ServiceProcess, model: LoadedModel, socket_path: str) -> None:
+    """With 2 slots and 4 batches in flight some batches go as bytes: each record is still one
+    access of the DRAM cache (a hit or a miss), as the eviction rules count it."""
+    prefix_id, layout = _register(model, cache.address, [23] * 600)
+
+    async def main() -> int:
+        client = CacheClient((cache.address,), 64 << 20, 30.0, data_path="shm", shm_socket=socket_path,
+                             shm_slots=2, shm_slot_bytes=16 << 10)
+        try:
+            stream = await client.open_stream_at(cache.address, prefix_id, layout, 16 << 10)
+            records = 0
+            await stream.read(1, "kv/G0", list(range(-(-600 // 16) * 4)))  # all of it (random:tiny: one group)
+            async for batch in stream.responses():
+                records += len(batch.indices)
+                if batch.lease is not None:
+                    batch.lease.release()
+                if batch.done:
+                    break
+            await stream.close()
+            return records
+        finally:
+            await client.close()
+
+    before = _stats(cache.address)
+    records = asyncio.run(main())
+    after = _stats(cache.address)
+    looked_up = (after.dram_hits + after.dram_misses) - (before.dram_hits + before.dram_misses)
+    served, via_shm = after.bytes_served - before.bytes_served, after.bytes_served_shm - before.bytes_served_shm
+    assert records > 0 and looked_up == records
+    assert 0 < via_shm < served  # some batches found no free slot and went as bytes
+
+
 def test_bad_in_place_descriptors_are_refused_before_their_bytes_are_used(
         cache: launch.ServiceProcess, model: LoadedModel, socket_path: str) -> None:
     _, (prefix_id, layout) = _answers(model, cache.address, "grpc", socket_path, [19] * 170)
@@ -346,8 +395,10 @@ def test_a_lease_is_lent_once_and_comes_back_only_when_the_client_lets_go() -> N
         plane.end(2, holding=[], leases=[l1])
     plane.end(2, holding=[], leases=[l3])  # the client still reads l3
     assert released == [4, 1, 2] and counters.values()["shm_leases"] == 1
-    plane.close()  # the client is gone: what it held comes back
-    assert released == [4, 1, 2, 3] and counters.values()["shm_leases"] == 0
+    on_the_way = a.lend(Held(6))  # type: ignore[arg-type]
+    plane.close()  # the client is gone: what it held comes back, and what was on its way
+    assert released == [4, 1, 2, 3, 6] and counters.values()["shm_leases"] == 0
+    assert not a.sent_lease(on_the_way) and released.count(6) == 1  # its batch is not sent, no error
     stream = plane.open_stream(3)
     lease = stream.lend(Held(5))  # type: ignore[arg-type]
     assert not stream.sent_lease(lease) and released[-1] == 5  # a closed plane sends nothing
