@@ -81,9 +81,10 @@ class BatchAssembler:
               looked_up: LookedUp | None = None) -> Batch:
         """The batch of ``indices`` (already checked); raises ``DataLoss`` on a bad checksum.
         ``looked_up``: :meth:`lookup` of ``indices`` made by the caller, who releases its pin."""
-        cached, pin = looked_up if looked_up is not None else self.lookup(layout, indices)
-        if looked_up is not None:
-            pin = NO_PIN  # the caller's to release
+        if looked_up is None:
+            cached, pin = self.lookup(layout, indices)
+        else:
+            cached, pin = looked_up[0], NO_PIN  # its pin is the caller's to release
         try:
             missing = sorted({i for i, c in zip(indices, cached) if c is None})
             views = {}
@@ -106,12 +107,12 @@ class BatchAssembler:
         slot = helpers.acquire(len(indices) * stride)  # room for the worst case: nothing cached
         if slot is None:
             return None
-        pin = None
+        pin = NO_PIN
         try:
-            if looked_up is not None:
-                cached = looked_up[0]  # its pin is the caller's
-            else:
+            if looked_up is None:
                 cached, pin = self.lookup(layout, indices)
+            else:
+                cached = looked_up[0]  # its pin is the caller's to release
             missing = sorted({i for i, c in zip(indices, cached) if c is None})
             if not missing:
                 return self._assemble(tag, layout, indices, done, cached, missing, {})
@@ -134,8 +135,7 @@ class BatchAssembler:
             return self._assemble(tag, layout, indices, done, cached, missing, views)
         finally:
             helpers.release(slot)
-            if pin is not None:
-                pin.release()
+            pin.release()
 
     def _check_report(self, report: ReadReport, region: str, runs: int, nbytes: int) -> None:
         """Count a helper's reads; raise ``DataLoss`` or ``CacheError`` for the failure it reports."""
@@ -191,18 +191,20 @@ class BatchAssembler:
         return self._cache.arena(self._object)
 
     def arena_batch(self, tag: int, layout: RegionLayout, indices: Sequence[int], done: bool,
-                    lease: int) -> Batch:
-        """The batch of ``indices``, all in the DRAM cache's arena of this object (looked up and
-        pinned by the caller under ``lease``): a descriptor of their offsets, no copy."""
-        arena = self.arena()
-        assert arena is not None
+                    arena: Arena, lease: int) -> Batch:
+        """The batch of ``indices``, all in ``arena`` (this object's, from :meth:`arena`; looked up
+        and pinned by the caller under ``lease``): a descriptor of their offsets, no copy."""
         size = layout.record_size
         self._counters.add(bytes_served_from_dram=len(indices) * size)
-        crcs = self._reader.manifest.checksums[layout.name]
-        packed = b"".join(crcs[4 * i : 4 * i + 4] for i in indices)
         wire = encode_arena_descriptor(tag, layout.name, indices, done, arena.number, lease,
-                                       [layout.record_offset(i) for i in indices], size, packed)
+                                       [layout.record_offset(i) for i in indices], size,
+                                       self._crcs(layout, indices))
         return Batch(tag, layout.name, indices, wire, len(wire), done, shm_bytes=len(indices) * size)
+
+    def _crcs(self, layout: RegionLayout, indices: Sequence[int]) -> bytes:
+        """The manifest's CRC-32s of ``indices``, packed as a descriptor carries them."""
+        crcs = self._reader.manifest.checksums[layout.name]  # packed little-endian uint32, one per record
+        return b"".join(crcs[4 * i : 4 * i + 4] for i in indices)
 
     def _admit(self, layout: RegionLayout, missing: Sequence[int], views: dict[int, memoryview]) -> None:
         """Offer records just read (and checked) to the DRAM cache, at their file offsets."""
@@ -240,9 +242,8 @@ class BatchAssembler:
         self._counters.add(bytes_served_from_dram=hits * size, bytes_requested_from_disk=len(missing) * size)
         if missing and self._cache.enabled:
             self._admit(layout, missing, views)
-        crcs = self._reader.manifest.checksums[region]
-        packed = b"".join(crcs[4 * i : 4 * i + 4] for i in indices)
-        wire = encode_fetch_descriptor(tag, region, indices, done, slot, len(indices) * size, packed)
+        wire = encode_fetch_descriptor(tag, region, indices, done, slot, len(indices) * size,
+                                       self._crcs(layout, indices))
         return Batch(tag, region, indices, wire, len(wire), done, shm_bytes=len(indices) * size)
 
     def _assemble(self, tag: int, layout: RegionLayout, indices: Sequence[int], done: bool,

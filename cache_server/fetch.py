@@ -33,6 +33,7 @@ from collections.abc import AsyncGenerator, Iterator, Sequence
 from concurrent.futures import Executor
 
 from contiguouskv.cache_server.assemble import Batch, BatchAssembler, LookedUp
+from contiguouskv.cache_server.dram_arena import Arena
 from contiguouskv.cache_server.dram_cache import Payload, Pin
 from contiguouskv.cache_server.errors import CacheError, InvalidArgument
 from contiguouskv.cache_server.keys import check_region_name
@@ -224,7 +225,7 @@ class FetchSession:
                 cached, pin = self._assembler.lookup(request.region, indices)
                 if pin.records == len(indices) and (arena := self._assembler.arena()) is not None \
                         and self._plane.share(arena):  # all in the arena: read in place, no slot
-                    in_flight.append(self._in_place(request, indices, nbytes, done, pin))
+                    in_flight.append(self._in_place(request, indices, nbytes, done, arena, pin))
                     continue
                 # Every slot written or held by the client: this batch goes as bytes (waiting for
                 # a release could wait forever, the client holding slots until records still to come)
@@ -241,13 +242,14 @@ class FetchSession:
                 else loop.run_in_executor(self._executor, self._build, request, indices, done, looked_up))
             in_flight.append(_InFlight(request, len(indices), nbytes, done, future))
 
-    def _in_place(self, request: _StreamRead, indices: list[int], nbytes: int, done: bool, pin: Pin) -> _InFlight:
+    def _in_place(self, request: _StreamRead, indices: list[int], nbytes: int, done: bool, arena: Arena,
+                  pin: Pin) -> _InFlight:
         """A batch wholly in the DRAM cache's arena, which the client maps: a descriptor of the
         records' offsets under a new lease holding ``pin``; nothing is copied."""
         assert self._plane is not None
         lease = self._plane.lend(pin)
         ready: asyncio.Future[Batch] = asyncio.get_running_loop().create_future()
-        ready.set_result(self._assembler.arena_batch(request.tag, request.region, indices, done, lease))
+        ready.set_result(self._assembler.arena_batch(request.tag, request.region, indices, done, arena, lease))
         return _InFlight(request, len(indices), nbytes, done, ready, lease=lease)
 
     def _start_into(self, request: _StreamRead, indices: list[int], nbytes: int, done: bool,
